@@ -1,0 +1,117 @@
+//! Command-line interface: one file per command group; each parses flags into library settings,
+//! calls the library and prints.
+
+mod model_cmds;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use llada::candle_core::Device;
+use llada::{Checkpoint, RunDType};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "llada",
+    version,
+    about = "Run, score, train and serve LLaDA masked diffusion language models"
+)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug); also RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show a checkpoint: architecture, parameters, dtype, memory, special tokens.
+    Info(model_cmds::InfoArgs),
+    /// Write a randomly initialised checkpoint in Hugging Face form.
+    Init(model_cmds::InitArgs),
+    /// Run one forward pass and write or print the logits.
+    Forward(model_cmds::ForwardArgs),
+}
+
+/// Where and how a model runs.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    pub fn setup(&self) -> Result<(Device, RunDType)> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n >= 1, "invalid setting threads={n}: must be at least 1");
+            // candle and rayon read this once, before their first parallel op.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        let device = llada::device::parse_device(&self.device)?;
+        let dtype = match &self.dtype {
+            Some(s) => s.parse::<RunDType>()?,
+            None => RunDType::default_for(&device),
+        };
+        Ok((device, dtype))
+    }
+
+    pub fn load(&self, dir: &std::path::Path) -> Result<Checkpoint> {
+        let (device, dtype) = self.setup()?;
+        Checkpoint::load(dir, Some(dtype.dtype()), &device)
+            .with_context(|| format!("loading {}", dir.display()))
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info(a) => model_cmds::info(a),
+        Command::Init(a) => model_cmds::init(a),
+        Command::Forward(a) => model_cmds::forward(a),
+    }
+}
+
+/// Parses "3,17,42" into ids.
+pub fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("invalid {what}: {t:?} is not a non-negative integer"))
+        })
+        .collect()
+}
+
+/// Prints a value as one JSON line.
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+#[allow(dead_code)]
+pub fn model_dir(p: &Option<PathBuf>) -> Result<PathBuf> {
+    p.clone().context("no model given")
+}

@@ -1,0 +1,256 @@
+//! `llada info`, `llada init`, `llada forward`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use llada::candle_core::{DType, Device, Tensor};
+use llada::checkpoint::{copy_tokenizer_files, save_model_sharded, DEFAULT_SHARD_BYTES};
+use llada::{Llada, LladaConfig};
+
+use super::{parse_ids, print_json, RuntimeArgs};
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Checkpoint folder (config.json, safetensors, tokenizer files).
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+fn human_count(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.2}B", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2}M", f / 1e6)
+    } else {
+        format!("{:.1}K", f / 1e3)
+    }
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let ck = a.rt.load(&a.model)?;
+    let i = ck.info();
+    if a.json {
+        return print_json(&i);
+    }
+    println!("checkpoint      {}", i.path.display());
+    println!(
+        "architecture    {}{}",
+        i.architecture,
+        if i.causal {
+            " (causal: autoregressive twin)"
+        } else {
+            " (bidirectional mask predictor)"
+        }
+    );
+    println!(
+        "parameters      {} ({})",
+        i.parameters,
+        human_count(i.parameters)
+    );
+    println!(
+        "shape           d_model {} · layers {} · heads {} (kv {}, head dim {}) · mlp {} · vocab {} (logits {})",
+        i.d_model, i.n_layers, i.n_heads, i.n_kv_heads, i.head_dim, i.mlp_hidden_size, i.vocab_size, i.embedding_size
+    );
+    println!(
+        "context         {} tokens · rope θ {} · tied head {}",
+        i.max_sequence_length, i.rope_theta, i.weight_tying
+    );
+    println!("stored dtype    {}", i.stored_dtype);
+    println!(
+        "run             {} on {} · {} in memory",
+        i.run_dtype,
+        i.device,
+        human_bytes(i.memory_bytes)
+    );
+    let files: Vec<String> = i
+        .files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    println!("weights         {}", files.join(", "));
+    match i.tokenizer_vocab {
+        Some(v) => println!(
+            "tokenizer       {v} tokens · chat template: {}",
+            if i.chat_template { "yes" } else { "no" }
+        ),
+        None => println!("tokenizer       none (token ids only)"),
+    }
+    let s = &i.special_tokens;
+    println!("special tokens");
+    for (label, t) in [
+        ("mask", &s.mask),
+        ("bos", &s.bos),
+        ("eos", &s.eos),
+        ("pad", &s.pad),
+        ("eot", &s.eot),
+        ("start_header", &s.start_header),
+        ("end_header", &s.end_header),
+    ] {
+        match t {
+            Some(t) => println!(
+                "  {label:<13} {:>7}  {}",
+                t.id,
+                t.token.as_deref().unwrap_or("")
+            ),
+            None => println!("  {label:<13}       -"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// A config.json to build the model from (LLaDA keys; unknown keys are kept out).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stored dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Copy tokenizer files (tokenizer.json, tokenizer_config.json, …) from this folder.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Shard the safetensors above this many bytes (default 5e9, as Hugging Face).
+    #[arg(long)]
+    pub max_shard_bytes: Option<u64>,
+    /// Overwrite an existing checkpoint in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn init(a: InitArgs) -> Result<()> {
+    let raw = LladaConfig::from_file(&a.config)?;
+    let cfg = raw.resolve()?;
+    let dtype: llada::RunDType = a.dtype.parse()?;
+    if a.out.join("config.json").exists() && !a.force {
+        bail!(
+            "{} already holds a checkpoint (config.json); pass --force to overwrite it",
+            a.out.display()
+        );
+    }
+    eprintln!(
+        "initialising {} parameters (N(0, {}²), seed {})…",
+        cfg.parameter_count(),
+        cfg.init_std,
+        a.seed
+    );
+    let model = Llada::init_random(&cfg, a.seed, dtype.dtype(), &Device::Cpu)?;
+    save_model_sharded(
+        &a.out,
+        &raw,
+        &model,
+        a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    if let Some(t) = &a.tokenizer {
+        copy_tokenizer_files(t, &a.out)?;
+    }
+    println!(
+        "wrote {} ({} parameters, {})",
+        a.out.display(),
+        cfg.parameter_count(),
+        dtype
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Checkpoint folder.
+    pub model: PathBuf,
+    /// Token ids, comma-separated; several sequences of equal length separated by ';'.
+    #[arg(long)]
+    pub ids: String,
+    /// Key-padding mask (1 = token, 0 = padding), same layout as --ids.
+    #[arg(long)]
+    pub attention_mask: Option<String>,
+    /// Write the logits [B, L, V] (f32) to this safetensors file under the name "logits".
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print {"logits": [[…]]} (first sequence) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+fn parse_rows(s: &str, what: &str) -> Result<Vec<Vec<u32>>> {
+    let rows: Vec<Vec<u32>> = s
+        .split(';')
+        .map(|r| parse_ids(r, what))
+        .collect::<Result<_>>()?;
+    let len = rows.first().map(|r| r.len()).unwrap_or(0);
+    if len == 0 || rows.iter().any(|r| r.len() != len) {
+        bail!("invalid {what}: every sequence must be non-empty and of the same length");
+    }
+    Ok(rows)
+}
+
+pub fn forward(a: ForwardArgs) -> Result<()> {
+    if a.out.is_none() && !a.json {
+        bail!("say where the logits go: --out FILE.safetensors or --json");
+    }
+    let ck = a.rt.load(&a.model)?;
+    let rows = parse_rows(&a.ids, "--ids")?;
+    let (b, l) = (rows.len(), rows[0].len());
+    let v = ck.config.embedding_size as u32;
+    if let Some(bad) = rows.iter().flatten().find(|&&t| t >= v) {
+        bail!("invalid --ids: token {bad} is outside the vocabulary (embedding_size {v})");
+    }
+    let device = ck.model.device().clone();
+    let ids = Tensor::from_vec(rows.concat(), (b, l), &device)?;
+    let mask = match &a.attention_mask {
+        Some(m) => {
+            let m = parse_rows(m, "--attention-mask")?;
+            if m.len() != b || m[0].len() != l {
+                bail!("--attention-mask must have the shape of --ids ({b}x{l})");
+            }
+            if let Some(bad) = m.iter().flatten().find(|&&x| x > 1) {
+                bail!("invalid --attention-mask: {bad} (values are 0 or 1)");
+            }
+            Some(Tensor::from_vec(m.concat(), (b, l), &device)?)
+        }
+        None => None,
+    };
+    let logits = ck
+        .model
+        .forward(&ids, mask.as_ref())?
+        .to_dtype(DType::F32)?;
+    if let Some(out) = &a.out {
+        let bytes = llada::weights::safetensors_bytes(&[("logits".to_string(), logits.clone())])?;
+        llada::weights::atomic_write(out, &bytes)?;
+        eprintln!("wrote logits {:?} to {}", logits.dims(), out.display());
+    }
+    if a.json {
+        let first: Vec<Vec<f32>> = logits.get(0)?.to_vec2()?;
+        print_json(&serde_json::json!({ "logits": first }))?;
+    }
+    Ok(())
+}

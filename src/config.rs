@@ -1,0 +1,506 @@
+//! `config.json` of a LLaDA checkpoint: [`LladaConfig`] mirrors the file's keys verbatim (reference
+//! §2.1); [`LladaConfig::resolve`] checks it and turns it into the plain [`ModelConfig`] the model is
+//! built from. Unknown keys are tolerated (Hugging Face adds many); values that would change the
+//! model's semantics and that this engine does not implement are rejected, naming the key.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{read_json, Error, Result};
+
+/// The architectures (`config.json` `architectures[0]`) this engine implements.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LLaDAModelLM"];
+
+/// `config.json` as written by Hugging Face for GSAI-ML/LLaDA-8B-Base/-Instruct. Every key of
+/// reference §2.1; `None` where the file may hold `null` or omit the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LladaConfig {
+    pub model_type: Option<String>,
+    pub architectures: Option<Vec<String>>,
+    pub auto_map: Option<serde_json::Value>,
+    /// Hidden size D.
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// Query heads H; head_dim = d_model / n_heads.
+    pub n_heads: usize,
+    /// Key/value heads (GQA when smaller than `n_heads`); `None` means `n_heads`.
+    pub n_kv_heads: Option<usize>,
+    /// If true: one KV head (must not conflict with `n_kv_heads`).
+    pub multi_query_attention: Option<bool>,
+    /// FFN inner size F; takes precedence over `mlp_ratio`.
+    pub mlp_hidden_size: Option<usize>,
+    pub mlp_ratio: usize,
+    pub activation_type: String,
+    pub block_type: String,
+    pub block_group_size: usize,
+    pub rope: bool,
+    pub rope_theta: f64,
+    pub rope_full_precision: bool,
+    pub alibi: bool,
+    pub alibi_bias_max: f64,
+    pub max_sequence_length: usize,
+    pub layer_norm_type: String,
+    pub layer_norm_with_affine: bool,
+    pub bias_for_layer_norm: Option<bool>,
+    pub rms_norm_eps: f64,
+    pub attention_layer_norm: bool,
+    pub attention_layer_norm_with_affine: bool,
+    pub include_bias: bool,
+    pub include_qkv_bias: Option<bool>,
+    pub input_emb_norm: bool,
+    pub scale_logits: bool,
+    pub weight_tying: bool,
+    pub vocab_size: usize,
+    /// Rows of the embedding and of the output head; `None` means `vocab_size`.
+    pub embedding_size: Option<usize>,
+    pub mask_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub attention_dropout: f64,
+    pub residual_dropout: f64,
+    pub embedding_dropout: f64,
+    pub flash_attention: bool,
+    pub init_device: Option<String>,
+    pub init_fn: Option<String>,
+    pub init_std: f64,
+    pub init_cutoff_factor: Option<f64>,
+    pub precision: Option<String>,
+    pub use_cache: bool,
+    pub transformers_version: Option<String>,
+    /// llada extension (absent from published checkpoints): a causal attention mask, which turns
+    /// the mask predictor into its autoregressive twin (next-token prediction).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub causal_attention: bool,
+}
+
+impl Default for LladaConfig {
+    /// The LLaDA-8B values of reference §2.1.
+    fn default() -> Self {
+        LladaConfig {
+            model_type: Some("llada".into()),
+            architectures: Some(vec!["LLaDAModelLM".into()]),
+            auto_map: None,
+            d_model: 4096,
+            n_layers: 32,
+            n_heads: 32,
+            n_kv_heads: None,
+            multi_query_attention: None,
+            mlp_hidden_size: None,
+            mlp_ratio: 4,
+            activation_type: "silu".into(),
+            block_type: "llama".into(),
+            block_group_size: 1,
+            rope: true,
+            rope_theta: 500000.0,
+            rope_full_precision: true,
+            alibi: false,
+            alibi_bias_max: 8.0,
+            max_sequence_length: 4096,
+            layer_norm_type: "rms".into(),
+            layer_norm_with_affine: true,
+            bias_for_layer_norm: None,
+            rms_norm_eps: 1e-5,
+            attention_layer_norm: false,
+            attention_layer_norm_with_affine: true,
+            include_bias: false,
+            include_qkv_bias: None,
+            input_emb_norm: false,
+            scale_logits: false,
+            weight_tying: false,
+            vocab_size: 126464,
+            embedding_size: None,
+            mask_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+            attention_dropout: 0.0,
+            residual_dropout: 0.0,
+            embedding_dropout: 0.0,
+            flash_attention: false,
+            init_device: None,
+            init_fn: None,
+            init_std: 0.02,
+            init_cutoff_factor: None,
+            precision: None,
+            use_cache: false,
+            transformers_version: None,
+            causal_attention: false,
+        }
+    }
+}
+
+/// Which normalisation the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// x / rms(x) · w
+    Rms,
+    /// x / rms(x) · (1 + w)
+    GemmaRms,
+}
+
+/// The checked, resolved model configuration (no `Option`s where the model needs a value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub mlp_hidden_size: usize,
+    /// Real token ids (0..vocab_size).
+    pub vocab_size: usize,
+    /// Rows of `wte` and of the output head (the logit width V).
+    pub embedding_size: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f64,
+    pub norm: NormKind,
+    pub weight_tying: bool,
+    pub max_sequence_length: usize,
+    pub mask_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub init_std: f64,
+    pub causal: bool,
+}
+
+impl ModelConfig {
+    /// Number of parameters (embedding, blocks, final norm, untied head).
+    pub fn parameter_count(&self) -> u64 {
+        let (d, f, v) = (
+            self.d_model as u64,
+            self.mlp_hidden_size as u64,
+            self.embedding_size as u64,
+        );
+        let kv = (self.n_kv_heads * self.head_dim) as u64;
+        let block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d;
+        let head = if self.weight_tying { 0 } else { v * d };
+        v * d + self.n_layers as u64 * block + d + head
+    }
+
+    /// Multiply-accumulate FLOPs (2 per MAC) of one forward pass over `batch` sequences of `len`
+    /// tokens: linear layers, attention scores and values, output head.
+    pub fn forward_flops(&self, batch: usize, len: usize) -> f64 {
+        let (d, f, v) = (
+            self.d_model as f64,
+            self.mlp_hidden_size as f64,
+            self.embedding_size as f64,
+        );
+        let kv = (self.n_kv_heads * self.head_dim) as f64;
+        let tokens = (batch * len) as f64;
+        let per_layer = 2.0 * tokens * (2.0 * d * d + 2.0 * d * kv + 3.0 * d * f)
+            + 2.0 * 2.0 * batch as f64 * (len * len) as f64 * d;
+        self.n_layers as f64 * per_layer + 2.0 * tokens * d * v
+    }
+}
+
+impl LladaConfig {
+    /// Reads and parses `config.json` (without checking it; see [`LladaConfig::resolve`]).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+
+    /// The architecture named by the file (`architectures[0]`), or `LLaDAModelLM` when the file
+    /// names none but says `model_type: llada`.
+    pub fn architecture(&self) -> Result<String> {
+        match self.architectures.as_deref() {
+            Some([first, ..]) => Ok(first.clone()),
+            _ => match self.model_type.as_deref() {
+                Some("llada") => Ok("LLaDAModelLM".into()),
+                other => Err(Error::config(
+                    "architectures",
+                    format!("absent (model_type={other:?})"),
+                    "a LLaDA checkpoint names its architecture, e.g. [\"LLaDAModelLM\"]",
+                )),
+            },
+        }
+    }
+
+    /// Checks every key that changes semantics and resolves defaults.
+    pub fn resolve(&self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            let hint = if arch.contains("MoE") {
+                " (LLaDA-MoE also says model_type \"llada\" but is a mixture-of-experts model)"
+            } else {
+                ""
+            };
+            return Err(Error::UnsupportedArchitecture {
+                found: format!("{arch}{hint}"),
+                supported: SUPPORTED_ARCHITECTURES.join(", "),
+            });
+        }
+        let unsupported = |key: &str, value: &dyn std::fmt::Debug, expected: &str| {
+            Error::config(
+                key,
+                format!("{value:?}"),
+                format!("not supported by this engine (supported: {expected})"),
+            )
+        };
+        if self.block_type != "llama" {
+            return Err(unsupported("block_type", &self.block_type, "\"llama\""));
+        }
+        if self.activation_type != "silu" {
+            return Err(unsupported(
+                "activation_type",
+                &self.activation_type,
+                "\"silu\"",
+            ));
+        }
+        if self.block_group_size != 1 {
+            return Err(unsupported("block_group_size", &self.block_group_size, "1"));
+        }
+        if !self.rope {
+            return Err(unsupported("rope", &self.rope, "true"));
+        }
+        if self.alibi {
+            return Err(unsupported("alibi", &self.alibi, "false"));
+        }
+        let norm = match self.layer_norm_type.as_str() {
+            "rms" => NormKind::Rms,
+            "gemma_rms" => NormKind::GemmaRms,
+            _ => {
+                return Err(unsupported(
+                    "layer_norm_type",
+                    &self.layer_norm_type,
+                    "\"rms\", \"gemma_rms\"",
+                ))
+            }
+        };
+        if !self.layer_norm_with_affine {
+            return Err(unsupported(
+                "layer_norm_with_affine",
+                &self.layer_norm_with_affine,
+                "true",
+            ));
+        }
+        if self.bias_for_layer_norm.unwrap_or(self.include_bias) {
+            return Err(unsupported(
+                "bias_for_layer_norm",
+                &self.bias_for_layer_norm,
+                "false",
+            ));
+        }
+        if self.include_bias {
+            return Err(unsupported("include_bias", &self.include_bias, "false"));
+        }
+        if self.include_qkv_bias.unwrap_or(false) {
+            return Err(unsupported(
+                "include_qkv_bias",
+                &self.include_qkv_bias,
+                "false",
+            ));
+        }
+        if self.attention_layer_norm {
+            return Err(unsupported(
+                "attention_layer_norm",
+                &self.attention_layer_norm,
+                "false",
+            ));
+        }
+        if self.input_emb_norm {
+            return Err(unsupported("input_emb_norm", &self.input_emb_norm, "false"));
+        }
+        if self.scale_logits {
+            return Err(unsupported("scale_logits", &self.scale_logits, "false"));
+        }
+        for (key, v) in [
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_sequence_length", self.max_sequence_length),
+        ] {
+            if v == 0 {
+                return Err(Error::config(key, v, "must be at least 1"));
+            }
+        }
+        let n_kv_heads = match (self.multi_query_attention, self.n_kv_heads) {
+            (Some(true), Some(n)) if n != 1 => {
+                return Err(Error::config(
+                    "n_kv_heads",
+                    n,
+                    "conflicts with multi_query_attention=true (which means 1 KV head)",
+                ))
+            }
+            (Some(true), _) => 1,
+            (_, Some(n)) => n,
+            (_, None) => self.n_heads,
+        };
+        if n_kv_heads == 0 || !self.n_heads.is_multiple_of(n_kv_heads) {
+            return Err(Error::config(
+                "n_kv_heads",
+                n_kv_heads,
+                format!("must divide n_heads={}", self.n_heads),
+            ));
+        }
+        if !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(Error::config(
+                "d_model",
+                self.d_model,
+                format!("must be divisible by n_heads={}", self.n_heads),
+            ));
+        }
+        let head_dim = self.d_model / self.n_heads;
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::config(
+                "d_model",
+                self.d_model,
+                format!("head dim d_model/n_heads={head_dim} must be even for RoPE"),
+            ));
+        }
+        let mlp_hidden_size = self
+            .mlp_hidden_size
+            .unwrap_or(self.mlp_ratio * self.d_model);
+        if mlp_hidden_size == 0 {
+            return Err(Error::config(
+                "mlp_hidden_size",
+                mlp_hidden_size,
+                "must be at least 1",
+            ));
+        }
+        let embedding_size = self.embedding_size.unwrap_or(self.vocab_size);
+        if embedding_size < self.vocab_size {
+            return Err(Error::config(
+                "embedding_size",
+                embedding_size,
+                format!("must be >= vocab_size={}", self.vocab_size),
+            ));
+        }
+        for (key, id) in [
+            ("mask_token_id", self.mask_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = id {
+                if id as usize >= embedding_size {
+                    return Err(Error::config(
+                        key,
+                        id,
+                        format!("must be < embedding_size={embedding_size}"),
+                    ));
+                }
+            }
+        }
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+            return Err(Error::config(
+                "rope_theta",
+                self.rope_theta,
+                "must be positive",
+            ));
+        }
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
+            return Err(Error::config(
+                "rms_norm_eps",
+                self.rms_norm_eps,
+                "must be non-negative",
+            ));
+        }
+        Ok(ModelConfig {
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            n_kv_heads,
+            head_dim,
+            mlp_hidden_size,
+            vocab_size: self.vocab_size,
+            embedding_size,
+            rope_theta: self.rope_theta as f32,
+            rms_norm_eps: self.rms_norm_eps,
+            norm,
+            weight_tying: self.weight_tying,
+            max_sequence_length: self.max_sequence_length,
+            mask_token_id: self.mask_token_id,
+            eos_token_id: self.eos_token_id,
+            pad_token_id: self.pad_token_id,
+            init_std: self.init_std,
+            causal: self.causal_attention,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 64, "n_heads": 4,
+            "n_kv_heads": 4, "n_layers": 2, "mlp_hidden_size": 176, "vocab_size": 512,
+            "embedding_size": 512, "mask_token_id": 508, "eos_token_id": 507,
+            "some_future_key": {"nested": true}
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<ModelConfig> {
+        serde_json::from_value::<LladaConfig>(v).unwrap().resolve()
+    }
+
+    #[test]
+    fn resolves_defaults_and_tolerates_unknown_keys() {
+        let c = parse(tiny()).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.n_kv_heads, 4);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.norm, NormKind::Rms);
+        assert_eq!(c.parameter_count(), 166_208);
+    }
+
+    #[test]
+    fn llada_8b_parameter_count() {
+        let c = LladaConfig {
+            mlp_hidden_size: Some(12288),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.parameter_count(), 8_015_581_184);
+    }
+
+    #[test]
+    fn rejects_semantic_keys_naming_them() {
+        for (key, value) in [
+            ("alibi", serde_json::json!(true)),
+            ("rope", serde_json::json!(false)),
+            ("block_group_size", serde_json::json!(2)),
+            ("layer_norm_type", serde_json::json!("default")),
+            ("include_bias", serde_json::json!(true)),
+            ("include_qkv_bias", serde_json::json!(true)),
+            ("bias_for_layer_norm", serde_json::json!(true)),
+            ("scale_logits", serde_json::json!(true)),
+            ("input_emb_norm", serde_json::json!(true)),
+            ("attention_layer_norm", serde_json::json!(true)),
+            ("block_type", serde_json::json!("sequential")),
+        ] {
+            let mut v = tiny();
+            v[key] = value.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn dispatches_on_architectures() {
+        let mut v = tiny();
+        v["architectures"] = serde_json::json!(["LLaDAMoEModelLM"]);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("LLaDAMoEModelLM"), "{err}");
+    }
+
+    #[test]
+    fn gqa_and_mqa() {
+        let mut v = tiny();
+        v["n_kv_heads"] = serde_json::json!(2);
+        assert_eq!(parse(v).unwrap().n_kv_heads, 2);
+        let mut v = tiny();
+        v["n_kv_heads"] = serde_json::json!(3);
+        assert!(parse(v).unwrap_err().to_string().contains("n_kv_heads"));
+        let mut v = tiny();
+        v["multi_query_attention"] = serde_json::json!(true);
+        v["n_kv_heads"] = serde_json::Value::Null;
+        assert_eq!(parse(v).unwrap().n_kv_heads, 1);
+        let mut v = tiny();
+        v["multi_query_attention"] = serde_json::json!(true);
+        assert!(parse(v).unwrap_err().to_string().contains("multi_query"));
+    }
+}

@@ -1,0 +1,131 @@
+//! The library's one error type. Every variant names the value and the rule it broke, so that a
+//! message can be shown to a user as is.
+
+use std::path::PathBuf;
+
+/// Errors of the llada library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A run setting (sampler, scorer, trainer, CLI flag) violates a rule.
+    #[error("invalid setting {name}={value}: {rule}")]
+    InvalidSetting {
+        name: String,
+        value: String,
+        rule: String,
+    },
+
+    /// A key of `config.json` has a value this engine does not support or that is inconsistent.
+    #[error("config.json: {key}={value}: {reason}")]
+    Config {
+        key: String,
+        value: String,
+        reason: String,
+    },
+
+    /// The checkpoint names an architecture this engine does not implement.
+    #[error("unsupported architecture {found:?} (supported: {supported})")]
+    UnsupportedArchitecture { found: String, supported: String },
+
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("missing tensor {name} (looked in {path})")]
+    MissingTensor { name: String, path: PathBuf },
+
+    /// A tensor of the checkpoint has the wrong shape.
+    #[error("tensor {name} in {path}: expected shape {expected:?}, found {found:?}")]
+    TensorShape {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint file is unreadable, truncated or corrupt.
+    #[error("checkpoint file {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file (config, cases, data) could not be parsed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A line of a JSONL input file is malformed.
+    #[error("{path}:{line}: {reason}")]
+    DataLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+
+    /// The tokenizer failed (loading, encoding, decoding, training).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template: {0}")]
+    Template(#[from] minijinja::Error),
+
+    /// A tensor operation failed.
+    #[error("tensor op: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    /// The operation was cancelled by its caller (an `on_step` callback asked to stop).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidSetting`].
+    pub fn setting(name: &str, value: impl std::fmt::Display, rule: impl Into<String>) -> Self {
+        Error::InvalidSetting {
+            name: name.to_string(),
+            value: value.to_string(),
+            rule: rule.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Reads a whole file, naming the file on failure.
+pub fn read_to_string(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads and parses a JSON file, naming the file on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,33 @@
+//! # llada
+//!
+//! An engine for LLaDA-family masked diffusion language models: load Hugging Face checkpoints,
+//! run the mask predictor, sample (generate, chat, infill), score likelihoods, train and serve.
+//!
+//! Each concept of the paper lives in one module: [`model`] (the mask predictor), the sampler
+//! (the reverse process), the scorer (the likelihood bound), the forward process and losses, the
+//! trainer, [`tokenizer`]/[`chat`] and the server.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod model;
+pub mod rng;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{ChatTemplate, Message};
+pub use checkpoint::Checkpoint;
+pub use config::{LladaConfig, ModelConfig};
+pub use device::RunDType;
+pub use error::{Error, Result};
+pub use model::Llada;
+pub use rng::Rng;
+pub use tokenizer::{SpecialTokens, Tokenizer};
+
+/// Re-exported tensor library.
+pub use candle_core;

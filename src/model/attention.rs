@@ -1,0 +1,187 @@
+//! Bidirectional multi-head attention with rotate-half RoPE in f32 and GQA (reference §2.4–2.7).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::layers::linear;
+
+/// Rotary position tables (f32), rotate-half (GPT-NeoX) layout over the full head dim.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    head_dim: usize,
+    theta: f32,
+    /// [max_len, head_dim / 2]
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rope_tables(
+    head_dim: usize,
+    theta: f32,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    // inv_freq[j] = 1 / θ^(2j/hd), all in f32 as the reference computes it.
+    let inv: Vec<f32> = (0..half)
+        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in start..start + len {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (len, half), device)?,
+        Tensor::from_vec(sin, (len, half), device)?,
+    ))
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, max_len: usize, device: &Device) -> Result<Self> {
+        let (cos, sin) = rope_tables(head_dim, theta, 0, max_len, device)?;
+        Ok(Rope {
+            head_dim,
+            theta,
+            cos,
+            sin,
+        })
+    }
+
+    /// cos/sin [len, hd/2] for absolute positions start..start+len (computed on demand past the
+    /// precomputed table, as the reference extends its table).
+    fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        if start + len <= self.cos.dim(0)? {
+            Ok((
+                self.cos.narrow(0, start, len)?,
+                self.sin.narrow(0, start, len)?,
+            ))
+        } else {
+            rope_tables(self.head_dim, self.theta, start, len, self.cos.device())
+        }
+    }
+
+    /// Rotates x [B, H, L, hd] for positions start..start+L, in f32, cast back to x's dtype.
+    pub fn apply(&self, x: &Tensor, start: usize, differentiable: bool) -> Result<Tensor> {
+        let (_b, _h, l, hd) = x.dims4()?;
+        let (cos, sin) = self.tables(start, l)?;
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let y = if differentiable {
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?; // [L, hd]
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+            let x1 = xf.narrow(D::Minus1, 0, hd / 2)?;
+            let x2 = xf.narrow(D::Minus1, hd / 2, hd / 2)?;
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
+        } else {
+            candle_nn::rotary_emb::rope(&xf.contiguous()?, &cos, &sin)?
+        };
+        y.to_dtype(dtype)
+    }
+}
+
+/// Attention weights of one block (field names follow the checkpoint keys).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Tensor,   // [H·hd, D]
+    pub k_proj: Tensor,   // [Hkv·hd, D]
+    pub v_proj: Tensor,   // [Hkv·hd, D]
+    pub attn_out: Tensor, // [D, H·hd]
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Splits [B·L, heads·hd] into [B, heads, L, hd].
+fn split_heads(x: &Tensor, b: usize, l: usize, heads: usize, hd: usize) -> Result<Tensor> {
+    x.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()
+}
+
+impl Attention {
+    /// Projects `x` [B·L, D] into rotated queries [B, H, L, hd] and rotated keys and values
+    /// [B, Hkv, L, hd]; the queries and keys sit at positions start..start+L.
+    pub fn qkv(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        rope: &Rope,
+        start: usize,
+        differentiable: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (q, k, v) = if differentiable {
+            (
+                x.matmul(&self.q_proj.t()?)?,
+                x.matmul(&self.k_proj.t()?)?,
+                x.matmul(&self.v_proj.t()?)?,
+            )
+        } else {
+            (
+                linear(x, &self.q_proj)?,
+                linear(x, &self.k_proj)?,
+                linear(x, &self.v_proj)?,
+            )
+        };
+        let q = rope.apply(&split_heads(&q, b, l, h, hd)?, start, differentiable)?; // [B, H, L, hd]
+        let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start, differentiable)?; // [B, Hkv, L, hd]
+        let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]
+        Ok((q, k, v))
+    }
+
+    /// softmax(q·kᵀ/√hd + bias)·v with GQA, then the output projection.
+    /// q [B, H, Lq, hd]; k, v [B, Hkv, Lk, hd]; bias f32 broadcastable to [B, H, Lq, Lk].
+    /// Returns [B·Lq, D].
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let (b, h, lq, hd) = q.dims4()?;
+        let lk = k.dim(2)?;
+        let hkv = self.n_kv_heads;
+        let rep = h / hkv;
+        let dtype = q.dtype();
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Query head g·rep + r uses KV head g: group the query heads by their KV head so the
+        // keys and values are used without being repeated.
+        let qg = q.reshape((b, hkv, rep * lq, hd))?; // [B, Hkv, rep·Lq, hd]
+        let scores = if differentiable {
+            qg.matmul(&k.t()?)?
+        } else {
+            crate::kernels::matmul_nt(&qg, k)?
+        }; // [B, Hkv, rep·Lq, Lk]
+        let mut scores = (scores.to_dtype(DType::F32)? * scale)?.reshape((b, h, lq, lk))?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let p = if differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            crate::kernels::softmax_last_dim(&scores)?
+        };
+        let p = p.to_dtype(dtype)?.reshape((b, hkv, rep * lq, lk))?;
+        let o = if differentiable {
+            p.matmul(v)?
+        } else {
+            crate::kernels::matmul(&p, v)?
+        }; // [B, Hkv, rep·Lq, hd]
+        let o = o
+            .reshape((b, h, lq, hd))?
+            .transpose(1, 2)?
+            .reshape((b * lq, h * hd))?; // [B·Lq, H·hd]
+        if differentiable {
+            o.matmul(&self.attn_out.t()?)
+        } else {
+            linear(&o, &self.attn_out)
+        }
+    }
+}

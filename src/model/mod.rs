@@ -1,0 +1,373 @@
+//! The LLaDA mask predictor: a LLaMA-style Transformer (RMSNorm, SwiGLU, RoPE) with bidirectional
+//! attention, read top-down: names → block → model → load → forward (reference §2).
+
+pub mod attention;
+pub mod layers;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result as CResult, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFiles;
+
+pub use attention::{Attention, Rope};
+pub use layers::{Mlp, RmsNorm};
+
+/// Prefix of every tensor name in the Hugging Face checkpoint (`LLaDAModelLM.model.transformer`).
+pub const PREFIX: &str = "model.transformer";
+
+/// The tensors of a checkpoint for `cfg`: names (checkpoint keys) and shapes, in a stable order.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, v) = (cfg.d_model, cfg.mlp_hidden_size, cfg.embedding_size);
+    let qd = cfg.n_heads * cfg.head_dim;
+    let kvd = cfg.n_kv_heads * cfg.head_dim;
+    let mut out = vec![(format!("{PREFIX}.wte.weight"), vec![v, d])];
+    for i in 0..cfg.n_layers {
+        let p = format!("{PREFIX}.blocks.{i}");
+        out.push((format!("{p}.attn_norm.weight"), vec![d]));
+        out.push((format!("{p}.q_proj.weight"), vec![qd, d]));
+        out.push((format!("{p}.k_proj.weight"), vec![kvd, d]));
+        out.push((format!("{p}.v_proj.weight"), vec![kvd, d]));
+        out.push((format!("{p}.attn_out.weight"), vec![d, qd]));
+        out.push((format!("{p}.ff_norm.weight"), vec![d]));
+        out.push((format!("{p}.ff_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.up_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.ff_out.weight"), vec![d, f]));
+    }
+    out.push((format!("{PREFIX}.ln_f.weight"), vec![d]));
+    if !cfg.weight_tying {
+        out.push((format!("{PREFIX}.ff_out.weight"), vec![v, d]));
+    }
+    out
+}
+
+/// Where the model's tensors come from.
+pub trait WeightSource {
+    /// The tensor `name` with exactly `shape`.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+}
+
+/// Tensors read from checkpoint files, converted to a dtype and placed on a device.
+pub struct FileWeights<'a> {
+    pub files: &'a SafetensorsFiles,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl WeightSource for FileWeights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.files.load(name, shape, self.dtype, self.device)
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: "<memory>".into(),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: "<memory>".into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+}
+
+/// One Transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ff_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn load(src: &dyn WeightSource, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let p = format!("{PREFIX}.blocks.{i}");
+        let (d, f) = (cfg.d_model, cfg.mlp_hidden_size);
+        let qd = cfg.n_heads * cfg.head_dim;
+        let kvd = cfg.n_kv_heads * cfg.head_dim;
+        let norm = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                src.get(&format!("{p}.{n}.weight"), &[d])?,
+                cfg.rms_norm_eps,
+                cfg.norm,
+            ))
+        };
+        let w = |n: &str, shape: &[usize]| src.get(&format!("{p}.{n}.weight"), shape);
+        Ok(Block {
+            attn_norm: norm("attn_norm")?,
+            attn: Attention {
+                q_proj: w("q_proj", &[qd, d])?,
+                k_proj: w("k_proj", &[kvd, d])?,
+                v_proj: w("v_proj", &[kvd, d])?,
+                attn_out: w("attn_out", &[d, qd])?,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            ff_norm: norm("ff_norm")?,
+            mlp: Mlp {
+                ff_proj: w("ff_proj", &[f, d])?,
+                up_proj: w("up_proj", &[f, d])?,
+                ff_out: w("ff_out", &[d, f])?,
+            },
+        })
+    }
+
+    fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) {
+        let p = format!("{PREFIX}.blocks.{i}");
+        for (n, t) in [
+            ("attn_norm", &self.attn_norm.weight),
+            ("q_proj", &self.attn.q_proj),
+            ("k_proj", &self.attn.k_proj),
+            ("v_proj", &self.attn.v_proj),
+            ("attn_out", &self.attn.attn_out),
+            ("ff_norm", &self.ff_norm.weight),
+            ("ff_proj", &self.mlp.ff_proj),
+            ("up_proj", &self.mlp.up_proj),
+            ("ff_out", &self.mlp.ff_out),
+        ] {
+            out.push((format!("{p}.{n}.weight"), t.clone()));
+        }
+    }
+
+    /// h + attn(norm(h)), then + mlp(norm(·)). `x` is [B·L, D].
+    fn forward(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+        differentiable: bool,
+    ) -> CResult<Tensor> {
+        let a = self.norm(&self.attn_norm, x, differentiable)?;
+        let (q, k, v) = self.attn.qkv(&a, b, l, rope, 0, differentiable)?;
+        let x = (x + self.attn.attend(&q, &k, &v, bias, differentiable)?)?;
+        self.mlp_residual(&x, differentiable)
+    }
+
+    fn norm(&self, n: &RmsNorm, x: &Tensor, differentiable: bool) -> CResult<Tensor> {
+        if differentiable {
+            n.forward_diff(x)
+        } else {
+            n.forward(x)
+        }
+    }
+
+    /// x + mlp(ff_norm(x)).
+    fn mlp_residual(&self, x: &Tensor, differentiable: bool) -> CResult<Tensor> {
+        let f = self.norm(&self.ff_norm, x, differentiable)?;
+        let m = if differentiable {
+            self.mlp.forward_diff(&f)?
+        } else {
+            self.mlp.forward(&f)?
+        };
+        x + m
+    }
+}
+
+/// The mask predictor.
+#[derive(Debug, Clone)]
+pub struct Llada {
+    cfg: ModelConfig,
+    pub wte: Tensor, // [V, D]
+    pub blocks: Vec<Block>,
+    pub ln_f: RmsNorm,
+    /// Output head [V, D]; `None` when `weight_tying` (the head is `wte`).
+    pub ff_out: Option<Tensor>,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llada {
+    /// Builds the model from `src`, checking every tensor's name and shape.
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        let (d, v) = (cfg.d_model, cfg.embedding_size);
+        let wte = src.get(&format!("{PREFIX}.wte.weight"), &[v, d])?;
+        let blocks = (0..cfg.n_layers)
+            .map(|i| Block::load(src, cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = RmsNorm::new(
+            src.get(&format!("{PREFIX}.ln_f.weight"), &[d])?,
+            cfg.rms_norm_eps,
+            cfg.norm,
+        );
+        let ff_out = if cfg.weight_tying {
+            None
+        } else {
+            Some(src.get(&format!("{PREFIX}.ff_out.weight"), &[v, d])?)
+        };
+        let device = wte.device().clone();
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.max_sequence_length,
+            &device,
+        )?;
+        Ok(Llada {
+            cfg: cfg.clone(),
+            dtype: wte.dtype(),
+            wte,
+            blocks,
+            ln_f,
+            ff_out,
+            rope,
+            device,
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every tensor with its checkpoint name, in [`tensor_specs`] order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{PREFIX}.wte.weight"), self.wte.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.named(i, &mut out);
+        }
+        out.push((format!("{PREFIX}.ln_f.weight"), self.ln_f.weight.clone()));
+        if let Some(h) = &self.ff_out {
+            out.push((format!("{PREFIX}.ff_out.weight"), h.clone()));
+        }
+        out
+    }
+
+    fn head(&self) -> &Tensor {
+        self.ff_out.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Additive f32 attention bias from a key-padding mask [B, L] (1 = keep, 0 = padding) and the
+    /// causal flag: 0 for visible keys, f32::MIN (as the reference) for hidden ones.
+    /// Shape [B, 1, 1, L], or [B, 1, L, L] when causal.
+    pub fn attention_bias(
+        &self,
+        key_mask: Option<&Tensor>,
+        b: usize,
+        l: usize,
+    ) -> CResult<Option<Tensor>> {
+        let pad = match key_mask {
+            Some(m) => {
+                let keep = m.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
+                Some(((1.0 - keep)? * f32::MIN as f64)?)
+            }
+            None => None,
+        };
+        if !self.cfg.causal {
+            return Ok(pad);
+        }
+        let causal: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::MIN }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, l, l), &self.device)?;
+        Ok(Some(match pad {
+            Some(p) => p.broadcast_add(&causal)?.clamp(f32::MIN, 0.0)?,
+            None => causal,
+        }))
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, l) = ids.dims2()?;
+        if b == 0 || l == 0 {
+            return Err(Error::setting(
+                "input",
+                format!("{b}x{l}"),
+                "needs at least one token",
+            ));
+        }
+        Ok((b, l))
+    }
+
+    /// Embeds ids [B, L] → [B·L, D].
+    fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        self.wte.embedding(&ids.flatten_all()?)
+    }
+
+    /// Final norm and output head: [N, D] → [N, V].
+    fn logits_of(&self, h: &Tensor, differentiable: bool) -> CResult<Tensor> {
+        if differentiable {
+            self.ln_f.forward_diff(h)?.matmul(&self.head().t()?)
+        } else {
+            layers::linear(&self.ln_f.forward(h)?, self.head())
+        }
+    }
+
+    /// Logits [B, L, V] (model dtype) for every position of `ids` [B, L] (u32), with an optional
+    /// key-padding mask [B, L] (1 = real token, 0 = padding; padded keys get no attention,
+    /// padded queries are still computed).
+    pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_impl(ids, key_mask, false)
+    }
+
+    /// The same forward pass made only of differentiable ops (training).
+    pub fn forward_train(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_impl(ids, key_mask, true)
+    }
+
+    fn forward_impl(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        let vocab = self.cfg.embedding_size;
+        let bias = self.attention_bias(key_mask, b, l)?;
+        let mut h = self.embed(ids)?; // [B·L, D]
+        for block in &self.blocks {
+            h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
+        }
+        Ok(self.logits_of(&h, differentiable)?.reshape((b, l, vocab))?)
+    }
+
+    /// The token embedding table [V, D].
+    pub fn embedding(&self) -> &Tensor {
+        &self.wte
+    }
+
+    /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded.
+    pub fn init_random(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut map = HashMap::new();
+        for (name, shape) in tensor_specs(cfg) {
+            let n: usize = shape.iter().product();
+            let t = if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
+            } else {
+                let data: Vec<f32> = (0..n)
+                    .map(|_| (rng.normal() * cfg.init_std) as f32)
+                    .collect();
+                Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?
+            };
+            map.insert(name, t.to_device(device)?.to_dtype(dtype)?);
+        }
+        Llada::load(cfg, &map)
+    }
+}

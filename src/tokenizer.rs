@@ -1,0 +1,296 @@
+//! The tokenizer of a checkpoint (`tokenizer.json` through the `tokenizers` crate), its special
+//! token ids (read from `config.json`, `tokenizer_config.json` and the vocabulary, never literals)
+//! and its chat template.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::config::ModelConfig;
+use crate::error::{read_json, Error, Result};
+
+/// The token strings of the LLaDA vocabulary's special tokens (reference §1, §7.1).
+pub mod names {
+    pub const BOS: &str = "<|startoftext|>";
+    pub const EOS: &str = "<|endoftext|>";
+    pub const MASK: &str = "<|mdm_mask|>";
+    pub const START_HEADER: &str = "<|start_header_id|>";
+    pub const END_HEADER: &str = "<|end_header_id|>";
+    pub const EOT: &str = "<|eot_id|>";
+}
+
+/// The special token ids a model needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SpecialTokens {
+    /// `<|mdm_mask|>`: the diffusion mask.
+    pub mask: u32,
+    /// `<|endoftext|>`: end of text; also the SFT answer padding.
+    pub eos: u32,
+    /// Padding for left-padded batches (LLaDA: = EOS).
+    pub pad: u32,
+    /// `<|startoftext|>`.
+    pub bos: Option<u32>,
+    /// `<|eot_id|>`: end of turn.
+    pub eot: Option<u32>,
+    pub start_header: Option<u32>,
+    pub end_header: Option<u32>,
+}
+
+impl SpecialTokens {
+    /// Ids from the config alone (the model files without a tokenizer): mask and EOS must be in
+    /// `config.json`.
+    pub fn from_config(cfg: &ModelConfig) -> Result<Self> {
+        let mask = cfg.mask_token_id.ok_or_else(|| {
+            Error::config(
+                "mask_token_id",
+                "absent",
+                "without a tokenizer.json the mask id must be in config.json",
+            )
+        })?;
+        let eos = cfg.eos_token_id.ok_or_else(|| {
+            Error::config(
+                "eos_token_id",
+                "absent",
+                "without a tokenizer.json the EOS id must be in config.json",
+            )
+        })?;
+        Ok(SpecialTokens {
+            mask,
+            eos,
+            pad: cfg.pad_token_id.unwrap_or(eos),
+            bos: None,
+            eot: None,
+            start_header: None,
+            end_header: None,
+        })
+    }
+}
+
+/// A token given in `tokenizer_config.json` either as a string or as an AddedToken object.
+fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The tokenizer of a checkpoint folder.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    special: SpecialTokens,
+    chat: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json` (required) and `dir/tokenizer_config.json` (optional: special
+    /// token names and the chat template). `cfg` supplies `mask_token_id`/`eos_token_id` when the
+    /// config has them; otherwise they are looked up by name in the vocabulary.
+    pub fn from_dir(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::Tokenizer(format!("{} not found", path.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: serde_json::Value = if tc_path.exists() {
+            read_json(&tc_path)?
+        } else {
+            serde_json::Value::Null
+        };
+        let id_of = |tok: &str| inner.token_to_id(tok);
+        let named = |key: &str| token_string(tc.get(key)).and_then(|t| id_of(&t));
+
+        let mask = cfg
+            .mask_token_id
+            .or_else(|| named("mask_token"))
+            .or_else(|| id_of(names::MASK))
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "no mask token: config.json has no mask_token_id and the vocabulary has no {}",
+                    names::MASK
+                ))
+            })?;
+        let eos = cfg
+            .eos_token_id
+            .or_else(|| named("eos_token"))
+            .or_else(|| id_of(names::EOS))
+            .ok_or_else(|| {
+                Error::Tokenizer(
+                    "no EOS token: neither config.json eos_token_id nor tokenizer_config eos_token"
+                        .into(),
+                )
+            })?;
+        let pad = cfg
+            .pad_token_id
+            .or_else(|| named("pad_token"))
+            .unwrap_or(eos);
+        if pad == mask {
+            return Err(Error::Tokenizer(format!(
+                "pad id {pad} equals the mask id: padding must differ from the mask"
+            )));
+        }
+        let special = SpecialTokens {
+            mask,
+            eos,
+            pad,
+            bos: named("bos_token").or_else(|| id_of(names::BOS)),
+            eot: id_of(names::EOT),
+            start_header: id_of(names::START_HEADER),
+            end_header: id_of(names::END_HEADER),
+        };
+
+        let template_src = match tc.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat = match template_src {
+            Some(src) => {
+                let mut vars = BTreeMap::new();
+                for key in [
+                    "bos_token",
+                    "eos_token",
+                    "pad_token",
+                    "unk_token",
+                    "cls_token",
+                    "sep_token",
+                    "mask_token",
+                ] {
+                    if let Some(s) = token_string(tc.get(key)) {
+                        vars.insert(key.to_string(), s);
+                    }
+                }
+                Some(ChatTemplate::new(src, vars)?)
+            }
+            None => None,
+        };
+        Ok(Tokenizer {
+            inner,
+            special,
+            chat,
+        })
+    }
+
+    /// Wraps an in-memory tokenizer (used by tokenizer training).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        special: SpecialTokens,
+        chat: Option<ChatTemplate>,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            special,
+            chat,
+        }
+    }
+
+    /// The special token ids.
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes `text`; special-token strings in the text map to their ids; nothing is added
+    /// (LLaDA's tokenizer adds no BOS/EOS: the chat template supplies BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encoding: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes several texts into one left-padded batch (pad = the pad id): the ids and the
+    /// key-padding mask (1 = token, 0 = padding), each `[B][L]` with L the longest text.
+    pub fn encode_batch_left_padded(
+        &self,
+        texts: &[&str],
+    ) -> Result<PaddedBatch> {
+        let seqs = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(left_pad(&seqs, self.special.pad))
+    }
+
+    /// Decodes ids to text, optionally dropping special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("decoding: {e}")))
+    }
+
+    /// The token string of an id (byte-level symbols, e.g. `Ġ` for a space).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The chat template, if `tokenizer_config.json` has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
+    /// Renders `messages` with the chat template (the assistant header is appended as the
+    /// template decides).
+    pub fn apply_chat_template(&self, messages: &[Message]) -> Result<String> {
+        let t = self.chat.as_ref().ok_or_else(|| {
+            Error::Tokenizer("this checkpoint's tokenizer_config.json has no chat_template".into())
+        })?;
+        t.render(messages, true)
+    }
+
+    /// Renders and encodes `messages`.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages)?)
+    }
+}
+
+/// Left-padded token rows and their key-padding mask (1 = token, 0 = padding).
+pub type PaddedBatch = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
+/// Left-pads sequences to the longest with `pad`: the ids and the key-padding mask (1 = token).
+pub fn left_pad(seqs: &[Vec<u32>], pad: u32) -> PaddedBatch {
+    let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len());
+    let mut mask = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        let n = len - s.len();
+        ids.push(
+            std::iter::repeat_n(pad, n)
+                .chain(s.iter().copied())
+                .collect(),
+        );
+        mask.push(
+            std::iter::repeat_n(0, n)
+                .chain(std::iter::repeat_n(1, s.len()))
+                .collect(),
+        );
+    }
+    (ids, mask)
+}

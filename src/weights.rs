@@ -1,0 +1,325 @@
+//! Checkpoint files: finding single or sharded safetensors, memory-mapping them, reading tensors
+//! with checked names, shapes and dtypes, and writing checkpoints atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{read_json, Error, Result};
+
+/// File name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of the index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range in the memory map.
+    range: std::ops::Range<usize>,
+}
+
+/// The safetensors files of a checkpoint folder, memory-mapped and validated.
+pub struct SafetensorsFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+fn dtype_of(path: &Path, name: &str, dtype: safetensors::Dtype) -> Result<DType> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(DType::F32),
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        other => Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name} is stored as {other:?}; supported: F32, BF16, F16"),
+        }),
+    }
+}
+
+impl SafetensorsFiles {
+    /// Opens `dir/model.safetensors`, or `dir/model.safetensors.index.json` and every shard it
+    /// names. Each file's header is checked against its size (a truncated file is an error here,
+    /// not later).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let mut out = SafetensorsFiles {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
+        if index_path.exists() {
+            let index: Index = read_json(&index_path)?;
+            let mut shards: Vec<&String> = index.weight_map.values().collect();
+            shards.sort();
+            shards.dedup();
+            let mut file_of = HashMap::new();
+            for shard in shards {
+                let path = dir.join(shard);
+                if !path.exists() {
+                    return Err(Error::Checkpoint {
+                        path,
+                        reason: format!("shard named in {INDEX_FILE} is absent"),
+                    });
+                }
+                file_of.insert(shard.clone(), out.add_file(path)?);
+            }
+            // Every tensor the index lists must be in the shard it names.
+            for (name, shard) in &index.weight_map {
+                let file = file_of[shard];
+                match out.entries.get(name) {
+                    Some(e) if e.file == file => {}
+                    _ => {
+                        return Err(Error::Checkpoint {
+                            path: out.files[file].0.clone(),
+                            reason: format!("{INDEX_FILE} places tensor {name} in this shard, but the shard does not hold it"),
+                        })
+                    }
+                }
+            }
+        } else if single.exists() {
+            out.add_file(single)?;
+        } else {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: format!("no {SINGLE_FILE} and no {INDEX_FILE} in this folder"),
+            });
+        }
+        Ok(out)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<usize> {
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only; a checkpoint modified while mapped is a user error that can
+        // at worst change the values read, which the safetensors header check below bounds.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let idx = self.files.len();
+        {
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                reason: match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer => format!(
+                        "truncated or corrupt: the header describes a data section that does not match the file size ({} bytes)",
+                        mmap.len()
+                    ),
+                    other => format!("not a valid safetensors file: {other}"),
+                },
+            })?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let dtype = dtype_of(&path, &name, view.dtype())?;
+                let start = view.data().as_ptr() as usize - base;
+                let range = start..start + view.data().len();
+                if self.entries.contains_key(&name) {
+                    return Err(Error::Checkpoint {
+                        path: path.clone(),
+                        reason: format!("tensor {name} appears in more than one file"),
+                    });
+                }
+                self.entries.insert(
+                    name,
+                    Entry {
+                        file: idx,
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        range,
+                    },
+                );
+            }
+        }
+        self.files.push((path, mmap));
+        Ok(idx)
+    }
+
+    /// Names of all tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    /// Stored shape of a tensor.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Stored dtype of a tensor.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).map(|e| e.dtype)
+    }
+
+    /// The files behind the checkpoint.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.entries.values().map(|e| e.range.len() as u64).sum()
+    }
+
+    /// Reads tensor `name`, checks its shape, converts it to `dtype` and places it on `device`.
+    /// Only this tensor is copied out of the memory map (a GPU load never holds a second full copy
+    /// of the checkpoint in host memory).
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.describe(),
+        })?;
+        let (path, mmap) = &self.files[entry.file];
+        if entry.shape != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: path.clone(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let bytes = &mmap[entry.range.clone()];
+        let t = Tensor::from_raw_buffer(bytes, entry.dtype, shape, &Device::Cpu)?;
+        let t = if device.is_cpu() {
+            t.to_dtype(dtype)?
+        } else {
+            t.to_device(device)?.to_dtype(dtype)?
+        };
+        Ok(t)
+    }
+
+    fn describe(&self) -> PathBuf {
+        match self.files.as_slice() {
+            [(p, _)] => p.clone(),
+            [(p, _), ..] => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            [] => PathBuf::new(),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed
+/// over the target. A crash mid-write leaves the old file (if any) intact.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |f| f.write_all(bytes))
+}
+
+/// Like [`atomic_write`], with a writer callback.
+pub fn atomic_write_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let file = File::create(&tmp)?;
+        {
+            let mut w = std::io::BufWriter::new(&file);
+            write(&mut w)?;
+            w.flush()?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Serialises named tensors into safetensors bytes (metadata `{"format": "pt"}`, as HF writes).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut info = HashMap::new();
+    info.insert("format".to_string(), "pt".to_string());
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(info)).map_err(
+        |e| Error::Checkpoint {
+            path: PathBuf::new(),
+            reason: format!("serialising tensors: {e}"),
+        },
+    )
+}
+
+/// Writes tensors in Hugging Face form into `dir`: `model.safetensors`, or, when the data exceeds
+/// `max_shard_bytes`, `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
+/// Every file is written atomically.
+pub fn save_safetensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    if total <= max_shard_bytes {
+        atomic_write(&dir.join(SINGLE_FILE), &safetensors_bytes(tensors)?)?;
+        remove_stale_shards(dir);
+        return Ok(());
+    }
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (n, t) in tensors {
+        if current > 0 && current + size(t) > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += size(t);
+        if let Some(last) = shards.last_mut() {
+            last.push((n.clone(), t.clone()));
+        }
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        atomic_write(&dir.join(&file), &safetensors_bytes(shard)?)?;
+        for (n, _) in shard {
+            weight_map.insert(n.clone(), file.clone());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let text = serde_json::to_string_pretty(&index).map_err(|e| Error::Checkpoint {
+        path: dir.join(INDEX_FILE),
+        reason: e.to_string(),
+    })?;
+    atomic_write(&dir.join(INDEX_FILE), text.as_bytes())?;
+    let _ = std::fs::remove_file(dir.join(SINGLE_FILE));
+    Ok(())
+}
+
+/// Removes the index and shards of an earlier sharded save, once a single file replaced them.
+fn remove_stale_shards(dir: &Path) {
+    let index = dir.join(INDEX_FILE);
+    if let Ok(idx) = read_json::<Index>(&index) {
+        let _ = std::fs::remove_file(&index);
+        for shard in idx.weight_map.values() {
+            let _ = std::fs::remove_file(dir.join(shard));
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Golden tests of the mask predictor: every case of `forward.json` in `LLADA_GOLDEN_DIR`, logits
+//! compared element by element with the reference's (`forward_logits.safetensors`).
+
+mod common;
+
+use common::*;
+use llada::candle_core::{DType, Device, Tensor};
+use llada::Checkpoint;
+
+fn check_forward(ck: &Checkpoint, device: &Device, dtype: DType) {
+    let Some(doc) = case_file("forward.json") else {
+        return;
+    };
+    let logits_path = golden_dir().join("cases/forward_logits.safetensors");
+    let refs = llada::candle_core::safetensors::load(&logits_path, &Device::Cpu).unwrap();
+    let (abs, rel) = logits_tolerance(dtype);
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let rows = ids2(&case["input_ids"]);
+        let (b, l) = (rows.len(), rows[0].len());
+        let ids = Tensor::from_vec(rows.concat(), (b, l), device).unwrap();
+        let mask = if case["attention_mask"].is_null() {
+            None
+        } else {
+            let m = ids2(&case["attention_mask"]);
+            Some(Tensor::from_vec(m.concat(), (b, l), device).unwrap())
+        };
+        let ours = ck.model.forward(&ids, mask.as_ref()).unwrap();
+        let ours: Vec<f32> = ours
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let key = case["logits_key"].as_str().unwrap();
+        let reference = refs
+            .get(key)
+            .unwrap_or_else(|| panic!("{name}: no tensor {key}"));
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(
+            reference.dims(),
+            shape.as_slice(),
+            "{name}: reference shape"
+        );
+        let reference: Vec<f32> = reference
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours.len(), reference.len(), "{name}: logits size");
+        let scale = reference.iter().fold(0f32, |m, r| m.max(r.abs()));
+        let tol = abs + rel * scale;
+        let (mut max_abs, mut worst) = (0f32, 0usize);
+        for (i, (o, r)) in ours.iter().zip(&reference).enumerate() {
+            let d = (o - r).abs();
+            assert!(d.is_finite(), "{name}: non-finite logit at {i}");
+            if d > max_abs {
+                (max_abs, worst) = (d, i);
+            }
+        }
+        eprintln!(
+            "{name} [{:?}, {:?}]: max |Δ| = {max_abs:.3e} (tolerance {tol:.3e})",
+            device.location(),
+            dtype
+        );
+        assert!(
+            max_abs <= tol,
+            "{name}: logit {worst} differs by {max_abs:.3e} (ours {}, reference {}); tolerance {abs} + {rel}·{scale}",
+            ours[worst], reference[worst]
+        );
+    }
+}
+
+#[test]
+fn forward_logits_match_reference() {
+    let Some(doc) = case_file("forward.json") else {
+        return;
+    };
+    let dtype = compute_dtype(&doc["meta"]);
+    for device in devices() {
+        let ck = if device.is_cpu() {
+            model(dtype)
+        } else {
+            Box::leak(Box::new(
+                Checkpoint::load(&golden_dir(), Some(dtype), &device).unwrap(),
+            ))
+        };
+        check_forward(ck, &device, dtype);
+    }
+}
+
+/// Running the golden checkpoint in bf16 stays within the stated bf16 tolerance of the f32
+/// reference logits (weights rounded to bf16 included).
+#[test]
+fn forward_bf16_within_tolerance() {
+    let Some(doc) = case_file("forward.json") else {
+        return;
+    };
+    if compute_dtype(&doc["meta"]) != DType::F32 {
+        return;
+    }
+    check_forward(model(DType::BF16), &Device::Cpu, DType::BF16);
+}
+
+/// The argmax of every position matches the reference's wherever the top-2 gap is clear.
+#[test]
+fn forward_argmax_matches() {
+    let Some(doc) = case_file("forward.json") else {
+        return;
+    };
+    let dtype = compute_dtype(&doc["meta"]);
+    let ck = model(dtype);
+    for case in doc["cases"].as_array().unwrap() {
+        let rows = ids2(&case["input_ids"]);
+        let (b, l) = (rows.len(), rows[0].len());
+        let ids = Tensor::from_vec(rows.concat(), (b, l), &Device::Cpu).unwrap();
+        let mask = (!case["attention_mask"].is_null()).then(|| {
+            Tensor::from_vec(ids2(&case["attention_mask"]).concat(), (b, l), &Device::Cpu).unwrap()
+        });
+        let am: Vec<Vec<u32>> = ck
+            .model
+            .forward(&ids, mask.as_ref())
+            .unwrap()
+            .argmax(2)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        if case["min_top2_logit_gap"].as_f64().unwrap_or(1.0) > 1e-3 {
+            assert_eq!(am, ids2(&case["argmax"]), "{}", case["name"]);
+        }
+    }
+}
