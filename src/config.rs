@@ -274,15 +274,15 @@ impl LladaConfig {
                 "true",
             ));
         }
-        if self.bias_for_layer_norm.unwrap_or(self.include_bias) {
+        if self.include_bias {
+            return Err(unsupported("include_bias", &self.include_bias, "false"));
+        }
+        if self.bias_for_layer_norm.unwrap_or(false) {
             return Err(unsupported(
                 "bias_for_layer_norm",
                 &self.bias_for_layer_norm,
                 "false",
             ));
-        }
-        if self.include_bias {
-            return Err(unsupported("include_bias", &self.include_bias, "false"));
         }
         if self.include_qkv_bias.unwrap_or(false) {
             return Err(unsupported(

@@ -17,6 +17,7 @@ pub mod error;
 pub mod kernels;
 pub mod model;
 pub mod rng;
+pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
@@ -27,6 +28,7 @@ pub use device::RunDType;
 pub use error::{Error, Result};
 pub use model::Llada;
 pub use rng::Rng;
+pub use sampler::{generate, Generation, PromptBatch, SamplerConfig};
 pub use tokenizer::{SpecialTokens, Tokenizer};
 
 /// Re-exported tensor library.

@@ -68,6 +68,14 @@ impl Rng {
         p
     }
 
+    /// An independent stream `stream` of the generator seeded with `seed` (used to give each row
+    /// of a step its own stream, so results do not depend on the number of threads).
+    pub fn derived(seed: u64, stream: u64) -> Self {
+        let mut inner = ChaCha20Rng::seed_from_u64(seed);
+        inner.set_stream(stream);
+        Rng { inner }
+    }
+
     /// A fresh 64-bit seed drawn from this stream (to derive independent streams).
     pub fn next_seed(&mut self) -> u64 {
         self.inner.next_u64()

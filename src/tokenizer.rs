@@ -228,10 +228,7 @@ impl Tokenizer {
 
     /// Encodes several texts into one left-padded batch (pad = the pad id): the ids and the
     /// key-padding mask (1 = token, 0 = padding), each `[B][L]` with L the longest text.
-    pub fn encode_batch_left_padded(
-        &self,
-        texts: &[&str],
-    ) -> Result<PaddedBatch> {
+    pub fn encode_batch_left_padded(&self, texts: &[&str]) -> Result<PaddedBatch> {
         let seqs = texts
             .iter()
             .map(|t| self.encode(t))

@@ -2,6 +2,8 @@
 //! device and dtype and the plain candle composition otherwise. Training never comes here (the
 //! fast paths have no backward); every fast path is tested against the plain one.
 
+pub mod math;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 /// y = x·Wᵀ, x [N, in], W [out, in] → [N, out].

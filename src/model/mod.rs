@@ -332,14 +332,51 @@ impl Llada {
         key_mask: Option<&Tensor>,
         differentiable: bool,
     ) -> Result<Tensor> {
+        let (_, l) = self.check_ids(ids)?;
+        self.forward_rows_impl(ids, key_mask, 0..l, differentiable)
+    }
+
+    /// Logits [B, hi − lo, V] of positions lo..hi only: every position is still computed through
+    /// the blocks (attention is bidirectional), but the final norm and the output head run only on
+    /// the rows asked for.
+    pub fn forward_rows(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        self.forward_rows_impl(ids, key_mask, rows, false)
+    }
+
+    fn forward_rows_impl(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: std::ops::Range<usize>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
         let (b, l) = self.check_ids(ids)?;
-        let vocab = self.cfg.embedding_size;
+        if rows.start >= rows.end || rows.end > l {
+            return Err(Error::setting(
+                "rows",
+                format!("{rows:?}"),
+                format!("must be a non-empty range within 0..{l}"),
+            ));
+        }
+        let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
         let bias = self.attention_bias(key_mask, b, l)?;
         let mut h = self.embed(ids)?; // [B·L, D]
         for block in &self.blocks {
             h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
         }
-        Ok(self.logits_of(&h, differentiable)?.reshape((b, l, vocab))?)
+        let n = rows.end - rows.start;
+        if n != l {
+            h = h
+                .reshape((b, l, d))?
+                .narrow(1, rows.start, n)?
+                .reshape((b * n, d))?; // [B·n, D]
+        }
+        Ok(self.logits_of(&h, differentiable)?.reshape((b, n, vocab))?)
     }
 
     /// The token embedding table [V, D].

@@ -1,0 +1,456 @@
+//! The reverse process: start from a fully masked answer and unmask it over a number of steps,
+//! block by block (reference §4; Fast-dLLM commit rules §6).
+//!
+//! A strategy is data on independent axes, each dispatched by one `match` in its own file:
+//! [`Remasking`] (how confidence is scored), [`Commit`] (how many positions a step unmasks),
+//! [`Guidance`] (CFG). The only trait is the model seam, [`MaskPredictor`]. Progress and
+//! cancellation go through an `on_step` callback.
+
+pub mod commit;
+pub mod guidance;
+pub mod gumbel;
+pub mod predict;
+pub mod remask;
+pub mod schedule;
+
+use std::ops::{ControlFlow, Range};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use commit::Commit;
+pub use guidance::Guidance;
+pub use remask::Remasking;
+pub use schedule::{num_transfer_tokens, Blocks};
+
+use crate::error::{Error, Result};
+use crate::model::Llada;
+use crate::rng::Rng;
+use crate::tokenizer::SpecialTokens;
+
+/// Reference default of `steps`, `gen_length` and `block_length` (generate.py).
+pub const DEFAULT_GEN_LENGTH: usize = 128;
+/// Reference default number of steps.
+pub const DEFAULT_STEPS: usize = 128;
+/// Reference default block length (= gen_length: pure diffusion).
+pub const DEFAULT_BLOCK_LENGTH: usize = 128;
+
+/// The model seam: logits of a canvas. Implemented by [`Llada`], by the cache wrappers and by
+/// test fakes.
+pub trait MaskPredictor {
+    /// Logits [B, hi − lo, V] of positions `rows` = lo..hi of the canvas `x` [B, L] (u32), with an
+    /// optional key-padding mask [B, L].
+    fn logits(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: Range<usize>,
+    ) -> Result<Tensor>;
+
+    /// The device the canvas must be on.
+    fn device(&self) -> Device;
+
+    /// The longest canvas the model supports.
+    fn max_sequence_length(&self) -> usize {
+        usize::MAX
+    }
+}
+
+impl MaskPredictor for &Llada {
+    fn logits(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: Range<usize>,
+    ) -> Result<Tensor> {
+        self.forward_rows(x, key_mask, rows)
+    }
+
+    fn device(&self) -> Device {
+        Llada::device(self).clone()
+    }
+
+    fn max_sequence_length(&self) -> usize {
+        self.config().max_sequence_length
+    }
+}
+
+/// Settings of the reverse process. Defaults are the reference's (`generate.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplerConfig {
+    /// Answer length: positions appended to the prompt, all starting masked.
+    pub gen_length: usize,
+    /// Total denoising steps over all blocks (model calls with the top-k rule).
+    pub steps: usize,
+    /// Semi-autoregressive block size; `gen_length` = pure diffusion.
+    pub block_length: usize,
+    /// Gumbel-max temperature; 0 = greedy.
+    pub temperature: f64,
+    /// How confidence is scored.
+    pub remasking: Remasking,
+    /// How many positions a step commits.
+    pub commit: Commit,
+    /// Unsupervised classifier-free guidance scale (0 = off).
+    pub cfg_scale: f64,
+    /// EOS logit set to −∞ before sampling: EOS is never generated.
+    pub logits_eos_inf: bool,
+    /// EOS/EOT get confidence 0, with the reference's real behaviour (§4.8).
+    pub confidence_eos_eot_inf: bool,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            gen_length: DEFAULT_GEN_LENGTH,
+            steps: DEFAULT_STEPS,
+            block_length: DEFAULT_BLOCK_LENGTH,
+            temperature: 0.0,
+            remasking: Remasking::LowConfidence,
+            commit: Commit::TopK,
+            cfg_scale: 0.0,
+            logits_eos_inf: false,
+            confidence_eos_eot_inf: false,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Checks every setting, returning the block layout.
+    pub fn validate(&self) -> Result<Blocks> {
+        let blocks = Blocks::new(self.gen_length, self.block_length, self.steps)?;
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::setting(
+                "temperature",
+                self.temperature,
+                "must be a finite number >= 0",
+            ));
+        }
+        if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
+            return Err(Error::setting(
+                "cfg_scale",
+                self.cfg_scale,
+                "must be a finite number >= 0",
+            ));
+        }
+        match self.commit {
+            Commit::TopK => {}
+            Commit::Threshold { tau } => {
+                if !(tau > 0.0 && tau <= 1.0) {
+                    return Err(Error::setting("threshold", tau, "must be in (0, 1]"));
+                }
+            }
+            Commit::Factor { f } => {
+                if !(f.is_finite() && f > 0.0) {
+                    return Err(Error::setting("factor", f, "must be a finite number > 0"));
+                }
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// The guidance axis of these settings.
+    pub fn guidance(&self) -> Guidance {
+        Guidance::from_scale(self.cfg_scale)
+    }
+}
+
+/// Prompts of one generation batch: equal-length rows, left-padded, with their key-padding mask
+/// when padded (1 = token, 0 = padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptBatch {
+    pub ids: Vec<Vec<u32>>,
+    pub key_mask: Option<Vec<Vec<u32>>>,
+}
+
+impl PromptBatch {
+    /// One unpadded prompt.
+    pub fn single(ids: Vec<u32>) -> Self {
+        PromptBatch {
+            ids: vec![ids],
+            key_mask: None,
+        }
+    }
+
+    /// Several prompts, left-padded with `pad`; the mask is kept only if some row is padded.
+    pub fn left_padded(prompts: &[Vec<u32>], pad: u32) -> Self {
+        let (ids, mask) = crate::tokenizer::left_pad(prompts, pad);
+        let padded = mask.iter().flatten().any(|&m| m == 0);
+        PromptBatch {
+            ids,
+            key_mask: padded.then_some(mask),
+        }
+    }
+
+    fn validate(&self, mask_id: u32) -> Result<usize> {
+        let p = self.ids.first().map(Vec::len).unwrap_or(0);
+        if self.ids.is_empty() || p == 0 {
+            return Err(Error::setting(
+                "prompt",
+                "empty",
+                "needs at least one token",
+            ));
+        }
+        if self.ids.iter().any(|r| r.len() != p) {
+            return Err(Error::setting(
+                "prompt",
+                "rows of different lengths",
+                "batched prompts must be left-padded to one length",
+            ));
+        }
+        if let Some(m) = &self.key_mask {
+            if m.len() != self.ids.len() || m.iter().any(|r| r.len() != p) {
+                return Err(Error::setting(
+                    "attention_mask",
+                    "wrong shape",
+                    "must have the prompt's shape",
+                ));
+            }
+        }
+        if let Some(pos) = self.ids.iter().flatten().position(|&t| t == mask_id) {
+            return Err(Error::setting(
+                "prompt",
+                format!("mask id {mask_id} at index {}", pos % p),
+                "a prompt must not contain the mask token (prompt positions are the non-mask ones)",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+/// One committed position.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Committed {
+    /// Index in the answer (0-based, from the end of the prompt).
+    pub index: usize,
+    pub token: u32,
+    pub confidence: f64,
+}
+
+/// What `on_step` sees after each denoising step.
+#[derive(Debug, Clone)]
+pub struct StepEvent<'a> {
+    /// Block index.
+    pub block: usize,
+    /// Step index within the block.
+    pub step_in_block: usize,
+    /// Global step index (0-based, over all blocks).
+    pub step: usize,
+    /// Total steps planned (with the top-k rule; parallel rules may finish early).
+    pub total_steps: usize,
+    /// The answer region of every row (masked positions hold the mask id).
+    pub canvas: Vec<&'a [u32]>,
+    /// Positions committed this step, per row.
+    pub committed: &'a [Vec<Committed>],
+    /// Model calls so far.
+    pub nfe: usize,
+    /// The mask id (to tell masked positions).
+    pub mask_id: u32,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generation {
+    /// Prompt + answer, per row.
+    pub output_ids: Vec<Vec<u32>>,
+    /// The answer only, per row.
+    pub generated_ids: Vec<Vec<u32>>,
+    /// Global step at which each answer position was committed (`None`: never, e.g. when the
+    /// model committed the mask id itself).
+    pub unmask_step: Vec<Vec<Option<usize>>>,
+    /// Number of model calls (a CFG call runs conditional and unconditional rows together).
+    pub nfe: usize,
+    /// Denoising steps performed.
+    pub steps: usize,
+}
+
+/// Runs the reverse process on `prompts`. `rng` (owned by the caller) feeds temperature sampling
+/// and random remasking; `on_step` sees every step and may stop the run (`ControlFlow::Break`),
+/// which returns [`Error::Cancelled`].
+pub fn generate(
+    model: &mut dyn MaskPredictor,
+    prompts: &PromptBatch,
+    cfg: &SamplerConfig,
+    special: &SpecialTokens,
+    rng: &mut Rng,
+    on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let blocks = cfg.validate()?;
+    let mask_id = special.mask;
+    let p = prompts.validate(mask_id)?;
+    let (b, g) = (prompts.ids.len(), cfg.gen_length);
+    let l = p + g;
+    let max = model.max_sequence_length();
+    if l > max {
+        return Err(Error::setting(
+            "gen_length",
+            g,
+            format!("prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"),
+        ));
+    }
+    let device = model.device();
+    let guidance = cfg.guidance();
+
+    // Canvas [B, L]: prompt then masks. Prompt positions are fixed once: every non-mask position.
+    let mut x: Vec<Vec<u32>> = prompts
+        .ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(mask_id, g))
+                .collect()
+        })
+        .collect();
+    let is_prompt: Vec<Vec<bool>> = x
+        .iter()
+        .map(|r| r.iter().map(|&t| t != mask_id).collect())
+        .collect();
+    let key_mask = match &prompts.key_mask {
+        Some(m) => {
+            let mut rows: Vec<u32> = Vec::with_capacity(b * l);
+            for r in m {
+                rows.extend(r.iter().copied().chain(std::iter::repeat_n(1, g)));
+            }
+            let t = Tensor::from_vec(rows, (b, l), &device)?;
+            Some(match guidance {
+                Guidance::Cfg { .. } => Tensor::cat(&[&t, &t], 0)?,
+                Guidance::None => t,
+            })
+        }
+        None => None,
+    };
+    let opts = predict::PredictOpts {
+        temperature: cfg.temperature,
+        remasking: cfg.remasking,
+        suppress_logit: cfg.logits_eos_inf.then_some(special.eos),
+        suppress_conf: if cfg.confidence_eos_eot_inf {
+            let mut v: Vec<u32> = special.eot.into_iter().collect();
+            if cfg.temperature == 0.0 {
+                v.push(special.eos);
+            }
+            v
+        } else {
+            Vec::new()
+        },
+    };
+
+    let mut unmask_step = vec![vec![None; g]; b];
+    let mut nfe = 0usize;
+    let mut step = 0usize;
+    let total_steps = cfg.steps;
+    for blk in 0..blocks.num_blocks {
+        let (lo, hi) = blocks.bounds(p, blk);
+        let window = p..hi; // rows whose predictions can be committed
+        let schedule: Vec<Vec<usize>> = x
+            .iter()
+            .map(|r| {
+                let m = r[lo..hi].iter().filter(|&&t| t == mask_id).count();
+                num_transfer_tokens(m, blocks.steps_per_block)
+            })
+            .collect();
+        let block_has_masks = |x: &[Vec<u32>]| x.iter().any(|r| r[lo..hi].contains(&mask_id));
+        // Top-k: exactly steps_per_block calls (the reference's loop). Parallel rules: until the
+        // block has no masks, capped in case the model keeps committing the mask id itself.
+        let max_iters = match cfg.commit {
+            Commit::TopK => blocks.steps_per_block,
+            _ => 8 * blocks.block_length,
+        };
+        let mut i = 0;
+        while i < max_iters {
+            if !cfg.commit.uses_schedule() && !block_has_masks(&x) {
+                break;
+            }
+            // [B or 2B, L] on the device: the few bytes of the canvas go up each step.
+            let mut flat: Vec<u32> = x.concat();
+            if let Guidance::Cfg { .. } = guidance {
+                for (r, pr) in x.iter().zip(&is_prompt) {
+                    flat.extend(guidance::unconditional(r, pr, mask_id));
+                }
+            }
+            let rows = flat.len() / l;
+            let xt = Tensor::from_vec(flat, (rows, l), &device)?;
+            let logits = model.logits(&xt, key_mask.as_ref(), window.clone())?; // [B(×2), W, V]
+            nfe += 1;
+            let logits = match guidance {
+                Guidance::Cfg { scale } => {
+                    let cond = logits.narrow(0, 0, b)?;
+                    let unc = logits.narrow(0, b, b)?;
+                    guidance::combine(&cond, &unc, scale)?
+                }
+                Guidance::None => logits,
+            };
+            // Masked positions of the window, per row (offsets from the window start).
+            let wanted: Vec<Vec<usize>> = x
+                .iter()
+                .map(|r| {
+                    (window.start..window.end)
+                        .filter(|&j| r[j] == mask_id)
+                        .map(|j| j - window.start)
+                        .collect()
+                })
+                .collect();
+            let preds = predict::predict(&logits, &wanted, &opts, rng)?;
+            let mut committed: Vec<Vec<Committed>> = Vec::with_capacity(b);
+            for (r, row_preds) in preds.iter().enumerate() {
+                let cands: Vec<(usize, f64)> = row_preds
+                    .iter()
+                    .map(|pr| (pr.offset, pr.confidence))
+                    .collect();
+                let k = schedule[r].get(i).copied().unwrap_or(0);
+                let picked = cfg.commit.select(&cands, k);
+                let mut done = Vec::with_capacity(picked.len());
+                for off in picked {
+                    let pr = row_preds.iter().find(|pr| pr.offset == off);
+                    if let Some(pr) = pr {
+                        let pos = window.start + off;
+                        x[r][pos] = pr.token;
+                        let idx = pos - p;
+                        if pr.token != mask_id {
+                            unmask_step[r][idx] = Some(step);
+                        }
+                        done.push(Committed {
+                            index: idx,
+                            token: pr.token,
+                            confidence: pr.confidence,
+                        });
+                    }
+                }
+                done.sort_by_key(|c| c.index);
+                committed.push(done);
+            }
+            let event = StepEvent {
+                block: blk,
+                step_in_block: i,
+                step,
+                total_steps,
+                canvas: x.iter().map(|r| &r[p..]).collect(),
+                committed: &committed,
+                nfe,
+                mask_id,
+            };
+            if on_step(&event).is_break() {
+                return Err(Error::Cancelled);
+            }
+            step += 1;
+            i += 1;
+        }
+        if !cfg.commit.uses_schedule() && block_has_masks(&x) {
+            tracing::warn!(
+                "block {blk}: masks remain after {max_iters} steps (the model keeps predicting the mask id)"
+            );
+        }
+    }
+    Ok(Generation {
+        generated_ids: x.iter().map(|r| r[p..].to_vec()).collect(),
+        output_ids: x,
+        unmask_step,
+        nfe,
+        steps: step,
+    })
+}
+
+/// An `on_step` callback that does nothing.
+pub fn no_progress(_: &StepEvent) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}

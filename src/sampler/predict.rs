@@ -1,0 +1,285 @@
+//! One step's prediction: for each masked position of the window, the token x0 (argmax, or a
+//! Gumbel-max sample when T > 0) and its confidence (reference §4.4–4.8).
+//!
+//! Two paths compute the same thing: a fused host loop for CPU tensors (one pass over each row,
+//! only for the rows that are still masked) and candle tensor ops for other devices, after which
+//! only x0 and the confidences ([B, W] each, a few kB) cross to the host.
+
+use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
+
+use super::gumbel;
+use super::remask::Remasking;
+use crate::error::Result;
+use crate::kernels::math::exp_nonpos;
+use crate::rng::Rng;
+
+/// What a step does with the logits.
+#[derive(Debug, Clone)]
+pub struct PredictOpts {
+    pub temperature: f64,
+    pub remasking: Remasking,
+    /// A token whose logit is −∞ before sampling (`logits_eos_inf`: EOS).
+    pub suppress_logit: Option<u32>,
+    /// Tokens whose logits are −∞ in the confidence softmax only, after x0 is chosen
+    /// (`confidence_eos_eot_inf` as the reference really behaves: EOS and EOT at T = 0, EOT only at
+    /// T > 0).
+    pub suppress_conf: Vec<u32>,
+}
+
+/// A prediction for one position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// Offset in the window.
+    pub offset: usize,
+    pub token: u32,
+    pub confidence: f64,
+}
+
+/// Predicts x0 and confidence for `wanted[b]` (window offsets) of each row of `logits` [B, W, V].
+pub fn predict(
+    logits: &Tensor,
+    wanted: &[Vec<usize>],
+    opts: &PredictOpts,
+    rng: &mut Rng,
+) -> Result<Vec<Vec<Prediction>>> {
+    // Randomness is drawn here, single-threaded, so results do not depend on the thread count.
+    let step_seed = rng.next_seed();
+    let logits = logits.to_dtype(DType::F32)?;
+    if matches!(logits.device(), Device::Cpu) {
+        predict_host(&logits, wanted, opts, step_seed)
+    } else {
+        predict_tensor(&logits, wanted, opts, step_seed)
+    }
+}
+
+/// The per-position random stream of a step.
+fn position_rng(step_seed: u64, b: usize, offset: usize) -> Rng {
+    Rng::derived(step_seed, ((b as u64) << 32) | offset as u64)
+}
+
+/// Probability of `token` under softmax(row) with `skip` entries at −∞: exp(ℓ_x − m) / Σ exp(ℓ − m).
+fn confidence_of(row: &[f32], token: u32, skip: &[u32]) -> f64 {
+    if skip.contains(&token) {
+        return 0.0;
+    }
+    let neg = |i: usize| skip.contains(&(i as u32));
+    let mut m = f32::NEG_INFINITY;
+    for (i, &v) in row.iter().enumerate() {
+        if v > m && !neg(i) {
+            m = v;
+        }
+    }
+    if m == f32::NEG_INFINITY {
+        return 0.0;
+    }
+    // Sum over the segments between skipped entries, in f32 chunks (vectorised) accumulated in
+    // f64, so a dominant skipped entry costs no precision.
+    let mut cuts: Vec<usize> = skip
+        .iter()
+        .map(|&s| s as usize)
+        .filter(|&s| s < row.len())
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut total = 0f64;
+    let mut start = 0;
+    for end in cuts.iter().copied().chain(std::iter::once(row.len())) {
+        for chunk in row[start..end].chunks(1024) {
+            let s: f32 = chunk.iter().map(|&v| exp_nonpos(v - m)).sum();
+            total += s as f64;
+        }
+        start = end + 1;
+    }
+    exp_nonpos(row[token as usize] - m) as f64 / total
+}
+
+fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
+    let token = if opts.temperature == 0.0 {
+        gumbel::argmax(row, opts.suppress_logit)
+    } else {
+        gumbel::sample(row, opts.temperature, opts.suppress_logit, rng)
+    };
+    let confidence = match opts.remasking {
+        Remasking::LowConfidence => {
+            let mut skip: Vec<u32> = opts.suppress_conf.clone();
+            skip.extend(opts.suppress_logit);
+            confidence_of(row, token, &skip)
+        }
+        Remasking::Random => rng.uniform_f32() as f64,
+    };
+    (token, confidence)
+}
+
+fn predict_host(
+    logits: &Tensor,
+    wanted: &[Vec<usize>],
+    opts: &PredictOpts,
+    step_seed: u64,
+) -> Result<Vec<Vec<Prediction>>> {
+    let (_b, w, v) = logits.dims3()?;
+    let logits = logits.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let data: &[f32] = match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            match layout.contiguous_offsets() {
+                Some((a, b)) => &all[a..b],
+                None => return Err(candle_core::Error::Msg("logits not contiguous".into()).into()),
+            }
+        }
+        _ => return Err(candle_core::Error::Msg("host prediction needs CPU logits".into()).into()),
+    };
+    let jobs: Vec<(usize, usize)> = wanted
+        .iter()
+        .enumerate()
+        .flat_map(|(b, offs)| offs.iter().map(move |&o| (b, o)))
+        .collect();
+    let results: Vec<(u32, f64)> = jobs
+        .par_iter()
+        .map(|&(b, o)| {
+            let row = &data[(b * w + o) * v..(b * w + o + 1) * v];
+            let mut rng = position_rng(step_seed, b, o);
+            predict_row(row, opts, &mut rng)
+        })
+        .collect();
+    let mut out: Vec<Vec<Prediction>> =
+        wanted.iter().map(|w| Vec::with_capacity(w.len())).collect();
+    for (&(b, o), (token, confidence)) in jobs.iter().zip(results) {
+        out[b].push(Prediction {
+            offset: o,
+            token,
+            confidence,
+        });
+    }
+    Ok(out)
+}
+
+/// A [V] vector: 0, with −∞ at `ids`.
+fn neg_inf_bias(v: usize, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    let mut b = vec![0f32; v];
+    for &i in ids {
+        if let Some(x) = b.get_mut(i as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_vec(b, v, device)
+}
+
+/// Tensor-op path (GPU): the whole window is predicted on the device; x0 and the confidences
+/// ([B, W] each) are the only data read back.
+fn predict_tensor(
+    logits: &Tensor,
+    wanted: &[Vec<usize>],
+    opts: &PredictOpts,
+    step_seed: u64,
+) -> Result<Vec<Vec<Prediction>>> {
+    let (b, w, v) = logits.dims3()?;
+    let device = logits.device().clone();
+    let mut l = logits.clone();
+    if let Some(s) = opts.suppress_logit {
+        l = l.broadcast_add(&neg_inf_bias(v, &[s], &device)?)?;
+    }
+    let x0 = if opts.temperature == 0.0 {
+        l.argmax_keepdim(D::Minus1)?
+    } else {
+        device.set_seed(step_seed)?;
+        let u = Tensor::rand(0f64, 1f64, (b, w, v), &device)?;
+        let u = u.clamp(f64::MIN_POSITIVE, 1.0)?;
+        let g = u.log()?.neg()?.log()?.neg()?; // −ln(−ln u)
+        (l.to_dtype(DType::F64)? + (g * opts.temperature)?)?.argmax_keepdim(D::Minus1)?
+    }; // [B, W, 1]
+    let conf = match opts.remasking {
+        Remasking::LowConfidence => {
+            let lc = if opts.suppress_conf.is_empty() {
+                l.clone()
+            } else {
+                l.broadcast_add(&neg_inf_bias(v, &opts.suppress_conf, &device)?)?
+            };
+            let m = lc.max_keepdim(D::Minus1)?;
+            let s = lc.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?;
+            let lx = lc.gather(&x0, D::Minus1)?;
+            (lx - m)?.exp()?.div(&s)?
+        }
+        Remasking::Random => Tensor::rand(0f32, 1f32, (b, w, 1), &device)?,
+    };
+    let x0: Vec<Vec<u32>> = x0.squeeze(D::Minus1)?.to_vec2()?;
+    let conf: Vec<Vec<f32>> = conf.squeeze(D::Minus1)?.to_vec2()?;
+    Ok(wanted
+        .iter()
+        .enumerate()
+        .map(|(b, offs)| {
+            offs.iter()
+                .map(|&o| Prediction {
+                    offset: o,
+                    token: x0[b][o],
+                    confidence: conf[b][o] as f64,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Forces the tensor path (parity tests on CPU).
+#[doc(hidden)]
+pub fn predict_with_tensor_ops(
+    logits: &Tensor,
+    wanted: &[Vec<usize>],
+    opts: &PredictOpts,
+    rng: &mut Rng,
+) -> Result<Vec<Vec<Prediction>>> {
+    let step_seed = rng.next_seed();
+    predict_tensor(&logits.to_dtype(DType::F32)?, wanted, opts, step_seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(t: f64, sl: Option<u32>, sc: Vec<u32>) -> PredictOpts {
+        PredictOpts {
+            temperature: t,
+            remasking: Remasking::LowConfidence,
+            suppress_logit: sl,
+            suppress_conf: sc,
+        }
+    }
+
+    #[test]
+    fn host_and_tensor_paths_agree_at_t0() {
+        let mut r = Rng::new(5);
+        let (b, w, v) = (2, 7, 300);
+        let data: Vec<f32> = (0..b * w * v).map(|_| (r.normal() * 3.0) as f32).collect();
+        let logits = Tensor::from_vec(data, (b, w, v), &Device::Cpu).unwrap();
+        let wanted = vec![vec![0, 2, 6], vec![1, 3, 4, 5]];
+        for o in [
+            opts(0.0, None, vec![]),
+            opts(0.0, Some(7), vec![]),
+            opts(0.0, Some(7), vec![7, 9]),
+        ] {
+            let a = predict(&logits, &wanted, &o, &mut Rng::new(1)).unwrap();
+            let t = predict_with_tensor_ops(&logits, &wanted, &o, &mut Rng::new(1)).unwrap();
+            for (ra, rt) in a.iter().zip(&t) {
+                for (pa, pt) in ra.iter().zip(rt) {
+                    assert_eq!(pa.token, pt.token);
+                    assert_eq!(pa.offset, pt.offset);
+                    assert!(
+                        (pa.confidence - pt.confidence).abs() < 1e-6,
+                        "{pa:?} {pt:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn confidence_is_softmax_probability() {
+        let row = [1.0f32, 2.0, 0.5, -1.0];
+        let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((confidence_of(&row, 1, &[]) - 2f64.exp() / z).abs() < 1e-7);
+        // suppressed entries leave the softmax; a suppressed choice has confidence 0
+        let z2 = z - 2f64.exp();
+        assert!((confidence_of(&row, 0, &[1]) - 1f64.exp() / z2).abs() < 1e-7);
+        assert_eq!(confidence_of(&row, 1, &[1]), 0.0);
+    }
+}
