@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod rng;

@@ -243,6 +243,51 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("decoding: {e}")))
     }
 
+    /// Encodes an infill text: `<mask:N>` marks a span of N masked tokens (N ≥ 1) anywhere in the
+    /// text; the text around the spans is encoded piece by piece. Returns the ids and the spans
+    /// (start, length) in token positions.
+    pub fn encode_infill(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let mut ids = Vec::new();
+        let mut spans = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("<mask") {
+            ids.extend(self.encode(&rest[..at])?);
+            let tail = &rest[at..];
+            let close = tail.find('>').ok_or_else(|| Error::InvalidSetting {
+                name: "text".into(),
+                value: tail.chars().take(20).collect(),
+                rule: "unknown mask-span syntax: write <mask:N> for N masked tokens".into(),
+            })?;
+            let tag = &tail[..=close];
+            let n = tag
+                .strip_prefix("<mask:")
+                .and_then(|t| t.strip_suffix('>'))
+                .and_then(|t| t.trim().parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| Error::InvalidSetting {
+                    name: "text".into(),
+                    value: tag.to_string(),
+                    rule: "unknown mask-span syntax: write <mask:N> with N >= 1 masked tokens"
+                        .into(),
+                })?;
+            spans.push((ids.len(), n));
+            ids.extend(std::iter::repeat_n(self.special.mask, n));
+            rest = &tail[close + 1..];
+        }
+        ids.extend(self.encode(rest)?);
+        Ok((ids, spans))
+    }
+
+    /// The answer's text: cut at the first EOS or EOT (the paper discards what follows EOS),
+    /// special tokens dropped.
+    pub fn decode_answer(&self, ids: &[u32]) -> Result<String> {
+        let end = ids
+            .iter()
+            .position(|&t| t == self.special.eos || Some(t) == self.special.eot)
+            .unwrap_or(ids.len());
+        self.decode(&ids[..end], true)
+    }
+
     /// The token string of an id (byte-level symbols, e.g. `Ġ` for a space).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

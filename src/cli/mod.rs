@@ -2,6 +2,7 @@
 //! calls the library and prints.
 
 mod model_cmds;
+mod sample_cmds;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,27 @@ pub enum Command {
     Init(model_cmds::InitArgs),
     /// Run one forward pass and write or print the logits.
     Forward(model_cmds::ForwardArgs),
+    /// Generate an answer to a prompt by unmasking it step by step.
+    Generate(sample_cmds::GenerateArgs),
+    /// Multi-turn console chat with the chat template.
+    Chat(sample_cmds::ChatArgs),
+    /// Fill masked spans (`<mask:N>`) of a text using context on both sides.
+    Infill(sample_cmds::InfillArgs),
+}
+
+/// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
+/// (when omitted) $LLADA_MODEL or the small model shipped in `models/`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArg {
+    /// Checkpoint folder or hub id (owner/name, from the local HF cache); default: $LLADA_MODEL,
+    /// else the shipped model.
+    pub model: Option<String>,
+}
+
+impl ModelArg {
+    pub fn resolve(&self) -> Result<PathBuf> {
+        Ok(llada::hub::resolve(self.model.as_deref())?)
+    }
 }
 
 /// Where and how a model runs.
@@ -90,6 +112,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => model_cmds::info(a),
         Command::Init(a) => model_cmds::init(a),
         Command::Forward(a) => model_cmds::forward(a),
+        Command::Generate(a) => sample_cmds::generate(a),
+        Command::Chat(a) => sample_cmds::chat(a),
+        Command::Infill(a) => sample_cmds::infill(a),
     }
 }
 
@@ -109,9 +134,4 @@ pub fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>> {
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
-}
-
-#[allow(dead_code)]
-pub fn model_dir(p: &Option<PathBuf>) -> Result<PathBuf> {
-    p.clone().context("no model given")
 }

@@ -264,9 +264,10 @@ pub struct Generation {
     pub steps: usize,
 }
 
-/// Runs the reverse process on `prompts`. `rng` (owned by the caller) feeds temperature sampling
-/// and random remasking; `on_step` sees every step and may stop the run (`ControlFlow::Break`),
-/// which returns [`Error::Cancelled`].
+/// Runs the reverse process on `prompts`: `gen_length` masked positions are appended to every
+/// prompt and unmasked block by block. `rng` (owned by the caller) feeds temperature sampling and
+/// random remasking; `on_step` sees every step and may stop the run (`ControlFlow::Break`), which
+/// returns [`Error::Cancelled`].
 pub fn generate(
     model: &mut dyn MaskPredictor,
     prompts: &PromptBatch,
@@ -278,21 +279,8 @@ pub fn generate(
     let blocks = cfg.validate()?;
     let mask_id = special.mask;
     let p = prompts.validate(mask_id)?;
-    let (b, g) = (prompts.ids.len(), cfg.gen_length);
-    let l = p + g;
-    let max = model.max_sequence_length();
-    if l > max {
-        return Err(Error::setting(
-            "gen_length",
-            g,
-            format!("prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"),
-        ));
-    }
-    let device = model.device();
-    let guidance = cfg.guidance();
-
-    // Canvas [B, L]: prompt then masks. Prompt positions are fixed once: every non-mask position.
-    let mut x: Vec<Vec<u32>> = prompts
+    let g = cfg.gen_length;
+    let x: Vec<Vec<u32>> = prompts
         .ids
         .iter()
         .map(|r| {
@@ -302,17 +290,110 @@ pub fn generate(
                 .collect()
         })
         .collect();
+    let key_mask = prompts.key_mask.as_ref().map(|m| {
+        m.iter()
+            .map(|r| r.iter().copied().chain(std::iter::repeat_n(1, g)).collect())
+            .collect()
+    });
+    denoise(model, x, key_mask, p, blocks, cfg, special, rng, on_step)
+}
+
+/// Fills the masked positions of `canvas` (a text with mask tokens anywhere) using the context on
+/// both sides. The answer region runs from the first mask to the end of the canvas; `cfg`'s
+/// `gen_length` is ignored, `block_length` 0 (or longer than the region) means the whole region
+/// (pure diffusion), and `steps` must divide into the blocks and not exceed the number of masks.
+pub fn infill(
+    model: &mut dyn MaskPredictor,
+    canvas: &[u32],
+    cfg: &SamplerConfig,
+    special: &SpecialTokens,
+    rng: &mut Rng,
+    on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mask_id = special.mask;
+    let first = canvas.iter().position(|&t| t == mask_id).ok_or_else(|| {
+        Error::setting(
+            "text",
+            "no masked span",
+            "an infill text needs at least one mask span",
+        )
+    })?;
+    let masks = canvas.iter().filter(|&&t| t == mask_id).count();
+    let region = canvas.len() - first;
+    let mut eff = cfg.clone();
+    eff.gen_length = region;
+    if eff.block_length == 0 || eff.block_length > region {
+        eff.block_length = region;
+    }
+    if cfg.steps > masks {
+        return Err(Error::setting(
+            "steps",
+            cfg.steps,
+            format!("must not exceed the {masks} masked tokens to fill"),
+        ));
+    }
+    let blocks = eff.validate().map_err(|e| match e {
+        Error::InvalidSetting { name, value, rule } => Error::InvalidSetting {
+            name,
+            value,
+            rule: format!(
+                "{rule} (the infill region, from the first mask to the end, is {region} tokens)"
+            ),
+        },
+        other => other,
+    })?;
+    denoise(
+        model,
+        vec![canvas.to_vec()],
+        None,
+        first,
+        blocks,
+        &eff,
+        special,
+        rng,
+        on_step,
+    )
+}
+
+/// The reverse process on a canvas whose answer region starts at `p` (positions before it are
+/// the prompt; masked positions anywhere in the region are filled).
+#[allow(clippy::too_many_arguments)]
+fn denoise(
+    model: &mut dyn MaskPredictor,
+    mut x: Vec<Vec<u32>>,
+    key_mask: Option<Vec<Vec<u32>>>,
+    p: usize,
+    blocks: Blocks,
+    cfg: &SamplerConfig,
+    special: &SpecialTokens,
+    rng: &mut Rng,
+    on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mask_id = special.mask;
+    let b = x.len();
+    let l = x[0].len();
+    let g = l - p;
+    let max = model.max_sequence_length();
+    if l > max {
+        return Err(Error::setting(
+            "gen_length",
+            g,
+            format!(
+                "prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"
+            ),
+        ));
+    }
+    let device = model.device();
+    let guidance = cfg.guidance();
+
+    // Prompt positions are fixed once: every position not masked at the start (CFG masks them).
     let is_prompt: Vec<Vec<bool>> = x
         .iter()
         .map(|r| r.iter().map(|&t| t != mask_id).collect())
         .collect();
-    let key_mask = match &prompts.key_mask {
+    let key_mask = match key_mask {
         Some(m) => {
-            let mut rows: Vec<u32> = Vec::with_capacity(b * l);
-            for r in m {
-                rows.extend(r.iter().copied().chain(std::iter::repeat_n(1, g)));
-            }
-            let t = Tensor::from_vec(rows, (b, l), &device)?;
+            let t = Tensor::from_vec(m.concat(), (b, l), &device)?;
             Some(match guidance {
                 Guidance::Cfg { .. } => Tensor::cat(&[&t, &t], 0)?,
                 Guidance::None => t,

@@ -1,0 +1,434 @@
+//! `llada generate`, `llada chat`, `llada infill`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use llada::sampler::{self, Commit, PromptBatch, SamplerConfig, StepEvent};
+use llada::{Checkpoint, Message, Rng};
+
+use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
+
+/// Sampler flags shared by generate, chat, infill and bench (defaults: the reference's).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SamplerArgs {
+    /// Answer length in tokens [default: 128].
+    #[arg(long)]
+    pub gen_length: Option<usize>,
+    /// Denoising steps over all blocks [default: the answer length, one token per step].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Semi-autoregressive block length [default: 128, or the answer length if 128 does not
+    /// divide it].
+    #[arg(long)]
+    pub block_length: Option<usize>,
+    /// Confidence scoring: low_confidence or random [default: low_confidence].
+    #[arg(long)]
+    pub remasking: Option<String>,
+    /// Gumbel-max temperature; 0 = greedy [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
+    /// Classifier-free guidance scale; 0 = off [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub cfg_scale: Option<f64>,
+    /// Never generate EOS (its logit is set to −∞).
+    #[arg(long)]
+    pub logits_eos_inf: bool,
+    /// Give EOS/EOT predictions confidence 0 (the reference's behaviour).
+    #[arg(long)]
+    pub confidence_eos_eot_inf: bool,
+    /// Fast-dLLM: commit every prediction with confidence ≥ τ (at least one per step).
+    #[arg(long, conflicts_with = "factor", allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
+    /// Fast-dLLM factor rule: commit the longest prefix of ranks n with (n+1)(1−c_n) ≤ f.
+    #[arg(long, allow_negative_numbers = true)]
+    pub factor: Option<f64>,
+    /// Random seed (temperature sampling, random remasking).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplerArgs {
+    /// Overrides the defaults with the flags given (no layout checks).
+    pub fn apply(&self, base: SamplerConfig) -> Result<SamplerConfig> {
+        let mut c = base;
+        if let Some(v) = self.gen_length {
+            // A new answer length carries the defaults along: one token per step, and the
+            // default block unless it no longer divides the answer (then pure diffusion).
+            c.gen_length = v;
+            c.steps = v;
+            if v == 0 || !v.is_multiple_of(c.block_length.max(1)) {
+                c.block_length = v;
+            }
+        }
+        if let Some(v) = self.steps {
+            c.steps = v;
+        }
+        if let Some(v) = self.block_length {
+            c.block_length = v;
+        }
+        if let Some(v) = &self.remasking {
+            c.remasking = v.parse()?;
+        }
+        if let Some(v) = self.temperature {
+            c.temperature = v;
+        }
+        if let Some(v) = self.cfg_scale {
+            c.cfg_scale = v;
+        }
+        c.logits_eos_inf |= self.logits_eos_inf;
+        c.confidence_eos_eot_inf |= self.confidence_eos_eot_inf;
+        if let Some(tau) = self.threshold {
+            c.commit = Commit::Threshold { tau };
+        }
+        if let Some(f) = self.factor {
+            c.commit = Commit::Factor { f };
+        }
+        Ok(c)
+    }
+
+    /// [`SamplerArgs::apply`], then every check of [`SamplerConfig::validate`].
+    pub fn config(&self, base: SamplerConfig) -> Result<SamplerConfig> {
+        let c = self.apply(base)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Live rendering of the denoising canvas (`--show-steps`).
+pub struct StepView<'a> {
+    ck: &'a Checkpoint,
+    tty: bool,
+    started: Instant,
+}
+
+impl<'a> StepView<'a> {
+    pub fn new(ck: &'a Checkpoint) -> Self {
+        StepView {
+            ck,
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+        }
+    }
+
+    fn piece(&self, id: u32) -> String {
+        match &self.ck.tokenizer {
+            Some(t) => t
+                .decode(&[id], false)
+                .unwrap_or_default()
+                .replace('\n', "⏎"),
+            None => format!("[{id}]"),
+        }
+    }
+
+    /// Draws the canvas of row 0: masked positions as `░`, this step's commits highlighted.
+    pub fn show(&mut self, e: &StepEvent) {
+        let row = e.canvas[0];
+        let fresh: Vec<usize> = e.committed[0].iter().map(|c| c.index).collect();
+        let mut line = String::new();
+        for (i, &t) in row.iter().enumerate() {
+            let s = if t == e.mask_id {
+                "░".to_string()
+            } else {
+                self.piece(t)
+            };
+            if self.tty && fresh.contains(&i) {
+                line.push_str(&format!("\x1b[1;32m{s}\x1b[0m"));
+            } else if self.tty && t == e.mask_id {
+                line.push_str(&format!("\x1b[2m{s}\x1b[0m"));
+            } else {
+                line.push_str(&s);
+            }
+        }
+        let masked = row.iter().filter(|&&t| t == e.mask_id).count();
+        let header = format!(
+            "step {}/{} · block {} · {} masked · nfe {} · {:.1}s",
+            e.step + 1,
+            e.total_steps,
+            e.block,
+            masked,
+            e.nfe,
+            self.started.elapsed().as_secs_f64()
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\x1b[2J\x1b[H{header}\n\n{line}\n");
+        } else {
+            let _ = writeln!(err, "{header}: {line}");
+        }
+        let _ = err.flush();
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Prompt text (repeat for a batch, left-padded).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Vec<String>,
+    /// Prompt token ids, comma-separated.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
+    /// Wrap the prompt in the chat template as one user message.
+    #[arg(long)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
+    /// Redraw the canvas live after every step.
+    #[arg(long)]
+    pub show_steps: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let cfg = a.sampler.config(SamplerConfig::default())?;
+    let ck = a.rt.load(&a.model.resolve()?)?;
+    let prompts: Vec<Vec<u32>> = if let Some(ids) = &a.prompt_ids {
+        vec![parse_ids(ids, "--prompt-ids")?]
+    } else {
+        if a.prompt.is_empty() {
+            bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3");
+        }
+        let tok = ck.tokenizer()?;
+        a.prompt
+            .iter()
+            .map(|p| {
+                if a.chat {
+                    tok.encode_chat(&[Message::user(p.as_str())])
+                } else {
+                    tok.encode(p)
+                }
+            })
+            .collect::<llada::Result<_>>()?
+    };
+    if let Some(bad) = prompts
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= ck.config.embedding_size)
+    {
+        bail!(
+            "invalid prompt: token {bad} is outside the vocabulary (embedding_size {})",
+            ck.config.embedding_size
+        );
+    }
+    let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
+    let mut rng = Rng::new(a.sampler.seed);
+    let mut view = StepView::new(&ck);
+    let show = a.show_steps;
+    let mut on_step = |e: &StepEvent| {
+        if show {
+            view.show(e);
+        }
+        ControlFlow::Continue(())
+    };
+    let t0 = Instant::now();
+    let mut m = &ck.model;
+    let g = sampler::generate(&mut m, &batch, &cfg, &ck.special, &mut rng, &mut on_step)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let texts: Vec<String> = match &ck.tokenizer {
+        Some(t) => g
+            .generated_ids
+            .iter()
+            .map(|ids| t.decode_answer(ids))
+            .collect::<llada::Result<_>>()?,
+        None => vec![String::new(); g.generated_ids.len()],
+    };
+    if a.json {
+        let single = g.generated_ids.len() == 1;
+        let out = if single {
+            serde_json::json!({
+                "generated_ids": g.generated_ids[0], "text": texts[0], "nfe": g.nfe,
+                "steps": g.steps, "seconds": seconds,
+                "tokens_per_s": cfg.gen_length as f64 / seconds,
+            })
+        } else {
+            serde_json::json!({
+                "generated_ids": g.generated_ids, "text": texts, "nfe": g.nfe,
+                "steps": g.steps, "seconds": seconds,
+                "tokens_per_s": (cfg.gen_length * g.generated_ids.len()) as f64 / seconds,
+            })
+        };
+        return print_json(&out);
+    }
+    for (i, t) in texts.iter().enumerate() {
+        if ck.tokenizer.is_some() {
+            println!("{t}");
+        } else {
+            println!("{:?}", g.generated_ids[i]);
+        }
+    }
+    eprintln!(
+        "[{} tokens × {} in {:.2}s · {} forward evaluations · {:.1} tokens/s]",
+        cfg.gen_length,
+        g.generated_ids.len(),
+        seconds,
+        g.nfe,
+        (cfg.gen_length * g.generated_ids.len()) as f64 / seconds
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
+    /// Redraw the canvas live after every step.
+    #[arg(long)]
+    pub show_steps: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+/// chat.py's settings: gen 128, steps 128, block 32.
+fn chat_defaults() -> SamplerConfig {
+    SamplerConfig {
+        gen_length: 128,
+        steps: 128,
+        block_length: 32,
+        ..Default::default()
+    }
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let cfg = a.sampler.config(chat_defaults())?;
+    let ck = a.rt.load(&a.model.resolve()?)?;
+    let tok = ck.tokenizer()?;
+    if tok.chat_template().is_none() {
+        bail!(
+            "{} has no chat template in tokenizer_config.json",
+            ck.dir.display()
+        );
+    }
+    let mut rng = Rng::new(a.sampler.seed);
+    let mut history: Vec<Message> = Vec::new();
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "llada chat · {} · /reset clears the history, /exit or Ctrl-D quits",
+            ck.dir.display()
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("\n> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.clear();
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::user(line));
+        let prompt = tok.encode_chat(&history)?;
+        let mut view = StepView::new(&ck);
+        let show = a.show_steps;
+        let mut on_step = |e: &StepEvent| {
+            if show {
+                view.show(e);
+            }
+            ControlFlow::Continue(())
+        };
+        let t0 = Instant::now();
+        let mut m = &ck.model;
+        let g = sampler::generate(
+            &mut m,
+            &PromptBatch::single(prompt),
+            &cfg,
+            &ck.special,
+            &mut rng,
+            &mut on_step,
+        )?;
+        let answer = tok.decode_answer(&g.generated_ids[0])?;
+        println!("{answer}");
+        if interactive {
+            eprintln!("[{:.2}s · nfe {}]", t0.elapsed().as_secs_f64(), g.nfe);
+        }
+        history.push(Message::assistant(answer));
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InfillArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Text with masked spans: `<mask:N>` stands for N tokens to fill.
+    #[arg(long)]
+    pub text: String,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
+    /// Redraw the canvas live after every step.
+    #[arg(long)]
+    pub show_steps: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+pub fn infill(a: InfillArgs) -> Result<()> {
+    let ck = a.rt.load(&a.model.resolve()?)?;
+    let tok = ck.tokenizer()?;
+    let (canvas, spans) = tok.encode_infill(&a.text)?;
+    if spans.is_empty() {
+        bail!("invalid --text: no masked span (write <mask:N> where N tokens should be filled)");
+    }
+    let masks: usize = spans.iter().map(|s| s.1).sum();
+    // Defaults for infilling: one token per step, the whole region as one block.
+    let base = SamplerConfig {
+        steps: masks,
+        block_length: 0,
+        ..Default::default()
+    };
+    let cfg = a.sampler.apply(base)?;
+    let mut rng = Rng::new(a.sampler.seed);
+    let mut view = StepView::new(&ck);
+    let show = a.show_steps;
+    let mut on_step = |e: &StepEvent| {
+        if show {
+            view.show(e);
+        }
+        ControlFlow::Continue(())
+    };
+    let t0 = Instant::now();
+    let mut m = &ck.model;
+    let g = sampler::infill(&mut m, &canvas, &cfg, &ck.special, &mut rng, &mut on_step)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let out = &g.output_ids[0];
+    let fills: Vec<String> = spans
+        .iter()
+        .map(|&(s, n)| tok.decode(&out[s..s + n], false))
+        .collect::<llada::Result<_>>()?;
+    let text = tok.decode(out, true)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "text": text, "fills": fills, "output_ids": out, "nfe": g.nfe, "seconds": seconds,
+        }));
+    }
+    println!("{text}");
+    for (i, f) in fills.iter().enumerate() {
+        eprintln!("  span {}: {f:?}", i + 1);
+    }
+    Ok(())
+}
