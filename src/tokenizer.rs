@@ -246,7 +246,7 @@ impl Tokenizer {
     /// Encodes an infill text: `<mask:N>` marks a span of N masked tokens (N ≥ 1) anywhere in the
     /// text; the text around the spans is encoded piece by piece. Returns the ids and the spans
     /// (start, length) in token positions.
-    pub fn encode_infill(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_infill(&self, text: &str) -> Result<(Vec<u32>, Vec<MaskSpan>)> {
         let mut ids = Vec::new();
         let mut spans = Vec::new();
         let mut rest = text;
@@ -312,6 +312,9 @@ impl Tokenizer {
         self.encode(&self.apply_chat_template(messages)?)
     }
 }
+
+/// A masked span of an infill text: (start, length) in token positions.
+pub type MaskSpan = (usize, usize);
 
 /// Left-padded token rows and their key-padding mask (1 = token, 0 = padding).
 pub type PaddedBatch = (Vec<Vec<u32>>, Vec<Vec<u32>>);
