@@ -9,6 +9,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per command group; each parses flags into library settings,
 //! calls the library and prints.
 
+mod bench_cmds;
 mod model_cmds;
 mod sample_cmds;
 
@@ -40,6 +41,8 @@ pub enum Command {
     Chat(sample_cmds::ChatArgs),
     /// Fill masked spans (`<mask:N>`) of a text using context on both sides.
     Infill(sample_cmds::InfillArgs),
+    /// Time generation or a forward pass: warm-up, N runs, mean ± std.
+    Bench(bench_cmds::BenchArgs),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -115,6 +118,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => sample_cmds::generate(a),
         Command::Chat(a) => sample_cmds::chat(a),
         Command::Infill(a) => sample_cmds::infill(a),
+        Command::Bench(a) => bench_cmds::bench(a),
     }
 }
 

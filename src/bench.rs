@@ -1,0 +1,241 @@
+//! Timed runs behind `llada bench`: warm-up, then N measured runs after a device sync, reported as
+//! mean ± std with the settings, the device, the dtype, model FLOPs and peak memory.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::Llada;
+use crate::rng::Rng;
+use crate::sampler::{self, PromptBatch, SamplerConfig, StepEvent};
+use crate::tokenizer::SpecialTokens;
+
+/// Mean and (sample) standard deviation.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Stat {
+    pub fn of(xs: &[f64]) -> Stat {
+        let n = xs.len().max(1) as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let var = if xs.len() > 1 {
+            xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Stat {
+            mean,
+            std: var.sqrt(),
+        }
+    }
+}
+
+/// A seeded random prompt of `len` tokens, avoiding the mask and EOS ids (as the peer's bench).
+pub fn random_prompt(len: usize, vocab: usize, special: &SpecialTokens, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    let hi = vocab.min(special.mask as usize).max(2);
+    (0..len)
+        .map(|_| {
+            let t = rng.below(hi - 1) as u32;
+            if t == special.eos || t == special.pad {
+                0
+            } else {
+                t
+            }
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Current resident memory (`VmRSS`), in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Result of a generation benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateReport {
+    pub runs: usize,
+    pub warmup: usize,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub seconds: Stat,
+    pub tokens_per_s: Stat,
+    pub ms_per_step: Stat,
+    /// Mean time of the forward passes alone, per step.
+    pub ms_per_forward: Stat,
+    /// Share of a step spent outside the model (sampling, selection, bookkeeping).
+    pub sampling_overhead: f64,
+    pub nfe: usize,
+    pub steps: usize,
+    pub tokens_per_forward: f64,
+    /// Model FLOPs per second over the whole generation.
+    pub gflops: f64,
+}
+
+/// A model wrapper that times its forward passes.
+struct Timed<'a> {
+    model: &'a Llada,
+    forward_seconds: f64,
+}
+
+impl sampler::MaskPredictor for Timed<'_> {
+    fn logits(
+        &mut self,
+        x: &candle_core::Tensor,
+        key_mask: Option<&candle_core::Tensor>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<candle_core::Tensor> {
+        let t = Instant::now();
+        let y = self.model.forward_rows(x, key_mask, rows)?;
+        crate::device::sync(self.model.device())?;
+        self.forward_seconds += t.elapsed().as_secs_f64();
+        Ok(y)
+    }
+    fn device(&self) -> candle_core::Device {
+        self.model.device().clone()
+    }
+    fn max_sequence_length(&self) -> usize {
+        self.model.config().max_sequence_length
+    }
+}
+
+/// Times `generate` on seeded random prompts: `warmup` untimed runs, then `runs` timed ones.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_generate(
+    model: &Llada,
+    special: &SpecialTokens,
+    cfg: &SamplerConfig,
+    prompt_len: usize,
+    batch: usize,
+    warmup: usize,
+    runs: usize,
+    seed: u64,
+) -> Result<GenerateReport> {
+    let vocab = model.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| random_prompt(prompt_len, vocab, special, seed + i as u64))
+        .collect();
+    let batch_prompts = PromptBatch {
+        ids: prompts,
+        key_mask: None,
+    };
+    let mut secs = Vec::new();
+    let mut fwd = Vec::new();
+    let (mut nfe, mut steps) = (0, 0);
+    for r in 0..warmup + runs {
+        let mut timed = Timed {
+            model,
+            forward_seconds: 0.0,
+        };
+        let mut rng = Rng::new(seed);
+        let mut cont = |_: &StepEvent| ControlFlow::Continue(());
+        crate::device::sync(model.device())?;
+        let t0 = Instant::now();
+        let g = sampler::generate(
+            &mut timed,
+            &batch_prompts,
+            cfg,
+            special,
+            &mut rng,
+            &mut cont,
+        )?;
+        crate::device::sync(model.device())?;
+        let dt = t0.elapsed().as_secs_f64();
+        if r >= warmup {
+            secs.push(dt);
+            fwd.push(timed.forward_seconds);
+            nfe = g.nfe;
+            steps = g.steps;
+        }
+    }
+    let tokens = (cfg.gen_length * batch) as f64;
+    let per_step: Vec<f64> = secs.iter().map(|s| s * 1e3 / steps.max(1) as f64).collect();
+    let per_fwd: Vec<f64> = fwd.iter().map(|s| s * 1e3 / nfe.max(1) as f64).collect();
+    let seconds = Stat::of(&secs);
+    let rows = if cfg.cfg_scale > 0.0 {
+        2 * batch
+    } else {
+        batch
+    };
+    let flops = model
+        .config()
+        .forward_flops(rows, prompt_len + cfg.gen_length)
+        * nfe as f64;
+    Ok(GenerateReport {
+        runs,
+        warmup,
+        batch,
+        prompt_len,
+        tokens_per_s: Stat::of(&secs.iter().map(|s| tokens / s).collect::<Vec<_>>()),
+        ms_per_step: Stat::of(&per_step),
+        ms_per_forward: Stat::of(&per_fwd),
+        sampling_overhead: 1.0 - fwd.iter().sum::<f64>() / secs.iter().sum::<f64>().max(1e-12),
+        gflops: flops / seconds.mean / 1e9,
+        seconds,
+        nfe,
+        steps,
+        tokens_per_forward: tokens / nfe.max(1) as f64,
+    })
+}
+
+/// Result of a forward-pass benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardReport {
+    pub runs: usize,
+    pub batch: usize,
+    pub len: usize,
+    pub ms: Stat,
+    pub gflops: f64,
+}
+
+/// Times one forward pass over `batch` × `len` random tokens.
+pub fn bench_forward(
+    model: &Llada,
+    special: &SpecialTokens,
+    batch: usize,
+    len: usize,
+    warmup: usize,
+    runs: usize,
+    seed: u64,
+) -> Result<ForwardReport> {
+    let vocab = model.config().vocab_size;
+    let ids: Vec<u32> = (0..batch)
+        .flat_map(|i| random_prompt(len, vocab, special, seed + i as u64))
+        .collect();
+    let x = candle_core::Tensor::from_vec(ids, (batch, len), model.device())?;
+    let mut ms = Vec::new();
+    for r in 0..warmup + runs {
+        crate::device::sync(model.device())?;
+        let t0 = Instant::now();
+        let y = model.forward(&x, None)?;
+        crate::device::sync(model.device())?;
+        drop(y);
+        if r >= warmup {
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = Stat::of(&ms);
+    Ok(ForwardReport {
+        runs,
+        batch,
+        len,
+        gflops: model.config().forward_flops(batch, len) / (ms.mean / 1e3) / 1e9,
+        ms,
+    })
+}

@@ -1,0 +1,201 @@
+//! `llada bench`: speed figures a user can trust (warm-up, N runs, mean ± std, settings).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use llada::bench::{self, Stat};
+use llada::device::{device_name, dtype_name};
+use llada::sampler::SamplerConfig;
+use llada::{Llada, LladaConfig, SpecialTokens};
+
+use super::sample_cmds::SamplerArgs;
+use super::{print_json, ModelArg, RuntimeArgs};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Build a model with random weights from this config.json instead of loading one (directly
+    /// on the device: an 8B-shaped benchmark needs no 16 GB file).
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: Option<PathBuf>,
+    /// What to time: generate (the sampler) or forward (one forward pass).
+    #[arg(long, default_value = "generate")]
+    pub mode: String,
+    /// Length of the seeded random prompt.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Forward mode: tokens per sequence (default: prompt + answer length).
+    #[arg(long)]
+    pub len: Option<usize>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+fn pm(s: Stat, digits: usize) -> String {
+    format!("{:.*} ± {:.*}", digits, s.mean, digits, s.std)
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.runs == 0 {
+        bail!("invalid setting runs=0: must be at least 1");
+    }
+    if a.batch == 0 {
+        bail!("invalid setting batch=0: must be at least 1");
+    }
+    // The peer's bench defaults: gen 128, steps 128, block 32.
+    let base = SamplerConfig {
+        gen_length: 128,
+        steps: 128,
+        block_length: 32,
+        ..Default::default()
+    };
+    let cfg = a.sampler.config(base)?;
+    let (device, dtype) = a.rt.setup()?;
+    let (model, special, source): (Llada, SpecialTokens, String) = match &a.random_weights {
+        Some(path) => {
+            let raw = LladaConfig::from_file(path)?;
+            let mc = raw.resolve()?;
+            let m = Llada::init_random(&mc, 0, dtype.dtype(), &device)?;
+            let sp = SpecialTokens::from_config(&mc)?;
+            (m, sp, format!("random weights from {}", path.display()))
+        }
+        None => {
+            let dir = a.model.resolve()?;
+            let ck = a.rt.load(&dir)?;
+            (ck.model, ck.special, dir.display().to_string())
+        }
+    };
+    let mc = model.config().clone();
+    let threads = llada::candle_core::utils::get_num_threads();
+    let header = serde_json::json!({
+        "model": source,
+        "parameters": mc.parameter_count(),
+        "device": device_name(model.device()),
+        "dtype": dtype_name(model.dtype()),
+        "threads": threads,
+        "llada": env!("CARGO_PKG_VERSION"),
+    });
+    match a.mode.as_str() {
+        "generate" => {
+            let r = bench::bench_generate(
+                &model,
+                &special,
+                &cfg,
+                a.prompt_len,
+                a.batch,
+                a.warmup,
+                a.runs,
+                a.sampler.seed,
+            )?;
+            let peak = bench::peak_rss_bytes();
+            if a.json {
+                let mut v = header;
+                v["mode"] = "generate".into();
+                v["settings"] = serde_json::to_value(&cfg)?;
+                v["report"] = serde_json::to_value(&r)?;
+                v["tokens_per_s"] = r.tokens_per_s.mean.into();
+                v["ms_per_step"] = r.ms_per_step.mean.into();
+                v["ms_per_forward"] = r.ms_per_forward.mean.into();
+                v["nfe"] = r.nfe.into();
+                v["seconds"] = r.seconds.mean.into();
+                v["tokens_per_forward"] = r.tokens_per_forward.into();
+                v["gflops"] = r.gflops.into();
+                v["peak_rss_bytes"] = peak.into();
+                return print_json(&v);
+            }
+            println!(
+                "llada bench · generate · {} · {} params · {} {} · {} threads",
+                source,
+                mc.parameter_count(),
+                device_name(model.device()),
+                dtype_name(model.dtype()),
+                threads
+            );
+            println!(
+                "settings        batch {} · prompt {} · gen {} · steps {} · block {} · T {} · cfg {} · {:?} · {}",
+                a.batch, a.prompt_len, cfg.gen_length, cfg.steps, cfg.block_length, cfg.temperature,
+                cfg.cfg_scale, cfg.commit, cfg.remasking
+            );
+            println!(
+                "runs            {} timed after {} warm-up",
+                r.runs, r.warmup
+            );
+            println!("tokens/s        {}", pm(r.tokens_per_s, 2));
+            println!("seconds         {}", pm(r.seconds, 3));
+            println!("ms per step     {}", pm(r.ms_per_step, 1));
+            println!(
+                "ms per forward  {}  (sampling overhead {:.1}% of a step)",
+                pm(r.ms_per_forward, 1),
+                100.0 * r.sampling_overhead
+            );
+            println!(
+                "forward evals   {} · {:.2} tokens per forward",
+                r.nfe, r.tokens_per_forward
+            );
+            println!("model GFLOP/s   {:.1}", r.gflops);
+            if let Some(p) = peak {
+                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
+            }
+        }
+        "forward" => {
+            let len = a.len.unwrap_or(a.prompt_len + cfg.gen_length);
+            let r = bench::bench_forward(
+                &model,
+                &special,
+                a.batch,
+                len,
+                a.warmup,
+                a.runs,
+                a.sampler.seed,
+            )?;
+            let peak = bench::peak_rss_bytes();
+            if a.json {
+                let mut v = header;
+                v["mode"] = "forward".into();
+                v["report"] = serde_json::to_value(&r)?;
+                v["ms"] = r.ms.mean.into();
+                v["gflops"] = r.gflops.into();
+                v["peak_rss_bytes"] = peak.into();
+                return print_json(&v);
+            }
+            println!(
+                "llada bench · forward · {} · {} params · {} {} · {} threads",
+                source,
+                mc.parameter_count(),
+                device_name(model.device()),
+                dtype_name(model.dtype()),
+                threads
+            );
+            println!(
+                "shape           batch {} × {} tokens · {:.2} GFLOP per forward",
+                a.batch,
+                len,
+                mc.forward_flops(a.batch, len) / 1e9
+            );
+            println!("ms per forward  {}", pm(r.ms, 2));
+            println!("GFLOP/s         {:.1}", r.gflops);
+            if let Some(p) = peak {
+                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
+            }
+        }
+        other => bail!("invalid setting mode={other}: must be generate or forward"),
+    }
+    Ok(())
+}
