@@ -239,3 +239,58 @@ pub fn bench_forward(
         ms,
     })
 }
+
+/// Result of a scoring benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub runs: usize,
+    pub prompt_len: usize,
+    pub answer_len: usize,
+    pub mc_num: usize,
+    pub batch: usize,
+    pub seconds_per_answer: Stat,
+    pub answers_per_s: Stat,
+    pub nfe: usize,
+}
+
+/// Times [`crate::score::log_likelihood`] on a seeded random (prompt, answer).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_score(
+    model: &Llada,
+    special: &SpecialTokens,
+    cfg: &crate::score::ScoreConfig,
+    prompt_len: usize,
+    answer_len: usize,
+    warmup: usize,
+    runs: usize,
+    seed: u64,
+) -> Result<ScoreReport> {
+    let vocab = model.config().vocab_size;
+    let prompt = random_prompt(prompt_len, vocab, special, seed);
+    let answer = random_prompt(answer_len, vocab, special, seed + 1);
+    let mut secs = Vec::new();
+    let mut nfe = 0;
+    for r in 0..warmup + runs {
+        let mut m = model;
+        let mut rng = Rng::new(seed);
+        crate::device::sync(model.device())?;
+        let t0 = Instant::now();
+        let e =
+            crate::score::log_likelihood(&mut m, &prompt, &answer, cfg, special.mask, &mut rng)?;
+        crate::device::sync(model.device())?;
+        if r >= warmup {
+            secs.push(t0.elapsed().as_secs_f64());
+            nfe = e.nfe;
+        }
+    }
+    Ok(ScoreReport {
+        runs,
+        prompt_len,
+        answer_len,
+        mc_num: cfg.mc_num,
+        batch: cfg.batch,
+        answers_per_s: Stat::of(&secs.iter().map(|s| 1.0 / s).collect::<Vec<_>>()),
+        seconds_per_answer: Stat::of(&secs),
+        nfe,
+    })
+}

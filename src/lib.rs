@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod model;
 pub mod rng;
 pub mod sampler;
+pub mod score;
 pub mod tokenizer;
 pub mod weights;
 

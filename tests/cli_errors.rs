@@ -255,3 +255,53 @@ fn chat_keeps_history_over_turns() {
     // one answer line per turn
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
 }
+
+#[test]
+fn scoring_rejects_bad_input() {
+    let g = golden_dir();
+    let m = g.to_str().unwrap();
+    fails_with(
+        &["score", m, "--prompt", "In the beginning", "--answer", ""],
+        &["answer", "empty"],
+    );
+    fails_with(
+        &[
+            "score", m, "--prompt", "a", "--answer", " b", "--mc-num", "100", "--batch", "16",
+        ],
+        &["mc_num=100", "batch size=16"],
+    );
+    fails_with(
+        &["ppl", m, "/nonexistent/file.txt"],
+        &["/nonexistent/file.txt"],
+    );
+    fails_with(
+        &["eval", m, "/nonexistent/tasks.jsonl"],
+        &["/nonexistent/tasks.jsonl"],
+    );
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("t.jsonl");
+    std::fs::write(&f, "{\"context\": \"a\", \"choices\": [\"x\", \"y\"], \"answer\": 0}\n{\"context\": \"a\", \"choices\": [\"x\"\n").unwrap();
+    fails_with(&["eval", m, f.to_str().unwrap()], &["t.jsonl:2:"]);
+}
+
+#[test]
+fn score_json_has_the_documented_fields() {
+    let g = golden_dir();
+    let (ok, out, err) = llada(&[
+        "score",
+        g.to_str().unwrap(),
+        "--prompt",
+        "In the beginning God created",
+        "--answer",
+        " the heaven and the earth.",
+        "--mc-num",
+        "32",
+        "--batch",
+        "16",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["log_likelihood"].as_f64().unwrap() < 0.0);
+    assert!(v["stderr"].as_f64().unwrap() > 0.0);
+}

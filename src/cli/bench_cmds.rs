@@ -21,7 +21,8 @@ pub struct BenchArgs {
     /// on the device: an 8B-shaped benchmark needs no 16 GB file).
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<PathBuf>,
-    /// What to time: generate (the sampler) or forward (one forward pass).
+    /// What to time: generate (the sampler), forward (one forward pass) or score (the likelihood
+    /// estimator).
     #[arg(long, default_value = "generate")]
     pub mode: String,
     /// Length of the seeded random prompt.
@@ -39,6 +40,15 @@ pub struct BenchArgs {
     /// Forward mode: tokens per sequence (default: prompt + answer length).
     #[arg(long)]
     pub len: Option<usize>,
+    /// Score mode: answer length in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub answer_len: usize,
+    /// Score mode: Monte Carlo samples.
+    #[arg(long, default_value_t = llada::score::DEFAULT_MC_NUM)]
+    pub mc_num: usize,
+    /// Score mode: samples per forward pass.
+    #[arg(long, default_value_t = llada::score::DEFAULT_BATCH)]
+    pub mc_batch: usize,
     #[command(flatten)]
     pub sampler: SamplerArgs,
     /// Print one JSON object.
@@ -195,7 +205,51 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 println!("peak RSS        {:.1} MB", p as f64 / 1e6);
             }
         }
-        other => bail!("invalid setting mode={other}: must be generate or forward"),
+        "score" => {
+            let sc = llada::score::ScoreConfig {
+                mc_num: a.mc_num,
+                batch: a.mc_batch,
+                cfg_scale: cfg.cfg_scale,
+            };
+            sc.validate()?;
+            let r = bench::bench_score(
+                &model,
+                &special,
+                &sc,
+                a.prompt_len,
+                a.answer_len,
+                a.warmup,
+                a.runs,
+                a.sampler.seed,
+            )?;
+            if a.json {
+                let mut v = header;
+                v["mode"] = "score".into();
+                v["report"] = serde_json::to_value(&r)?;
+                v["answers_per_s"] = r.answers_per_s.mean.into();
+                v["seconds"] = r.seconds_per_answer.mean.into();
+                v["nfe"] = r.nfe.into();
+                return print_json(&v);
+            }
+            println!(
+                "llada bench · score · {} · {} {} · {} threads",
+                source,
+                device_name(model.device()),
+                dtype_name(model.dtype()),
+                threads
+            );
+            println!(
+                "settings        prompt {} · answer {} · mc_num {} · batch {} · cfg {}",
+                r.prompt_len, r.answer_len, r.mc_num, r.batch, sc.cfg_scale
+            );
+            println!("answers/s       {}", pm(r.answers_per_s, 3));
+            println!(
+                "s per answer    {}  ({} forward passes)",
+                pm(r.seconds_per_answer, 2),
+                r.nfe
+            );
+        }
+        other => bail!("invalid setting mode={other}: must be generate, forward or score"),
     }
     Ok(())
 }

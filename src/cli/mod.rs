@@ -4,6 +4,7 @@
 mod bench_cmds;
 mod model_cmds;
 mod sample_cmds;
+mod score_cmds;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,12 @@ pub enum Command {
     Infill(sample_cmds::InfillArgs),
     /// Time generation or a forward pass: warm-up, N runs, mean ± std.
     Bench(bench_cmds::BenchArgs),
+    /// Estimate log p(answer | prompt) with the Monte Carlo likelihood bound.
+    Score(score_cmds::ScoreCmdArgs),
+    /// Likelihood bound per token (perplexity bound) of a text file.
+    Ppl(score_cmds::PplArgs),
+    /// Multiple-choice evaluation of a JSONL task file.
+    Eval(score_cmds::EvalArgs),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -119,6 +126,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => sample_cmds::chat(a),
         Command::Infill(a) => sample_cmds::infill(a),
         Command::Bench(a) => bench_cmds::bench(a),
+        Command::Score(a) => score_cmds::score_cmd(a),
+        Command::Ppl(a) => score_cmds::ppl_cmd(a),
+        Command::Eval(a) => score_cmds::eval_cmd(a),
     }
 }
 
