@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::{LladaConfig, ModelConfig};
 use crate::device::dtype_name;
 use crate::error::{Error, Result};
-use crate::model::{FileWeights, Llada};
+use crate::model::{FileWeights, Llada, WeightLayout};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::{atomic_write, save_safetensors, SafetensorsFiles};
 
@@ -67,13 +67,14 @@ impl Checkpoint {
         } else {
             DType::BF16
         });
-        let model = Llada::load(
+        let model = Llada::load_with(
             &config,
             &FileWeights {
                 files: &files,
                 dtype,
                 device,
             },
+            WeightLayout::PackedForInference,
         )?;
         let mut stored: Vec<&str> = files
             .names()
@@ -221,7 +222,7 @@ pub fn save_model_sharded(
     max_shard_bytes: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    save_safetensors(dir, &model.named_tensors(), max_shard_bytes)?;
+    save_safetensors(dir, &model.named_tensors()?, max_shard_bytes)?;
     write_config(dir, raw)
 }
 

@@ -33,7 +33,7 @@ fn load_err(dir: &Path) -> String {
 }
 
 fn golden_tensors() -> Vec<(String, Tensor)> {
-    model(DType::F32).model.named_tensors()
+    model(DType::F32).model.named_tensors().unwrap()
 }
 
 #[test]
@@ -187,6 +187,7 @@ fn bf16_and_f16_stored_checkpoints_load() {
         let m = ck
             .model
             .named_tensors()
+            .unwrap()
             .into_iter()
             .map(|(n, t)| (n, t.to_dtype(dtype).unwrap()))
             .collect::<Vec<_>>();

@@ -24,6 +24,67 @@ pub fn exp_nonpos(x: f32) -> f32 {
     p * scale
 }
 
+const LANES: usize = 16;
+
+/// Largest element (−∞ for an empty slice); 16 lanes so the compiler vectorises it.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for &v in tail {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+/// x ← e^(x − m) in place, returning the sum (f32 lanes, pairwise-summed at the end).
+#[inline(always)]
+pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_nonpos(c[i] - m);
+            acc[i] += c[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_nonpos(*v - m);
+        s += *v;
+    }
+    s
+}
+
+/// Σ e^(x − m) without writing (f32 lanes).
+#[inline(always)]
+pub fn sum_exp_sub(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += exp_nonpos(c[i] - m);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for &v in tail {
+        s += exp_nonpos(v - m);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +99,17 @@ mod tests {
         }
         assert!(exp_nonpos(f32::NEG_INFINITY) < 1e-37);
         assert_eq!(exp_nonpos(0.0), 1.0);
+    }
+
+    #[test]
+    fn reductions() {
+        let v: Vec<f32> = (0..37).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        assert_eq!(max(&v), 5.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        let want: f32 = v.iter().map(|x| (x - 5.0).exp()).sum();
+        assert!((sum_exp_sub(&v, 5.0) - want).abs() < 1e-5);
+        let mut w = v.clone();
+        assert!((exp_sub_sum(&mut w, 5.0) - want).abs() < 1e-5);
+        assert!((w[3] - (v[3] - 5.0).exp()).abs() < 1e-6);
     }
 }

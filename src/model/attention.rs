@@ -1,8 +1,12 @@
 //! Bidirectional multi-head attention with rotate-half RoPE in f32 and GQA (reference §2.4–2.7).
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use half::bf16;
 
-use super::layers::linear;
+use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
+use crate::kernels::cpu::with_slice;
+
+use super::layers::{linear, Linear};
 
 /// Rotary position tables (f32), rotate-half (GPT-NeoX) layout over the full head dim.
 #[derive(Debug, Clone)]
@@ -12,8 +16,31 @@ pub struct Rope {
     /// [max_len, head_dim / 2]
     cos: Tensor,
     sin: Tensor,
+    /// The same tables on the host, for the fused CPU kernels.
+    cos_host: std::sync::Arc<Vec<f32>>,
+    sin_host: std::sync::Arc<Vec<f32>>,
 }
 
+/// Host cos/sin tables [len][hd/2] for positions 0..len.
+fn host_tables(head_dim: usize, theta: f32, len: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in 0..len {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// cos/sin [len, hd/2] for positions start..start+len. inv_freq[j] = 1 / θ^(2j/hd), all in f32
+/// as the reference computes it.
 fn rope_tables(
     head_dim: usize,
     theta: f32,
@@ -22,34 +49,42 @@ fn rope_tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    // inv_freq[j] = 1 / θ^(2j/hd), all in f32 as the reference computes it.
-    let inv: Vec<f32> = (0..half)
-        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    for p in start..start + len {
-        for &f in &inv {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
+    let (cos, sin) = host_tables(head_dim, theta, start + len);
     Ok((
-        Tensor::from_vec(cos, (len, half), device)?,
-        Tensor::from_vec(sin, (len, half), device)?,
+        Tensor::from_vec(cos[start * half..].to_vec(), (len, half), device)?,
+        Tensor::from_vec(sin[start * half..].to_vec(), (len, half), device)?,
     ))
 }
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f32, max_len: usize, device: &Device) -> Result<Self> {
-        let (cos, sin) = rope_tables(head_dim, theta, 0, max_len, device)?;
+        let (ch, sh) = host_tables(head_dim, theta, max_len);
+        let half = head_dim / 2;
+        let cos = Tensor::from_slice(&ch, (max_len, half), device)?;
+        let sin = Tensor::from_slice(&sh, (max_len, half), device)?;
         Ok(Rope {
             head_dim,
             theta,
             cos,
             sin,
+            cos_host: std::sync::Arc::new(ch),
+            sin_host: std::sync::Arc::new(sh),
         })
+    }
+
+    /// Host tables covering positions 0..len (the precomputed ones, or fresh ones past them).
+    pub fn host(&self, len: usize) -> (std::sync::Arc<Vec<f32>>, std::sync::Arc<Vec<f32>>) {
+        if len * (self.head_dim / 2) <= self.cos_host.len() {
+            (self.cos_host.clone(), self.sin_host.clone())
+        } else {
+            let (c, s) = host_tables(self.head_dim, self.theta, len);
+            (std::sync::Arc::new(c), std::sync::Arc::new(s))
+        }
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
     }
 
     /// cos/sin [len, hd/2] for absolute positions start..start+len (computed on demand past the
@@ -88,13 +123,23 @@ impl Rope {
 /// Attention weights of one block (field names follow the checkpoint keys).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Tensor,   // [H·hd, D]
-    pub k_proj: Tensor,   // [Hkv·hd, D]
-    pub v_proj: Tensor,   // [Hkv·hd, D]
-    pub attn_out: Tensor, // [D, H·hd]
+    pub q_proj: Linear,   // [H·hd, D]
+    pub k_proj: Linear,   // [Hkv·hd, D]
+    pub v_proj: Linear,   // [Hkv·hd, D]
+    pub attn_out: Linear, // [D, H·hd]
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// Runs `f` on the host RoPE tables for positions 0..len.
+pub fn with_rope_host<R>(rope: &Rope, len: usize, f: impl FnOnce(&RopeTables<'_>) -> R) -> R {
+    let (c, s) = rope.host(len);
+    f(&RopeTables {
+        cos: &c,
+        sin: &s,
+        half: rope.head_dim() / 2,
+    })
 }
 
 /// Splits [B·L, heads·hd] into [B, heads, L, hd].
@@ -117,9 +162,9 @@ impl Attention {
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q, k, v) = if differentiable {
             (
-                x.matmul(&self.q_proj.t()?)?,
-                x.matmul(&self.k_proj.t()?)?,
-                x.matmul(&self.v_proj.t()?)?,
+                self.q_proj.forward_diff(x)?,
+                self.k_proj.forward_diff(x)?,
+                self.v_proj.forward_diff(x)?,
             )
         } else {
             (
@@ -132,6 +177,54 @@ impl Attention {
         let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start, differentiable)?; // [B, Hkv, L, hd]
         let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]
         Ok((q, k, v))
+    }
+
+    /// The fused CPU path (inference): projections, RoPE, attention and output projection of
+    /// `x` [B·L, D] without splitting heads; keys and values go into `store` at positions
+    /// `start..start+L` (a fresh store holds just these). Returns [B·L, D].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        start: usize,
+        store: &mut KvStore,
+        store_shape: KvShape,
+        mask: &KeyMask<'_>,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let q = linear(x, &self.q_proj)?; // [B·L, H·hd]
+        let k = linear(x, &self.k_proj)?; // [B·L, Hkv·hd]
+        let v = linear(x, &self.v_proj)?;
+        let total = store_shape.len;
+        let o = with_rope_host(rope, total.max(start + l), |tables| -> Result<Tensor> {
+            match x.dtype() {
+                DType::BF16 => {
+                    with_slice::<bf16, _>(&k, |ks| {
+                        with_slice::<bf16, _>(&v, |vs| {
+                            store.write(store_shape, start, l, ks, vs, tables)
+                        })
+                    })??;
+                    let o = with_slice::<bf16, _>(&q, |qs| {
+                        fused::attend(qs, store_shape, self.n_heads, start, l, store, mask, tables)
+                    })?;
+                    Tensor::from_vec(o, (b * l, self.n_heads * self.head_dim), x.device())
+                }
+                _ => {
+                    with_slice::<f32, _>(&k, |ks| {
+                        with_slice::<f32, _>(&v, |vs| {
+                            store.write(store_shape, start, l, ks, vs, tables)
+                        })
+                    })??;
+                    let o = with_slice::<f32, _>(&q, |qs| {
+                        fused::attend(qs, store_shape, self.n_heads, start, l, store, mask, tables)
+                    })?;
+                    Tensor::from_vec(o, (b * l, self.n_heads * self.head_dim), x.device())
+                }
+            }
+        })?;
+        linear(&o, &self.attn_out)
     }
 
     /// softmax(q·kᵀ/√hd + bias)·v with GQA, then the output projection.
@@ -179,7 +272,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b * lq, h * hd))?; // [B·Lq, H·hd]
         if differentiable {
-            o.matmul(&self.attn_out.t()?)
+            self.attn_out.forward_diff(&o)
         } else {
             linear(&o, &self.attn_out)
         }

@@ -4,13 +4,111 @@
 //! inference and training (candle's fused norm/softmax/RoPE kernels have no backward pass). Fast
 //! CPU kernels live in [`crate::kernels`] and are picked only for inference, behind parity tests.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use half::bf16;
 
 use crate::config::NormKind;
+use crate::kernels::gemm::{cpu_features, PackedBf16, PackedF32};
 
-/// y = x·Wᵀ for x [.., in] and W [out, in] (PyTorch `nn.Linear` layout, no bias).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    crate::kernels::linear(x, w)
+/// The weight of a linear map, W [out, in] (PyTorch `nn.Linear` layout, no bias): a tensor, or,
+/// for inference on CPUs with AVX-512, the same values packed once into the GEMM's panel layout
+/// (the tensor is then dropped: no second copy is kept).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense(Tensor),
+    PackedF32(Arc<PackedF32>),
+    PackedBf16(Arc<PackedBf16>),
+}
+
+impl Linear {
+    /// A dense weight.
+    pub fn new(w: Tensor) -> Self {
+        Linear::Dense(w)
+    }
+
+    /// Packs `w` for the CPU kernels when this CPU and dtype have one; dense otherwise.
+    pub fn packed(w: Tensor) -> Result<Self> {
+        let f = cpu_features();
+        if !matches!(w.device(), Device::Cpu) {
+            return Ok(Linear::Dense(w));
+        }
+        let (n, k) = w.dims2()?;
+        match w.dtype() {
+            DType::F32 if f.avx512f => {
+                let data = w.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Linear::PackedF32(Arc::new(PackedF32::from_weight(
+                    &data, n, k,
+                ))))
+            }
+            DType::BF16 if f.avx512bf16 && k.is_multiple_of(2) => {
+                let data = w.flatten_all()?.to_vec1::<bf16>()?;
+                Ok(Linear::PackedBf16(Arc::new(PackedBf16::from_weight(
+                    &data, n, k,
+                ))))
+            }
+            _ => Ok(Linear::Dense(w)),
+        }
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Linear::Dense(w) => w.dims2(),
+            Linear::PackedF32(p) => Ok((p.n, p.k)),
+            Linear::PackedBf16(p) => Ok((p.n, p.k)),
+        }
+    }
+
+    /// The weight as a tensor [out, in] (unpacked if needed: slow, for saving only).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => Ok(w.clone()),
+            Linear::PackedF32(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
+            Linear::PackedBf16(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
+        }
+    }
+
+    /// The dense weight, for the differentiable path.
+    pub fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Linear::Dense(w) => Ok(w),
+            _ => candle_core::bail!(
+                "this model's weights are packed for inference; load it dense to train"
+            ),
+        }
+    }
+
+    /// y = x·Wᵀ, x [N, in] → [N, out] (inference).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => crate::kernels::plain_matmul(x, &w.t()?),
+            Linear::PackedF32(p) => crate::kernels::cpu::linear_f32(&x.to_dtype(DType::F32)?, p),
+            Linear::PackedBf16(p) => crate::kernels::cpu::linear_bf16(&x.to_dtype(DType::BF16)?, p),
+        }
+    }
+
+    /// y = x·Wᵀ in f32 whatever the weight dtype (logits: a bf16 model's head accumulates in f32
+    /// and its output is kept unrounded).
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::PackedBf16(p) => {
+                crate::kernels::cpu::linear_bf16_f32(&x.to_dtype(DType::BF16)?, p)
+            }
+            _ => self.forward(x)?.to_dtype(DType::F32),
+        }
+    }
+
+    /// y = x·Wᵀ made of differentiable ops (training).
+    pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.dense()?.t()?)
+    }
+}
+
+/// y = x·Wᵀ (inference).
+pub fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
+    w.forward(x)
 }
 
 /// RMSNorm with weight: statistics in f32, `x / sqrt(mean(x²) + eps)` cast back to the input
@@ -57,9 +155,9 @@ impl Module for RmsNorm {
 /// `ff_proj` (the gate), `up_proj` is the linear branch (reference §2.4, pitfall 1).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub ff_proj: Tensor, // [F, D] gate
-    pub up_proj: Tensor, // [F, D]
-    pub ff_out: Tensor,  // [D, F] down projection
+    pub ff_proj: Linear, // [F, D] gate
+    pub up_proj: Linear, // [F, D]
+    pub ff_out: Linear,  // [D, F] down projection
 }
 
 impl Mlp {
@@ -71,9 +169,9 @@ impl Mlp {
     }
 
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
-        let g = x.matmul(&self.ff_proj.t()?)?;
-        let u = x.matmul(&self.up_proj.t()?)?;
+        let g = self.ff_proj.forward_diff(x)?;
+        let u = self.up_proj.forward_diff(x)?;
         let m = (candle_nn::ops::silu(&g)? * u)?;
-        m.matmul(&self.ff_out.t()?)
+        self.ff_out.forward_diff(&m)
     }
 }

@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::weights::SafetensorsFiles;
 
 pub use attention::{Attention, Rope};
-pub use layers::{Mlp, RmsNorm};
+
+use crate::kernels::attention::{KeyMask, KvShape, KvStore};
+pub use layers::{Linear, Mlp, RmsNorm};
 
 /// Prefix of every tensor name in the Hugging Face checkpoint (`LLaDAModelLM.model.transformer`).
 pub const PREFIX: &str = "model.transformer";
@@ -89,8 +91,28 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+/// How linear weights are held: dense tensors (training, GPUs) or packed for the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    Dense,
+    /// Packed for inference where the CPU has a kernel for the dtype (dense otherwise).
+    PackedForInference,
+}
+
+fn make_linear(t: Tensor, layout: WeightLayout) -> Result<Linear> {
+    Ok(match layout {
+        WeightLayout::Dense => Linear::new(t),
+        WeightLayout::PackedForInference => Linear::packed(t)?,
+    })
+}
+
 impl Block {
-    fn load(src: &dyn WeightSource, cfg: &ModelConfig, i: usize) -> Result<Self> {
+    fn load(
+        src: &dyn WeightSource,
+        cfg: &ModelConfig,
+        i: usize,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let p = format!("{PREFIX}.blocks.{i}");
         let (d, f) = (cfg.d_model, cfg.mlp_hidden_size);
         let qd = cfg.n_heads * cfg.head_dim;
@@ -102,7 +124,9 @@ impl Block {
                 cfg.norm,
             ))
         };
-        let w = |n: &str, shape: &[usize]| src.get(&format!("{p}.{n}.weight"), shape);
+        let w = |n: &str, shape: &[usize]| -> Result<Linear> {
+            make_linear(src.get(&format!("{p}.{n}.weight"), shape)?, layout)
+        };
         Ok(Block {
             attn_norm: norm("attn_norm")?,
             attn: Attention {
@@ -123,21 +147,29 @@ impl Block {
         })
     }
 
-    fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) {
+    fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) -> Result<()> {
         let p = format!("{PREFIX}.blocks.{i}");
-        for (n, t) in [
-            ("attn_norm", &self.attn_norm.weight),
+        out.push((
+            format!("{p}.attn_norm.weight"),
+            self.attn_norm.weight.clone(),
+        ));
+        for (n, l) in [
             ("q_proj", &self.attn.q_proj),
             ("k_proj", &self.attn.k_proj),
             ("v_proj", &self.attn.v_proj),
             ("attn_out", &self.attn.attn_out),
-            ("ff_norm", &self.ff_norm.weight),
+        ] {
+            out.push((format!("{p}.{n}.weight"), l.tensor()?));
+        }
+        out.push((format!("{p}.ff_norm.weight"), self.ff_norm.weight.clone()));
+        for (n, l) in [
             ("ff_proj", &self.mlp.ff_proj),
             ("up_proj", &self.mlp.up_proj),
             ("ff_out", &self.mlp.ff_out),
         ] {
-            out.push((format!("{p}.{n}.weight"), t.clone()));
+            out.push((format!("{p}.{n}.weight"), l.tensor()?));
         }
+        Ok(())
     }
 
     /// h + attn(norm(h)), then + mlp(norm(·)). `x` is [B·L, D].
@@ -156,6 +188,25 @@ impl Block {
         self.mlp_residual(&x, differentiable)
     }
 
+    /// The fused CPU inference path: attention without head splits, keys/values in a store.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        rope: &Rope,
+        mask: &KeyMask<'_>,
+        shape: KvShape,
+    ) -> CResult<Tensor> {
+        let a = self.attn_norm.forward(x)?;
+        let mut store = KvStore::new(shape, x.dtype() == DType::BF16);
+        let att = self
+            .attn
+            .forward_fused(&a, b, l, 0, &mut store, shape, mask, rope)?;
+        let x = crate::kernels::add(x, &att)?;
+        self.mlp_residual(&x, false)
+    }
+
     fn norm(&self, n: &RmsNorm, x: &Tensor, differentiable: bool) -> CResult<Tensor> {
         if differentiable {
             n.forward_diff(x)
@@ -167,12 +218,11 @@ impl Block {
     /// x + mlp(ff_norm(x)).
     fn mlp_residual(&self, x: &Tensor, differentiable: bool) -> CResult<Tensor> {
         let f = self.norm(&self.ff_norm, x, differentiable)?;
-        let m = if differentiable {
-            self.mlp.forward_diff(&f)?
+        if differentiable {
+            x + self.mlp.forward_diff(&f)?
         } else {
-            self.mlp.forward(&f)?
-        };
-        x + m
+            crate::kernels::add(x, &self.mlp.forward(&f)?)
+        }
     }
 }
 
@@ -183,30 +233,43 @@ pub struct Llada {
     pub wte: Tensor, // [V, D]
     pub blocks: Vec<Block>,
     pub ln_f: RmsNorm,
-    /// Output head [V, D]; `None` when `weight_tying` (the head is `wte`).
-    pub ff_out: Option<Tensor>,
+    /// Output head [V, D] (`wte` itself, packed if need be, when `weight_tying`).
+    pub head: Linear,
     rope: Rope,
     dtype: DType,
     device: Device,
 }
 
 impl Llada {
-    /// Builds the model from `src`, checking every tensor's name and shape.
+    /// Builds the model from `src` with dense weights (training, any device), checking every
+    /// tensor's name and shape.
     pub fn load(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::load_with(cfg, src, WeightLayout::Dense)
+    }
+
+    /// Builds the model from `src` with the given weight layout.
+    pub fn load_with(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.embedding_size);
         let wte = src.get(&format!("{PREFIX}.wte.weight"), &[v, d])?;
         let blocks = (0..cfg.n_layers)
-            .map(|i| Block::load(src, cfg, i))
+            .map(|i| Block::load(src, cfg, i, layout))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = RmsNorm::new(
             src.get(&format!("{PREFIX}.ln_f.weight"), &[d])?,
             cfg.rms_norm_eps,
             cfg.norm,
         );
-        let ff_out = if cfg.weight_tying {
-            None
+        let head = if cfg.weight_tying {
+            make_linear(wte.clone(), layout)?
         } else {
-            Some(src.get(&format!("{PREFIX}.ff_out.weight"), &[v, d])?)
+            make_linear(
+                src.get(&format!("{PREFIX}.ff_out.weight"), &[v, d])?,
+                layout,
+            )?
         };
         let device = wte.device().clone();
         let rope = Rope::new(
@@ -221,7 +284,7 @@ impl Llada {
             wte,
             blocks,
             ln_f,
-            ff_out,
+            head,
             rope,
             device,
         })
@@ -242,21 +305,18 @@ impl Llada {
         &self.device
     }
 
-    /// Every tensor with its checkpoint name, in [`tensor_specs`] order.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every tensor with its checkpoint name, in [`tensor_specs`] order (packed weights are
+    /// unpacked).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(format!("{PREFIX}.wte.weight"), self.wte.clone())];
         for (i, b) in self.blocks.iter().enumerate() {
-            b.named(i, &mut out);
+            b.named(i, &mut out)?;
         }
         out.push((format!("{PREFIX}.ln_f.weight"), self.ln_f.weight.clone()));
-        if let Some(h) = &self.ff_out {
-            out.push((format!("{PREFIX}.ff_out.weight"), h.clone()));
+        if !self.cfg.weight_tying {
+            out.push((format!("{PREFIX}.ff_out.weight"), self.head.tensor()?));
         }
-        out
-    }
-
-    fn head(&self) -> &Tensor {
-        self.ff_out.as_ref().unwrap_or(&self.wte)
+        Ok(out)
     }
 
     /// Additive f32 attention bias from a key-padding mask [B, L] (1 = keep, 0 = padding) and the
@@ -308,13 +368,18 @@ impl Llada {
     /// Final norm and output head: [N, D] → [N, V].
     fn logits_of(&self, h: &Tensor, differentiable: bool) -> CResult<Tensor> {
         if differentiable {
-            self.ln_f.forward_diff(h)?.matmul(&self.head().t()?)
+            let head = if self.cfg.weight_tying {
+                &self.wte
+            } else {
+                self.head.dense()?
+            };
+            self.ln_f.forward_diff(h)?.matmul(&head.t()?)
         } else {
-            layers::linear(&self.ln_f.forward(h)?, self.head())
+            self.head.forward_f32(&self.ln_f.forward(h)?)
         }
     }
 
-    /// Logits [B, L, V] (model dtype) for every position of `ids` [B, L] (u32), with an optional
+    /// Logits [B, L, V] (f32) for every position of `ids` [B, L] (u32), with an optional
     /// key-padding mask [B, L] (1 = real token, 0 = padding; padded keys get no attention,
     /// padded queries are still computed).
     pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -364,10 +429,36 @@ impl Llada {
             ));
         }
         let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
-        let bias = self.attention_bias(key_mask, b, l)?;
         let mut h = self.embed(ids)?; // [B·L, D]
-        for block in &self.blocks {
-            h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
+        if !differentiable && crate::kernels::fused_cpu(&self.device, self.dtype) {
+            let valid: Option<Vec<Vec<bool>>> = match key_mask {
+                Some(m) => Some(
+                    m.to_dtype(DType::U32)?
+                        .to_vec2::<u32>()?
+                        .into_iter()
+                        .map(|r| r.into_iter().map(|x| x != 0).collect())
+                        .collect(),
+                ),
+                None => None,
+            };
+            let mask = KeyMask {
+                valid: valid.as_deref(),
+                causal: self.cfg.causal,
+            };
+            let shape = KvShape {
+                batch: b,
+                kv_heads: self.cfg.n_kv_heads,
+                head_dim: self.cfg.head_dim,
+                len: l,
+            };
+            for block in &self.blocks {
+                h = block.forward_fused(&h, b, l, &self.rope, &mask, shape)?;
+            }
+        } else {
+            let bias = self.attention_bias(key_mask, b, l)?;
+            for block in &self.blocks {
+                h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
+            }
         }
         let n = rows.end - rows.start;
         if n != l {
@@ -376,7 +467,8 @@ impl Llada {
                 .narrow(1, rows.start, n)?
                 .reshape((b * n, d))?; // [B·n, D]
         }
-        Ok(self.logits_of(&h, differentiable)?.reshape((b, n, vocab))?)
+        let logits = self.logits_of(&h, differentiable)?.to_dtype(DType::F32)?;
+        Ok(logits.reshape((b, n, vocab))?)
     }
 
     /// The token embedding table [V, D].

@@ -1,0 +1,653 @@
+//! CPU matrix multiplication: an AVX-512 outer-product GEMM (f32 FMA, and bf16 pairs through
+//! `vdpbf16ps` with f32 accumulation), chosen at run time by CPU feature detection, with a
+//! portable fallback (the `gemm` crate through candle, or plain loops).
+//!
+//! C[m×n] = A[m×k]·B[k×n]. A is read element by element with any strides (so Aᵀ costs nothing);
+//! B is read 32 columns at a time, either from rows contiguous along n or from panels packed once
+//! (weights, at load time): `[⌈n/32⌉][k][32]` for f32 and `[⌈n/32⌉][k/2][32]` bf16 pairs for bf16.
+//! The work is split over rayon's threads by (column panel, row chunk).
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns of a panel (two 16-lane registers).
+pub const NR: usize = 32;
+/// Rows of a micro-tile (28 accumulators + 2 B registers + 1 broadcast = 31 of 32 registers).
+pub const MR: usize = 14;
+/// Depth of a cache block: a 32 KB panel block stays in L1 while the rows stream through.
+const KC: usize = 256;
+/// Rows per parallel task.
+const MC: usize = 8 * MR;
+/// Below this many multiply-adds a GEMM runs on the calling thread (it is then usually one of
+/// many small GEMMs that are themselves run in parallel, e.g. per attention head).
+const PARALLEL_MIN_MACS: usize = 4 << 20;
+
+/// Runs `f` over the (column panel, row chunk) tiles, in parallel when the problem is large.
+fn for_tiles(m: usize, n: usize, k: usize, f: impl Fn(usize, usize) + Sync) {
+    let panels = n.div_ceil(NR);
+    let chunks = m.div_ceil(MC);
+    if m * n * k < PARALLEL_MIN_MACS {
+        for jp in 0..panels {
+            for mc in 0..chunks {
+                f(jp, mc);
+            }
+        }
+    } else {
+        (0..panels * chunks)
+            .into_par_iter()
+            .for_each(|t| f(t / chunks, t % chunks));
+    }
+}
+
+/// CPU features the kernels use, detected once.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuFeatures {
+    pub avx512f: bool,
+    pub avx512bf16: bool,
+}
+
+/// The features of this CPU (`LLADA_NO_AVX512=1` turns the AVX-512 paths off, for testing the
+/// fallbacks).
+pub fn cpu_features() -> CpuFeatures {
+    static F: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
+    *F.get_or_init(|| {
+        let off = std::env::var_os("LLADA_NO_AVX512").is_some_and(|v| v != "0");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = std::arch::is_x86_feature_detected!("avx512f") && !off;
+            CpuFeatures {
+                avx512f: f,
+                avx512bf16: f && std::arch::is_x86_feature_detected!("avx512bf16"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = off;
+            CpuFeatures {
+                avx512f: false,
+                avx512bf16: false,
+            }
+        }
+    })
+}
+
+/// f32 weights packed into 32-column panels: `[⌈n/32⌉][k][32]`, zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedF32 {
+    pub n: usize,
+    pub k: usize,
+    pub data: Vec<f32>,
+}
+
+/// bf16 weights packed into 32-column panels of k-pairs: `[⌈n/32⌉][⌈k/2⌉][32]` u32, each the pair
+/// (b[2p][j] low half, b[2p+1][j] high half), zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    pub n: usize,
+    pub k: usize,
+    pub data: Vec<u32>,
+}
+
+impl PackedF32 {
+    /// Packs W [n, k] (row-major, PyTorch `nn.Linear` layout) as the B = Wᵀ operand.
+    pub fn from_weight(w: &[f32], n: usize, k: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                for jj in 0..NR.min(n - jp * NR) {
+                    let row = &w[(jp * NR + jj) * k..(jp * NR + jj + 1) * k];
+                    for (p, &v) in row.iter().enumerate() {
+                        panel[p * NR + jj] = v;
+                    }
+                }
+            });
+        PackedF32 { n, k, data }
+    }
+
+    /// Unpacks into W [n, k].
+    pub fn to_weight(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for j in 0..n {
+            for p in 0..k {
+                w[j * k + p] = self.data[(j / NR) * k * NR + p * NR + j % NR];
+            }
+        }
+        w
+    }
+}
+
+impl PackedBf16 {
+    /// Packs W [n, k] (bf16 bits, row-major) as the B = Wᵀ operand.
+    pub fn from_weight(w: &[bf16], n: usize, k: usize) -> Self {
+        let k2 = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * k2 * NR];
+        data.par_chunks_mut(k2 * NR)
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                for jj in 0..NR.min(n - jp * NR) {
+                    let row = &w[(jp * NR + jj) * k..(jp * NR + jj + 1) * k];
+                    for p in 0..k2 {
+                        let lo = row[2 * p].to_bits() as u32;
+                        let hi = row.get(2 * p + 1).map(|v| v.to_bits() as u32).unwrap_or(0);
+                        panel[p * NR + jj] = lo | (hi << 16);
+                    }
+                }
+            });
+        PackedBf16 { n, k, data }
+    }
+
+    /// Packs B [k, n] given as rows contiguous along n (b(p, j) = b[p·n + j]).
+    pub fn from_rows(b: &[bf16], k: usize, n: usize) -> Self {
+        let k2 = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * k2 * NR];
+        for (jp, panel) in data.chunks_mut(k2 * NR).enumerate() {
+            for p in 0..k2 {
+                for jj in 0..NR.min(n - jp * NR) {
+                    let j = jp * NR + jj;
+                    let lo = b[2 * p * n + j].to_bits() as u32;
+                    let hi = if 2 * p + 1 < k {
+                        b[(2 * p + 1) * n + j].to_bits() as u32
+                    } else {
+                        0
+                    };
+                    panel[p * NR + jj] = lo | (hi << 16);
+                }
+            }
+        }
+        PackedBf16 { n, k, data }
+    }
+
+    /// Unpacks into W [n, k].
+    pub fn to_weight(&self) -> Vec<bf16> {
+        let (n, k) = (self.n, self.k);
+        let k2 = k.div_ceil(2);
+        let mut w = vec![bf16::ZERO; n * k];
+        for j in 0..n {
+            for p in 0..k {
+                let pair = self.data[(j / NR) * k2 * NR + (p / 2) * NR + j % NR];
+                let bits = if p % 2 == 0 {
+                    pair & 0xFFFF
+                } else {
+                    pair >> 16
+                };
+                w[j * k + p] = bf16::from_bits(bits as u16);
+            }
+        }
+        w
+    }
+}
+
+/// The B operand of [`sgemm`].
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    /// b(p, j) = data[p·ld + j]: rows contiguous along n.
+    Rows { data: &'a [f32], ld: usize },
+    /// Packed panels.
+    Packed(&'a PackedF32),
+}
+
+/// A raw pointer that may cross threads (each task writes a disjoint tile of C).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The A operand: a(i, p) = data[i·rs + p·cs].
+#[derive(Clone, Copy)]
+pub struct AOperand<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// C = A·B (or C += A·B with `accumulate`), f32. C is row-major with leading dimension `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand<'_, f32>,
+    b: BOperand<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "C too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx512f {
+        let cp = SendPtr(c.as_mut_ptr());
+        for_tiles(m, n, k, |jp, mc| {
+            // SAFETY: tiles (jp, mc) are disjoint; bounds were checked above and by the operands.
+            unsafe { avx512::sgemm_tile(m, n, k, a, b, cp.get(), ldc, accumulate, jp, mc) };
+        });
+        return;
+    }
+    sgemm_portable(m, n, k, a, b, c, ldc, accumulate);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_portable(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand<'_, f32>,
+    b: BOperand<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let bv = |p: usize, j: usize| -> f32 {
+        match b {
+            BOperand::Rows { data, ld } => data[p * ld + j],
+            BOperand::Packed(pk) => pk.data[(j / NR) * pk.k * NR + p * NR + j % NR],
+        }
+    };
+    c.par_chunks_mut(ldc)
+        .take(m)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let mut acc = vec![0f32; n];
+            for p in 0..k {
+                let av = a.data[i * a.rs + p * a.cs];
+                for (j, x) in acc.iter_mut().enumerate() {
+                    *x += av * bv(p, j);
+                }
+            }
+            for (j, x) in acc.into_iter().enumerate() {
+                row[j] = if accumulate { row[j] + x } else { x };
+            }
+        });
+}
+
+/// C = A·B, A bf16 row-major with rows of `k` values at stride `lda` (even), B packed bf16; f32
+/// accumulation and output. Needs AVX512-BF16 (see [`cpu_features`]); portable otherwise.
+pub fn bf16gemm(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, c: &mut [f32], ldc: usize) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "C too small");
+    assert!(a.len() >= (m - 1) * lda + k, "A too small");
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx512bf16 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
+        let cp = SendPtr(c.as_mut_ptr());
+        for_tiles(m, n, k, |jp, mc| {
+            // SAFETY: disjoint tiles; A and C bounds asserted above; k and lda even.
+            unsafe { avx512::bf16gemm_tile(m, a, lda, b, cp.get(), ldc, jp, mc) };
+        });
+        return;
+    }
+    let k2 = k.div_ceil(2);
+    c.par_chunks_mut(ldc)
+        .take(m)
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (j, out) in row.iter_mut().take(n).enumerate() {
+                let mut s = 0f32;
+                for p in 0..k {
+                    let pair = b.data[(j / NR) * k2 * NR + (p / 2) * NR + j % NR];
+                    let bits = if p % 2 == 0 {
+                        pair & 0xFFFF
+                    } else {
+                        pair >> 16
+                    };
+                    s += a[i * lda + p].to_f32() * bf16::from_bits(bits as u16).to_f32();
+                }
+                *out = s;
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{AOperand, BOperand, PackedBf16, KC, MC, MR, NR};
+    use half::bf16;
+    use std::arch::x86_64::{
+        __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_si512,
+        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_set1_ps,
+        _mm512_setzero_ps,
+    };
+
+    /// Lane masks of a (possibly partial) 32-column panel.
+    #[inline(always)]
+    fn masks(cols: usize) -> (u16, u16) {
+        let m0 = if cols >= 16 {
+            0xFFFF
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
+        let m1 = if cols >= 32 {
+            0xFFFF
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        (m0, m1)
+    }
+
+    /// R rows × 32 columns of C (+)= Σ_p a(i, p)·b(p, ·), f32.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_f32<const R: usize>(
+        kl: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        (m0, m1): (u16, u16),
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for p in 0..kl {
+            let bp = b.add(p * b_rs);
+            let b0 = _mm512_maskz_loadu_ps(m0, bp);
+            let b1 = _mm512_maskz_loadu_ps(m1, bp.add(16));
+            let ap = a.add(p * a_cs);
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i * a_rs));
+                acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+                acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+            }
+        }
+        store::<R>(&acc, c, ldc, (m0, m1), load_c);
+    }
+
+    #[inline(always)]
+    unsafe fn store<const R: usize>(
+        acc: &[[__m512; 2]; R],
+        c: *mut f32,
+        ldc: usize,
+        (m0, m1): (u16, u16),
+        load_c: bool,
+    ) {
+        for (i, acc_i) in acc.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            let (mut o0, mut o1) = (acc_i[0], acc_i[1]);
+            if load_c {
+                o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, cp));
+                o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+            }
+            _mm512_mask_storeu_ps(cp, m0, o0);
+            _mm512_mask_storeu_ps(cp.add(16), m1, o1);
+        }
+    }
+
+    macro_rules! dispatch_rows {
+        ($r:expr, $f:ident, $($arg:expr),*) => {
+            match $r {
+                1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*), 5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*), 8 => $f::<8>($($arg),*), 9 => $f::<9>($($arg),*),
+                10 => $f::<10>($($arg),*), 11 => $f::<11>($($arg),*), 12 => $f::<12>($($arg),*),
+                13 => $f::<13>($($arg),*), _ => $f::<14>($($arg),*),
+            }
+        };
+    }
+
+    /// One task: column panel `jp`, rows of chunk `mc`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm_tile(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: AOperand<'_, f32>,
+        b: BOperand<'_>,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        jp: usize,
+        mc: usize,
+    ) {
+        let j0 = jp * NR;
+        let cols = NR.min(n - j0);
+        let ms = masks(cols);
+        let (i0, i1) = (mc * MC, (mc * MC + MC).min(m));
+        let mut kb = 0;
+        while kb < k {
+            let kl = KC.min(k - kb);
+            let (bp, b_rs) = match b {
+                BOperand::Rows { data, ld } => (data.as_ptr().add(kb * ld + j0), ld),
+                BOperand::Packed(pk) => (pk.data.as_ptr().add(jp * pk.k * NR + kb * NR), NR),
+            };
+            let load_c = accumulate || kb > 0;
+            let mut i = i0;
+            while i < i1 {
+                let r = MR.min(i1 - i);
+                let ap = a.data.as_ptr().add(i * a.rs + kb * a.cs);
+                let cp = c.add(i * ldc + j0);
+                dispatch_rows!(r, kernel_f32, kl, ap, a.rs, a.cs, bp, b_rs, ms, cp, ldc, load_c);
+                i += r;
+            }
+            kb += kl;
+        }
+    }
+
+    /// R rows × 32 columns of C = Σ_p a-pairs · b-pairs, bf16 with f32 accumulation.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_bf16<const R: usize>(
+        kl2: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u32,
+        (m0, m1): (u16, u16),
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for p in 0..kl2 {
+            let bp = b.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+            let ap = a.add(2 * p);
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let pair = (ap.add(i * lda) as *const u32).read_unaligned();
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                acc_i[0] = _mm512_dpbf16_ps(acc_i[0], ai, b0);
+                acc_i[1] = _mm512_dpbf16_ps(acc_i[1], ai, b1);
+            }
+        }
+        store::<R>(&acc, c, ldc, (m0, m1), load_c);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn bf16gemm_tile(
+        m: usize,
+        a: &[bf16],
+        lda: usize,
+        b: &PackedBf16,
+        c: *mut f32,
+        ldc: usize,
+        jp: usize,
+        mc: usize,
+    ) {
+        let (n, k) = (b.n, b.k);
+        let k2 = k / 2;
+        let j0 = jp * NR;
+        let ms = masks(NR.min(n - j0));
+        let (i0, i1) = (mc * MC, (mc * MC + MC).min(m));
+        let a16 = a.as_ptr() as *const u16;
+        let mut kb = 0;
+        while kb < k2 {
+            let kl = KC.min(k2 - kb);
+            let bp = b.data.as_ptr().add(jp * k2 * NR + kb * NR);
+            let mut i = i0;
+            while i < i1 {
+                let r = MR.min(i1 - i);
+                let ap = a16.add(i * lda + 2 * kb);
+                let cp = c.add(i * ldc + j0);
+                dispatch_rows!(r, kernel_bf16, kl, ap, lda, bp, ms, cp, ldc, kb > 0);
+                i += r;
+            }
+            kb += kl;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &dyn Fn(usize, usize) -> f32,
+        b: &dyn Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) as f64 * b(p, j) as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    fn check(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}: [{i}] {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn sgemm_matches_naive_on_edges_and_strides() {
+        let mut rng = Rng::new(1);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 31, 7),
+            (15, 33, 300),
+            (29, 64, 257),
+            (112, 40, 16),
+            (120, 97, 513),
+        ] {
+            let a = rand(m * k, &mut rng);
+            let w = rand(n * k, &mut rng); // W [n, k]
+            let bt = rand(k * n, &mut rng); // B [k, n]
+                                            // A row-major, B = Wᵀ packed
+            let want = naive(m, n, k, &|i, p| a[i * k + p], &|p, j| w[j * k + p]);
+            let pk = PackedF32::from_weight(&w, n, k);
+            assert_eq!(pk.to_weight(), w);
+            let mut c = vec![0f32; m * n];
+            sgemm(
+                m,
+                n,
+                k,
+                AOperand {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                },
+                BOperand::Packed(&pk),
+                &mut c,
+                n,
+                false,
+            );
+            check(&c, &want, 1e-4, "packed");
+            // A transposed (a(i,p) = at[p][i]), B rows
+            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            let want = naive(m, n, k, &|i, p| a[i * k + p], &|p, j| bt[p * n + j]);
+            let mut c = vec![1f32; m * n];
+            sgemm(
+                m,
+                n,
+                k,
+                AOperand {
+                    data: &at,
+                    rs: 1,
+                    cs: m,
+                },
+                BOperand::Rows { data: &bt, ld: n },
+                &mut c,
+                n,
+                false,
+            );
+            check(&c, &want, 1e-4, "rows");
+            // accumulate
+            let mut c2 = c.clone();
+            sgemm(
+                m,
+                n,
+                k,
+                AOperand {
+                    data: &at,
+                    rs: 1,
+                    cs: m,
+                },
+                BOperand::Rows { data: &bt, ld: n },
+                &mut c2,
+                n,
+                true,
+            );
+            let twice: Vec<f32> = want.iter().map(|x| 2.0 * x).collect();
+            check(&c2, &twice, 1e-4, "accumulate");
+        }
+    }
+
+    #[test]
+    fn bf16gemm_matches_naive() {
+        let mut rng = Rng::new(2);
+        for &(m, n, k) in &[
+            (1, 1, 2),
+            (13, 31, 8),
+            (15, 33, 300),
+            (29, 64, 514),
+            (120, 97, 64),
+        ] {
+            let a: Vec<bf16> = rand(m * k, &mut rng)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let w: Vec<bf16> = rand(n * k, &mut rng)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let want = naive(m, n, k, &|i, p| a[i * k + p].to_f32(), &|p, j| {
+                w[j * k + p].to_f32()
+            });
+            let pk = PackedBf16::from_weight(&w, n, k);
+            assert_eq!(pk.to_weight(), w);
+            let mut c = vec![0f32; m * n];
+            bf16gemm(m, &a, k, &pk, &mut c, n);
+            check(&c, &want, 1e-4, "bf16");
+        }
+    }
+}
