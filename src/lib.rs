@@ -14,6 +14,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod diffusion;
 pub mod error;
 pub mod hub;
 pub mod kernels;
@@ -22,6 +23,7 @@ pub mod rng;
 pub mod sampler;
 pub mod score;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};

@@ -471,6 +471,20 @@ impl Llada {
         Ok(logits.reshape((b, n, vocab))?)
     }
 
+    /// Training forward: logits [N, V] of the flattened positions `positions` (indices into
+    /// B·L) only, made of differentiable ops. The output head (the largest matrix for small
+    /// models) runs only on the positions the loss reads.
+    pub fn forward_train_positions(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        let bias = self.attention_bias(None, b, l)?;
+        let mut h = self.embed(ids)?; // [B·L, D]
+        for block in &self.blocks {
+            h = block.forward(&h, b, l, &self.rope, bias.as_ref(), true)?;
+        }
+        let h = h.index_select(positions, 0)?; // [N, D]
+        Ok(self.logits_of(&h, true)?.to_dtype(DType::F32)?)
+    }
+
     /// The token embedding table [V, D].
     pub fn embedding(&self) -> &Tensor {
         &self.wte

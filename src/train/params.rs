@@ -1,0 +1,60 @@
+//! The trainable form of a model: every tensor a `Var` (f32), the model built on them.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::model::Llada;
+
+/// A model whose tensors are trainable variables.
+pub struct Trainable {
+    pub model: Llada,
+    /// (checkpoint name, variable), in [`crate::model::tensor_specs`] order.
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Trainable {
+    /// Variables (f32, on the model's device) initialised from `m`'s tensors.
+    pub fn from_model(m: &Llada) -> Result<Self> {
+        let mut vars = Vec::new();
+        let mut map = std::collections::HashMap::new();
+        for (name, t) in m.named_tensors()? {
+            let v = Var::from_tensor(&t.to_device(m.device())?.to_dtype(DType::F32)?)?;
+            map.insert(name.clone(), v.as_tensor().clone());
+            vars.push((name, v));
+        }
+        let model = Llada::load(m.config(), &map)?;
+        Ok(Trainable { model, vars })
+    }
+
+    /// Backpropagates `loss` and returns each variable's gradient (zeros where none flowed).
+    pub fn gradients(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        let store = loss.backward()?;
+        self.vars
+            .iter()
+            .map(|(name, v)| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => {
+                    tracing::debug!("no gradient reached {name}");
+                    Ok(v.as_tensor().zeros_like()?)
+                }
+            })
+            .collect()
+    }
+
+    /// The variable of a checkpoint name.
+    pub fn var(&self, name: &str) -> Result<&Var> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.into(),
+                path: "<trainable model>".into(),
+            })
+    }
+
+    /// Number of trainable scalars.
+    pub fn parameter_count(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
