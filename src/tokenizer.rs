@@ -96,6 +96,21 @@ impl Tokenizer {
     /// token names and the chat template). `cfg` supplies `mask_token_id`/`eos_token_id` when the
     /// config has them; otherwise they are looked up by name in the vocabulary.
     pub fn from_dir(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
+        Self::load(dir, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    }
+
+    /// Loads a tokenizer folder on its own (no model config): special ids come from the
+    /// tokenizer files.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::load(dir, None, None, None)
+    }
+
+    fn load(
+        dir: &Path,
+        mask_id: Option<u32>,
+        eos_id: Option<u32>,
+        pad_id: Option<u32>,
+    ) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::Tokenizer(format!("{} not found", path.display())));
@@ -111,8 +126,7 @@ impl Tokenizer {
         let id_of = |tok: &str| inner.token_to_id(tok);
         let named = |key: &str| token_string(tc.get(key)).and_then(|t| id_of(&t));
 
-        let mask = cfg
-            .mask_token_id
+        let mask = mask_id
             .or_else(|| named("mask_token"))
             .or_else(|| id_of(names::MASK))
             .ok_or_else(|| {
@@ -121,8 +135,7 @@ impl Tokenizer {
                     names::MASK
                 ))
             })?;
-        let eos = cfg
-            .eos_token_id
+        let eos = eos_id
             .or_else(|| named("eos_token"))
             .or_else(|| id_of(names::EOS))
             .ok_or_else(|| {
@@ -131,10 +144,7 @@ impl Tokenizer {
                         .into(),
                 )
             })?;
-        let pad = cfg
-            .pad_token_id
-            .or_else(|| named("pad_token"))
-            .unwrap_or(eos);
+        let pad = pad_id.or_else(|| named("pad_token")).unwrap_or(eos);
         if pad == mask {
             return Err(Error::Tokenizer(format!(
                 "pad id {pad} equals the mask id: padding must differ from the mask"

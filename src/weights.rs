@@ -99,6 +99,22 @@ impl SafetensorsFiles {
         Ok(out)
     }
 
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut out = SafetensorsFiles {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
+        if !path.exists() {
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "file not found".into(),
+            });
+        }
+        out.add_file(path.to_path_buf())?;
+        Ok(out)
+    }
+
     fn add_file(&mut self, path: PathBuf) -> Result<usize> {
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only; a checkpoint modified while mapped is a user error that can

@@ -5,6 +5,7 @@ mod bench_cmds;
 mod model_cmds;
 mod sample_cmds;
 mod score_cmds;
+mod train_cmds;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,16 @@ pub enum Command {
     Ppl(score_cmds::PplArgs),
     /// Multiple-choice evaluation of a JSONL task file.
     Eval(score_cmds::EvalArgs),
+    /// Pretrain or fine-tune (SFT) with the masked-diffusion bound; resumable.
+    Train(train_cmds::TrainArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(train_cmds::TokenizerCmd),
+    /// Training-data tools.
+    #[command(subcommand)]
+    Data(train_cmds::DataCmd),
+    /// Plot the loss and learning-rate curves of a training run (PNG).
+    Plot(train_cmds::PlotArgs),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -129,6 +140,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score_cmds::score_cmd(a),
         Command::Ppl(a) => score_cmds::ppl_cmd(a),
         Command::Eval(a) => score_cmds::eval_cmd(a),
+        Command::Train(a) => train_cmds::train(a),
+        Command::Tokenizer(c) => train_cmds::tokenizer(c),
+        Command::Data(c) => train_cmds::data_cmd(c),
+        Command::Plot(a) => train_cmds::plot(a),
     }
 }
 

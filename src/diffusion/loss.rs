@@ -39,7 +39,11 @@ impl LossWeights {
                 Objective::Pretrain => (b * l) as f32,
                 Objective::Sft { prompt_lengths } => {
                     let pl = *prompt_lengths.get(r).ok_or_else(|| {
-                        Error::setting("prompt_lengths", prompt_lengths.len(), format!("needs one per sequence ({b})"))
+                        Error::setting(
+                            "prompt_lengths",
+                            prompt_lengths.len(),
+                            format!("needs one per sequence ({b})"),
+                        )
                     })?;
                     if pl >= l {
                         return Err(Error::setting(
@@ -84,7 +88,8 @@ pub fn token_ce_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
         return Ok(0.0);
     }
     let lse = logits.to_dtype(DType::F32)?.log_sum_exp(D::Minus1)?;
-    let t = Tensor::from_slice(targets, (targets.len(), 1), &Device::Cpu)?.to_device(logits.device())?;
+    let t = Tensor::from_slice(targets, (targets.len(), 1), &Device::Cpu)?
+        .to_device(logits.device())?;
     let picked = logits.to_dtype(DType::F32)?.gather(&t, 1)?.squeeze(1)?;
     Ok((lse - picked)?.sum_all()?.to_scalar::<f32>()? as f64)
 }

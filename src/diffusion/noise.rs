@@ -27,11 +27,22 @@ pub struct Noised {
 
 impl Noised {
     /// Applies given masks (and times) to clean tokens.
-    pub fn from_masks(x0: &[Vec<u32>], t: &[f32], masked: Vec<Vec<bool>>, mask_id: u32, eps: f32) -> Self {
+    pub fn from_masks(
+        x0: &[Vec<u32>],
+        t: &[f32],
+        masked: Vec<Vec<bool>>,
+        mask_id: u32,
+        eps: f32,
+    ) -> Self {
         let noisy = x0
             .iter()
             .zip(&masked)
-            .map(|(row, m)| row.iter().zip(m).map(|(&x, &mk)| if mk { mask_id } else { x }).collect())
+            .map(|(row, m)| {
+                row.iter()
+                    .zip(m)
+                    .map(|(&x, &mk)| if mk { mask_id } else { x })
+                    .collect()
+            })
             .collect();
         Noised {
             t: t.to_vec(),
@@ -110,7 +121,9 @@ mod tests {
     #[test]
     fn random_length_rule() {
         let mut rng = Rng::new(1);
-        let cuts = (0..20000).filter(|_| random_length(64, 0.01, &mut rng) != 64).count();
+        let cuts = (0..20000)
+            .filter(|_| random_length(64, 0.01, &mut rng) != 64)
+            .count();
         assert!((100..300).contains(&cuts), "{cuts}");
     }
 }

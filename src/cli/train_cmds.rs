@@ -1,0 +1,287 @@
+//! `llada train`, `llada tokenizer train`, `llada data prepare`, `llada plot`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use llada::train::data::{self, DataKind, PrepareOptions};
+use llada::train::trainer::{StepReport, TrainConfig, Trainer};
+use llada::Tokenizer;
+
+use super::{print_json, RuntimeArgs};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Run settings (TOML, or JSON by extension); flags below override them.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (exactly).
+    #[arg(long, conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// pretrain or sft.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Start from this checkpoint folder.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Or from random weights for this config.json.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Tokenizer folder copied into checkpoints.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Prepared dataset folder.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// One JSON line per step on stdout instead of a progress bar.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None => TrainConfig::default(),
+        };
+        if let Some(m) = &self.mode {
+            c.mode = match m.as_str() {
+                "pretrain" => DataKind::Pretrain,
+                "sft" => DataKind::Sft,
+                other => bail!("invalid setting mode={other}: must be pretrain or sft"),
+            };
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        set!(data, out, steps, seq_len, batch_size, grad_accum, lr, eval_every, save_every, seed);
+        if self.init_from.is_some() {
+            c.init_from = self.init_from.clone();
+            c.model_config = None;
+        }
+        if self.model_config.is_some() {
+            c.model_config = self.model_config.clone();
+            c.init_from = None;
+        }
+        if self.tokenizer.is_some() {
+            c.tokenizer = self.tokenizer.clone();
+        }
+        if c.data.as_os_str().is_empty() {
+            bail!(
+                "no data: give --data DIR (made by `llada data prepare`) or `data` in the config"
+            );
+        }
+        Ok(c)
+    }
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let (device, _) = a.rt.setup()?;
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(dir, a.steps, &device)
+            .with_context(|| format!("resuming {}", dir.display()))?,
+        None => Trainer::new(a.config()?, &device)?,
+    };
+    let steps = trainer.cfg.steps;
+    let start = trainer.state.step;
+    eprintln!(
+        "training {} parameters · {:?} · {} → {} steps · batch {}×{}×{} tokens · run folder {}",
+        trainer.trainable.parameter_count(),
+        trainer.cfg.mode,
+        start,
+        steps,
+        trainer.cfg.batch_size,
+        trainer.cfg.grad_accum,
+        trainer.cfg.seq_len,
+        trainer.cfg.out.display()
+    );
+    let pb = if a.json {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::new(steps as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_position(start as u64);
+        pb
+    };
+    let mut last_eval: Option<f64> = None;
+    let json = a.json;
+    let mut on_step = |r: &StepReport| {
+        if r.eval_loss.is_some() {
+            last_eval = r.eval_loss;
+        }
+        if json {
+            let _ = print_json(r);
+            return;
+        }
+        pb.set_position(r.step as u64);
+        pb.set_message(format!(
+            "loss {:.3} · bound {} · {:.0} tok/s · lr {:.2e}",
+            r.loss,
+            last_eval
+                .map(|e| format!("{e:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.tokens_per_s,
+            r.lr
+        ));
+        if let Some(c) = &r.checkpoint {
+            pb.println(format!("step {}: checkpoint {}", r.step, c.display()));
+        }
+    };
+    let last = trainer.run(&mut on_step)?;
+    pb.finish();
+    eprintln!(
+        "done: {} (load it with `llada generate {}`)",
+        last.display(),
+        last.display()
+    );
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenizerCmd {
+    /// Train a byte-level BPE with the LLaDA special tokens and chat template.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizerTrainArgs {
+    /// Vocabulary size, special tokens included.
+    #[arg(long)]
+    pub vocab_size: usize,
+    /// Output folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Text files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
+    match cmd {
+        TokenizerCmd::Train(a) => {
+            let ids = llada::train::tokenizer::train_tokenizer(&a.files, a.vocab_size, &a.out)?;
+            println!(
+                "wrote {} ({} tokens; bos {}, eos {}, mask {}, eot {})",
+                a.out.display(),
+                ids.vocab_size,
+                ids.bos,
+                ids.eos,
+                ids.mask,
+                ids.eot
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCmd {
+    /// Tokenise text or chat files into a training dataset folder.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Tokenizer (a checkpoint or tokenizer folder).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// pretrain (plain text or {"text"} JSONL) or sft (chat JSONL: {"messages": [...]}).
+    #[arg(long, default_value = "pretrain")]
+    pub kind: String,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Plain text: one document per line (default: blank-line-separated paragraphs).
+    #[arg(long)]
+    pub doc_per_line: bool,
+    /// Share held out for validation.
+    #[arg(long, default_value_t = 0.01)]
+    pub val_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// SFT: drop longer examples.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Input files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn data_cmd(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Prepare(a) => {
+            let tok = Tokenizer::open(&a.tokenizer)?;
+            let kind = match a.kind.as_str() {
+                "pretrain" => DataKind::Pretrain,
+                "sft" => DataKind::Sft,
+                other => bail!("invalid setting kind={other}: must be pretrain or sft"),
+            };
+            let h = data::prepare(
+                &a.files,
+                &tok,
+                &a.out,
+                &PrepareOptions {
+                    kind,
+                    doc_per_line: a.doc_per_line,
+                    val_fraction: a.val_fraction,
+                    seed: a.seed,
+                    max_len: a.max_len,
+                },
+            )?;
+            println!(
+                "wrote {}: train {} tokens / {} items, val {} tokens / {} items",
+                a.out.display(),
+                h.train.tokens,
+                h.train.examples,
+                h.val.tokens,
+                h.val.examples
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run folder (with metrics.jsonl).
+    pub run: PathBuf,
+    /// Output PNG (default: RUN/curves.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn plot(a: PlotArgs) -> Result<()> {
+    let out = a.out.unwrap_or_else(|| a.run.join("curves.png"));
+    llada::train::plot::plot_run(&a.run, &out)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! `llada plot RUN_DIR`: the training loss, the held-out bound and the learning rate of a run as
+//! a PNG (plotters, with an embedded DejaVu Sans font so no system fonts are needed).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::trainer::read_metrics;
+use crate::error::{Error, Result};
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::setting("plot", "drawing", e.to_string())
+}
+
+/// Draws the curves of the run in `run_dir` into `out` (PNG, 1200×800).
+pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
+    register_font();
+    let (train, eval) = read_metrics(run_dir)?;
+    if train.is_empty() {
+        return Err(Error::setting(
+            "run",
+            run_dir.display(),
+            "metrics.jsonl has no training steps yet",
+        ));
+    }
+    let root = BitMapBackend::new(out, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (top, bottom) = root.split_vertically(520);
+    let max_step = train.last().map(|t| t.0).unwrap_or(1.0).max(1.0);
+    // smoothed training loss (EMA) next to the raw one
+    let mut ema = Vec::with_capacity(train.len());
+    let mut e = train[0].1;
+    for &(s, l, _) in &train {
+        e = 0.95 * e + 0.05 * l;
+        ema.push((s, e));
+    }
+    let lo = train
+        .iter()
+        .map(|t| t.1)
+        .chain(eval.iter().map(|t| t.1))
+        .fold(f64::INFINITY, f64::min);
+    let hi = train
+        .iter()
+        .map(|t| t.1)
+        .chain(eval.iter().map(|t| t.1))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let mut chart = ChartBuilder::on(&top)
+        .caption(format!("{} — loss", run_dir.display()), ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss (nats / token bound)")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            train.iter().map(|t| (t.0, t.1)),
+            RGBColor(180, 200, 230),
+        ))
+        .map_err(plot_err)?
+        .label("train loss")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(180, 200, 230)));
+    chart
+        .draw_series(LineSeries::new(ema, BLUE.stroke_width(2)))
+        .map_err(plot_err)?
+        .label("train loss (EMA)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    if !eval.is_empty() {
+        chart
+            .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))
+            .map_err(plot_err)?
+            .label("held-out bound")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    let lr_max = train.iter().map(|t| t.2).fold(0f64, f64::max).max(1e-12);
+    let mut lr_chart = ChartBuilder::on(&bottom)
+        .caption("learning rate", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_step, 0f64..lr_max * 1.05)
+        .map_err(plot_err)?;
+    lr_chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("lr")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    lr_chart
+        .draw_series(LineSeries::new(
+            train.iter().map(|t| (t.0, t.2)),
+            GREEN.stroke_width(2),
+        ))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

@@ -1,0 +1,628 @@
+//! The training loop: pretraining or SFT with the masked-diffusion bound, AdamW, gradient
+//! accumulation and clipping, a learning-rate schedule, periodic held-out evaluation, metrics, and
+//! atomic checkpoints from which a run resumes exactly.
+//!
+//! A run folder holds `train_config.json` (written before step 0), `metrics.jsonl`,
+//! `checkpoints/step-NNNNNN/` (Hugging Face weights loadable by `generate`, tokenizer files,
+//! `optimizer.safetensors`, `trainer_state.json`) and `checkpoints/latest` naming the last
+//! complete checkpoint. A checkpoint is written into a temporary folder and renamed, then
+//! `latest` is replaced atomically: a kill at any point leaves the previous checkpoint intact.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::data::{Cursor, DataKind, Dataset, Reader};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+use super::params::Trainable;
+use crate::checkpoint::{copy_tokenizer_files, read_config, write_config};
+use crate::config::LladaConfig;
+use crate::diffusion::{self, noise, LossWeights, Objective};
+use crate::error::{read_json, Error, Result};
+use crate::model::{FileWeights, Llada};
+use crate::rng::Rng;
+use crate::weights::{atomic_write, safetensors_bytes, save_safetensors, SafetensorsFiles};
+
+/// Settings of a training run (TOML or JSON; every field has a default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// pretrain or sft (must match the dataset).
+    pub mode: DataKind,
+    /// Start from this checkpoint folder…
+    pub init_from: Option<PathBuf>,
+    /// …or from random weights for this config.json (seeded by `seed`).
+    pub model_config: Option<PathBuf>,
+    /// Folder whose tokenizer files go into every checkpoint (default: `init_from`).
+    pub tokenizer: Option<PathBuf>,
+    /// Prepared dataset folder (`llada data prepare`).
+    pub data: PathBuf,
+    /// Run folder.
+    pub out: PathBuf,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub optimizer: AdamWConfig,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Pretraining: probability that a batch is cut to a random length (reference: 0.01).
+    pub random_length_prob: f64,
+    /// Evaluate the held-out bound every N steps (0 = never).
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Keep this many most recent checkpoints (0 = all).
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            mode: DataKind::Pretrain,
+            init_from: None,
+            model_config: None,
+            tokenizer: None,
+            data: PathBuf::new(),
+            out: PathBuf::from("runs/llada"),
+            seq_len: 256,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 1000,
+            lr: 4e-4,
+            schedule: Schedule::default(),
+            optimizer: AdamWConfig::default(),
+            grad_clip: 1.0,
+            random_length_prob: 0.01,
+            eval_every: 100,
+            eval_batches: 8,
+            save_every: 200,
+            keep_checkpoints: 3,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML (or, by extension, JSON) file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = crate::error::read_to_string(path)?;
+        if path.extension().is_some_and(|e| e == "json") {
+            return serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        toml::from_str(&text).map_err(|e| Error::Config {
+            key: path.display().to_string(),
+            value: "TOML".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("seq_len", self.seq_len),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("steps", self.steps),
+        ] {
+            if v == 0 {
+                return Err(Error::setting(name, v, "must be at least 1"));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::setting("lr", self.lr, "must be a positive number"));
+        }
+        if !(0.0..=1.0).contains(&self.random_length_prob) {
+            return Err(Error::setting(
+                "random_length_prob",
+                self.random_length_prob,
+                "must be in [0, 1]",
+            ));
+        }
+        if self.init_from.is_none() == self.model_config.is_none() {
+            return Err(Error::setting(
+                "init_from/model_config",
+                "both or neither",
+                "give exactly one starting point: a checkpoint (init_from) or a config.json (model_config)",
+            ));
+        }
+        self.schedule.validate()
+    }
+}
+
+/// The state saved with every checkpoint, besides weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: usize,
+    pub adam_t: u64,
+    pub rng: Rng,
+    pub cursor: Cursor,
+    pub tokens_seen: u64,
+    pub elapsed_seconds: f64,
+    pub config: TrainConfig,
+}
+
+/// What `on_step` sees.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub elapsed_seconds: f64,
+    /// Held-out bound, when evaluated at this step.
+    pub eval_loss: Option<f64>,
+    /// Checkpoint written at this step.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A training run.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub raw_config: LladaConfig,
+    pub trainable: Trainable,
+    pub opt: AdamW,
+    pub state: TrainerState,
+    data: Dataset,
+    tokenizer_dir: Option<PathBuf>,
+    device: Device,
+}
+
+const CHECKPOINTS: &str = "checkpoints";
+const LATEST: &str = "latest";
+const RUN_CONFIG: &str = "train_config.json";
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+fn step_dir(out: &Path, step: usize) -> PathBuf {
+    out.join(CHECKPOINTS).join(format!("step-{step:07}"))
+}
+
+/// The last complete checkpoint of a run, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(out.join(CHECKPOINTS).join(LATEST)).ok()?;
+    let p = out.join(CHECKPOINTS).join(name.trim());
+    p.is_dir().then_some(p)
+}
+
+fn load_dense(dir: &Path, device: &Device) -> Result<(LladaConfig, Llada)> {
+    let (raw, cfg) = read_config(dir)?;
+    let files = SafetensorsFiles::open(dir)?;
+    let m = Llada::load(
+        &cfg,
+        &FileWeights {
+            files: &files,
+            dtype: DType::F32,
+            device,
+        },
+    )?;
+    Ok((raw, m))
+}
+
+impl Trainer {
+    /// A new run: checks the settings, data and model against each other, creates the run folder
+    /// and writes the run config before step 0.
+    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let data = Dataset::open(&cfg.data)?;
+        let (raw, model, tokenizer_dir) = if let Some(dir) = &cfg.init_from {
+            let (raw, m) = load_dense(dir, device)?;
+            (raw, m, cfg.tokenizer.clone().or(Some(dir.clone())))
+        } else {
+            // validate() guarantees a model_config when there is no init_from
+            let path = cfg.model_config.clone().unwrap_or_default();
+            let raw = LladaConfig::from_file(&path)?;
+            let mc = raw.resolve()?;
+            let m = Llada::init_random(&mc, cfg.seed, DType::F32, device)?;
+            (raw, m, cfg.tokenizer.clone())
+        };
+        check_compat(&cfg, &data, &model)?;
+        std::fs::create_dir_all(cfg.out.join(CHECKPOINTS)).map_err(|e| Error::io(&cfg.out, e))?;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
+            path: cfg.out.join(RUN_CONFIG),
+            source: e,
+        })?;
+        atomic_write(&cfg.out.join(RUN_CONFIG), text.as_bytes())?;
+        let trainable = Trainable::from_model(&model)?;
+        let opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
+        let state = TrainerState {
+            step: 0,
+            adam_t: 0,
+            rng: Rng::new(cfg.seed ^ 0x7A11_5EED),
+            cursor: Cursor::default(),
+            tokens_seen: 0,
+            elapsed_seconds: 0.0,
+            config: cfg.clone(),
+        };
+        Ok(Trainer {
+            cfg,
+            raw_config: raw,
+            trainable,
+            opt,
+            state,
+            data,
+            tokenizer_dir,
+            device: device.clone(),
+        })
+    }
+
+    /// Resumes the run in `out` from its last complete checkpoint. `steps` may extend the run.
+    pub fn resume(out: &Path, steps: Option<usize>, device: &Device) -> Result<Self> {
+        let ck = latest_checkpoint(out).ok_or_else(|| Error::Checkpoint {
+            path: out.join(CHECKPOINTS),
+            reason: "no complete checkpoint to resume from".into(),
+        })?;
+        let state: TrainerState = read_json(&ck.join(STATE))?;
+        let mut cfg = state.config.clone();
+        cfg.out = out.to_path_buf();
+        if let Some(s) = steps {
+            cfg.steps = s;
+        }
+        cfg.validate()?;
+        let data = Dataset::open(&cfg.data)?;
+        let (raw, model) = load_dense(&ck, device)?;
+        check_compat(&cfg, &data, &model)?;
+        let trainable = Trainable::from_model(&model)?;
+        let mut opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
+        let moments = SafetensorsFiles::open_file(&ck.join(OPTIMIZER))?;
+        for (i, (name, v)) in trainable.vars.iter().enumerate() {
+            opt.m[i] = moments.load(&format!("m.{name}"), v.dims(), DType::F32, device)?;
+            opt.v[i] = moments.load(&format!("v.{name}"), v.dims(), DType::F32, device)?;
+        }
+        opt.t = state.adam_t;
+        let tokenizer_dir = Some(ck.clone());
+        Ok(Trainer {
+            state: TrainerState {
+                config: cfg.clone(),
+                ..state
+            },
+            cfg,
+            raw_config: raw,
+            trainable,
+            opt,
+            data,
+            tokenizer_dir,
+            device: device.clone(),
+        })
+    }
+
+    fn objective(&self, batch: &super::data::Batch) -> Objective {
+        match &batch.prompt_lengths {
+            Some(pl) => Objective::Sft {
+                prompt_lengths: pl.clone(),
+            },
+            None => Objective::Pretrain,
+        }
+    }
+
+    /// The loss of one (noised) batch: Σ w·CE over its masked positions.
+    fn batch_loss(
+        &self,
+        x0: &[Vec<u32>],
+        objective: &Objective,
+        rng: &mut Rng,
+    ) -> Result<(Tensor, usize)> {
+        let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
+        let pl = match objective {
+            Objective::Sft { prompt_lengths } => Some(prompt_lengths.as_slice()),
+            Objective::Pretrain => None,
+        };
+        let noised = noise::forward_process(x0, pl, mask_id, noise::EPS, rng);
+        let w = LossWeights::new(x0, &noised, objective)?;
+        let (b, l) = (x0.len(), x0[0].len());
+        if w.positions.is_empty() {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let ids = Tensor::from_vec(noised.noisy.concat(), (b, l), &self.device)?;
+        let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
+        let logits = self.trainable.model.forward_train_positions(&ids, &pos)?;
+        Ok((diffusion::masked_diffusion_loss(&logits, &w)?, b * l))
+    }
+
+    /// The held-out bound: the objective on `eval_batches` batches of the validation split, with
+    /// fixed data and noise (the same at every evaluation). `None` without validation data.
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        if self.cfg.eval_batches == 0 {
+            return Ok(None);
+        }
+        let mut reader = match Reader::new(
+            &self.data,
+            &self.data.val,
+            self.cfg.seq_len,
+            0xE7A1,
+            Cursor::default(),
+        ) {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
+        let mut rng = Rng::new(0xE7A1_5EED);
+        let mut total = 0.0;
+        for _ in 0..self.cfg.eval_batches {
+            let batch = reader.next_batch(self.cfg.batch_size);
+            let obj = self.objective(&batch);
+            let (loss, _) = self.batch_loss(&batch.x0, &obj, &mut rng)?;
+            total += loss.to_scalar::<f32>()? as f64;
+        }
+        Ok(Some(total / self.cfg.eval_batches as f64))
+    }
+
+    /// One optimizer step (with gradient accumulation). Returns (loss, grad norm, lr, tokens).
+    pub fn step(&mut self) -> Result<(f64, f64, f64, u64)> {
+        let mut rng = self.state.rng.clone();
+        let mut reader = Reader::new(
+            &self.data,
+            &self.data.train,
+            self.cfg.seq_len,
+            self.cfg.seed,
+            self.state.cursor,
+        )?;
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        let mut tokens = 0u64;
+        for _ in 0..self.cfg.grad_accum {
+            let mut batch = reader.next_batch(self.cfg.batch_size);
+            if batch.prompt_lengths.is_none() {
+                let len =
+                    noise::random_length(self.cfg.seq_len, self.cfg.random_length_prob, &mut rng);
+                for row in &mut batch.x0 {
+                    row.truncate(len);
+                }
+            }
+            let obj = self.objective(&batch);
+            let (loss, n) = self.batch_loss(&batch.x0, &obj, &mut rng)?;
+            let loss = (loss / self.cfg.grad_accum as f64)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            tokens += n as u64;
+            let g = self.trainable.gradients(&loss)?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let grads = grads.unwrap_or_default();
+        let (norm, grads) = clip_grad_norm(&grads, self.cfg.grad_clip)?;
+        let lr = self.cfg.lr * self.cfg.schedule.factor(self.state.step, self.cfg.steps);
+        self.opt.step(&self.trainable.vars, &grads, lr)?;
+        self.state.step += 1;
+        self.state.adam_t = self.opt.t;
+        self.state.rng = rng;
+        self.state.cursor = reader.cursor;
+        self.state.tokens_seen += tokens;
+        Ok((loss_sum, norm, lr, tokens))
+    }
+
+    /// The current model (dense f32), e.g. to sample from it.
+    pub fn model(&self) -> &Llada {
+        &self.trainable.model
+    }
+
+    /// Writes a checkpoint of the current state (atomically) and returns its folder.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.cfg.out;
+        let final_dir = step_dir(out, self.state.step);
+        let tmp = out.join(CHECKPOINTS).join(format!(
+            ".tmp-step-{:07}-{}",
+            self.state.step,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let write = || -> Result<()> {
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            save_safetensors(&tmp, &self.trainable.model.named_tensors()?, u64::MAX)?;
+            write_config(&tmp, &self.raw_config)?;
+            if let Some(t) = &self.tokenizer_dir {
+                copy_tokenizer_files(t, &tmp)?;
+            }
+            let mut moments = Vec::new();
+            for (i, (name, _)) in self.trainable.vars.iter().enumerate() {
+                moments.push((format!("m.{name}"), self.opt.m[i].clone()));
+                moments.push((format!("v.{name}"), self.opt.v[i].clone()));
+            }
+            atomic_write(&tmp.join(OPTIMIZER), &safetensors_bytes(&moments)?)?;
+            let text = serde_json::to_string_pretty(&self.state).map_err(|e| Error::Json {
+                path: tmp.join(STATE),
+                source: e,
+            })?;
+            atomic_write(&tmp.join(STATE), text.as_bytes())?;
+            if final_dir.exists() {
+                std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            }
+            std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            let name = final_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            atomic_write(&out.join(CHECKPOINTS).join(LATEST), name.as_bytes())
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        self.prune_checkpoints();
+        Ok(final_dir)
+    }
+
+    fn prune_checkpoints(&self) {
+        if self.cfg.keep_checkpoints == 0 {
+            return;
+        }
+        let dir = self.cfg.out.join(CHECKPOINTS);
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        steps.sort();
+        let n = steps.len();
+        for p in steps
+            .into_iter()
+            .take(n.saturating_sub(self.cfg.keep_checkpoints))
+        {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
+    fn append_metrics(&self, v: &serde_json::Value) -> Result<()> {
+        let path = self.cfg.out.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{v}").map_err(|e| Error::io(&path, e))
+    }
+
+    /// Runs until `steps`, evaluating, logging and checkpointing as configured; `on_step` sees
+    /// every step. Returns the final checkpoint.
+    pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<PathBuf> {
+        let t0 = Instant::now();
+        let base_elapsed = self.state.elapsed_seconds;
+        if self.state.step == 0 && self.cfg.eval_every > 0 {
+            if let Some(e) = self.evaluate()? {
+                self.append_metrics(&serde_json::json!({"step": 0, "eval_loss": e}))?;
+            }
+        }
+        let mut last = None;
+        while self.state.step < self.cfg.steps {
+            let ts = Instant::now();
+            let (loss, norm, lr, tokens) = self.step()?;
+            let dt = ts.elapsed().as_secs_f64();
+            let step = self.state.step;
+            self.state.elapsed_seconds = base_elapsed + t0.elapsed().as_secs_f64();
+            let eval_loss = if self.cfg.eval_every > 0
+                && (step % self.cfg.eval_every == 0 || step == self.cfg.steps)
+            {
+                self.evaluate()?
+            } else {
+                None
+            };
+            let checkpoint = if (self.cfg.save_every > 0 && step % self.cfg.save_every == 0)
+                || step == self.cfg.steps
+            {
+                let p = self.save_checkpoint()?;
+                last = Some(p.clone());
+                Some(p)
+            } else {
+                None
+            };
+            let report = StepReport {
+                step,
+                steps: self.cfg.steps,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens: self.state.tokens_seen,
+                tokens_per_s: tokens as f64 / dt,
+                elapsed_seconds: self.state.elapsed_seconds,
+                eval_loss,
+                checkpoint,
+            };
+            self.append_metrics(&serde_json::to_value(&report).map_err(|e| Error::Json {
+                path: self.cfg.out.join("metrics.jsonl"),
+                source: e,
+            })?)?;
+            on_step(&report);
+        }
+        match last.or_else(|| latest_checkpoint(&self.cfg.out)) {
+            Some(p) => Ok(p),
+            None => self.save_checkpoint(),
+        }
+    }
+}
+
+/// Data and model must agree: vocabulary, sequence length, mode.
+fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> {
+    let mc = model.config();
+    if data.header.kind != cfg.mode {
+        return Err(Error::setting(
+            "mode",
+            format!("{:?}", cfg.mode).to_lowercase(),
+            format!(
+                "the dataset {} holds {:?} data",
+                data.dir.display(),
+                data.header.kind
+            ),
+        ));
+    }
+    if data.header.vocab_size > mc.embedding_size {
+        return Err(Error::setting(
+            "data",
+            data.dir.display(),
+            format!(
+                "vocabulary mismatch: the data's tokenizer has {} tokens, the model's embedding only {}",
+                data.header.vocab_size, mc.embedding_size
+            ),
+        ));
+    }
+    if cfg.seq_len > mc.max_sequence_length {
+        return Err(Error::setting(
+            "seq_len",
+            cfg.seq_len,
+            format!(
+                "exceeds the model's max_sequence_length={}",
+                mc.max_sequence_length
+            ),
+        ));
+    }
+    if mc.mask_token_id.is_none() {
+        return Err(Error::config(
+            "mask_token_id",
+            "absent",
+            "training needs the mask id in config.json",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `metrics.jsonl` of a run: (step, loss, lr) of training steps and (step, eval_loss).
+pub type Curves = (Vec<(f64, f64, f64)>, Vec<(f64, f64)>);
+
+/// The training and evaluation curves of a run folder.
+pub fn read_metrics(out: &Path) -> Result<Curves> {
+    let path = out.join("metrics.jsonl");
+    let text = crate::error::read_to_string(&path)?;
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::DataLine {
+            path: path.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        if let (Some(l), Some(lr)) = (v["loss"].as_f64(), v["lr"].as_f64()) {
+            train.push((step, l, lr));
+        }
+        if let Some(e) = v["eval_loss"].as_f64() {
+            eval.push((step, e));
+        }
+    }
+    Ok((train, eval))
+}
