@@ -514,13 +514,13 @@ impl Trainer {
             let step = self.state.step;
             self.state.elapsed_seconds = base_elapsed + t0.elapsed().as_secs_f64();
             let eval_loss = if self.cfg.eval_every > 0
-                && (step % self.cfg.eval_every == 0 || step == self.cfg.steps)
+                && (step.is_multiple_of(self.cfg.eval_every) || step == self.cfg.steps)
             {
                 self.evaluate()?
             } else {
                 None
             };
-            let checkpoint = if (self.cfg.save_every > 0 && step % self.cfg.save_every == 0)
+            let checkpoint = if (self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every))
                 || step == self.cfg.steps
             {
                 let p = self.save_checkpoint()?;
