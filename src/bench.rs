@@ -294,3 +294,67 @@ pub fn bench_score(
         nfe,
     })
 }
+
+/// Result of a training benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub seconds_per_step: Stat,
+    pub tokens_per_s: Stat,
+    /// 6·N·tokens (N = non-embedding parameters + the output head) per second.
+    pub gflops: f64,
+}
+
+/// Times pretraining steps (the reference loss, backward, AdamW) on seeded random batches, as the
+/// peer's `train-bench` does.
+pub fn bench_train(
+    model: &Llada,
+    batch: usize,
+    seq_len: usize,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<TrainReport> {
+    use crate::diffusion::{self, noise, LossWeights, Objective};
+    use crate::train::optim::{AdamW, AdamWConfig};
+    let tr = crate::train::Trainable::from_model(model)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), &tr.vars)?;
+    let cfg = model.config();
+    let mask = cfg.mask_token_id.unwrap_or(0);
+    let hi = cfg.vocab_size.min(mask as usize).max(2);
+    let mut rng = Rng::new(seed);
+    let mut secs = Vec::new();
+    for s in 0..warmup + steps {
+        let x0: Vec<Vec<u32>> = (0..batch)
+            .map(|_| (0..seq_len).map(|_| rng.below(hi - 1) as u32).collect())
+            .collect();
+        crate::device::sync(model.device())?;
+        let t0 = Instant::now();
+        let noised = noise::forward_process(&x0, None, mask, noise::EPS, &mut rng);
+        let w = LossWeights::new(&x0, &noised, &Objective::Pretrain)?;
+        let ids = candle_core::Tensor::from_vec(noised.noisy.concat(), (batch, seq_len), model.device())?;
+        let pos = candle_core::Tensor::from_slice(&w.positions, w.positions.len(), model.device())?;
+        let logits = tr.model.forward_train_positions(&ids, &pos)?;
+        let loss = diffusion::masked_diffusion_loss(&logits, &w)?;
+        let grads = tr.gradients(&loss)?;
+        let (_, grads) = crate::train::optim::clip_grad_norm(&grads, 1.0)?;
+        opt.step(&tr.vars, &grads, 1e-4)?;
+        crate::device::sync(model.device())?;
+        if s >= warmup {
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = (batch * seq_len) as f64;
+    let n = (cfg.parameter_count() - (cfg.embedding_size * cfg.d_model) as u64) as f64;
+    let st = Stat::of(&secs);
+    Ok(TrainReport {
+        steps,
+        batch,
+        seq_len,
+        tokens_per_s: Stat::of(&secs.iter().map(|s| tokens / s).collect::<Vec<_>>()),
+        gflops: 6.0 * n * tokens / st.mean / 1e9,
+        seconds_per_step: st,
+    })
+}

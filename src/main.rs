@@ -2,6 +2,11 @@
 
 mod cli;
 
+/// mimalloc keeps freed pages for reuse: the engine allocates and frees many large tensors per
+/// step, which with the system allocator means fresh zeroed pages (page faults) every time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {

@@ -21,8 +21,8 @@ pub struct BenchArgs {
     /// on the device: an 8B-shaped benchmark needs no 16 GB file).
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<PathBuf>,
-    /// What to time: generate (the sampler), forward (one forward pass) or score (the likelihood
-    /// estimator).
+    /// What to time: generate (the sampler), forward (one forward pass), score (the likelihood
+    /// estimator) or train (pretraining steps: loss, backward, AdamW; --batch, --len = seq len).
     #[arg(long, default_value = "generate")]
     pub mode: String,
     /// Length of the seeded random prompt.
@@ -249,7 +249,36 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 r.nfe
             );
         }
-        other => bail!("invalid setting mode={other}: must be generate, forward or score"),
+        "train" => {
+            let seq_len = a.len.unwrap_or(256);
+            let r = bench::bench_train(&model, a.batch, seq_len, a.warmup, a.runs, a.sampler.seed)?;
+            let peak = bench::peak_rss_bytes();
+            if a.json {
+                let mut v = header;
+                v["mode"] = "train".into();
+                v["report"] = serde_json::to_value(&r)?;
+                v["tokens_per_s"] = r.tokens_per_s.mean.into();
+                v["seconds"] = r.seconds_per_step.mean.into();
+                v["gflops"] = r.gflops.into();
+                v["peak_rss_bytes"] = peak.into();
+                return print_json(&v);
+            }
+            println!(
+                "llada bench · train · {} · {} {} · {} threads",
+                source,
+                device_name(model.device()),
+                dtype_name(model.dtype()),
+                threads
+            );
+            println!("settings        batch {} × {} tokens · {} timed steps after {} warm-up", r.batch, r.seq_len, r.steps, a.warmup);
+            println!("tokens/s        {}", pm(r.tokens_per_s, 1));
+            println!("s per step      {}", pm(r.seconds_per_step, 3));
+            println!("model GFLOP/s   {:.1} (6·N·tokens)", r.gflops);
+            if let Some(p) = peak {
+                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
+            }
+        }
+        other => bail!("invalid setting mode={other}: must be generate, forward, score or train"),
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ pub mod attention;
 pub mod cpu;
 pub mod gemm;
 pub mod math;
+pub mod matmul_op;
 
 use candle_core::{DType, Device, Result, Tensor};
 

@@ -248,7 +248,7 @@ impl Attention {
         // keys and values are used without being repeated.
         let qg = q.reshape((b, hkv, rep * lq, hd))?; // [B, Hkv, rep·Lq, hd]
         let scores = if differentiable {
-            qg.matmul(&k.t()?)?
+            crate::kernels::matmul_op::matmul(&qg, &k.t()?)?
         } else {
             crate::kernels::matmul_nt(&qg, k)?
         }; // [B, Hkv, rep·Lq, Lk]
@@ -263,7 +263,7 @@ impl Attention {
         };
         let p = p.to_dtype(dtype)?.reshape((b, hkv, rep * lq, lk))?;
         let o = if differentiable {
-            p.matmul(v)?
+            crate::kernels::matmul_op::matmul(&p, v)?
         } else {
             crate::kernels::matmul(&p, v)?
         }; // [B, Hkv, rep·Lq, hd]

@@ -102,7 +102,7 @@ impl Linear {
 
     /// y = x·Wᵀ made of differentiable ops (training).
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.dense()?.t()?)
+        crate::kernels::matmul_op::matmul(x, &self.dense()?.t()?)
     }
 }
 

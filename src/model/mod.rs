@@ -373,7 +373,7 @@ impl Llada {
             } else {
                 self.head.dense()?
             };
-            self.ln_f.forward_diff(h)?.matmul(&head.t()?)
+            crate::kernels::matmul_op::matmul(&self.ln_f.forward_diff(h)?, &head.t()?)
         } else {
             self.head.forward_f32(&self.ln_f.forward(h)?)
         }
