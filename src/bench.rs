@@ -334,7 +334,8 @@ pub fn bench_train(
         let t0 = Instant::now();
         let noised = noise::forward_process(&x0, None, mask, noise::EPS, &mut rng);
         let w = LossWeights::new(&x0, &noised, &Objective::Pretrain)?;
-        let ids = candle_core::Tensor::from_vec(noised.noisy.concat(), (batch, seq_len), model.device())?;
+        let ids =
+            candle_core::Tensor::from_vec(noised.noisy.concat(), (batch, seq_len), model.device())?;
         let pos = candle_core::Tensor::from_slice(&w.positions, w.positions.len(), model.device())?;
         let logits = tr.model.forward_train_positions(&ids, &pos)?;
         let loss = diffusion::masked_diffusion_loss(&logits, &w)?;

@@ -9,7 +9,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 
+/// `mi_option_purge_delay` in mimalloc v3 (libmimalloc-sys 0.1.49, pinned in Cargo.toml).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> std::process::ExitCode {
+    // Never hand freed pages back to the OS: every step frees and reallocates the same large
+    // buffers, and returned pages come back as page faults and zeroing.
+    // SAFETY: plain option setter of the linked allocator.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::run(args) {

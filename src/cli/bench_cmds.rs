@@ -270,7 +270,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 dtype_name(model.dtype()),
                 threads
             );
-            println!("settings        batch {} × {} tokens · {} timed steps after {} warm-up", r.batch, r.seq_len, r.steps, a.warmup);
+            println!(
+                "settings        batch {} × {} tokens · {} timed steps after {} warm-up",
+                r.batch, r.seq_len, r.steps, a.warmup
+            );
             println!("tokens/s        {}", pm(r.tokens_per_s, 1));
             println!("s per step      {}", pm(r.seconds_per_step, 3));
             println!("model GFLOP/s   {:.1} (6·N·tokens)", r.gflops);

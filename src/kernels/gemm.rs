@@ -110,23 +110,25 @@ impl PackedF32 {
     pub fn from_strided(w: &[f32], n: usize, k: usize, j_stride: usize, p_stride: usize) -> Self {
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR).enumerate().for_each(|(jp, panel)| {
-            let cols = NR.min(n - jp * NR);
-            if j_stride == 1 {
-                // rows of the panel are contiguous runs in w
-                for p in 0..k {
-                    let src = &w[p * p_stride + jp * NR..p * p_stride + jp * NR + cols];
-                    panel[p * NR..p * NR + cols].copy_from_slice(src);
-                }
-            } else {
-                for jj in 0..cols {
-                    let base = (jp * NR + jj) * j_stride;
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                let cols = NR.min(n - jp * NR);
+                if j_stride == 1 {
+                    // rows of the panel are contiguous runs in w
                     for p in 0..k {
-                        panel[p * NR + jj] = w[base + p * p_stride];
+                        let src = &w[p * p_stride + jp * NR..p * p_stride + jp * NR + cols];
+                        panel[p * NR..p * NR + cols].copy_from_slice(src);
+                    }
+                } else {
+                    for jj in 0..cols {
+                        let base = (jp * NR + jj) * j_stride;
+                        for p in 0..k {
+                            panel[p * NR + jj] = w[base + p * p_stride];
+                        }
                     }
                 }
-            }
-        });
+            });
         PackedF32 { n, k, data }
     }
 

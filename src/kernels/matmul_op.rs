@@ -32,7 +32,13 @@ impl CustomOp2 for MatMul {
         "llada-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => (a.as_slice(), b.as_slice()),
             _ => candle_core::bail!("llada-matmul: f32 only"),
@@ -49,27 +55,47 @@ impl CustomOp2 for MatMul {
         let ao = batch_offsets(l1);
         let bo = batch_offsets(l2);
         let mut out = vec![0f32; ao.len() * m * n];
-        out.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, c)| {
-            let a_op = AOperand {
-                data: &a[ao[i]..],
-                rs: a_rs,
-                cs: a_cs,
-            };
-            if b_cs == 1 || n == 1 {
-                let ld = if n == 1 { b_rs.max(1) } else { b_rs };
-                gemm::sgemm(m, n, k, a_op, BOperand::Rows { data: &b[bo[i]..], ld }, c, n, false);
-            } else {
-                // b(p, j) = b[p·b_rs + j·b_cs]: pack the columns as panels
-                let pk = PackedF32::from_strided(&b[bo[i]..], n, k, b_cs, b_rs);
-                gemm::sgemm(m, n, k, a_op, BOperand::Packed(&pk), c, n, false);
-            }
-        });
+        out.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(i, c)| {
+                let a_op = AOperand {
+                    data: &a[ao[i]..],
+                    rs: a_rs,
+                    cs: a_cs,
+                };
+                if b_cs == 1 || n == 1 {
+                    let ld = if n == 1 { b_rs.max(1) } else { b_rs };
+                    gemm::sgemm(
+                        m,
+                        n,
+                        k,
+                        a_op,
+                        BOperand::Rows {
+                            data: &b[bo[i]..],
+                            ld,
+                        },
+                        c,
+                        n,
+                        false,
+                    );
+                } else {
+                    // b(p, j) = b[p·b_rs + j·b_cs]: pack the columns as panels
+                    let pk = PackedF32::from_strided(&b[bo[i]..], n, k, b_cs, b_rs);
+                    gemm::sgemm(m, n, k, a_op, BOperand::Packed(&pk), c, n, false);
+                }
+            });
         let mut shape = ad[..r - 2].to_vec();
         shape.extend([m, n]);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let r = a.rank();
         let da = matmul(grad, &b.transpose(r - 2, r - 1)?)?;
         let db = matmul(&a.transpose(r - 2, r - 1)?, grad)?;
@@ -105,22 +131,51 @@ mod tests {
             (vec![2, 3, 33, 20], vec![2, 3, 20, 35], false, false),
             (vec![2, 3, 20, 33], vec![2, 3, 20, 35], true, false),
         ] {
-            let a0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape_a.as_slice(), &dev).unwrap()).unwrap();
-            let b0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape_b.as_slice(), &dev).unwrap()).unwrap();
+            let a0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape_a.as_slice(), &dev).unwrap())
+                .unwrap();
+            let b0 = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape_b.as_slice(), &dev).unwrap())
+                .unwrap();
             let r = shape_a.len();
-            let a = if ta { a0.as_tensor().transpose(r - 2, r - 1).unwrap() } else { a0.as_tensor().clone() };
-            let b = if tb { b0.as_tensor().transpose(r - 2, r - 1).unwrap() } else { b0.as_tensor().clone() };
+            let a = if ta {
+                a0.as_tensor().transpose(r - 2, r - 1).unwrap()
+            } else {
+                a0.as_tensor().clone()
+            };
+            let b = if tb {
+                b0.as_tensor().transpose(r - 2, r - 1).unwrap()
+            } else {
+                b0.as_tensor().clone()
+            };
             let w = Tensor::randn(0f32, 1.0, a.matmul(&b).unwrap().shape(), &dev).unwrap();
             let ours = matmul(&a, &b).unwrap();
             let theirs = a.matmul(&b).unwrap();
-            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (&ours - &theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-4, "forward {d}");
             let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for v in [&a0, &b0] {
                 let x = g1.get(v.as_tensor()).unwrap();
                 let y = g2.get(v.as_tensor()).unwrap();
-                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let d = (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(d < 1e-4, "gradient {d}");
             }
         }

@@ -520,7 +520,8 @@ impl Trainer {
             } else {
                 None
             };
-            let checkpoint = if (self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every))
+            let checkpoint = if (self.cfg.save_every > 0
+                && step.is_multiple_of(self.cfg.save_every))
                 || step == self.cfg.steps
             {
                 let p = self.save_checkpoint()?;
