@@ -88,9 +88,10 @@ pub struct GenerateReport {
     pub gflops: f64,
 }
 
-/// A model wrapper that times its forward passes.
+/// A predictor wrapper that times its forward passes.
 struct Timed<'a> {
     model: &'a Llada,
+    inner: sampler::LladaPredictor<'a>,
     forward_seconds: f64,
 }
 
@@ -102,10 +103,17 @@ impl sampler::MaskPredictor for Timed<'_> {
         rows: std::ops::Range<usize>,
     ) -> Result<candle_core::Tensor> {
         let t = Instant::now();
-        let y = self.model.forward_rows(x, key_mask, rows)?;
+        let y = self.inner.logits(x, key_mask, rows)?;
         crate::device::sync(self.model.device())?;
         self.forward_seconds += t.elapsed().as_secs_f64();
         Ok(y)
+    }
+    fn begin_block(
+        &mut self,
+        block: std::ops::Range<usize>,
+        mode: sampler::CacheMode,
+    ) -> Result<()> {
+        self.inner.begin_block(block, mode)
     }
     fn device(&self) -> candle_core::Device {
         self.model.device().clone()
@@ -141,6 +149,7 @@ pub fn bench_generate(
     for r in 0..warmup + runs {
         let mut timed = Timed {
             model,
+            inner: sampler::LladaPredictor::new(model),
             forward_seconds: 0.0,
         };
         let mut rng = Rng::new(seed);

@@ -139,9 +139,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 threads
             );
             println!(
-                "settings        batch {} · prompt {} · gen {} · steps {} · block {} · T {} · cfg {} · {:?} · {}",
+                "settings        batch {} · prompt {} · gen {} · steps {} · block {} · T {} · cfg {} · {:?} · {} · cache {}{}",
                 a.batch, a.prompt_len, cfg.gen_length, cfg.steps, cfg.block_length, cfg.temperature,
-                cfg.cfg_scale, cfg.commit, cfg.remasking
+                cfg.cfg_scale, cfg.commit, cfg.remasking, cfg.cache,
+                if cfg.early_stop { " · early stop" } else { "" }
             );
             println!(
                 "runs            {} timed after {} warm-up",

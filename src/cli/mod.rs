@@ -37,6 +37,8 @@ pub enum Command {
     Init(model_cmds::InitArgs),
     /// Run one forward pass and write or print the logits.
     Forward(model_cmds::ForwardArgs),
+    /// Re-write a checkpoint in Hugging Face form with another stored dtype (e.g. bf16).
+    Export(model_cmds::ExportArgs),
     /// Generate an answer to a prompt by unmasking it step by step.
     Generate(sample_cmds::GenerateArgs),
     /// Multi-turn console chat with the chat template.
@@ -51,6 +53,8 @@ pub enum Command {
     Ppl(score_cmds::PplArgs),
     /// Multiple-choice evaluation of a JSONL task file.
     Eval(score_cmds::EvalArgs),
+    /// Exact-match evaluation of generated chat answers (JSONL with expected answers).
+    EvalChat(score_cmds::EvalChatArgs),
     /// Pretrain or fine-tune (SFT) with the masked-diffusion bound; resumable.
     Train(train_cmds::TrainArgs),
     /// Tokenizer tools.
@@ -133,6 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => model_cmds::info(a),
         Command::Init(a) => model_cmds::init(a),
         Command::Forward(a) => model_cmds::forward(a),
+        Command::Export(a) => model_cmds::export(a),
         Command::Generate(a) => sample_cmds::generate(a),
         Command::Chat(a) => sample_cmds::chat(a),
         Command::Infill(a) => sample_cmds::infill(a),
@@ -140,6 +145,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score_cmds::score_cmd(a),
         Command::Ppl(a) => score_cmds::ppl_cmd(a),
         Command::Eval(a) => score_cmds::eval_cmd(a),
+        Command::EvalChat(a) => score_cmds::eval_chat_cmd(a),
         Command::Train(a) => train_cmds::train(a),
         Command::Tokenizer(c) => train_cmds::tokenizer(c),
         Command::Data(c) => train_cmds::data_cmd(c),

@@ -254,3 +254,48 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint folder to export.
+    pub model: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Shard the safetensors above this many bytes.
+    #[arg(long)]
+    pub max_shard_bytes: Option<u64>,
+}
+
+/// Re-writes a checkpoint (e.g. a training checkpoint) in Hugging Face form with the chosen
+/// stored dtype, tokenizer files included.
+pub fn export(a: ExportArgs) -> Result<()> {
+    let dtype: llada::RunDType = a.dtype.parse()?;
+    let (raw, cfg) = llada::checkpoint::read_config(&a.model)?;
+    let files = llada::weights::SafetensorsFiles::open(&a.model)?;
+    let model = Llada::load(
+        &cfg,
+        &llada::model::FileWeights {
+            files: &files,
+            dtype: dtype.dtype(),
+            device: &Device::Cpu,
+        },
+    )?;
+    save_model_sharded(
+        &a.out,
+        &raw,
+        &model,
+        a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
+    )?;
+    copy_tokenizer_files(&a.model, &a.out)?;
+    println!(
+        "wrote {} ({}, {} parameters)",
+        a.out.display(),
+        dtype,
+        cfg.parameter_count()
+    );
+    Ok(())
+}

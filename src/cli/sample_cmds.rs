@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::sampler::{self, Commit, PromptBatch, SamplerConfig, StepEvent};
+use llada::sampler::{self, Commit, LladaPredictor, PromptBatch, SamplerConfig, StepEvent};
 use llada::{Checkpoint, Message, Rng};
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
@@ -46,6 +46,13 @@ pub struct SamplerArgs {
     /// Fast-dLLM factor rule: commit the longest prefix of ranks n with (n+1)(1−c_n) ≤ f.
     #[arg(long, allow_negative_numbers = true)]
     pub factor: Option<f64>,
+    /// Key/value cache between the steps of a block: none, prefix or dual (Fast-dLLM).
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Stop as soon as the answer is final (an EOS/EOT committed with nothing masked before it);
+    /// the decoded answer is unchanged, the rest becomes EOS padding.
+    #[arg(long)]
+    pub early_stop: bool,
     /// Random seed (temperature sampling, random remasking).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -87,6 +94,10 @@ impl SamplerArgs {
         if let Some(f) = self.factor {
             c.commit = Commit::Factor { f };
         }
+        if let Some(m) = &self.cache {
+            c.cache = m.parse()?;
+        }
+        c.early_stop |= self.early_stop;
         Ok(c)
     }
 
@@ -230,7 +241,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         ControlFlow::Continue(())
     };
     let t0 = Instant::now();
-    let mut m = &ck.model;
+    let mut m = LladaPredictor::new(&ck.model);
     let g = sampler::generate(&mut m, &batch, &cfg, &ck.special, &mut rng, &mut on_step)?;
     let seconds = t0.elapsed().as_secs_f64();
     let texts: Vec<String> = match &ck.tokenizer {
@@ -349,7 +360,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             ControlFlow::Continue(())
         };
         let t0 = Instant::now();
-        let mut m = &ck.model;
+        let mut m = LladaPredictor::new(&ck.model);
         let g = sampler::generate(
             &mut m,
             &PromptBatch::single(prompt),
@@ -412,7 +423,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
         ControlFlow::Continue(())
     };
     let t0 = Instant::now();
-    let mut m = &ck.model;
+    let mut m = LladaPredictor::new(&ck.model);
     let g = sampler::infill(&mut m, &canvas, &cfg, &ck.special, &mut rng, &mut on_step)?;
     let seconds = t0.elapsed().as_secs_f64();
     let out = &g.output_ids[0];

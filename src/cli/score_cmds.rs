@@ -253,3 +253,70 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct EvalChatArgs {
+    /// [MODEL] CASES.jsonl: checkpoint (optional) and chat examples whose last message is the
+    /// expected assistant answer ({"task"?: str, "messages": [...]}).
+    #[arg(num_args = 1..=2, required = true, value_name = "[MODEL] CASES")]
+    pub positional: Vec<String>,
+    /// Only the first N cases.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Prompts per generation batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub sampler: super::sample_cmds::SamplerArgs,
+    /// Print JSON (with every answer).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+}
+
+pub fn eval_chat_cmd(a: EvalChatArgs) -> Result<()> {
+    let base = llada::sampler::SamplerConfig {
+        gen_length: 32,
+        steps: 32,
+        block_length: 32,
+        ..Default::default()
+    };
+    let cfg = a.sampler.config(base)?;
+    let (model, path) = model_and_file(&a.positional)?;
+    let mut cases = llada::score::exact::load_cases(&path)?;
+    if let Some(n) = a.limit {
+        cases.truncate(n);
+    }
+    let ck = a.rt.load(&model.resolve()?)?;
+    let tok = ck.tokenizer()?;
+    let pb = bar(cases.len(), "cases");
+    let mut m = llada::sampler::LladaPredictor::new(&ck.model);
+    let (results, acc, per) =
+        llada::score::exact::evaluate(&mut m, tok, &cases, &cfg, a.batch, &mut |i, _| {
+            pb.set_position(i as u64)
+        })?;
+    pb.finish_and_clear();
+    if a.json {
+        return print_json(
+            &serde_json::json!({"accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n, "per_task": per, "results": results}),
+        );
+    }
+    println!(
+        "exact match {:.1}% ({}/{}) · 95% CI [{:.1}%, {:.1}%]",
+        100.0 * acc.accuracy,
+        acc.correct,
+        acc.n,
+        100.0 * acc.ci95.0,
+        100.0 * acc.ci95.1
+    );
+    for (task, t) in per {
+        println!(
+            "  {task:<12} {:5.1}% ({}/{})",
+            100.0 * t.accuracy,
+            t.correct,
+            t.n
+        );
+    }
+    Ok(())
+}

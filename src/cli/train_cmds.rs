@@ -207,6 +207,30 @@ pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
 pub enum DataCmd {
     /// Tokenise text or chat files into a training dataset folder.
     Prepare(PrepareArgs),
+    /// Write seeded synthetic instruction tasks (arithmetic, list reversal, copying, QA) as chat
+    /// JSONL for SFT and exact-match evaluation.
+    SynthSft(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Output JSONL file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of examples.
+    #[arg(long, default_value_t = 10000)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the plain text of every message here (e.g. for tokenizer training).
+    #[arg(long)]
+    pub text_out: Option<PathBuf>,
+    /// Add verse-continuation examples drawn from the lines of this text file…
+    #[arg(long)]
+    pub continuations: Option<PathBuf>,
+    /// …this many of them.
+    #[arg(long, default_value_t = 0)]
+    pub n_continuations: usize,
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +262,45 @@ pub struct PrepareArgs {
 
 pub fn data_cmd(cmd: DataCmd) -> Result<()> {
     match cmd {
+        DataCmd::SynthSft(a) => {
+            let mut text = String::new();
+            let mut plain = String::new();
+            let mut examples = llada::synth::tasks(a.n, a.seed);
+            if let Some(p) = &a.continuations {
+                let text = llada::error::read_to_string(p)?;
+                let lines: Vec<&str> = text.lines().collect();
+                examples.extend(llada::synth::continuations(
+                    &lines,
+                    a.n_continuations,
+                    a.seed,
+                ));
+            }
+            for ex in examples {
+                text += &serde_json::json!({"task": ex.task.name(), "messages": ex.messages})
+                    .to_string();
+                text.push('\n');
+                for m in &ex.messages {
+                    plain += &m.content;
+                    plain.push('\n');
+                }
+            }
+            llada::weights::atomic_write(&a.out, text.as_bytes())?;
+            if let Some(t) = &a.text_out {
+                llada::weights::atomic_write(t, plain.as_bytes())?;
+            }
+            println!(
+                "wrote {} ({} task examples + {} continuations, seed {})",
+                a.out.display(),
+                a.n,
+                if a.continuations.is_some() {
+                    a.n_continuations
+                } else {
+                    0
+                },
+                a.seed
+            );
+            Ok(())
+        }
         DataCmd::Prepare(a) => {
             let tok = Tokenizer::open(&a.tokenizer)?;
             let kind = match a.kind.as_str() {

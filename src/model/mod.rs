@@ -2,6 +2,7 @@
 //! attention, read top-down: names → block → model → load → forward (reference §2).
 
 pub mod attention;
+pub mod cache;
 pub mod layers;
 
 use std::collections::HashMap;
@@ -14,7 +15,9 @@ use crate::weights::SafetensorsFiles;
 
 pub use attention::{Attention, Rope};
 
-use crate::kernels::attention::{KeyMask, KvShape, KvStore};
+pub use cache::KvCache;
+
+use crate::kernels::attention::{KeyMask, KvShape};
 pub use layers::{Linear, Mlp, RmsNorm};
 
 /// Prefix of every tensor name in the Hugging Face checkpoint (`LLaDAModelLM.model.transformer`).
@@ -188,21 +191,63 @@ impl Block {
         self.mlp_residual(&x, differentiable)
     }
 
-    /// The fused CPU inference path: attention without head splits, keys/values in a store.
-    fn forward_fused(
+    /// Inference on a chunk: `x` [B·n, D] holds positions start..start+n; their keys and values
+    /// go into `cache` (layer `layer`), the other positions' come from it.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_chunk(
         &self,
         x: &Tensor,
         b: usize,
-        l: usize,
+        n: usize,
+        start: usize,
         rope: &Rope,
-        mask: &KeyMask<'_>,
-        shape: KvShape,
+        cache: &mut KvCache,
+        layer: usize,
+        causal: bool,
     ) -> CResult<Tensor> {
         let a = self.attn_norm.forward(x)?;
-        let mut store = KvStore::new(shape, x.dtype() == DType::BF16);
-        let att = self
-            .attn
-            .forward_fused(&a, b, l, 0, &mut store, shape, mask, rope)?;
+        let att = match cache {
+            KvCache::Fused {
+                stores,
+                shape,
+                valid,
+            } => {
+                let mask = KeyMask {
+                    valid: valid.as_deref(),
+                    causal,
+                };
+                let shape = *shape;
+                self.attn
+                    .forward_fused(&a, b, n, start, &mut stores[layer], shape, &mask, rope)?
+            }
+            KvCache::Tensors {
+                kv, pad_bias, len, ..
+            } => {
+                let (q, k, v) = self.attn.qkv(&a, b, n, rope, start, false)?;
+                let (k, v) = match kv[layer].take() {
+                    Some((ok, ov)) => (
+                        cache::replace_rows(&ok, &k, start)?,
+                        cache::replace_rows(&ov, &v, start)?,
+                    ),
+                    None if start == 0 && n == *len => (k, v),
+                    None => {
+                        candle_core::bail!("KV cache: the first pass must cover the whole canvas")
+                    }
+                };
+                let bias = if causal {
+                    let c = cache::causal_bias(start, n, *len, x.device())?;
+                    Some(match pad_bias {
+                        Some(p) => p.broadcast_add(&c)?.clamp(f32::MIN, 0.0)?,
+                        None => c,
+                    })
+                } else {
+                    pad_bias.clone()
+                };
+                let o = self.attn.attend(&q, &k, &v, bias.as_ref(), false)?;
+                kv[layer] = Some((k, v));
+                o
+            }
+        };
         let x = crate::kernels::add(x, &att)?;
         self.mlp_residual(&x, false)
     }
@@ -428,37 +473,15 @@ impl Llada {
                 format!("must be a non-empty range within 0..{l}"),
             ));
         }
+        if !differentiable {
+            let mut cache = self.new_cache(b, l, key_mask)?;
+            return self.forward_chunk(ids, 0, &mut cache, rows);
+        }
         let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
         let mut h = self.embed(ids)?; // [B·L, D]
-        if !differentiable && crate::kernels::fused_cpu(&self.device, self.dtype) {
-            let valid: Option<Vec<Vec<bool>>> = match key_mask {
-                Some(m) => Some(
-                    m.to_dtype(DType::U32)?
-                        .to_vec2::<u32>()?
-                        .into_iter()
-                        .map(|r| r.into_iter().map(|x| x != 0).collect())
-                        .collect(),
-                ),
-                None => None,
-            };
-            let mask = KeyMask {
-                valid: valid.as_deref(),
-                causal: self.cfg.causal,
-            };
-            let shape = KvShape {
-                batch: b,
-                kv_heads: self.cfg.n_kv_heads,
-                head_dim: self.cfg.head_dim,
-                len: l,
-            };
-            for block in &self.blocks {
-                h = block.forward_fused(&h, b, l, &self.rope, &mask, shape)?;
-            }
-        } else {
-            let bias = self.attention_bias(key_mask, b, l)?;
-            for block in &self.blocks {
-                h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
-            }
+        let bias = self.attention_bias(key_mask, b, l)?;
+        for block in &self.blocks {
+            h = block.forward(&h, b, l, &self.rope, bias.as_ref(), differentiable)?;
         }
         let n = rows.end - rows.start;
         if n != l {
@@ -469,6 +492,78 @@ impl Llada {
         }
         let logits = self.logits_of(&h, differentiable)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, n, vocab))?)
+    }
+
+    /// An empty key/value cache for `batch` canvases of `len` positions (with their key-padding
+    /// mask [B, L], if any).
+    pub fn new_cache(
+        &self,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+    ) -> Result<KvCache> {
+        let shape = KvShape {
+            batch,
+            kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+            len,
+        };
+        Ok(KvCache::new(
+            crate::kernels::fused_cpu(&self.device, self.dtype),
+            self.cfg.n_layers,
+            shape,
+            self.dtype,
+            key_mask,
+        )?)
+    }
+
+    /// Inference forward of canvas positions `start..start+n` (`ids` [B, n]) with every other
+    /// position's keys and values taken from `cache`, which is updated with this chunk's. The
+    /// first call on a fresh cache must cover the whole canvas. Returns the logits [B, |rows|, V]
+    /// (f32) of the absolute positions `rows` (within the chunk).
+    pub fn forward_chunk(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        cache: &mut KvCache,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let (b, n) = self.check_ids(ids)?;
+        let total = cache.len();
+        if b != cache.batch() || start + n > total {
+            return Err(Error::setting(
+                "chunk",
+                format!("{b}x{start}..{}", start + n),
+                format!(
+                    "must lie within the cached canvas {}x{total}",
+                    cache.batch()
+                ),
+            ));
+        }
+        if rows.start < start || rows.end > start + n || rows.is_empty() {
+            return Err(Error::setting(
+                "rows",
+                format!("{rows:?}"),
+                format!(
+                    "must be a non-empty range within the chunk {start}..{}",
+                    start + n
+                ),
+            ));
+        }
+        let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
+        let mut h = self.embed(ids)?; // [B·n, D]
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward_chunk(&h, b, n, start, &self.rope, cache, i, self.cfg.causal)?;
+        }
+        let w = rows.end - rows.start;
+        if w != n {
+            h = h
+                .reshape((b, n, d))?
+                .narrow(1, rows.start - start, w)?
+                .reshape((b * w, d))?;
+        }
+        let logits = self.logits_of(&h, false)?.to_dtype(DType::F32)?;
+        Ok(logits.reshape((b, w, vocab))?)
     }
 
     /// Training forward: logits [N, V] of the flattened positions `positions` (indices into

@@ -6,6 +6,7 @@
 //! [`Guidance`] (CFG). The only trait is the model seam, [`MaskPredictor`]. Progress and
 //! cancellation go through an `on_step` callback.
 
+pub mod cache;
 pub mod commit;
 pub mod guidance;
 pub mod gumbel;
@@ -18,6 +19,7 @@ use std::ops::{ControlFlow, Range};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use cache::{CacheMode, LladaPredictor};
 pub use commit::Commit;
 pub use guidance::Guidance;
 pub use remask::Remasking;
@@ -54,9 +56,25 @@ pub trait MaskPredictor {
     fn max_sequence_length(&self) -> usize {
         usize::MAX
     }
+
+    /// Called when the sampler starts a block (positions `block`): a caching predictor refreshes
+    /// its keys/values on the next call and then recomputes only what `mode` says. Predictors
+    /// without caches accept only [`CacheMode::None`].
+    fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
+        let _ = block;
+        match mode {
+            CacheMode::None => Ok(()),
+            other => Err(Error::setting(
+                "cache",
+                other,
+                "this mask predictor has no key/value cache",
+            )),
+        }
+    }
 }
 
 impl MaskPredictor for &Llada {
+    // no cache: `begin_block` accepts only CacheMode::None (the trait default)
     fn logits(
         &mut self,
         x: &Tensor,
@@ -97,6 +115,12 @@ pub struct SamplerConfig {
     pub logits_eos_inf: bool,
     /// EOS/EOT get confidence 0, with the reference's real behaviour (§4.8).
     pub confidence_eos_eot_inf: bool,
+    /// Key/value reuse between the steps of a block (Fast-dLLM).
+    pub cache: CacheMode,
+    /// Stop a row as soon as its answer is final: an EOS/EOT is committed and every position
+    /// before it is committed; the rest is filled with EOS. The decoded answer (cut at the first
+    /// EOS/EOT) is the same as without it at any temperature; only ids after it may differ.
+    pub early_stop: bool,
 }
 
 impl Default for SamplerConfig {
@@ -111,6 +135,8 @@ impl Default for SamplerConfig {
             cfg_scale: 0.0,
             logits_eos_inf: false,
             confidence_eos_eot_inf: false,
+            cache: CacheMode::None,
+            early_stop: false,
         }
     }
 }
@@ -131,6 +157,13 @@ impl SamplerConfig {
                 "cfg_scale",
                 self.cfg_scale,
                 "must be a finite number >= 0",
+            ));
+        }
+        if self.cache != CacheMode::None && self.cfg_scale > 0.0 {
+            return Err(Error::setting(
+                "cache",
+                self.cache,
+                format!("cannot be combined with classifier-free guidance (cfg_scale={}): the reference caches support neither, and the unconditional rows would need their own cache", self.cfg_scale),
             ));
         }
         match self.commit {
@@ -420,9 +453,21 @@ fn denoise(
     let mut nfe = 0usize;
     let mut step = 0usize;
     let total_steps = cfg.steps;
-    for blk in 0..blocks.num_blocks {
+    // Rows whose answer is final (early stop): no longer predicted.
+    let mut finished = vec![false; b];
+    // The reference LLaDA loop (top-k, no cache) runs exactly steps_per_block calls per block;
+    // the Fast-dLLM loops (parallel rules or caches) stop as soon as the block has no masks.
+    let fast_loop = cfg.commit != Commit::TopK || cfg.cache != CacheMode::None;
+    'blocks: for blk in 0..blocks.num_blocks {
         let (lo, hi) = blocks.bounds(p, blk);
-        let window = p..hi; // rows whose predictions can be committed
+        model.begin_block(lo..hi, cfg.cache)?;
+        // Rows whose predictions can be committed: with a cache only the block's (the reference
+        // cached loops predict only the block); otherwise everything up to the block's end.
+        let window = if cfg.cache == CacheMode::None {
+            p..hi
+        } else {
+            lo..hi
+        };
         let schedule: Vec<Vec<usize>> = x
             .iter()
             .map(|r| {
@@ -430,16 +475,24 @@ fn denoise(
                 num_transfer_tokens(m, blocks.steps_per_block)
             })
             .collect();
-        let block_has_masks = |x: &[Vec<u32>]| x.iter().any(|r| r[lo..hi].contains(&mask_id));
-        // Top-k: exactly steps_per_block calls (the reference's loop). Parallel rules: until the
-        // block has no masks, capped in case the model keeps committing the mask id itself.
-        let max_iters = match cfg.commit {
-            Commit::TopK => blocks.steps_per_block,
-            _ => 8 * blocks.block_length,
+        let block_has_masks = |x: &[Vec<u32>], finished: &[bool]| {
+            x.iter()
+                .zip(finished)
+                .any(|(r, &f)| !f && r[lo..hi].contains(&mask_id))
+        };
+        // capped in case the model keeps committing the mask id itself
+        let max_iters = if fast_loop {
+            8 * blocks.block_length
+        } else {
+            blocks.steps_per_block
         };
         let mut i = 0;
         while i < max_iters {
-            if !cfg.commit.uses_schedule() && !block_has_masks(&x) {
+            // Fast-dLLM's cached loops (24cc59e, the golden cases' version) test for completion
+            // only after their first cached forward: a block completed by its block-start step
+            // still costs one more (no-op) forward.
+            let reference_extra = cfg.cache != CacheMode::None && i == 1;
+            if fast_loop && !reference_extra && !block_has_masks(&x, &finished) {
                 break;
             }
             // [B or 2B, L] on the device: the few bytes of the canvas go up each step.
@@ -464,7 +517,11 @@ fn denoise(
             // Masked positions of the window, per row (offsets from the window start).
             let wanted: Vec<Vec<usize>> = x
                 .iter()
-                .map(|r| {
+                .zip(&finished)
+                .map(|(r, &f)| {
+                    if f {
+                        return Vec::new();
+                    }
                     (window.start..window.end)
                         .filter(|&j| r[j] == mask_id)
                         .map(|j| j - window.start)
@@ -515,11 +572,29 @@ fn denoise(
             }
             step += 1;
             i += 1;
+            if cfg.early_stop {
+                for (r, f) in finished.iter_mut().enumerate() {
+                    *f = *f || answer_is_final(&x[r][p..], special);
+                }
+                if finished.iter().all(|&f| f) {
+                    break 'blocks;
+                }
+            }
         }
-        if !cfg.commit.uses_schedule() && block_has_masks(&x) {
+        if fast_loop && block_has_masks(&x, &finished) {
             tracing::warn!(
                 "block {blk}: masks remain after {max_iters} steps (the model keeps predicting the mask id)"
             );
+        }
+    }
+    if cfg.early_stop {
+        // the rest of a finished answer is EOS padding
+        for (r, row) in x.iter_mut().enumerate() {
+            if finished[r] {
+                for t in row[p..].iter_mut().filter(|t| **t == mask_id) {
+                    *t = special.eos;
+                }
+            }
         }
     }
     Ok(Generation {
@@ -529,6 +604,18 @@ fn denoise(
         nfe,
         steps: step,
     })
+}
+
+/// Whether an answer is final: some EOS/EOT is committed and nothing before the first one is
+/// masked (later steps cannot change what precedes it, and the answer is cut there).
+pub fn answer_is_final(answer: &[u32], special: &SpecialTokens) -> bool {
+    let end = answer
+        .iter()
+        .position(|&t| t == special.eos || Some(t) == special.eot);
+    match end {
+        Some(e) => !answer[..e].contains(&special.mask),
+        None => false,
+    }
 }
 
 /// An `on_step` callback that does nothing.

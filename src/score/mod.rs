@@ -3,6 +3,7 @@
 //! ([`choice`]) and perplexity bounds ([`ppl`]) build on it.
 
 pub mod choice;
+pub mod exact;
 pub mod ppl;
 
 use candle_core::{DType, Tensor, D};

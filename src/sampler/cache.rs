@@ -1,0 +1,120 @@
+//! The cache-mode axis (Fast-dLLM, reference §6.4) and the model-side predictor that implements
+//! it: at the start of each block one full forward (its logits are the block's first step) fills
+//! the keys/values of every layer; later steps recompute only the current block (`Dual`: the
+//! suffix keeps its block-start keys/values) or the block and everything after it (`Prefix`: the
+//! prefix before the block stays cached).
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::MaskPredictor;
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Llada};
+
+/// Which keys/values are reused between the steps of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Every step is a full forward (the reference LLaDA sampler).
+    #[default]
+    None,
+    /// Cache the prefix (prompt and finished blocks) once per block; recompute block + suffix.
+    Prefix,
+    /// Cache prefix and suffix once per block; recompute only the block.
+    Dual,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "prefix" => Ok(CacheMode::Prefix),
+            "dual" => Ok(CacheMode::Dual),
+            _ => Err(Error::setting("cache", s, "must be none, prefix or dual")),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::Prefix => "prefix",
+            CacheMode::Dual => "dual",
+        })
+    }
+}
+
+/// The LLaDA mask predictor with the cache modes.
+pub struct LladaPredictor<'a> {
+    model: &'a Llada,
+    mode: CacheMode,
+    cache: Option<KvCache>,
+    block: Range<usize>,
+    refresh: bool,
+}
+
+impl<'a> LladaPredictor<'a> {
+    pub fn new(model: &'a Llada) -> Self {
+        LladaPredictor {
+            model,
+            mode: CacheMode::None,
+            cache: None,
+            block: 0..0,
+            refresh: true,
+        }
+    }
+}
+
+impl MaskPredictor for LladaPredictor<'_> {
+    fn logits(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: Range<usize>,
+    ) -> Result<Tensor> {
+        if self.mode == CacheMode::None {
+            return self.model.forward_rows(x, key_mask, rows);
+        }
+        let (b, l) = x.dims2()?;
+        let stale = self
+            .cache
+            .as_ref()
+            .is_none_or(|c| c.len() != l || c.batch() != b);
+        if self.refresh || stale {
+            let mut cache = self.model.new_cache(b, l, key_mask)?;
+            let out = self.model.forward_chunk(x, 0, &mut cache, rows)?;
+            self.cache = Some(cache);
+            self.refresh = false;
+            return Ok(out);
+        }
+        let chunk = match self.mode {
+            CacheMode::Dual => self.block.clone(),
+            _ => self.block.start..l,
+        };
+        let ids = x.narrow(1, chunk.start, chunk.end - chunk.start)?;
+        let cache = self
+            .cache
+            .as_mut()
+            .ok_or_else(|| Error::setting("cache", "empty", "no block-start forward yet"))?;
+        self.model.forward_chunk(&ids, chunk.start, cache, rows)
+    }
+
+    fn device(&self) -> Device {
+        self.model.device().clone()
+    }
+
+    fn max_sequence_length(&self) -> usize {
+        self.model.config().max_sequence_length
+    }
+
+    fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
+        self.mode = mode;
+        self.block = block;
+        self.refresh = true;
+        Ok(())
+    }
+}
