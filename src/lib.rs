@@ -22,6 +22,7 @@ pub mod model;
 pub mod rng;
 pub mod sampler;
 pub mod score;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;
 pub mod train;

@@ -5,6 +5,7 @@ mod bench_cmds;
 mod model_cmds;
 mod sample_cmds;
 mod score_cmds;
+mod serve_cmd;
 mod train_cmds;
 
 use std::path::PathBuf;
@@ -65,6 +66,8 @@ pub enum Command {
     Data(train_cmds::DataCmd),
     /// Plot the loss and learning-rate curves of a training run (PNG).
     Plot(train_cmds::PlotArgs),
+    /// OpenAI-compatible HTTP server with streaming and a live denoising page.
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -150,6 +153,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenizer(c) => train_cmds::tokenizer(c),
         Command::Data(c) => train_cmds::data_cmd(c),
         Command::Plot(a) => train_cmds::plot(a),
+        Command::Serve(a) => serve_cmd::serve(a),
     }
 }
 

@@ -1,0 +1,324 @@
+//! The engine: one thread that owns the model and runs jobs from a bounded queue. Handlers never
+//! touch tensors; they send a [`Job`] carrying its own event channel and read the replies.
+//! Greedy generation jobs with identical settings and prompt lengths that are waiting together
+//! run as one batch (one forward per step for all of them; no padding, so each result is exactly
+//! what it would be alone).
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::error::ApiError;
+use crate::checkpoint::Checkpoint;
+use crate::rng::Rng;
+use crate::sampler::{self, LladaPredictor, PromptBatch, SamplerConfig, StepEvent};
+use crate::score::{self, ScoreConfig};
+
+/// What a job asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobKind {
+    Generate {
+        /// One or more prompts (token ids).
+        prompts: Vec<Vec<u32>>,
+        cfg: SamplerConfig,
+        seed: u64,
+        /// Send a [`Event::Step`] after every step.
+        steps_wanted: bool,
+    },
+    Score {
+        prompt: Vec<u32>,
+        answer: Vec<u32>,
+        cfg: ScoreConfig,
+        seed: u64,
+    },
+}
+
+/// One step of a generation, for one job.
+#[derive(Debug, Clone)]
+pub struct StepUpdate {
+    pub step: usize,
+    pub total_steps: usize,
+    pub block: usize,
+    pub nfe: usize,
+    /// Answer canvas per prompt of the job (mask id where masked).
+    pub canvas: Vec<Vec<u32>>,
+    /// Positions committed this step, per prompt.
+    pub committed: Vec<Vec<usize>>,
+    pub elapsed: Duration,
+}
+
+/// The result of a job.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Generated {
+        generated_ids: Vec<Vec<u32>>,
+        nfe: usize,
+        steps: usize,
+        seconds: f64,
+        /// Jobs that ran in the same batch (this one included).
+        batch_size: usize,
+    },
+    Scored(score::Estimate),
+}
+
+/// What a job receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Step(StepUpdate),
+    Done(Result<Output, ApiError>),
+}
+
+/// A request to the engine.
+pub struct Job {
+    pub kind: JobKind,
+    pub events: UnboundedSender<Event>,
+    pub cancel: Arc<AtomicBool>,
+    pub deadline: Instant,
+}
+
+/// The handlers' side of the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    waiting: Arc<AtomicUsize>,
+    pub capacity: usize,
+}
+
+impl EngineHandle {
+    /// Queues a job; a full queue is [`ApiError::Overloaded`].
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(ApiError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(ApiError::Internal("the engine has stopped".into()))
+            }
+        }
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Jobs that may wait; more are refused with 429.
+    pub queue: usize,
+    /// Most jobs in one batch.
+    pub max_batch: usize,
+}
+
+/// Starts the engine thread on `ck`.
+pub fn start(ck: Checkpoint, cfg: EngineConfig) -> EngineHandle {
+    let (tx, rx) = sync_channel::<Job>(cfg.queue.max(1));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let w = waiting.clone();
+    std::thread::Builder::new()
+        .name("llada-engine".into())
+        .spawn(move || run(ck, rx, w, cfg))
+        .ok();
+    EngineHandle {
+        tx,
+        waiting,
+        capacity: cfg.queue.max(1),
+    }
+}
+
+/// Whether two jobs can share a batch exactly: greedy generation, same settings, same prompt
+/// length, one prompt each.
+fn compatible(a: &JobKind, b: &JobKind) -> bool {
+    match (a, b) {
+        (
+            JobKind::Generate {
+                prompts: pa,
+                cfg: ca,
+                ..
+            },
+            JobKind::Generate {
+                prompts: pb,
+                cfg: cb,
+                ..
+            },
+        ) => {
+            ca == cb
+                && ca.temperature == 0.0
+                && ca.remasking == sampler::Remasking::LowConfidence
+                && pa.len() == 1
+                && pb.len() == 1
+                && pa[0].len() == pb[0].len()
+        }
+        _ => false,
+    }
+}
+
+fn run(ck: Checkpoint, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: EngineConfig) {
+    let mut pending: VecDeque<Job> = VecDeque::new();
+    loop {
+        let first = match pending.pop_front() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => {
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                    j
+                }
+                Err(_) => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < cfg.max_batch {
+            match rx.try_recv() {
+                Ok(j) => {
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                    if compatible(&batch[0].kind, &j.kind) {
+                        batch.push(j);
+                    } else {
+                        pending.push_back(j);
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // drop jobs whose client is gone or whose time is up before starting them
+        batch.retain(|j| {
+            if j.cancel.load(Ordering::SeqCst) {
+                return false;
+            }
+            if Instant::now() > j.deadline {
+                let _ = j.events.send(Event::Done(Err(ApiError::Timeout)));
+                return false;
+            }
+            true
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        match &batch[0].kind {
+            JobKind::Score { .. } => run_score(&ck, &batch[0]),
+            JobKind::Generate { .. } => run_generate(&ck, &batch),
+        }
+    }
+}
+
+fn run_score(ck: &Checkpoint, job: &Job) {
+    let JobKind::Score {
+        prompt,
+        answer,
+        cfg,
+        seed,
+    } = &job.kind
+    else {
+        return;
+    };
+    let mut m = LladaPredictor::new(&ck.model);
+    let r = score::log_likelihood(
+        &mut m,
+        prompt,
+        answer,
+        cfg,
+        ck.special.mask,
+        &mut Rng::new(*seed),
+    );
+    let _ = job
+        .events
+        .send(Event::Done(r.map(Output::Scored).map_err(ApiError::from)));
+}
+
+fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
+    let JobKind::Generate { cfg, seed, .. } = &jobs[0].kind else {
+        return;
+    };
+    // rows of each job in the batch
+    let mut prompts = Vec::new();
+    let mut spans = Vec::new();
+    for j in jobs {
+        if let JobKind::Generate { prompts: p, .. } = &j.kind {
+            spans.push(prompts.len()..prompts.len() + p.len());
+            prompts.extend(p.iter().cloned());
+        }
+    }
+    let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
+    let t0 = Instant::now();
+    let mut done = vec![false; jobs.len()];
+    let mut on_step = |e: &StepEvent| {
+        for (k, j) in jobs.iter().enumerate() {
+            if done[k] {
+                continue;
+            }
+            if j.cancel.load(Ordering::SeqCst) {
+                done[k] = true;
+                continue;
+            }
+            if Instant::now() > j.deadline {
+                let _ = j.events.send(Event::Done(Err(ApiError::Timeout)));
+                j.cancel.store(true, Ordering::SeqCst);
+                done[k] = true;
+                continue;
+            }
+            if let JobKind::Generate {
+                steps_wanted: true, ..
+            } = j.kind
+            {
+                let rows = spans[k].clone();
+                let update = StepUpdate {
+                    step: e.step,
+                    total_steps: e.total_steps,
+                    block: e.block,
+                    nfe: e.nfe,
+                    canvas: e.canvas[rows.clone()].iter().map(|r| r.to_vec()).collect(),
+                    committed: e.committed[rows]
+                        .iter()
+                        .map(|c| c.iter().map(|x| x.index).collect())
+                        .collect(),
+                    elapsed: t0.elapsed(),
+                };
+                if j.events.send(Event::Step(update)).is_err() {
+                    done[k] = true;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let mut m = LladaPredictor::new(&ck.model);
+    let r = sampler::generate(
+        &mut m,
+        &batch,
+        cfg,
+        &ck.special,
+        &mut Rng::new(*seed),
+        &mut on_step,
+    );
+    let seconds = t0.elapsed().as_secs_f64();
+    for (k, j) in jobs.iter().enumerate() {
+        if j.cancel.load(Ordering::SeqCst) {
+            continue;
+        }
+        let out = match &r {
+            Ok(g) => Ok(Output::Generated {
+                generated_ids: g.generated_ids[spans[k].clone()].to_vec(),
+                nfe: g.nfe,
+                steps: g.steps,
+                seconds,
+                batch_size: jobs.len(),
+            }),
+            Err(crate::Error::Cancelled) => continue,
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        };
+        let _ = j.events.send(Event::Done(out));
+    }
+}

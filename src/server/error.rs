@@ -1,0 +1,130 @@
+//! The server's errors and their one mapping to HTTP status codes and OpenAI-style JSON bodies.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// An error a request can end with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// The body is not UTF-8 JSON.
+    Malformed(String),
+    /// A parameter is invalid (the field is named).
+    Invalid { param: String, message: String },
+    /// Unknown model or route.
+    NotFound {
+        param: Option<String>,
+        message: String,
+    },
+    /// The prompt (plus answer) does not fit the model.
+    TooLong(String),
+    /// The queue is full.
+    Overloaded,
+    /// The request ran past its deadline.
+    Timeout,
+    /// The engine failed (never user input).
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            param: param.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status and the OpenAI error `type`.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error"),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found_error"),
+            ApiError::TooLong(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error"),
+            ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded_error"),
+            ApiError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::Malformed(m) | ApiError::TooLong(m) | ApiError::Internal(m) => m.clone(),
+            ApiError::Invalid { message, .. } | ApiError::NotFound { message, .. } => {
+                message.clone()
+            }
+            ApiError::Overloaded => {
+                "the server is busy: the request queue is full, retry later".into()
+            }
+            ApiError::Timeout => "the request ran past the server's time limit".into(),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Invalid { param, .. } => Some(param),
+            ApiError::NotFound { param, .. } => param.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The JSON body (also sent as an SSE error event).
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind) = self.status();
+        let message = self.message();
+        serde_json::to_value(ErrorBody {
+            error: ErrorDetail {
+                message: &message,
+                kind,
+                param: self.param(),
+                code: None,
+            },
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::InvalidSetting { name, value, rule } => {
+                let message = format!("invalid setting {name}={value}: {rule}");
+                if rule.contains("max_sequence_length") {
+                    ApiError::TooLong(message)
+                } else {
+                    ApiError::Invalid {
+                        param: name,
+                        message,
+                    }
+                }
+            }
+            crate::Error::Template(e) => {
+                ApiError::invalid("messages", format!("chat template: {e}"))
+            }
+            crate::Error::Cancelled => ApiError::Internal("cancelled".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status();
+        (status, Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,566 @@
+//! `llada serve`: an OpenAI-compatible HTTP API (axum + tokio) with streaming, a denoising stream
+//! and a live page. Handlers validate requests into typed settings ([`openai`]), hand jobs to the
+//! engine thread that owns the model ([`engine`]) and stream its events back; errors map to HTTP
+//! status codes in one place ([`error`]).
+
+pub mod engine;
+pub mod error;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use self::engine::{EngineHandle, Event, Job, JobKind, Output};
+use self::error::ApiError;
+use self::openai::{Defaults, SamplerFields, Usage, ValidGeneration};
+use crate::score::ScoreConfig;
+use crate::tokenizer::Tokenizer;
+
+/// The live denoising page.
+pub const PAGE: &str = include_str!("page.html");
+
+/// Shared state of the handlers (no tensors: the model lives in the engine thread).
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Tokenizer,
+    pub model_name: String,
+    pub max_sequence_length: usize,
+    pub defaults: Defaults,
+    pub request_timeout: Duration,
+    pub started: Instant,
+    pub served: AtomicU64,
+}
+
+/// All routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/score", post(score))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        param: None,
+        message: "no such route (see GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/score)".into(),
+    }
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": s.model_name,
+        "queue": {"waiting": s.engine.waiting(), "capacity": s.engine.capacity},
+        "served": s.served.load(Ordering::Relaxed),
+        "uptime_seconds": s.started.elapsed().as_secs_f64(),
+    }))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": s.model_name, "object": "model", "created": now(), "owned_by": "llada"}],
+    }))
+}
+
+/// Parses a body as UTF-8 JSON (400 otherwise).
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::Malformed("the body is not UTF-8".into()))?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::Malformed("the body must be a JSON object".into()));
+    }
+    Ok(v)
+}
+
+fn check_model(s: &AppState, f: &SamplerFields) -> Result<(), ApiError> {
+    match &f.model {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(m)) if m == &s.model_name || m == "llada" => Ok(()),
+        Some(m) => Err(ApiError::NotFound {
+            param: Some("model".into()),
+            message: format!(
+                "model {m} is not served here (this server serves {:?})",
+                s.model_name
+            ),
+        }),
+    }
+}
+
+/// Cancels its job when dropped (the client went away or the handler finished).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn submit(
+    s: &AppState,
+    kind: JobKind,
+) -> Result<(UnboundedReceiver<Event>, CancelOnDrop), ApiError> {
+    let (tx, rx) = unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    s.engine.submit(Job {
+        kind,
+        events: tx,
+        cancel: cancel.clone(),
+        deadline: Instant::now() + s.request_timeout,
+    })?;
+    Ok((rx, CancelOnDrop(cancel)))
+}
+
+/// Waits for the job's result (ignoring step events), within the request timeout.
+async fn wait(s: &AppState, mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
+    let fut = async {
+        while let Some(e) = rx.recv().await {
+            if let Event::Done(r) = e {
+                return r;
+            }
+        }
+        Err(ApiError::Internal("the engine dropped the request".into()))
+    };
+    match tokio::time::timeout(s.request_timeout + Duration::from_secs(1), fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout),
+    }
+}
+
+/// The answer text: cut at EOS/EOT, special tokens dropped, then at the first stop string.
+fn answer_text(
+    tok: &Tokenizer,
+    ids: &[u32],
+    stop: &[String],
+) -> Result<(String, bool, usize), ApiError> {
+    let sp = tok.special();
+    let end = ids.iter().position(|&t| t == sp.eos || Some(t) == sp.eot);
+    let used = end.unwrap_or(ids.len());
+    let mut text = tok.decode(&ids[..used], true).map_err(ApiError::from)?;
+    let mut stopped = end.is_some();
+    for s in stop {
+        if let Some(i) = text.find(s.as_str()) {
+            text.truncate(i);
+            stopped = true;
+        }
+    }
+    Ok((text, stopped, used))
+}
+
+/// The longest committed prefix of an answer canvas (up to the first EOS/EOT), decoded.
+fn committed_prefix(tok: &Tokenizer, canvas: &[u32]) -> Option<String> {
+    let sp = tok.special();
+    let mut end = 0;
+    for &t in canvas {
+        if t == sp.mask || t == sp.eos || Some(t) == sp.eot {
+            break;
+        }
+        end += 1;
+    }
+    tok.decode(&canvas[..end], true).ok()
+}
+
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Request {
+    kind: Kind,
+    prompts: Vec<Vec<u32>>,
+    gen: ValidGeneration,
+}
+
+fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> {
+    let v = parse_body(body)?;
+    let fields: SamplerFields =
+        serde_json::from_value(v.clone()).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    check_model(s, &fields)?;
+    let gen = openai::validate_generation(&fields, &s.defaults)?;
+    let prompts = match kind {
+        Kind::Chat => {
+            let msgs = openai::parse_messages(v.get("messages").unwrap_or(&Value::Null))?;
+            vec![s.tokenizer.encode_chat(&msgs).map_err(ApiError::from)?]
+        }
+        Kind::Completion => openai::parse_prompts(v.get("prompt"))?
+            .iter()
+            .map(|p| s.tokenizer.encode(p))
+            .collect::<Result<_, _>>()
+            .map_err(ApiError::from)?,
+    };
+    for p in &prompts {
+        if p.is_empty() {
+            return Err(ApiError::invalid(
+                match kind {
+                    Kind::Chat => "messages",
+                    Kind::Completion => "prompt",
+                },
+                "the prompt is empty",
+            ));
+        }
+        if p.len() + gen.cfg.gen_length > s.max_sequence_length {
+            return Err(ApiError::TooLong(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {} tokens",
+                p.len(),
+                gen.cfg.gen_length,
+                s.max_sequence_length
+            )));
+        }
+        if p.contains(&s.tokenizer.special().mask) {
+            return Err(ApiError::invalid(
+                "prompt",
+                "the prompt must not contain the mask token",
+            ));
+        }
+    }
+    if gen.stream && prompts.len() > 1 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "streaming takes a single prompt",
+        ));
+    }
+    Ok(Request { kind, prompts, gen })
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    generate(s, body, Kind::Chat).await
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    generate(s, body, Kind::Completion).await
+}
+
+async fn generate(s: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
+    let req = match prepare(&s, &body, kind) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let id = format!(
+        "{}-{:x}",
+        match req.kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        },
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let job = JobKind::Generate {
+        prompts: req.prompts.clone(),
+        cfg: req.gen.cfg.clone(),
+        seed: req.gen.seed,
+        steps_wanted: req.gen.stream,
+    };
+    let (rx, guard) = match submit(&s, job) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if req.gen.stream {
+        return Sse::new(stream_events(s, req, id, rx, guard))
+            .keep_alive(KeepAlive::default())
+            .into_response();
+    }
+    let out = wait(&s, rx).await;
+    drop(guard);
+    let out = match out {
+        Ok(Output::Generated {
+            generated_ids,
+            nfe,
+            steps,
+            seconds,
+            batch_size,
+        }) => (generated_ids, nfe, steps, seconds, batch_size),
+        Ok(_) => return ApiError::Internal("unexpected engine output".into()).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    s.served.fetch_add(1, Ordering::Relaxed);
+    let (ids, nfe, steps, seconds, batch_size) = out;
+    let mut choices = Vec::new();
+    let mut completion_tokens = 0;
+    for (i, g) in ids.iter().enumerate() {
+        let (text, stopped, used) = match answer_text(&s.tokenizer, g, &req.gen.stop) {
+            Ok(x) => x,
+            Err(e) => return e.into_response(),
+        };
+        completion_tokens += used;
+        let finish = if stopped { "stop" } else { "length" };
+        choices.push(match req.kind {
+            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+            Kind::Completion => json!({"index": i, "text": text, "logprobs": null, "finish_reason": finish}),
+        });
+    }
+    let prompt_tokens: usize = req.prompts.iter().map(Vec::len).sum();
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    };
+    Json(json!({
+        "id": id,
+        "object": match req.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
+        "created": now(),
+        "model": s.model_name,
+        "choices": choices,
+        "usage": usage,
+        "llada": {"nfe": nfe, "steps": steps, "seconds": seconds, "batch_size": batch_size},
+    }))
+    .into_response()
+}
+
+fn chunk(
+    s: &AppState,
+    req: &Request,
+    id: &str,
+    delta: Option<&str>,
+    role: bool,
+    finish: Option<&str>,
+) -> SseEvent {
+    let choice = match req.kind {
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if role {
+                d.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = delta {
+                d.insert("content".into(), t.into());
+            }
+            json!({"index": 0, "delta": d, "finish_reason": finish})
+        }
+        Kind::Completion => {
+            json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        }
+    };
+    let v = json!({
+        "id": id,
+        "object": match req.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+        "created": now(),
+        "model": s.model_name,
+        "choices": [choice],
+    });
+    SseEvent::default().data(v.to_string())
+}
+
+/// The SSE stream of a streaming request: OpenAI chunks with the text as it becomes final (the
+/// committed prefix grows left to right), optional `event: denoise` events with each step's
+/// canvas, a final chunk with the finish reason, then `[DONE]`.
+fn stream_events(
+    s: Arc<AppState>,
+    req: Request,
+    id: String,
+    rx: UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    struct St {
+        s: Arc<AppState>,
+        req: Request,
+        id: String,
+        rx: UnboundedReceiver<Event>,
+        _guard: CancelOnDrop,
+        sent: String,
+        started: bool,
+        finished: bool,
+        deadline: tokio::time::Instant,
+    }
+    let deadline = tokio::time::Instant::now() + s.request_timeout + Duration::from_secs(1);
+    let st = St {
+        s,
+        req,
+        id,
+        rx,
+        _guard: guard,
+        sent: String::new(),
+        started: false,
+        finished: false,
+        deadline,
+    };
+    stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let mut out: Vec<SseEvent> = Vec::new();
+        if !st.started {
+            st.started = true;
+            if let Kind::Chat = st.req.kind {
+                out.push(chunk(&st.s, &st.req, &st.id, None, true, None));
+            }
+        }
+        let ev = match tokio::time::timeout_at(st.deadline, st.rx.recv()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => Event::Done(Err(ApiError::Internal("the engine dropped the request".into()))),
+            Err(_) => Event::Done(Err(ApiError::Timeout)),
+        };
+        match ev {
+            Event::Step(u) => {
+                let tok = &st.s.tokenizer;
+                if st.req.gen.denoise {
+                    let canvas = &u.canvas[0];
+                    let mask = tok.special().mask;
+                    let tokens: Vec<Value> = canvas
+                        .iter()
+                        .map(|&t| if t == mask { Value::Null } else { Value::String(tok.decode(&[t], false).unwrap_or_default()) })
+                        .collect();
+                    let d = json!({
+                        "step": u.step + 1, "total_steps": u.total_steps, "block": u.block, "nfe": u.nfe,
+                        "tokens": tokens, "committed": u.committed[0], "elapsed": u.elapsed.as_secs_f64(),
+                        "masked": canvas.iter().filter(|&&t| t == mask).count(),
+                    });
+                    out.push(SseEvent::default().event("denoise").data(d.to_string()));
+                }
+                if let Some(prefix) = committed_prefix(tok, &u.canvas[0]) {
+                    let clean = !prefix.ends_with('\u{FFFD}');
+                    if clean && prefix.len() > st.sent.len() && prefix.starts_with(&st.sent) {
+                        let delta = prefix[st.sent.len()..].to_string();
+                        let stop_hit = st.req.gen.stop.iter().any(|x| prefix.contains(x.as_str()));
+                        if !stop_hit {
+                            out.push(chunk(&st.s, &st.req, &st.id, Some(&delta), false, None));
+                            st.sent = prefix;
+                        }
+                    }
+                }
+            }
+            Event::Done(Ok(Output::Generated { generated_ids, nfe, seconds, .. })) => {
+                st.finished = true;
+                let (text, stopped, _) = answer_text(&st.s.tokenizer, &generated_ids[0], &st.req.gen.stop).unwrap_or_default();
+                if text.len() > st.sent.len() && text.starts_with(&st.sent) {
+                    let delta = text[st.sent.len()..].to_string();
+                    out.push(chunk(&st.s, &st.req, &st.id, Some(&delta), false, None));
+                }
+                out.push(chunk(&st.s, &st.req, &st.id, None, false, Some(if stopped { "stop" } else { "length" })));
+                if st.req.gen.denoise {
+                    out.push(SseEvent::default().event("done").data(json!({"nfe": nfe, "seconds": seconds, "text": text}).to_string()));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                st.s.served.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Done(Ok(_)) => st.finished = true,
+            Event::Done(Err(e)) => {
+                st.finished = true;
+                out.push(SseEvent::default().event("error").data(e.body().to_string()));
+                out.push(SseEvent::default().data("[DONE]"));
+            }
+        }
+        Some((stream::iter(out.into_iter().map(Ok::<_, Infallible>)), st))
+    })
+    .flatten()
+}
+
+async fn score(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = (|| -> Result<JobKind, ApiError> {
+        let v = parse_body(&body)?;
+        let fields: SamplerFields = serde_json::from_value(v.clone())
+            .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        check_model(&s, &fields)?;
+        let text = |k: &str| -> Result<String, ApiError> {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| ApiError::invalid(k, format!("{k} must be a string")))
+        };
+        let (prompt, answer) = (text("prompt")?, text("answer")?);
+        if answer.is_empty() {
+            return Err(ApiError::invalid("answer", "the answer must not be empty"));
+        }
+        let (p, a) = crate::score::choice::encode_pair(&s.tokenizer, &prompt, &answer)
+            .map_err(ApiError::from)?;
+        if p.len() + a.len() > s.max_sequence_length {
+            return Err(ApiError::TooLong(format!(
+                "prompt + answer ({} tokens) exceed the model's context of {}",
+                p.len() + a.len(),
+                s.max_sequence_length
+            )));
+        }
+        let num = |k: &str, d: usize, max: usize| -> Result<usize, ApiError> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(d),
+                Some(x) => x
+                    .as_u64()
+                    .filter(|&n| n >= 1 && n as usize <= max)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        ApiError::invalid(k, format!("{k} must be an integer between 1 and {max}"))
+                    }),
+            }
+        };
+        let cfg = ScoreConfig {
+            mc_num: num("mc_num", 32, 4096)?,
+            batch: num("batch", 16, 256)?,
+            cfg_scale: match v.get("cfg_scale") {
+                None | Some(Value::Null) => 0.0,
+                Some(x) => x
+                    .as_f64()
+                    .filter(|c| c.is_finite() && *c >= 0.0 && *c <= 100.0)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "cfg_scale",
+                            "cfg_scale must be a number between 0 and 100",
+                        )
+                    })?,
+            },
+        };
+        cfg.validate().map_err(ApiError::from)?;
+        let seed = v.get("seed").and_then(Value::as_u64).unwrap_or(0);
+        Ok(JobKind::Score {
+            prompt: p,
+            answer: a,
+            cfg,
+            seed,
+        })
+    })();
+    let kind = match r {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let answer_tokens = match &kind {
+        JobKind::Score { answer, .. } => answer.len(),
+        _ => 0,
+    };
+    let (rx, guard) = match submit(&s, kind) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let out = wait(&s, rx).await;
+    drop(guard);
+    match out {
+        Ok(Output::Scored(e)) => {
+            s.served.fetch_add(1, Ordering::Relaxed);
+            Json(json!({
+                "object": "score", "model": s.model_name, "log_likelihood": e.log_likelihood,
+                "stderr": e.stderr, "answer_tokens": answer_tokens, "nfe": e.nfe,
+            }))
+            .into_response()
+        }
+        Ok(_) => ApiError::Internal("unexpected engine output".into()).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
