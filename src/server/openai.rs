@@ -8,28 +8,53 @@ use super::error::ApiError;
 use crate::chat::Message;
 use crate::sampler::{CacheMode, Commit, Remasking, SamplerConfig};
 
+/// A field that is `Some(Value::Null)` when the request says `null` and `None` when it is absent
+/// (`"threshold": null` turns the default threshold off).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 /// Sampler options accepted as extra fields of the OpenAI requests.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SamplerFields {
+    #[serde(default, deserialize_with = "present")]
     pub max_tokens: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub max_completion_tokens: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub temperature: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub seed: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub steps: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub block_length: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub remasking: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub cfg_scale: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub threshold: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub factor: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub cache: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub early_stop: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub logits_eos_inf: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub confidence_eos_eot_inf: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub n: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub stream: Option<Value>,
     /// llada extension: stream every denoising step's canvas as `event: denoise` SSE events.
+    #[serde(default, deserialize_with = "present")]
     pub denoise: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub stop: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     pub model: Option<Value>,
 }
 
