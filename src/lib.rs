@@ -16,6 +16,7 @@ pub mod config;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod experiment;
 pub mod hub;
 pub mod kernels;
 pub mod model;

@@ -2,6 +2,7 @@
 //! calls the library and prints.
 
 mod bench_cmds;
+mod experiment_cmd;
 mod model_cmds;
 mod sample_cmds;
 mod score_cmds;
@@ -68,6 +69,9 @@ pub enum Command {
     Plot(train_cmds::PlotArgs),
     /// OpenAI-compatible HTTP server with streaming and a live denoising page.
     Serve(serve_cmd::ServeArgs),
+    /// Reproducible experiments.
+    #[command(subcommand)]
+    Experiment(experiment_cmd::ExperimentCmd),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -154,6 +158,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => train_cmds::data_cmd(c),
         Command::Plot(a) => train_cmds::plot(a),
         Command::Serve(a) => serve_cmd::serve(a),
+        Command::Experiment(c) => experiment_cmd::run(c),
     }
 }
 

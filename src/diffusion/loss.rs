@@ -14,6 +14,8 @@ pub enum Objective {
     Pretrain,
     /// Σ CE/p_mask/answer_len ÷ b, answer_len = L − prompt_length per sequence.
     Sft { prompt_lengths: Vec<usize> },
+    /// The autoregressive twin's next-token loss: Σ CE(x_{i+1} | x_≤i) ÷ (b·(L−1)), no masking.
+    NextToken,
 }
 
 /// The masked positions of a batch (flattened indices into [b·L]), their targets and weights.
@@ -25,6 +27,29 @@ pub struct LossWeights {
 }
 
 impl LossWeights {
+    /// Next-token prediction: position i predicts token i+1 (the input is the clean batch).
+    pub fn next_token(x0: &[Vec<u32>]) -> Self {
+        let b = x0.len();
+        let l = x0.first().map(Vec::len).unwrap_or(0);
+        let mut out = LossWeights {
+            positions: Vec::new(),
+            targets: Vec::new(),
+            weights: Vec::new(),
+        };
+        if l < 2 {
+            return out;
+        }
+        let w = 1.0 / (b * (l - 1)) as f32;
+        for (r, row) in x0.iter().enumerate() {
+            for i in 0..l - 1 {
+                out.positions.push((r * l + i) as u32);
+                out.targets.push(row[i + 1]);
+                out.weights.push(w);
+            }
+        }
+        out
+    }
+
     /// Weights of `noised` (built from clean tokens `x0`) under `objective`.
     pub fn new(x0: &[Vec<u32>], noised: &Noised, objective: &Objective) -> Result<Self> {
         let b = x0.len();
@@ -37,6 +62,7 @@ impl LossWeights {
         for (r, row) in x0.iter().enumerate() {
             let norm = match objective {
                 Objective::Pretrain => (b * l) as f32,
+                Objective::NextToken => return Ok(LossWeights::next_token(x0)),
                 Objective::Sft { prompt_lengths } => {
                     let pl = *prompt_lengths.get(r).ok_or_else(|| {
                         Error::setting(

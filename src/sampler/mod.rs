@@ -6,6 +6,7 @@
 //! [`Guidance`] (CFG). The only trait is the model seam, [`MaskPredictor`]. Progress and
 //! cancellation go through an `on_step` callback.
 
+pub mod ar;
 pub mod cache;
 pub mod commit;
 pub mod guidance;

@@ -10,4 +10,4 @@ pub mod tokenizer;
 pub mod trainer;
 
 pub use params::Trainable;
-pub use trainer::{TrainConfig, Trainer};
+pub use trainer::{ObjectiveKind, TrainConfig, Trainer};

@@ -32,6 +32,9 @@ use crate::weights::{atomic_write, safetensors_bytes, save_safetensors, Safetens
 pub struct TrainConfig {
     /// pretrain or sft (must match the dataset).
     pub mode: DataKind,
+    /// diffusion (the masked-diffusion bound) or autoregressive (next-token loss; the model's
+    /// config must say `causal_attention: true`), for the autoregressive twin.
+    pub objective: ObjectiveKind,
     /// Start from this checkpoint folder…
     pub init_from: Option<PathBuf>,
     /// …or from random weights for this config.json (seeded by `seed`).
@@ -64,10 +67,20 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// Which loss a run minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveKind {
+    #[default]
+    Diffusion,
+    Autoregressive,
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             mode: DataKind::Pretrain,
+            objective: ObjectiveKind::Diffusion,
             init_from: None,
             model_config: None,
             tokenizer: None,
@@ -301,6 +314,9 @@ impl Trainer {
     }
 
     fn objective(&self, batch: &super::data::Batch) -> Objective {
+        if self.cfg.objective == ObjectiveKind::Autoregressive {
+            return Objective::NextToken;
+        }
         match &batch.prompt_lengths {
             Some(pl) => Objective::Sft {
                 prompt_lengths: pl.clone(),
@@ -319,15 +335,20 @@ impl Trainer {
         let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
         let pl = match objective {
             Objective::Sft { prompt_lengths } => Some(prompt_lengths.as_slice()),
-            Objective::Pretrain => None,
+            _ => None,
         };
-        let noised = noise::forward_process(x0, pl, mask_id, noise::EPS, rng);
-        let w = LossWeights::new(x0, &noised, objective)?;
+        let (input, w) = if *objective == Objective::NextToken {
+            (x0.to_vec(), LossWeights::next_token(x0))
+        } else {
+            let noised = noise::forward_process(x0, pl, mask_id, noise::EPS, rng);
+            let w = LossWeights::new(x0, &noised, objective)?;
+            (noised.noisy, w)
+        };
         let (b, l) = (x0.len(), x0[0].len());
         if w.positions.is_empty() {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
         }
-        let ids = Tensor::from_vec(noised.noisy.concat(), (b, l), &self.device)?;
+        let ids = Tensor::from_vec(input.concat(), (b, l), &self.device)?;
         let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
         let logits = self.trainable.model.forward_train_positions(&ids, &pos)?;
         Ok((diffusion::masked_diffusion_loss(&logits, &w)?, b * l))
@@ -586,6 +607,17 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
             format!(
                 "exceeds the model's max_sequence_length={}",
                 mc.max_sequence_length
+            ),
+        ));
+    }
+    let causal_objective = cfg.objective == ObjectiveKind::Autoregressive;
+    if causal_objective != mc.causal {
+        return Err(Error::setting(
+            "objective",
+            format!("{:?}", cfg.objective).to_lowercase(),
+            format!(
+                "the model's config.json says causal_attention={}: the autoregressive objective needs a causal model and the diffusion objective a bidirectional one",
+                mc.causal
             ),
         ));
     }

@@ -1,0 +1,446 @@
+//! The reversal-curse experiment at small scale (paper §3.3, reference §8): a diffusion model and
+//! its autoregressive twin (same Transformer, causal mask, next-token loss) trained on the same
+//! synthetic pairs with equal budgets, then asked for each pair's second line given the first
+//! (forward) and its first line given the second (reversal). The training text shows every test
+//! pair in one order only.
+//!
+//! Data: "lines" are short sequences of pseudo-words. A document `A ; B .` says that line B follows
+//! line A. Test pairs appear only that way. Bridge pairs (disjoint lines) appear both as `A ; B .`
+//! and `B : A .` (`:` reads "follows"), which teaches the reversed template. Queries use the same
+//! text for both models: forward `A ;` → ` B .`, reversal `B :` → ` A .`; the diffusion model fills
+//! the masked answer after the prompt, the twin writes it left to right.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::LladaConfig;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::sampler::{self, ar, LladaPredictor, PromptBatch, SamplerConfig};
+use crate::score::choice::Accuracy;
+use crate::tokenizer::Tokenizer;
+use crate::train::data::{self, DataKind, PrepareOptions};
+use crate::train::optim::Schedule;
+use crate::train::{ObjectiveKind, TrainConfig, Trainer};
+
+/// Settings of the experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReversalConfig {
+    /// Test pairs (shown one way) and bridge pairs (shown both ways).
+    pub test_pairs: usize,
+    pub bridge_pairs: usize,
+    pub words_per_line: usize,
+    pub seed: u64,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+}
+
+impl ReversalConfig {
+    /// Finishes in a few minutes on 2 CPU cores.
+    pub fn quick() -> Self {
+        ReversalConfig {
+            test_pairs: 150,
+            bridge_pairs: 150,
+            words_per_line: 3,
+            seed: 0,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            steps: 1500,
+            batch_size: 32,
+            seq_len: 64,
+            lr: 2e-3,
+        }
+    }
+
+    /// The full run (well under an hour on 2 CPU cores).
+    pub fn full() -> Self {
+        ReversalConfig {
+            test_pairs: 400,
+            bridge_pairs: 400,
+            steps: 5000,
+            d_model: 192,
+            n_layers: 6,
+            n_heads: 6,
+            ..Self::quick()
+        }
+    }
+}
+
+/// One pair of lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pair {
+    pub first: String,
+    pub second: String,
+}
+
+const SYLLABLES: &[&str] = &[
+    "ba", "ko", "ri", "mu", "te", "sa", "no", "li", "da", "pe", "vo", "gi", "fu", "ne", "ta", "zo",
+    "ka", "mi", "ro", "su",
+];
+
+/// A seeded vocabulary of two-syllable pseudo-words.
+pub fn words(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = Rng::new(seed ^ 0x0005_07D5);
+    let mut set = std::collections::BTreeSet::new();
+    while set.len() < n {
+        set.insert(format!(
+            "{}{}",
+            SYLLABLES[rng.below(SYLLABLES.len())],
+            SYLLABLES[rng.below(SYLLABLES.len())]
+        ));
+    }
+    let mut v: Vec<String> = set.into_iter().collect();
+    let perm = rng.permutation(v.len());
+    v = perm.into_iter().map(|i| v[i].clone()).collect();
+    v
+}
+
+/// `n` pairs of distinct lines (no line is reused anywhere), seeded.
+pub fn make_pairs(n: usize, words_per_line: usize, seed: u64) -> Vec<Pair> {
+    let vocab = words(seed, 120);
+    let mut rng = Rng::new(seed);
+    let mut used = std::collections::HashSet::new();
+    let mut line = |rng: &mut Rng| loop {
+        let l: Vec<&str> = (0..words_per_line)
+            .map(|_| vocab[rng.below(vocab.len())].as_str())
+            .collect();
+        let s = l.join(" ");
+        if used.insert(s.clone()) {
+            return s;
+        }
+    };
+    (0..n)
+        .map(|_| Pair {
+            first: line(&mut rng),
+            second: line(&mut rng),
+        })
+        .collect()
+}
+
+/// The training documents: test pairs forward only; bridge pairs both ways.
+pub fn documents(test: &[Pair], bridge: &[Pair]) -> Vec<String> {
+    let mut docs: Vec<String> = test
+        .iter()
+        .map(|p| format!("{} ; {} .", p.first, p.second))
+        .collect();
+    for p in bridge {
+        docs.push(format!("{} ; {} .", p.first, p.second));
+        docs.push(format!("{} : {} .", p.second, p.first));
+    }
+    docs
+}
+
+/// A query: the prompt text and the expected answer text.
+pub fn query(p: &Pair, reversal: bool) -> (String, String) {
+    if reversal {
+        (format!("{} :", p.second), format!(" {} .", p.first))
+    } else {
+        (format!("{} ;", p.first), format!(" {} .", p.second))
+    }
+}
+
+/// Accuracies of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirectionScores {
+    pub forward: Accuracy,
+    pub reversal: Accuracy,
+}
+
+/// The experiment's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReversalReport {
+    pub config: ReversalConfig,
+    pub diffusion: DirectionScores,
+    pub autoregressive: DirectionScores,
+    pub parameters: u64,
+    pub seconds: f64,
+}
+
+/// Exact-match accuracy of a model on the test pairs in one direction. The answer length is the
+/// expected answer's (the diffusion model fills exactly that many masks, one per step; the twin
+/// writes that many tokens).
+pub fn evaluate(
+    ck: &Checkpoint,
+    pairs: &[Pair],
+    reversal: bool,
+    autoregressive: bool,
+) -> Result<Accuracy> {
+    let tok = ck.tokenizer()?;
+    let sp = ck.special;
+    let mut correct = 0;
+    for p in pairs {
+        let (q, a) = query(p, reversal);
+        let mut prompt = vec![sp.eos];
+        prompt.extend(tok.encode(&q)?);
+        let target = tok.encode(&a)?;
+        let got = if autoregressive {
+            let mut m = LladaPredictor::new(&ck.model);
+            ar::generate_ar(
+                &mut m,
+                &prompt,
+                target.len(),
+                0.0,
+                false,
+                &sp,
+                &mut Rng::new(0),
+                &mut sampler::no_progress,
+            )?
+            .generated_ids
+            .remove(0)
+        } else {
+            let n = target.len();
+            let cfg = SamplerConfig {
+                gen_length: n,
+                steps: n,
+                block_length: n,
+                ..Default::default()
+            };
+            let mut m = LladaPredictor::new(&ck.model);
+            sampler::generate(
+                &mut m,
+                &PromptBatch::single(prompt),
+                &cfg,
+                &sp,
+                &mut Rng::new(0),
+                &mut sampler::no_progress,
+            )?
+            .generated_ids
+            .remove(0)
+        };
+        correct += usize::from(got == target);
+    }
+    Ok(Accuracy::of(correct, pairs.len()))
+}
+
+/// Runs the whole experiment in `dir`: data, tokenizer, both models, evaluation.
+/// `log(msg)` reports progress.
+pub fn run(
+    cfg: &ReversalConfig,
+    dir: &Path,
+    threads_note: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<ReversalReport> {
+    let t0 = std::time::Instant::now();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let all = make_pairs(
+        cfg.test_pairs + cfg.bridge_pairs,
+        cfg.words_per_line,
+        cfg.seed,
+    );
+    let (test, bridge) = all.split_at(cfg.test_pairs);
+    let docs = documents(test, bridge);
+    let corpus = dir.join("corpus.txt");
+    crate::weights::atomic_write(&corpus, docs.join("\n").as_bytes())?;
+    let pairs_json =
+        serde_json::to_string_pretty(&serde_json::json!({"test": test, "bridge": bridge}))
+            .map_err(|e| Error::Json {
+                path: dir.join("pairs.json"),
+                source: e,
+            })?;
+    crate::weights::atomic_write(&dir.join("pairs.json"), pairs_json.as_bytes())?;
+    log(&format!(
+        "{} test pairs (one order), {} bridge pairs (both orders), {} documents",
+        test.len(),
+        bridge.len(),
+        docs.len()
+    ));
+
+    let tok_dir = dir.join("tokenizer");
+    let ids =
+        crate::train::tokenizer::train_tokenizer(std::slice::from_ref(&corpus), 512, &tok_dir)?;
+    let tok = Tokenizer::open(&tok_dir)?;
+    let data_dir = dir.join("data");
+    data::prepare(
+        &[corpus],
+        &tok,
+        &data_dir,
+        &PrepareOptions {
+            kind: DataKind::Pretrain,
+            doc_per_line: true,
+            val_fraction: 0.0,
+            seed: cfg.seed,
+            max_len: None,
+        },
+    )?;
+    let base = LladaConfig {
+        d_model: cfg.d_model,
+        n_layers: cfg.n_layers,
+        n_heads: cfg.n_heads,
+        n_kv_heads: Some(cfg.n_heads),
+        mlp_hidden_size: Some(3 * cfg.d_model),
+        vocab_size: ids.vocab_size,
+        embedding_size: Some(ids.vocab_size),
+        mask_token_id: Some(ids.mask),
+        eos_token_id: Some(ids.eos),
+        pad_token_id: Some(ids.eos),
+        max_sequence_length: cfg.seq_len.max(64),
+        rope_theta: 10000.0,
+        ..LladaConfig::default()
+    };
+    let mut scores = Vec::new();
+    let mut parameters = 0;
+    for (label, objective) in [
+        ("diffusion", ObjectiveKind::Diffusion),
+        ("autoregressive", ObjectiveKind::Autoregressive),
+    ] {
+        let model_cfg = LladaConfig {
+            causal_attention: objective == ObjectiveKind::Autoregressive,
+            ..base.clone()
+        };
+        let cfg_path = dir.join(format!("{label}-config.json"));
+        let text = serde_json::to_string_pretty(&model_cfg).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            source: e,
+        })?;
+        crate::weights::atomic_write(&cfg_path, text.as_bytes())?;
+        parameters = model_cfg.resolve()?.parameter_count();
+        let run_dir = dir.join(label);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let tc = TrainConfig {
+            mode: DataKind::Pretrain,
+            objective,
+            model_config: Some(cfg_path),
+            tokenizer: Some(tok_dir.clone()),
+            data: data_dir.clone(),
+            out: run_dir.clone(),
+            seq_len: cfg.seq_len,
+            batch_size: cfg.batch_size,
+            steps: cfg.steps,
+            lr: cfg.lr,
+            schedule: Schedule::Wsd {
+                warmup: cfg.steps / 20,
+                decay_fraction: 0.2,
+                min_ratio: 0.1,
+            },
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 1,
+            random_length_prob: 0.0,
+            seed: cfg.seed,
+            ..TrainConfig::default()
+        };
+        log(&format!(
+            "training the {label} model ({parameters} parameters, {} steps, {threads_note})",
+            cfg.steps
+        ));
+        let t = std::time::Instant::now();
+        let mut trainer = Trainer::new(tc, &candle_core::Device::Cpu)?;
+        let mut last = 0.0;
+        let ck_dir = trainer.run(&mut |r| {
+            last = r.loss;
+        })?;
+        log(&format!(
+            "  done in {:.0} s, final loss {last:.3}",
+            t.elapsed().as_secs_f64()
+        ));
+        let ck = Checkpoint::load(&ck_dir, None, &candle_core::Device::Cpu)?;
+        let ar = objective == ObjectiveKind::Autoregressive;
+        let forward = evaluate(&ck, test, false, ar)?;
+        let reversal = evaluate(&ck, test, true, ar)?;
+        log(&format!(
+            "  {label}: forward {:.1}%, reversal {:.1}%",
+            100.0 * forward.accuracy,
+            100.0 * reversal.accuracy
+        ));
+        scores.push(DirectionScores { forward, reversal });
+    }
+    let autoregressive = scores
+        .pop()
+        .ok_or_else(|| Error::setting("experiment", "", "no result"))?;
+    let diffusion = scores
+        .pop()
+        .ok_or_else(|| Error::setting("experiment", "", "no result"))?;
+    Ok(ReversalReport {
+        config: cfg.clone(),
+        diffusion,
+        autoregressive,
+        parameters,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// A bar chart of the four accuracies with their 95% intervals (PNG).
+pub fn plot(r: &ReversalReport, out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    crate::train::plot::register_font();
+    let err = |e: &dyn std::fmt::Display| Error::setting("plot", "drawing", e.to_string());
+    let root = BitMapBackend::new(out, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Reversal curse: exact-match accuracy (95% CI)",
+            ("sans-serif", 24),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..4.6, 0f64..1.05)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc("accuracy")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let bars = [
+        (0.3, &r.diffusion.forward, BLUE, "diffusion · forward"),
+        (
+            1.3,
+            &r.diffusion.reversal,
+            RGBColor(120, 140, 255),
+            "diffusion · reversal",
+        ),
+        (
+            2.5,
+            &r.autoregressive.forward,
+            RED,
+            "autoregressive · forward",
+        ),
+        (
+            3.5,
+            &r.autoregressive.reversal,
+            RGBColor(255, 140, 140),
+            "autoregressive · reversal",
+        ),
+    ];
+    for (x, a, color, label) in bars {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x, 0.0), (x + 0.8, a.accuracy)],
+                color.filled(),
+            )))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x + 0.4, a.ci95.0), (x + 0.4, a.ci95.1)],
+                BLACK.stroke_width(2),
+            )))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format!("{:.0}%", 100.0 * a.accuracy),
+                (x + 0.2, (a.accuracy + 0.03).min(1.0)),
+                ("sans-serif", 16),
+            )))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                label.to_string(),
+                (x - 0.1, -0.0),
+                ("sans-serif", 13),
+            )))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
