@@ -129,3 +129,25 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
         source,
     })
 }
+
+/// Parses every non-blank line of a JSONL file into `T`, with its 1-based line number; a line that
+/// does not parse is an error naming the file, the line and what was expected.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    expected: &str,
+) -> Result<Vec<(usize, T)>> {
+    let text = read_to_string(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(line).map_err(|e| Error::DataLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: format!("{e} (expected {expected})"),
+        })?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}

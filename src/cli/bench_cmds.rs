@@ -102,6 +102,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "threads": threads,
         "llada": env!("CARGO_PKG_VERSION"),
     });
+    let title = |mode: &str| {
+        println!(
+            "llada bench · {mode} · {source} · {} params · {} {} · {threads} threads",
+            mc.parameter_count(),
+            device_name(model.device()),
+            dtype_name(model.dtype()),
+        )
+    };
     match a.mode.as_str() {
         "generate" => {
             let r = bench::bench_generate(
@@ -130,14 +138,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["peak_rss_bytes"] = peak.into();
                 return print_json(&v);
             }
-            println!(
-                "llada bench · generate · {} · {} params · {} {} · {} threads",
-                source,
-                mc.parameter_count(),
-                device_name(model.device()),
-                dtype_name(model.dtype()),
-                threads
-            );
+            title("generate");
             println!(
                 "settings        batch {} · prompt {} · gen {} · steps {} · block {} · T {} · cfg {} · {:?} · {} · cache {}{}",
                 a.batch, a.prompt_len, cfg.gen_length, cfg.steps, cfg.block_length, cfg.temperature,
@@ -186,14 +187,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["peak_rss_bytes"] = peak.into();
                 return print_json(&v);
             }
-            println!(
-                "llada bench · forward · {} · {} params · {} {} · {} threads",
-                source,
-                mc.parameter_count(),
-                device_name(model.device()),
-                dtype_name(model.dtype()),
-                threads
-            );
+            title("forward");
             println!(
                 "shape           batch {} × {} tokens · {:.2} GFLOP per forward",
                 a.batch,
@@ -232,13 +226,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["nfe"] = r.nfe.into();
                 return print_json(&v);
             }
-            println!(
-                "llada bench · score · {} · {} {} · {} threads",
-                source,
-                device_name(model.device()),
-                dtype_name(model.dtype()),
-                threads
-            );
+            title("score");
             println!(
                 "settings        prompt {} · answer {} · mc_num {} · batch {} · cfg {}",
                 r.prompt_len, r.answer_len, r.mc_num, r.batch, sc.cfg_scale
@@ -264,13 +252,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["peak_rss_bytes"] = peak.into();
                 return print_json(&v);
             }
-            println!(
-                "llada bench · train · {} · {} {} · {} threads",
-                source,
-                device_name(model.device()),
-                dtype_name(model.dtype()),
-                threads
-            );
+            title("train");
             println!(
                 "settings        batch {} × {} tokens · {} timed steps after {} warm-up",
                 r.batch, r.seq_len, r.steps, a.warmup

@@ -96,3 +96,69 @@ pub fn run(cmd: ExperimentCmd) -> Result<()> {
         }
     }
 }
+
+#[derive(Args, Debug)]
+pub struct EvalReversalArgs {
+    /// [MODEL] POEMS.json: checkpoint (optional) and the paper's poem set
+    /// (../shared/data/poem_data.json: a list of {"first", "second", "source"}).
+    #[arg(num_args = 1..=2, required = true, value_name = "[MODEL] POEMS")]
+    pub positional: Vec<String>,
+    /// Only the first N pairs.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// steps = gen_length = block_length.
+    #[arg(long, default_value_t = 28)]
+    pub gen_length: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub cfg_scale: f64,
+    /// Turn off the EOS suppression the documented commands use (--eos_inf).
+    #[arg(long)]
+    pub no_eos_inf: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub rt: super::RuntimeArgs,
+}
+
+pub fn eval_reversal(a: EvalReversalArgs) -> Result<()> {
+    let (model, path) = match a.positional.as_slice() {
+        [f] => (super::ModelArg { model: None }, PathBuf::from(f)),
+        [m, f] => (
+            super::ModelArg {
+                model: Some(m.clone()),
+            },
+            PathBuf::from(f),
+        ),
+        _ => anyhow::bail!("expected [MODEL] POEMS.json"),
+    };
+    let mut poems = experiment::load_poems(&path)?;
+    if let Some(n) = a.limit {
+        poems.truncate(n);
+    }
+    let ck = a.rt.load(&model.resolve()?)?;
+    let cfg = experiment::PoemConfig {
+        gen_length: a.gen_length,
+        cfg_scale: a.cfg_scale,
+        logits_eos_inf: !a.no_eos_inf,
+    };
+    let mut res = Vec::new();
+    for reversal in [false, true] {
+        let acc = experiment::poem_accuracy(&ck, &poems, reversal, &cfg, &mut |i, n| {
+            if i % 20 == 0 || i == n {
+                eprint!(
+                    "\r{} {i}/{n}",
+                    if reversal { "reversal" } else { "forward " }
+                );
+            }
+        })?;
+        eprintln!();
+        res.push(acc);
+    }
+    if a.json {
+        return print_json(
+            &serde_json::json!({"forward": res[0].accuracy, "reversal": res[1].accuracy, "n": res[0].n}),
+        );
+    }
+    println!("poem completion ({} pairs): forward {:.1}% · reversal {:.1}%  (paper, LLaDA-8B-Instruct: 51.8 / 45.6)", res[0].n, 100.0 * res[0].accuracy, 100.0 * res[1].accuracy);
+    Ok(())
+}

@@ -72,6 +72,8 @@ pub enum Command {
     /// Reproducible experiments.
     #[command(subcommand)]
     Experiment(experiment_cmd::ExperimentCmd),
+    /// The paper's reversal poem protocol on any checkpoint (meaningful with LLaDA-8B-Instruct).
+    EvalReversal(experiment_cmd::EvalReversalArgs),
 }
 
 /// The model a command runs: a checkpoint folder, a hub id in the local Hugging Face cache, or
@@ -159,6 +161,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plot(a) => train_cmds::plot(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Experiment(c) => experiment_cmd::run(c),
+        Command::EvalReversal(a) => experiment_cmd::eval_reversal(a),
     }
 }
 

@@ -135,6 +135,19 @@ impl<'a> StepView<'a> {
         }
     }
 
+    /// An `on_step` callback that draws every step when `show`.
+    pub fn callback<'s>(
+        &'s mut self,
+        show: bool,
+    ) -> impl FnMut(&StepEvent) -> ControlFlow<()> + use<'s, 'a> {
+        move |e: &StepEvent| {
+            if show {
+                self.show(e);
+            }
+            ControlFlow::Continue(())
+        }
+    }
+
     /// Draws the canvas of row 0: masked positions as `░`, this step's commits highlighted.
     pub fn show(&mut self, e: &StepEvent) {
         let row = e.canvas[0];
@@ -187,6 +200,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the chat template as one user message.
     #[arg(long)]
     pub chat: bool,
+    /// Sample left to right, one token per forward (for an autoregressive twin, whose config
+    /// says causal_attention: true); stops after EOS/EOT.
+    #[arg(long)]
+    pub ar: bool,
     #[command(flatten)]
     pub sampler: SamplerArgs,
     /// Redraw the canvas live after every step.
@@ -200,6 +217,9 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    if a.ar {
+        return generate_ar(a);
+    }
     let cfg = a.sampler.config(SamplerConfig::default())?;
     let ck = a.rt.load(&a.model.resolve()?)?;
     let prompts: Vec<Vec<u32>> = if let Some(ids) = &a.prompt_ids {
@@ -233,13 +253,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
     let mut rng = Rng::new(a.sampler.seed);
     let mut view = StepView::new(&ck);
-    let show = a.show_steps;
-    let mut on_step = |e: &StepEvent| {
-        if show {
-            view.show(e);
-        }
-        ControlFlow::Continue(())
-    };
+    let mut on_step = view.callback(a.show_steps);
     let t0 = Instant::now();
     let mut m = LladaPredictor::new(&ck.model);
     let g = sampler::generate(&mut m, &batch, &cfg, &ck.special, &mut rng, &mut on_step)?;
@@ -283,6 +297,49 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         seconds,
         g.nfe,
         (cfg.gen_length * g.generated_ids.len()) as f64 / seconds
+    );
+    Ok(())
+}
+
+fn generate_ar(a: GenerateArgs) -> Result<()> {
+    let cfg = a.sampler.apply(SamplerConfig::default())?;
+    let ck = a.rt.load(&a.model.resolve()?)?;
+    if !ck.config.causal {
+        eprintln!("note: {} is a bidirectional mask predictor; --ar reads its next-token predictions anyway", ck.dir.display());
+    }
+    let tok = ck.tokenizer()?;
+    let prompt = match (&a.prompt_ids, a.prompt.first()) {
+        (Some(ids), _) => parse_ids(ids, "--prompt-ids")?,
+        (None, Some(p)) if a.chat => tok.encode_chat(&[Message::user(p.as_str())])?,
+        (None, Some(p)) => tok.encode(p)?,
+        (None, None) => bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let t0 = Instant::now();
+    let mut m = LladaPredictor::new(&ck.model);
+    let mut rng = Rng::new(a.sampler.seed);
+    let mut view = StepView::new(&ck);
+    let mut on_step = view.callback(a.show_steps);
+    let g = sampler::ar::generate_ar(
+        &mut m,
+        &prompt,
+        cfg.gen_length,
+        cfg.temperature,
+        true,
+        &ck.special,
+        &mut rng,
+        &mut on_step,
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let text = tok.decode_answer(&g.generated_ids[0])?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "generated_ids": g.generated_ids[0], "text": text, "nfe": g.nfe, "seconds": seconds,
+        }));
+    }
+    println!("{text}");
+    eprintln!(
+        "[{} tokens left to right in {seconds:.2}s]",
+        g.generated_ids[0].len()
     );
     Ok(())
 }
@@ -352,13 +409,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         history.push(Message::user(line));
         let prompt = tok.encode_chat(&history)?;
         let mut view = StepView::new(&ck);
-        let show = a.show_steps;
-        let mut on_step = |e: &StepEvent| {
-            if show {
-                view.show(e);
-            }
-            ControlFlow::Continue(())
-        };
+        let mut on_step = view.callback(a.show_steps);
         let t0 = Instant::now();
         let mut m = LladaPredictor::new(&ck.model);
         let g = sampler::generate(
@@ -415,13 +466,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
     let cfg = a.sampler.apply(base)?;
     let mut rng = Rng::new(a.sampler.seed);
     let mut view = StepView::new(&ck);
-    let show = a.show_steps;
-    let mut on_step = |e: &StepEvent| {
-        if show {
-            view.show(e);
-        }
-        ControlFlow::Continue(())
-    };
+    let mut on_step = view.callback(a.show_steps);
     let t0 = Instant::now();
     let mut m = LladaPredictor::new(&ck.model);
     let g = sampler::infill(&mut m, &canvas, &cfg, &ck.special, &mut rng, &mut on_step)?;

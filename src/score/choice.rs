@@ -24,22 +24,17 @@ pub struct ChoiceTask {
 
 /// Reads a JSONL file of [`ChoiceTask`]s; blank lines are skipped; errors name the line.
 pub fn load_tasks(path: &Path) -> Result<Vec<ChoiceTask>> {
-    let text = crate::error::read_to_string(path)?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    let rows: Vec<(usize, ChoiceTask)> = crate::error::read_jsonl(
+        path,
+        "{\"context\": str, \"choices\": [str, ...], \"answer\": index}",
+    )?;
+    for (line, t) in rows {
         let bad = |reason: String| Error::DataLine {
             path: path.to_path_buf(),
-            line: i + 1,
+            line,
             reason,
         };
-        let t: ChoiceTask = serde_json::from_str(line).map_err(|e| {
-            bad(format!(
-                "{e} (expected {{\"context\": str, \"choices\": [str, ...], \"answer\": index}})"
-            ))
-        })?;
         if t.choices.len() < 2 {
             return Err(bad(format!("{} choices: need at least 2", t.choices.len())));
         }

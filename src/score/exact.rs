@@ -24,26 +24,24 @@ pub struct ChatCase {
 
 /// Reads chat JSONL cases; the last message must be the assistant's answer.
 pub fn load_cases(path: &Path) -> Result<Vec<ChatCase>> {
-    let text = crate::error::read_to_string(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| Error::DataLine {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason,
-        };
-        let c: ChatCase = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        if c.messages.len() < 2 || c.messages.last().map(|m| m.role.as_str()) != Some("assistant") {
-            return Err(bad(
-                "the last message must be the expected assistant answer".into(),
-            ));
-        }
-        out.push(c);
-    }
-    Ok(out)
+    let rows: Vec<(usize, ChatCase)> = crate::error::read_jsonl(
+        path,
+        "{\"task\"?: str, \"messages\": [{\"role\", \"content\"}, ...]}",
+    )?;
+    rows.into_iter()
+        .map(|(line, c)| {
+            if c.messages.len() < 2
+                || c.messages.last().map(|m| m.role.as_str()) != Some("assistant")
+            {
+                return Err(Error::DataLine {
+                    path: path.to_path_buf(),
+                    line,
+                    reason: "the last message must be the expected assistant answer".into(),
+                });
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Per-case result.

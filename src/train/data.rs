@@ -167,33 +167,18 @@ pub struct PrepareOptions {
 
 /// Documents of a plain-text or JSONL (`{"text": …}`) file.
 fn read_documents(path: &Path, per_line: bool) -> Result<Vec<String>> {
-    let text = crate::error::read_to_string(path)?;
     let is_jsonl = path
         .extension()
         .is_some_and(|e| e == "jsonl" || e == "json");
     if is_jsonl {
-        let mut docs = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::DataLine {
-                path: path.to_path_buf(),
-                line: i + 1,
-                reason: e.to_string(),
-            })?;
-            let t = v
-                .get("text")
-                .and_then(|t| t.as_str())
-                .ok_or_else(|| Error::DataLine {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    reason: "expected {\"text\": string}".into(),
-                })?;
-            docs.push(t.to_string());
+        #[derive(Deserialize)]
+        struct Doc {
+            text: String,
         }
-        return Ok(docs);
+        let rows: Vec<(usize, Doc)> = crate::error::read_jsonl(path, "{\"text\": string}")?;
+        return Ok(rows.into_iter().map(|(_, d)| d.text).collect());
     }
+    let text = crate::error::read_to_string(path)?;
     Ok(if per_line {
         text.lines()
             .map(str::trim)
@@ -212,26 +197,14 @@ fn read_documents(path: &Path, per_line: bool) -> Result<Vec<String>> {
 /// SFT examples (prompt text, answer text) of a chat JSONL file: each assistant turn becomes one
 /// example whose prompt is the conversation before it, rendered with the chat template.
 fn read_chats(path: &Path, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
-    let text = crate::error::read_to_string(path)?;
-    let mut out = Vec::new();
     #[derive(Deserialize)]
     struct Chat {
         messages: Vec<Message>,
     }
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| Error::DataLine {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason,
-        };
-        let chat: Chat = serde_json::from_str(line).map_err(|e| {
-            bad(format!(
-                "{e} (expected {{\"messages\": [{{\"role\", \"content\"}}, …]}})"
-            ))
-        })?;
+    let mut out = Vec::new();
+    let rows: Vec<(usize, Chat)> =
+        crate::error::read_jsonl(path, "{\"messages\": [{\"role\", \"content\"}, …]}")?;
+    for (line, chat) in rows {
         let mut any = false;
         for (j, m) in chat.messages.iter().enumerate() {
             if m.role == "assistant" && j > 0 {
@@ -241,7 +214,11 @@ fn read_chats(path: &Path, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
             }
         }
         if !any {
-            return Err(bad("no assistant message after a user message".into()));
+            return Err(Error::DataLine {
+                path: path.to_path_buf(),
+                line,
+                reason: "no assistant message after a user message".into(),
+            });
         }
     }
     Ok(out)

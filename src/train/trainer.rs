@@ -637,18 +637,11 @@ pub type Curves = (Vec<(f64, f64, f64)>, Vec<(f64, f64)>);
 /// The training and evaluation curves of a run folder.
 pub fn read_metrics(out: &Path) -> Result<Curves> {
     let path = out.join("metrics.jsonl");
-    let text = crate::error::read_to_string(&path)?;
+    let rows: Vec<(usize, serde_json::Value)> =
+        crate::error::read_jsonl(&path, "one JSON object per line")?;
     let mut train = Vec::new();
     let mut eval = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::DataLine {
-            path: path.clone(),
-            line: i + 1,
-            reason: e.to_string(),
-        })?;
+    for (_, v) in rows {
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let (Some(l), Some(lr)) = (v["loss"].as_f64(), v["lr"].as_f64()) {
             train.push((step, l, lr));
