@@ -213,6 +213,21 @@ impl SafetensorsFiles {
         } else {
             t.to_device(device)?.to_dtype(dtype)?
         };
+        // The file's pages were read once: drop them from this process's resident set so a
+        // loader holds at most one tensor beyond the model (they stay in the page cache).
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let start = entry.range.start / page * page;
+            let len = entry.range.end.saturating_sub(start) / page * page;
+            if len > 0 {
+                // SAFETY: read-only file mapping; dropping its pages only makes later reads fault
+                // them back in from the file.
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+        }
         Ok(t)
     }
 
@@ -290,33 +305,62 @@ pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     max_shard_bytes: u64,
 ) -> Result<()> {
+    let specs: Vec<(String, Vec<usize>, candle_core::DType)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec(), t.dtype()))
+        .collect();
+    let mut i = 0;
+    save_safetensors_with(dir, &specs, max_shard_bytes, &mut |_, _| {
+        let t = tensors[i].1.clone();
+        i += 1;
+        Ok(t)
+    })
+}
+
+/// Like [`save_safetensors`], producing each tensor (in `specs` order) only when its shard is
+/// written, so at most one shard is held in memory (e.g. `llada init` of an 8B-shaped model).
+pub fn save_safetensors_with(
+    dir: &Path,
+    specs: &[(String, Vec<usize>, candle_core::DType)],
+    max_shard_bytes: u64,
+    produce: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
-    if total <= max_shard_bytes {
-        atomic_write(&dir.join(SINGLE_FILE), &safetensors_bytes(tensors)?)?;
-        remove_stale_shards(dir);
-        return Ok(());
-    }
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let size = |(_, shape, dt): &(String, Vec<usize>, candle_core::DType)| {
+        (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64
+    };
+    let total: u64 = specs.iter().map(size).sum();
+    // the sharding plan, from the sizes alone
+    let mut plan: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
-    for (n, t) in tensors {
-        if current > 0 && current + size(t) > max_shard_bytes {
-            shards.push(Vec::new());
+    for (i, s) in specs.iter().enumerate() {
+        if current > 0 && current + size(s) > max_shard_bytes {
+            plan.push(Vec::new());
             current = 0;
         }
-        current += size(t);
-        if let Some(last) = shards.last_mut() {
-            last.push((n.clone(), t.clone()));
+        current += size(s);
+        if let Some(last) = plan.last_mut() {
+            last.push(i);
         }
     }
-    let count = shards.len();
+    let count = plan.len();
     let mut weight_map = BTreeMap::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
-        atomic_write(&dir.join(&file), &safetensors_bytes(shard)?)?;
-        for (n, _) in shard {
-            weight_map.insert(n.clone(), file.clone());
+    for (k, shard) in plan.iter().enumerate() {
+        let tensors = shard
+            .iter()
+            .map(|&i| Ok((specs[i].0.clone(), produce(&specs[i].0, &specs[i].1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors_bytes(&tensors)?;
+        drop(tensors);
+        if count == 1 {
+            atomic_write(&dir.join(SINGLE_FILE), &bytes)?;
+            remove_stale_shards(dir);
+            return Ok(());
+        }
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, count);
+        atomic_write(&dir.join(&file), &bytes)?;
+        for &i in shard {
+            weight_map.insert(specs[i].0.clone(), file.clone());
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});

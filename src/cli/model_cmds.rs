@@ -161,14 +161,22 @@ pub fn init(a: InitArgs) -> Result<()> {
         cfg.init_std,
         a.seed
     );
-    let model = Llada::init_random(&cfg, a.seed, dtype.dtype(), &Device::Cpu)?;
-    save_model_sharded(
+    // tensor by tensor, shard by shard: an 8B-shaped checkpoint never sits in memory whole
+    let specs: Vec<(String, Vec<usize>, DType)> = llada::model::tensor_specs(&cfg)
+        .into_iter()
+        .map(|(n, s)| (n, s, dtype.dtype()))
+        .collect();
+    let mut rng = llada::Rng::new(a.seed);
+    llada::weights::save_safetensors_with(
         &a.out,
-        &raw,
-        &model,
+        &specs,
         a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
+        &mut |_, shape| {
+            llada::model::random_tensor(shape, cfg.init_std, dtype.dtype(), &Device::Cpu, &mut rng)
+        },
     )
     .with_context(|| format!("writing {}", a.out.display()))?;
+    llada::checkpoint::write_config(&a.out, &raw)?;
     if let Some(t) = &a.tokenizer {
         copy_tokenizer_files(t, &a.out)?;
     }

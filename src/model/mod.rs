@@ -585,7 +585,9 @@ impl Llada {
         &self.wte
     }
 
-    /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded.
+    /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded. On a GPU
+    /// the weights are drawn there (an 8B-shaped model needs no host copy); on the CPU from the
+    /// library's seeded stream, tensor by tensor.
     pub fn init_random(
         cfg: &ModelConfig,
         seed: u64,
@@ -593,19 +595,33 @@ impl Llada {
         device: &Device,
     ) -> Result<Self> {
         let mut rng = crate::rng::Rng::new(seed);
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
         let mut map = HashMap::new();
         for (name, shape) in tensor_specs(cfg) {
-            let n: usize = shape.iter().product();
-            let t = if shape.len() == 1 {
-                Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
-            } else {
-                let data: Vec<f32> = (0..n)
-                    .map(|_| (rng.normal() * cfg.init_std) as f32)
-                    .collect();
-                Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?
-            };
-            map.insert(name, t.to_device(device)?.to_dtype(dtype)?);
+            let t = random_tensor(&shape, cfg.init_std, dtype, device, &mut rng)?;
+            map.insert(name, t);
         }
         Llada::load(cfg, &map)
     }
+}
+
+/// One initial tensor: ones for norm weights (1-D), N(0, std²) otherwise.
+pub fn random_tensor(
+    shape: &[usize],
+    std: f64,
+    dtype: DType,
+    device: &Device,
+    rng: &mut crate::rng::Rng,
+) -> Result<Tensor> {
+    if shape.len() == 1 {
+        return Ok(Tensor::ones(shape, dtype, device)?);
+    }
+    if !device.is_cpu() {
+        return Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?);
+    }
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?)
 }

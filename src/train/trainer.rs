@@ -57,6 +57,8 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Pretraining: probability that a batch is cut to a random length (reference: 0.01).
     pub random_length_prob: f64,
+    /// How each batch's times t are drawn: iid (the reference) or stratified.
+    pub t_sampling: noise::TimeSampling,
     /// Evaluate the held-out bound every N steps (0 = never).
     pub eval_every: usize,
     pub eval_batches: usize,
@@ -95,6 +97,7 @@ impl Default for TrainConfig {
             optimizer: AdamWConfig::default(),
             grad_clip: 1.0,
             random_length_prob: 0.01,
+            t_sampling: noise::TimeSampling::Iid,
             eval_every: 100,
             eval_batches: 8,
             save_every: 200,
@@ -340,7 +343,8 @@ impl Trainer {
         let (input, w) = if *objective == Objective::NextToken {
             (x0.to_vec(), LossWeights::next_token(x0))
         } else {
-            let noised = noise::forward_process(x0, pl, mask_id, noise::EPS, rng);
+            let noised =
+                noise::forward_process_with(x0, pl, mask_id, noise::EPS, self.cfg.t_sampling, rng);
             let w = LossWeights::new(x0, &noised, objective)?;
             (noised.noisy, w)
         };
