@@ -204,9 +204,18 @@ fn run(ck: Checkpoint, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: Engine
         if batch.is_empty() {
             continue;
         }
-        match &batch[0].kind {
+        // a failure inside one job must not take the engine (and every later request) down
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &batch[0].kind {
             JobKind::Score { .. } => run_score(&ck, &batch[0]),
             JobKind::Generate { .. } => run_generate(&ck, &batch),
+        }));
+        if ran.is_err() {
+            tracing::error!("a job panicked in the engine; it was answered with an error");
+            for j in &batch {
+                let _ = j.events.send(Event::Done(Err(ApiError::Internal(
+                    "the engine failed on this request".into(),
+                ))));
+            }
         }
     }
 }
