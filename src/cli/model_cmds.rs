@@ -9,12 +9,12 @@ use llada::candle_core::{DType, Device, Tensor};
 use llada::checkpoint::{copy_tokenizer_files, save_model_sharded, DEFAULT_SHARD_BYTES};
 use llada::{Llada, LladaConfig};
 
-use super::{parse_ids, print_json, RuntimeArgs};
+use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Checkpoint folder (config.json, safetensors, tokenizer files).
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -45,7 +45,7 @@ fn human_count(n: u64) -> String {
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
-    let ck = a.rt.load(&a.model)?;
+    let ck = a.rt.load(&a.model.resolve()?)?;
     let i = ck.info();
     if a.json {
         return print_json(&i);
@@ -191,8 +191,8 @@ pub fn init(a: InitArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
-    /// Checkpoint folder.
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     /// Token ids, comma-separated; several sequences of equal length separated by ';'.
     #[arg(long)]
     pub ids: String,
@@ -225,7 +225,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     if a.out.is_none() && !a.json {
         bail!("say where the logits go: --out FILE.safetensors or --json");
     }
-    let ck = a.rt.load(&a.model)?;
+    let ck = a.rt.load(&a.model.resolve()?)?;
     let rows = parse_rows(&a.ids, "--ids")?;
     let (b, l) = (rows.len(), rows[0].len());
     let v = ck.config.embedding_size as u32;
@@ -265,8 +265,9 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Checkpoint folder to export.
-    pub model: PathBuf,
+    /// Checkpoint folder to export (default: as for every command).
+    #[command(flatten)]
+    pub model: ModelArg,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -282,8 +283,9 @@ pub struct ExportArgs {
 /// stored dtype, tokenizer files included.
 pub fn export(a: ExportArgs) -> Result<()> {
     let dtype: llada::RunDType = a.dtype.parse()?;
-    let (raw, cfg) = llada::checkpoint::read_config(&a.model)?;
-    let files = llada::weights::SafetensorsFiles::open(&a.model)?;
+    let src = a.model.resolve()?;
+    let (raw, cfg) = llada::checkpoint::read_config(&src)?;
+    let files = llada::weights::SafetensorsFiles::open(&src)?;
     let model = Llada::load(
         &cfg,
         &llada::model::FileWeights {
@@ -298,7 +300,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         &model,
         a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
     )?;
-    copy_tokenizer_files(&a.model, &a.out)?;
+    copy_tokenizer_files(&src, &a.out)?;
     println!(
         "wrote {} ({}, {} parameters)",
         a.out.display(),
