@@ -3,7 +3,7 @@
 # and the LLaDA-8B-shaped benchmark (random bf16 weights made directly on the GPU), and prints the
 # figures next to the reference's (../shared/peer/gpu_anchor.py) measured in the same call.
 #
-# Build here first (CUDA toolchain: see DEVELOPERS.md), then carry the binaries:
+# Build here first (CUDA toolchain: see the README's CUDA section), then carry the binaries:
 #   source ../shared/cuda/setup.sh
 #   cargo build --release --features cuda --target-dir target-cuda
 #   cargo test --release --features cuda --target-dir target-cuda --no-run

@@ -65,9 +65,9 @@ impl ReversalConfig {
     /// this size), hence the step count.
     pub fn full() -> Self {
         ReversalConfig {
-            test_pairs: 200,
-            bridge_pairs: 200,
-            steps: 12000,
+            test_pairs: 150,
+            bridge_pairs: 150,
+            steps: 10000,
             ..Self::quick()
         }
     }
@@ -137,12 +137,33 @@ pub fn documents(test: &[Pair], bridge: &[Pair]) -> Vec<String> {
     docs
 }
 
-/// A query: the prompt text and the expected answer text.
-pub fn query(p: &Pair, reversal: bool) -> (String, String) {
-    if reversal {
-        (format!("{} :", p.second), format!(" {} .", p.first))
-    } else {
-        (format!("{} ;", p.first), format!(" {} .", p.second))
+/// How a model is asked about a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `A ;` → ` B .`: the training template, continued.
+    Forward,
+    /// `B :` → ` A .`: the reversed template (taught by the bridge pairs), continued. The only way
+    /// a left-to-right model can be asked.
+    ReversalPrompt,
+    /// `[masks] ; B .` → `A`: the training template with the first line masked, filled using the
+    /// context on its right. What a bidirectional mask predictor makes possible.
+    ReversalInfill,
+}
+
+/// A query: the text before the answer, the expected answer and the text after it.
+pub fn query(p: &Pair, probe: Probe) -> (String, String, String) {
+    match probe {
+        Probe::Forward => (
+            format!("{} ;", p.first),
+            format!(" {} .", p.second),
+            String::new(),
+        ),
+        Probe::ReversalPrompt => (
+            format!("{} :", p.second),
+            format!(" {} .", p.first),
+            String::new(),
+        ),
+        Probe::ReversalInfill => (String::new(), p.first.clone(), format!(" ; {} .", p.second)),
     }
 }
 
@@ -150,7 +171,12 @@ pub fn query(p: &Pair, reversal: bool) -> (String, String) {
 #[derive(Debug, Clone, Serialize)]
 pub struct DirectionScores {
     pub forward: Accuracy,
+    /// Diffusion: by infilling the first line (`[masks] ; B .`); autoregressive: by the reversed
+    /// template (`B :`).
     pub reversal: Accuracy,
+    /// Diffusion only: the reversed template too, continued as the twin is asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reversal_prompt: Option<Accuracy>,
 }
 
 /// The experiment's result.
@@ -163,60 +189,84 @@ pub struct ReversalReport {
     pub seconds: f64,
 }
 
-/// Exact-match accuracy of a model on the test pairs in one direction. The answer length is the
-/// expected answer's (the diffusion model fills exactly that many masks, one per step; the twin
-/// writes that many tokens).
+/// Exact-match accuracy over `pairs` for one probe, whatever produces the answers:
+/// `answer(prefix, n, suffix)` returns the `n` answer tokens between `prefix` (`eos`, then the
+/// query) and `suffix` (empty for continuations).
+pub fn exact_match(
+    tok: &Tokenizer,
+    eos: u32,
+    pairs: &[Pair],
+    probe: Probe,
+    answer: &mut dyn FnMut(&[u32], usize, &[u32]) -> Result<Vec<u32>>,
+) -> Result<Accuracy> {
+    let mut correct = 0;
+    for p in pairs {
+        let (before, a, after) = query(p, probe);
+        let mut prefix = vec![eos];
+        prefix.extend(tok.encode(&before)?);
+        let target = tok.encode(&a)?;
+        let suffix = tok.encode(&after)?;
+        let got = answer(&prefix, target.len(), &suffix)?;
+        correct += usize::from(got == target);
+    }
+    Ok(Accuracy::of(correct, pairs.len()))
+}
+
+/// Exact-match accuracy of a model on the test pairs for one probe. The answer length is the
+/// expected answer's: the diffusion model fills exactly that many masks, one per step (greedy,
+/// low-confidence remasking); the twin writes that many tokens greedily.
 pub fn evaluate(
     ck: &Checkpoint,
     pairs: &[Pair],
-    reversal: bool,
+    probe: Probe,
     autoregressive: bool,
 ) -> Result<Accuracy> {
     let tok = ck.tokenizer()?;
     let sp = ck.special;
-    let mut correct = 0;
-    for p in pairs {
-        let (q, a) = query(p, reversal);
-        let mut prompt = vec![sp.eos];
-        prompt.extend(tok.encode(&q)?);
-        let target = tok.encode(&a)?;
-        let got = if autoregressive {
-            let mut m = LladaPredictor::new(&ck.model);
-            ar::generate_ar(
+    if autoregressive && probe == Probe::ReversalInfill {
+        return Err(Error::setting(
+            "probe",
+            "reversal by infilling",
+            "a left-to-right model cannot fill a span before its context",
+        ));
+    }
+    exact_match(tok, sp.eos, pairs, probe, &mut |prefix, n, suffix| {
+        let mut m = LladaPredictor::new(&ck.model);
+        if autoregressive {
+            let out = ar::generate_ar(
                 &mut m,
-                &prompt,
-                target.len(),
+                prefix,
+                n,
                 0.0,
                 false,
                 &sp,
                 &mut Rng::new(0),
                 &mut sampler::no_progress,
-            )?
-            .generated_ids
-            .remove(0)
-        } else {
-            let n = target.len();
-            let cfg = SamplerConfig {
-                gen_length: n,
-                steps: n,
-                block_length: n,
-                ..Default::default()
-            };
-            let mut m = LladaPredictor::new(&ck.model);
-            sampler::generate(
-                &mut m,
-                &PromptBatch::single(prompt),
-                &cfg,
-                &sp,
-                &mut Rng::new(0),
-                &mut sampler::no_progress,
-            )?
-            .generated_ids
-            .remove(0)
+            )?;
+            return Ok(out.generated_ids.into_iter().next().unwrap_or_default());
+        }
+        let cfg = SamplerConfig {
+            gen_length: n,
+            steps: n,
+            // one block over the whole region (the answer and, for infilling, the suffix)
+            block_length: 0,
+            ..Default::default()
         };
-        correct += usize::from(got == target);
-    }
-    Ok(Accuracy::of(correct, pairs.len()))
+        let mut canvas = prefix.to_vec();
+        canvas.extend(std::iter::repeat_n(sp.mask, n));
+        canvas.extend_from_slice(suffix);
+        let out = sampler::infill(
+            &mut m,
+            &canvas,
+            &cfg,
+            &sp,
+            &mut Rng::new(0),
+            &mut sampler::no_progress,
+        )?;
+        let mut ids = out.generated_ids.into_iter().next().unwrap_or_default();
+        ids.truncate(n);
+        Ok(ids)
+    })
 }
 
 /// Runs the whole experiment in `dir`: data, tokenizer, both models, evaluation.
@@ -342,14 +392,32 @@ pub fn run(
         ));
         let ck = Checkpoint::load(&ck_dir, None, &candle_core::Device::Cpu)?;
         let ar = objective == ObjectiveKind::Autoregressive;
-        let forward = evaluate(&ck, test, false, ar)?;
-        let reversal = evaluate(&ck, test, true, ar)?;
+        let forward = evaluate(&ck, test, Probe::Forward, ar)?;
+        let prompted = evaluate(&ck, test, Probe::ReversalPrompt, ar)?;
+        let scores_here = if ar {
+            DirectionScores {
+                forward,
+                reversal: prompted,
+                reversal_prompt: None,
+            }
+        } else {
+            DirectionScores {
+                forward,
+                reversal: evaluate(&ck, test, Probe::ReversalInfill, ar)?,
+                reversal_prompt: Some(prompted),
+            }
+        };
         log(&format!(
-            "  {label}: forward {:.1}%, reversal {:.1}%",
-            100.0 * forward.accuracy,
-            100.0 * reversal.accuracy
+            "  {label}: forward {:.1}%, reversal {:.1}%{}",
+            100.0 * scores_here.forward.accuracy,
+            100.0 * scores_here.reversal.accuracy,
+            scores_here
+                .reversal_prompt
+                .as_ref()
+                .map(|a| format!(" (by the reversed template: {:.1}%)", 100.0 * a.accuracy))
+                .unwrap_or_default()
         ));
-        scores.push(DirectionScores { forward, reversal });
+        scores.push(scores_here);
     }
     let autoregressive = scores
         .pop()
@@ -519,4 +587,125 @@ pub fn poem_accuracy(
         on_item(i + 1, poems.len());
     }
     Ok(Accuracy::of(correct, poems.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    #[test]
+    fn pairs_are_seeded_distinct_and_shaped() {
+        let a = make_pairs(60, 2, 7);
+        assert_eq!(a, make_pairs(60, 2, 7));
+        assert_ne!(a, make_pairs(60, 2, 8));
+        let lines: Vec<&String> = a.iter().flat_map(|p| [&p.first, &p.second]).collect();
+        let set: HashSet<&&String> = lines.iter().collect();
+        assert_eq!(set.len(), 120, "a line is reused");
+        for l in lines {
+            assert_eq!(l.split(' ').count(), 2, "{l}");
+            assert!(!l.contains(';') && !l.contains(':') && !l.contains('.'));
+        }
+    }
+
+    #[test]
+    fn test_pairs_are_shown_one_way_bridge_pairs_both() {
+        let all = make_pairs(20, 3, 1);
+        let (test, bridge) = all.split_at(10);
+        let docs = documents(test, bridge);
+        assert_eq!(docs.len(), 10 + 2 * 10);
+        let text = docs.join("\n");
+        for p in test {
+            assert_eq!(
+                text.matches(&format!("{} ; {} .", p.first, p.second))
+                    .count(),
+                1
+            );
+            // the reversed statement, in either template, never appears
+            assert!(!text.contains(&format!("{} : {}", p.second, p.first)));
+            assert!(!text.contains(&format!("{} ; {}", p.second, p.first)));
+        }
+        for p in bridge {
+            assert!(docs.contains(&format!("{} ; {} .", p.first, p.second)));
+            assert!(docs.contains(&format!("{} : {} .", p.second, p.first)));
+        }
+        // queries use the training templates; the answer is the other line
+        let (q, a, rest) = query(&test[0], Probe::Forward);
+        assert_eq!(
+            q + &a + &rest,
+            format!("{} ; {} .", test[0].first, test[0].second)
+        );
+        let (q, a, rest) = query(&test[0], Probe::ReversalPrompt);
+        assert_eq!(
+            q + &a + &rest,
+            format!("{} : {} .", test[0].second, test[0].first)
+        );
+        let (q, a, rest) = query(&test[0], Probe::ReversalInfill);
+        assert_eq!(a, test[0].first);
+        assert_eq!(
+            q + &a + &rest,
+            format!("{} ; {} .", test[0].first, test[0].second)
+        );
+    }
+
+    /// The evaluation scores exact matches: an oracle that knows every pair forward only gets
+    /// 100% forward and 0% reversal; one answer token off is a miss.
+    #[test]
+    fn exact_match_scores_an_oracle() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = make_pairs(12, 2, 3);
+        let (test, bridge) = all.split_at(6);
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, documents(test, bridge).join("\n")).unwrap();
+        let ids = crate::train::tokenizer::train_tokenizer(&[corpus], 300, &dir.path().join("tok"))
+            .unwrap();
+        let tok = Tokenizer::open(&dir.path().join("tok")).unwrap();
+        let forward: HashMap<String, String> = test
+            .iter()
+            .map(|p| (format!("{} ;", p.first), format!(" {} .", p.second)))
+            .collect();
+        let oracle = |sabotage: bool| {
+            let tok = &tok;
+            let forward = &forward;
+            move |prompt: &[u32], n: usize, suffix: &[u32]| -> Result<Vec<u32>> {
+                assert_eq!(prompt[0], ids.eos);
+                assert!(suffix.is_empty());
+                let q = tok.decode(&prompt[1..], false)?;
+                let mut out = match forward.get(&q) {
+                    Some(a) => tok.encode(a)?,
+                    None => vec![ids.eos; n],
+                };
+                if sabotage {
+                    out[0] = ids.mask;
+                }
+                Ok(out)
+            }
+        };
+        let fwd = exact_match(&tok, ids.eos, test, Probe::Forward, &mut oracle(false)).unwrap();
+        assert_eq!((fwd.correct, fwd.n), (6, 6));
+        let rev = exact_match(
+            &tok,
+            ids.eos,
+            test,
+            Probe::ReversalPrompt,
+            &mut oracle(false),
+        )
+        .unwrap();
+        assert_eq!((rev.correct, rev.n), (0, 6));
+        let off = exact_match(&tok, ids.eos, test, Probe::Forward, &mut oracle(true)).unwrap();
+        assert_eq!(off.correct, 0);
+        // infilling: the answer sits between the prefix and the suffix ` ; B .`
+        let first_of: HashMap<String, String> = test
+            .iter()
+            .map(|p| (format!(" ; {} .", p.second), p.first.clone()))
+            .collect();
+        let mut infiller = |prefix: &[u32], n: usize, suffix: &[u32]| -> Result<Vec<u32>> {
+            assert_eq!(prefix, &[ids.eos]);
+            let a = tok.encode(&first_of[&tok.decode(suffix, false)?])?;
+            assert_eq!(a.len(), n);
+            Ok(a)
+        };
+        let inf = exact_match(&tok, ids.eos, test, Probe::ReversalInfill, &mut infiller).unwrap();
+        assert_eq!(inf.correct, 6);
+    }
 }

@@ -60,7 +60,11 @@ pub fn run(cmd: ExperimentCmd) -> Result<()> {
             llada::weights::atomic_write(&a.out.join("report.json"), report.as_bytes())?;
             if json {
                 return print_json(&serde_json::json!({
-                    "diffusion": {"forward": r.diffusion.forward.accuracy, "reversal": r.diffusion.reversal.accuracy},
+                    "diffusion": {
+                        "forward": r.diffusion.forward.accuracy,
+                        "reversal": r.diffusion.reversal.accuracy,
+                        "reversal_prompt": r.diffusion.reversal_prompt.as_ref().map(|a| a.accuracy),
+                    },
                     "autoregressive": {"forward": r.autoregressive.forward.accuracy, "reversal": r.autoregressive.reversal.accuracy},
                 }));
             }
@@ -88,8 +92,14 @@ pub fn run(cmd: ExperimentCmd) -> Result<()> {
                     f(&s.reversal)
                 );
             }
+            if let Some(a) = &r.diffusion.reversal_prompt {
+                println!(
+                    "diffusion reversal asked with the twin's reversed template (`B :`): {:.1}%",
+                    100.0 * a.accuracy
+                );
+            }
             println!(
-                "(exact match, 95% Wilson intervals) · chart {}",
+                "(exact match, 95% Wilson intervals; diffusion reversal: the first line masked and filled, `[masks] ; B .`; autoregressive reversal: `B :` continued) · chart {}",
                 chart.display()
             );
             Ok(())
