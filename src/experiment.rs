@@ -189,6 +189,9 @@ pub struct ReversalReport {
     pub seconds: f64,
 }
 
+/// Produces `n` answer tokens between a prefix and a suffix (see [`exact_match`]).
+pub type Answerer<'a> = dyn FnMut(&[u32], usize, &[u32]) -> Result<Vec<u32>> + 'a;
+
 /// Exact-match accuracy over `pairs` for one probe, whatever produces the answers:
 /// `answer(prefix, n, suffix)` returns the `n` answer tokens between `prefix` (`eos`, then the
 /// query) and `suffix` (empty for continuations).
@@ -197,7 +200,7 @@ pub fn exact_match(
     eos: u32,
     pairs: &[Pair],
     probe: Probe,
-    answer: &mut dyn FnMut(&[u32], usize, &[u32]) -> Result<Vec<u32>>,
+    answer: &mut Answerer,
 ) -> Result<Accuracy> {
     let mut correct = 0;
     for p in pairs {
