@@ -8,7 +8,10 @@
 //! line A. Test pairs appear only that way. Bridge pairs (disjoint lines) appear both as `A ; B .`
 //! and `B : A .` (`:` reads "follows"), which teaches the reversed template. Queries use the same
 //! text for both models: forward `A ;` → ` B .`, reversal `B :` → ` A .`; the diffusion model fills
-//! the masked answer after the prompt, the twin writes it left to right.
+//! the masked answer after the prompt, the twin writes it left to right. Reversal for the diffusion
+//! model is also asked by masking the first line of the training template (`[masks] ; B .`), which
+//! only a bidirectional model can fill. The corpus lists the documents several times in seeded
+//! orders; both models train without weight decay (the task is memorisation).
 
 use std::path::Path;
 
@@ -22,7 +25,7 @@ use crate::sampler::{self, ar, LladaPredictor, PromptBatch, SamplerConfig};
 use crate::score::choice::Accuracy;
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{self, DataKind, PrepareOptions};
-use crate::train::optim::Schedule;
+use crate::train::optim::{AdamWConfig, Schedule};
 use crate::train::{ObjectiveKind, TrainConfig, Trainer};
 
 /// Settings of the experiment.
@@ -148,6 +151,20 @@ pub enum Probe {
     /// `[masks] ; B .` → `A`: the training template with the first line masked, filled using the
     /// context on its right. What a bidirectional mask predictor makes possible.
     ReversalInfill,
+}
+
+/// How many times the corpus lists the documents, each time in a new order.
+pub const CORPUS_COPIES: usize = 8;
+
+/// `copies` seeded permutations of `docs`, one after the other. Pretraining reads windows of a
+/// packed stream, so a document that straddles a window boundary in one copy sits whole in
+/// another, and every document is seen next to different neighbours.
+pub fn shuffled_copies(docs: &[String], copies: usize, seed: u64) -> Vec<String> {
+    let mut rng = Rng::new(seed ^ 0xC0_91E5);
+    (0..copies)
+        .flat_map(|_| rng.permutation(docs.len()))
+        .map(|i| docs[i].clone())
+        .collect()
 }
 
 /// A query: the text before the answer, the expected answer and the text after it.
@@ -290,7 +307,8 @@ pub fn run(
     let (test, bridge) = all.split_at(cfg.test_pairs);
     let docs = documents(test, bridge);
     let corpus = dir.join("corpus.txt");
-    crate::weights::atomic_write(&corpus, docs.join("\n").as_bytes())?;
+    let stream = shuffled_copies(&docs, CORPUS_COPIES, cfg.seed);
+    crate::weights::atomic_write(&corpus, stream.join("\n").as_bytes())?;
     let pairs_json =
         serde_json::to_string_pretty(&serde_json::json!({"test": test, "bridge": bridge}))
             .map_err(|e| Error::Json {
@@ -376,6 +394,11 @@ pub fn run(
             save_every: 0,
             keep_checkpoints: 1,
             random_length_prob: 0.0,
+            // memorisation: no weight decay pulling the facts out of either model
+            optimizer: AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
             seed: cfg.seed,
             ..TrainConfig::default()
         };
@@ -617,6 +640,13 @@ mod tests {
         let (test, bridge) = all.split_at(10);
         let docs = documents(test, bridge);
         assert_eq!(docs.len(), 10 + 2 * 10);
+        // the corpus: every document once per copy, in seeded orders that differ between copies
+        let stream = shuffled_copies(&docs, 3, 5);
+        assert_eq!(stream, shuffled_copies(&docs, 3, 5));
+        assert_ne!(stream[..30], stream[30..60]);
+        for d in &docs {
+            assert_eq!(stream.iter().filter(|x| *x == d).count(), 3);
+        }
         let text = docs.join("\n");
         for p in test {
             assert_eq!(

@@ -5,7 +5,7 @@
 #   models/llada-tiny-kjv/reproduce.sh [WORK_DIR]
 #
 # Needs: Debian's bible-kjv package (installed with apt-get when missing; root), a release build
-# of llada. On 2 CPU cores (AMD EPYC, AVX-512) it took about an hour.
+# of llada. On 2 CPU cores (AMD EPYC, AVX-512) it takes about two and a half hours.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-runs/llada-tiny-kjv}
@@ -54,11 +54,15 @@ $LLADA train --config "$OUT/sft.toml" --init-from "$PRE_CK" \
 # 7. Export in bf16 (half the size) next to this script, and measure it.
 SFT_CK="$WORK/sft/checkpoints/$(cat "$WORK/sft/checkpoints/latest")"
 $LLADA export "$SFT_CK" --dtype bf16 --out "$OUT"
-$LLADA plot "$WORK/pretrain" --out "$WORK/pretrain-curves.png"
-$LLADA plot "$WORK/sft" --out "$WORK/sft-curves.png"
+$LLADA plot "$WORK/pretrain" --out "$OUT/pretrain-curves.png"
+$LLADA plot "$WORK/sft" --out "$OUT/sft-curves.png"
 cp "$WORK/kjv-heldout.txt" "$OUT/heldout.txt"
 # held-out bound: the pretrained model and the shipped (SFT) model, fixed seed
 $LLADA ppl "$PRE_CK" "$OUT/heldout.txt" --context 256 --mc-num 64 --batch 16 --seed 0 --json | tee "$WORK/heldout-pretrained.json"
 $LLADA ppl "$OUT" "$OUT/heldout.txt" --context 256 --mc-num 64 --batch 16 --seed 0 --json | tee "$WORK/heldout-shipped.json"
 $LLADA eval-chat "$OUT" "$WORK/sft-test.jsonl" --gen-length 32 --steps 32 --block-length 32 --json > "$WORK/sft-test-results.json"
+# the same with Fast-dLLM's parallel decoding (threshold 0.9) and dual cache
+$LLADA eval-chat "$OUT" "$WORK/sft-test.jsonl" --gen-length 32 --block-length 32 --threshold 0.9 --cache dual --json > "$WORK/sft-test-results-fast.json"
+# card.json: the figures tests/shipped_model.rs checks
+LLADA=$LLADA "$OUT/make-card.sh"
 echo "done: $OUT"

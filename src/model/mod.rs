@@ -192,7 +192,9 @@ impl Block {
     }
 
     /// Inference on a chunk: `x` [B·n, D] holds positions start..start+n; their keys and values
-    /// go into `cache` (layer `layer`), the other positions' come from it.
+    /// go into `cache` (layer `layer`), the other positions' come from it. With `keep` (offsets
+    /// within the chunk), only those rows go through the MLP and come out ([B·|keep|, D]): the
+    /// last layer needs every row's keys and values but only the rows whose logits are read.
     #[allow(clippy::too_many_arguments)]
     fn forward_chunk(
         &self,
@@ -204,6 +206,7 @@ impl Block {
         cache: &mut KvCache,
         layer: usize,
         causal: bool,
+        keep: Option<std::ops::Range<usize>>,
     ) -> CResult<Tensor> {
         let a = self.attn_norm.forward(x)?;
         let att = match cache {
@@ -248,7 +251,15 @@ impl Block {
                 o
             }
         };
-        let x = crate::kernels::add(x, &att)?;
+        let mut x = crate::kernels::add(x, &att)?;
+        if let Some(r) = keep {
+            let d = x.dim(1)?;
+            x = x
+                .reshape((b, n, d))?
+                .narrow(1, r.start, r.end - r.start)?
+                .contiguous()?
+                .reshape((b * (r.end - r.start), d))?;
+        }
         self.mlp_residual(&x, false)
     }
 
@@ -550,17 +561,24 @@ impl Llada {
                 ),
             ));
         }
-        let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
+        let vocab = self.cfg.embedding_size;
         let mut h = self.embed(ids)?; // [B·n, D]
-        for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward_chunk(&h, b, n, start, &self.rope, cache, i, self.cfg.causal)?;
-        }
         let w = rows.end - rows.start;
-        if w != n {
-            h = h
-                .reshape((b, n, d))?
-                .narrow(1, rows.start - start, w)?
-                .reshape((b * w, d))?;
+        let last = self.blocks.len() - 1;
+        for (i, block) in self.blocks.iter().enumerate() {
+            // the last layer's MLP runs only on the rows whose logits are asked for
+            let keep = (i == last && w != n).then(|| rows.start - start..rows.end - start);
+            h = block.forward_chunk(
+                &h,
+                b,
+                n,
+                start,
+                &self.rope,
+                cache,
+                i,
+                self.cfg.causal,
+                keep,
+            )?;
         }
         let logits = self.logits_of(&h, false)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, w, vocab))?)
