@@ -16,17 +16,17 @@ gen() { # name, chat(0/1), prompt
   $LLADA generate "$OUT" "${chat[@]}" --prompt "$3" --gen-length 32 --steps 32 --block-length 32 \
     --seed 0 --json > "$TMP/$1.json"
 }
-gen g1 0 "In the beginning God created"
-gen g2 1 "What is 12 plus 7?"
-gen g3 1 "Reverse the list: apple, river, stone"
+gen g1 0 "The LORD is my shepherd"
+gen g2 1 "Abel lives in Bethel and keeps 7 sheep. What does Abel keep?"
+gen g3 1 "Reverse the list: apple, river, stone."
 
 python3 - "$TMP" "$OUT/card.json" <<'PY'
 import json, sys
 tmp, out = sys.argv[1], sys.argv[2]
 ppl = json.load(open(f"{tmp}/ppl.json"))
-prompts = [("g1", False, "In the beginning God created"),
-           ("g2", True, "What is 12 plus 7?"),
-           ("g3", True, "Reverse the list: apple, river, stone")]
+prompts = [("g1", False, "The LORD is my shepherd"),
+           ("g2", True, "Abel lives in Bethel and keeps 7 sheep. What does Abel keep?"),
+           ("g3", True, "Reverse the list: apple, river, stone.")]
 card = {
     "heldout_bound": {"file": "heldout.txt", "context": 256, "mc_num": 64, "batch": 16,
                       "seed": 0, "max_windows": 8, "tokens": ppl["tokens"],

@@ -58,6 +58,27 @@ pub struct BenchArgs {
     pub rt: RuntimeArgs,
 }
 
+/// Peak memory lines: the run's (or the process's, where the window could not be reset), the
+/// load's, against the weights' size.
+fn print_peak(peak: Option<u64>, load: Option<u64>, windowed: bool, weights: u64) {
+    if let Some(p) = peak {
+        println!(
+            "peak RSS        {:.1} MB {} ({:.2}× the weights' {:.1} MB)",
+            p as f64 / 1e6,
+            if windowed {
+                "while running"
+            } else {
+                "(process)"
+            },
+            p as f64 / weights as f64,
+            weights as f64 / 1e6
+        );
+    }
+    if let (Some(l), true) = (load, windowed) {
+        println!("peak RSS load   {:.1} MB", l as f64 / 1e6);
+    }
+}
+
 fn pm(s: Stat, digits: usize) -> String {
     format!("{:.*} ± {:.*}", digits, s.mean, digits, s.std)
 }
@@ -93,10 +114,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
     };
     let mc = model.config().clone();
+    // peak memory: of loading, then (a new window) of the benchmark itself
+    let load_peak = bench::peak_rss_bytes();
+    let windowed = bench::reset_peak_rss();
+    let weights_bytes = mc.parameter_count() * model.dtype().size_in_bytes() as u64;
     let threads = llada::candle_core::utils::get_num_threads();
     let header = serde_json::json!({
         "model": source,
         "parameters": mc.parameter_count(),
+        "weights_bytes": weights_bytes,
+        "load_peak_rss_bytes": load_peak,
+        "peak_rss_is_run_only": windowed,
         "device": device_name(model.device()),
         "dtype": dtype_name(model.dtype()),
         "threads": threads,
@@ -162,9 +190,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 r.nfe, r.tokens_per_forward
             );
             println!("model GFLOP/s   {:.1}", r.gflops);
-            if let Some(p) = peak {
-                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
-            }
+            print_peak(peak, load_peak, windowed, weights_bytes);
         }
         "forward" => {
             let len = a.len.unwrap_or(a.prompt_len + cfg.gen_length);
@@ -196,9 +222,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
             println!("ms per forward  {}", pm(r.ms, 2));
             println!("GFLOP/s         {:.1}", r.gflops);
-            if let Some(p) = peak {
-                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
-            }
+            print_peak(peak, load_peak, windowed, weights_bytes);
         }
         "score" => {
             let sc = llada::score::ScoreConfig {
@@ -260,9 +284,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             println!("tokens/s        {}", pm(r.tokens_per_s, 1));
             println!("s per step      {}", pm(r.seconds_per_step, 3));
             println!("model GFLOP/s   {:.1} (6·N·tokens)", r.gflops);
-            if let Some(p) = peak {
-                println!("peak RSS        {:.1} MB", p as f64 / 1e6);
-            }
+            print_peak(peak, load_peak, windowed, weights_bytes);
         }
         other => bail!("invalid setting mode={other}: must be generate, forward, score or train"),
     }

@@ -122,7 +122,7 @@ impl RuntimeArgs {
 
     pub fn load(&self, dir: &std::path::Path) -> Result<Checkpoint> {
         let (device, dtype) = self.setup()?;
-        Checkpoint::load(dir, Some(dtype.dtype()), &device)
+        crate::while_loading(|| Checkpoint::load(dir, Some(dtype.dtype()), &device))
             .with_context(|| format!("loading {}", dir.display()))
     }
 }
