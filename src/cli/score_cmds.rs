@@ -292,23 +292,26 @@ pub fn eval_chat_cmd(a: EvalChatArgs) -> Result<()> {
     let tok = ck.tokenizer()?;
     let pb = bar(cases.len(), "cases");
     let mut m = llada::sampler::LladaPredictor::new(&ck.model);
+    let t0 = std::time::Instant::now();
     let (results, acc, per) =
         llada::score::exact::evaluate(&mut m, tok, &cases, &cfg, a.batch, &mut |i, _| {
             pb.set_position(i as u64)
         })?;
+    let seconds = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     if a.json {
         return print_json(
-            &serde_json::json!({"accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n, "per_task": per, "results": results}),
+            &serde_json::json!({"accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n, "seconds": seconds, "per_task": per, "results": results}),
         );
     }
     println!(
-        "exact match {:.1}% ({}/{}) · 95% CI [{:.1}%, {:.1}%]",
+        "exact match {:.1}% ({}/{}) · 95% CI [{:.1}%, {:.1}%] · {:.1} s",
         100.0 * acc.accuracy,
         acc.correct,
         acc.n,
         100.0 * acc.ci95.0,
-        100.0 * acc.ci95.1
+        100.0 * acc.ci95.1,
+        seconds
     );
     for (task, t) in per {
         println!(
