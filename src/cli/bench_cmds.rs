@@ -116,6 +116,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mc = model.config().clone();
     // peak memory: of loading, then (a new window) of the benchmark itself
     let load_peak = bench::peak_rss_bytes();
+    let loaded_rss = bench::rss_bytes();
     let windowed = bench::reset_peak_rss();
     let weights_bytes = mc.parameter_count() * model.dtype().size_in_bytes() as u64;
     let threads = llada::candle_core::utils::get_num_threads();
@@ -124,6 +125,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "parameters": mc.parameter_count(),
         "weights_bytes": weights_bytes,
         "load_peak_rss_bytes": load_peak,
+        "rss_after_load_bytes": loaded_rss,
         "peak_rss_is_run_only": windowed,
         "device": device_name(model.device()),
         "dtype": dtype_name(model.dtype()),
