@@ -1,3 +1,5 @@
+//! Per-op timing of one forward (192 tokens) of the 135M benchmark checkpoint.
+//! Usage: cargo run --release --example prof [f32|bf16] [CHECKPOINT]
 use llada::candle_core::{DType, Device, Module, Tensor};
 use llada::kernels::attention::{KeyMask, KvShape, KvStore};
 use std::time::Instant;
@@ -8,8 +10,11 @@ fn main() {
         Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
-    let ck =
-        llada::Checkpoint::load(std::path::Path::new("/tmp/bench135"), Some(dtype), &dev).unwrap();
+    // the benchmark checkpoint that scripts/bench-vs-peer.sh makes, unless a folder is given
+    let dir = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "out/bench/bench-135m".into());
+    let ck = llada::Checkpoint::load(std::path::Path::new(&dir), Some(dtype), &dev).unwrap();
     let m = &ck.model;
     let l = 192;
     let ids = Tensor::from_vec(

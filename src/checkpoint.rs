@@ -132,7 +132,7 @@ impl Checkpoint {
             stored_dtype: self.stored_dtype.clone(),
             run_dtype: dtype_name(self.model.dtype()).to_string(),
             device: crate::device::device_name(self.model.device()),
-            memory_bytes: params * self.model.dtype().size_in_bytes() as u64,
+            memory_bytes: self.model.weights_bytes(),
             d_model: self.config.d_model,
             n_layers: self.config.n_layers,
             n_heads: self.config.n_heads,

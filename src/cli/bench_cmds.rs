@@ -118,7 +118,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let load_peak = bench::peak_rss_bytes();
     let loaded_rss = bench::rss_bytes();
     let windowed = bench::reset_peak_rss();
-    let weights_bytes = mc.parameter_count() * model.dtype().size_in_bytes() as u64;
+    let weights_bytes = model.weights_bytes();
     let threads = llada::candle_core::utils::get_num_threads();
     let header = serde_json::json!({
         "model": source,

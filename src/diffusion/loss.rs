@@ -19,7 +19,7 @@ pub enum Objective {
 }
 
 /// The masked positions of a batch (flattened indices into [b·L]), their targets and weights.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LossWeights {
     pub positions: Vec<u32>,
     pub targets: Vec<u32>,
@@ -31,11 +31,7 @@ impl LossWeights {
     pub fn next_token(x0: &[Vec<u32>]) -> Self {
         let b = x0.len();
         let l = x0.first().map(Vec::len).unwrap_or(0);
-        let mut out = LossWeights {
-            positions: Vec::new(),
-            targets: Vec::new(),
-            weights: Vec::new(),
-        };
+        let mut out = LossWeights::default();
         if l < 2 {
             return out;
         }
@@ -54,11 +50,7 @@ impl LossWeights {
     pub fn new(x0: &[Vec<u32>], noised: &Noised, objective: &Objective) -> Result<Self> {
         let b = x0.len();
         let l = x0.first().map(Vec::len).unwrap_or(0);
-        let mut out = LossWeights {
-            positions: Vec::new(),
-            targets: Vec::new(),
-            weights: Vec::new(),
-        };
+        let mut out = LossWeights::default();
         for (r, row) in x0.iter().enumerate() {
             let norm = match objective {
                 Objective::Pretrain => (b * l) as f32,

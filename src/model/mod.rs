@@ -356,6 +356,11 @@ impl Llada {
         self.dtype
     }
 
+    /// Bytes the weights take in the compute dtype.
+    pub fn weights_bytes(&self) -> u64 {
+        self.cfg.parameter_count() * self.dtype.size_in_bytes() as u64
+    }
+
     /// The device holding the weights.
     pub fn device(&self) -> &Device {
         &self.device
