@@ -34,10 +34,17 @@ fn main() {
         causal: false,
     };
     let rope = llada::model::Rope::new(64, 500000.0, 4096, &dev).unwrap();
-    let mut acc = [0f64; 12];
+    let mut acc = [0f64; 9];
     let names = [
-        "embed", "norm1", "qkv lin", "kv write", "attend", "out lin", "add1", "norm2", "gate/up",
-        "silu", "down", "add2",
+        "embed",
+        "norm1",
+        "qkv lin",
+        "kv write",
+        "attend",
+        "out lin+add",
+        "norm2",
+        "gate/up+silu",
+        "down+add",
     ];
     for it in 0..6 {
         let mut t = Instant::now();
@@ -73,10 +80,8 @@ fn main() {
                     llada::kernels::attention::attend(&qs, shape, 12, 0, l, &store, &mask, &tables);
                 let o = Tensor::from_vec(o, (l, 768), &dev).unwrap();
                 lap(4, &mut t);
-                let att = b.attn.attn_out.forward(&o).unwrap();
+                h = b.attn.attn_out.forward_add(&o, &h).unwrap();
                 lap(5, &mut t);
-                h = llada::kernels::add(&h, &att).unwrap();
-                lap(6, &mut t);
             } else {
                 let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let vs = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -87,22 +92,15 @@ fn main() {
                     llada::kernels::attention::attend(&qs, shape, 12, 0, l, &store, &mask, &tables);
                 let o = Tensor::from_vec(o, (l, 768), &dev).unwrap();
                 lap(4, &mut t);
-                let att = b.attn.attn_out.forward(&o).unwrap();
+                h = b.attn.attn_out.forward_add(&o, &h).unwrap();
                 lap(5, &mut t);
-                h = llada::kernels::add(&h, &att).unwrap();
-                lap(6, &mut t);
             }
             let f = b.ff_norm.forward(&h).unwrap();
+            lap(6, &mut t);
+            let mm = b.mlp.hidden(&f).unwrap();
             lap(7, &mut t);
-            let g = b.mlp.ff_proj.forward(&f).unwrap();
-            let u = b.mlp.up_proj.forward(&f).unwrap();
+            h = b.mlp.ff_out.forward_add(&mm, &h).unwrap();
             lap(8, &mut t);
-            let mm = llada::kernels::silu_mul(&g, &u).unwrap();
-            lap(9, &mut t);
-            let d = b.mlp.ff_out.forward(&mm).unwrap();
-            lap(10, &mut t);
-            h = llada::kernels::add(&h, &d).unwrap();
-            lap(11, &mut t);
         }
     }
     let mut tot = 0.0;

@@ -68,7 +68,7 @@ super::simd_fn! {
     /// o ← bf16(i), round to nearest even.
     pub fn f32_to_bf16(o: &mut [bf16], i: &[f32]) {
         for (o, &x) in o.iter_mut().zip(i) {
-            *o = bf16::from_f32(x);
+            *o = super::math::to_bf16(x);
         }
     }
 }
@@ -90,26 +90,73 @@ fn to_bf16_vec(v: Vec<f32>) -> Vec<bf16> {
     out
 }
 
-fn linear_bf16_acc(x: &Tensor, w: &PackedBf16) -> Result<(Vec<f32>, usize)> {
+/// Checks x [N, K] against a packed weight's depth; returns N.
+fn linear_rows(x: &Tensor, k_w: usize) -> Result<usize> {
     let (rows, k) = x.dims2()?;
-    if k != w.k {
-        candle_core::bail!("linear: input has {k} features, weight expects {}", w.k);
+    if k != k_w {
+        candle_core::bail!("linear: input has {k} features, weight expects {k_w}");
     }
-    let mut out = vec![0f32; rows * w.n];
-    with_slice::<bf16, _>(x, |a| gemm::bf16gemm(rows, a, k, w, &mut out, w.n))?;
-    Ok((out, rows))
+    Ok(rows)
 }
 
 /// x [N, K] (bf16, CPU) · Wᵀ with W packed bf16 → [N, n] bf16 (f32 accumulation, one rounding).
 pub fn linear_bf16(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
-    let (out, rows) = linear_bf16_acc(x, w)?;
-    Tensor::from_vec(to_bf16_vec(out), (rows, w.n), &Device::Cpu)
+    let rows = linear_rows(x, w.k)?;
+    let mut out = vec![bf16::ZERO; rows * w.n];
+    with_slice::<bf16, _>(x, |a| {
+        gemm::bf16gemm_to(rows, a, w.k, w, gemm::Bf16Out::Bf16(&mut out))
+    })?;
+    Tensor::from_vec(out, (rows, w.n), &Device::Cpu)
 }
 
 /// Like [`linear_bf16`] with the f32 accumulator returned unrounded.
 pub fn linear_bf16_f32(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
-    let (out, rows) = linear_bf16_acc(x, w)?;
+    let rows = linear_rows(x, w.k)?;
+    let mut out = vec![0f32; rows * w.n];
+    with_slice::<bf16, _>(x, |a| gemm::bf16gemm(rows, a, w.k, w, &mut out, w.n))?;
     Tensor::from_vec(out, (rows, w.n), &Device::Cpu)
+}
+
+/// res + x·Wᵀ for bf16 (the product rounded to bf16, then the sum): a linear layer and the
+/// residual connection after it in one pass. `None` unless `res` is a bf16 CPU tensor [N, n].
+pub fn linear_add_bf16(x: &Tensor, w: &PackedBf16, res: &Tensor) -> Option<Result<Tensor>> {
+    if !elementwise_ok(&[res]) || res.dtype() != DType::BF16 {
+        return None;
+    }
+    Some((|| {
+        let rows = linear_rows(x, w.k)?;
+        if res.dims() != [rows, w.n] {
+            candle_core::bail!("linear: residual {:?} is not [{rows}, {}]", res.dims(), w.n);
+        }
+        let mut out = vec![bf16::ZERO; rows * w.n];
+        with_slice::<bf16, _>(x, |a| {
+            with_slice::<bf16, _>(res, |r| {
+                gemm::bf16gemm_to(
+                    rows,
+                    a,
+                    w.k,
+                    w,
+                    gemm::Bf16Out::AddBf16 {
+                        c: &mut out,
+                        res: r,
+                    },
+                )
+            })
+        })??;
+        Tensor::from_vec(out, (rows, w.n), &Device::Cpu)
+    })())
+}
+
+/// silu(x·Gᵀ) ⊙ (x·Uᵀ) for bf16 with the gate G and up U weights packed together by
+/// [`PackedBf16::glu`], the reference's roundings (each product, the silu, the product).
+pub fn glu_bf16(x: &Tensor, glu: &PackedBf16) -> Result<Tensor> {
+    let rows = linear_rows(x, glu.k)?;
+    let f = glu.n / 2;
+    let mut out = vec![bf16::ZERO; rows * f];
+    with_slice::<bf16, _>(&x.to_dtype(DType::BF16)?, |a| {
+        gemm::bf16gemm_to(rows, a, glu.k, glu, gemm::Bf16Out::Glu(&mut out))
+    })?;
+    Tensor::from_vec(out, (rows, f), &Device::Cpu)
 }
 
 /// Batched a·bᵀ (transpose_b) or a·b over the last two dims of rank-3/4 CPU tensors with equal
@@ -272,8 +319,8 @@ super::simd_fn! {
             let r = 1.0 / (ss / d as f32 + eps).sqrt();
             for ((o, &v), &wv) in or.iter_mut().zip(ir).zip(w) {
                 // reference rounding: x/rms cast to bf16, then the bf16 product with the weight
-                let normed = bf16::from_f32(v.to_f32() * r).to_f32();
-                *o = bf16::from_f32(normed * wv);
+                let normed = super::math::round_bf16(v.to_f32() * r);
+                *o = super::math::to_bf16(normed * wv);
             }
         }
     }
@@ -319,13 +366,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Result<Tensor>> {
     })())
 }
 
-/// x·σ(x) with e = exp(−|x|) ≤ 1 (vectorisable, no overflow).
-#[inline(always)]
-fn silu(x: f32) -> f32 {
-    let e = super::math::exp_nonpos(-x.abs());
-    let num = if x >= 0.0 { x } else { x * e };
-    num / (1.0 + e)
-}
+use super::gemm::silu;
 
 super::simd_fn! {
     fn silu_mul_f32(o: &mut [f32], g: &[f32], u: &[f32]) {
@@ -339,8 +380,8 @@ super::simd_fn! {
     fn silu_mul_bf16(o: &mut [bf16], g: &[bf16], u: &[bf16]) {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             // two bf16 ops as the reference: silu rounded, then the product rounded
-            let s = bf16::from_f32(silu(g.to_f32())).to_f32();
-            *o = bf16::from_f32(s * u.to_f32());
+            let s = super::math::round_bf16(silu(g.to_f32()));
+            *o = super::math::to_bf16(s * u.to_f32());
         }
     }
 }
@@ -356,7 +397,7 @@ super::simd_fn! {
 super::simd_fn! {
     fn add_bf16(o: &mut [bf16], a: &[bf16], b: &[bf16]) {
         for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-            *o = bf16::from_f32(x.to_f32() + y.to_f32());
+            *o = super::math::to_bf16(x.to_f32() + y.to_f32());
         }
     }
 }

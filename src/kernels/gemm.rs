@@ -188,6 +188,50 @@ impl PackedBf16 {
         PackedBf16 { n, k, data }
     }
 
+    /// Gate and up weights (each [f, k], packed) interleaved for [`Bf16Out::Glu`]: panel q holds
+    /// gate rows 16q.. in lanes 0..16 and the same up rows in lanes 16..32 (n = 2f).
+    pub fn glu(gate: &PackedBf16, up: &PackedBf16) -> Self {
+        assert_eq!((gate.n, gate.k), (up.n, up.k), "gate and up shapes differ");
+        let (f, k) = (gate.n, gate.k);
+        let k2 = k.div_ceil(2);
+        let half = NR / 2;
+        let mut data = vec![0u32; f.div_ceil(half) * k2 * NR];
+        data.par_chunks_mut(k2 * NR)
+            .enumerate()
+            .for_each(|(q, panel)| {
+                let j = q * half;
+                let w = half.min(f - j);
+                let src = (j / NR) * k2 * NR + j % NR;
+                for p in 0..k2 {
+                    let s = src + p * NR;
+                    panel[p * NR..p * NR + w].copy_from_slice(&gate.data[s..s + w]);
+                    panel[p * NR + half..p * NR + half + w].copy_from_slice(&up.data[s..s + w]);
+                }
+            });
+        PackedBf16 { n: 2 * f, k, data }
+    }
+
+    /// The gate (`up` false) or up weight [f, k] of a [`PackedBf16::glu`] packing.
+    pub fn glu_half(&self, up: bool) -> Vec<bf16> {
+        let (f, k) = (self.n / 2, self.k);
+        let k2 = k.div_ceil(2);
+        let half = NR / 2;
+        let lane0 = if up { half } else { 0 };
+        let mut w = vec![bf16::ZERO; f * k];
+        for j in 0..f {
+            for p in 0..k {
+                let pair = self.data[(j / half) * k2 * NR + (p / 2) * NR + lane0 + j % half];
+                let bits = if p % 2 == 0 {
+                    pair & 0xFFFF
+                } else {
+                    pair >> 16
+                };
+                w[j * k + p] = bf16::from_bits(bits as u16);
+            }
+        }
+        w
+    }
+
     /// Unpacks into W [n, k].
     pub fn to_weight(&self) -> Vec<bf16> {
         let (n, k) = (self.n, self.k);
@@ -308,33 +352,144 @@ fn sgemm_portable(
         });
 }
 
+/// Where [`bf16gemm_to`] puts each finished f32 accumulator of C = A·B (row-major outputs).
+pub enum Bf16Out<'a> {
+    /// C in f32, unrounded, rows at stride `ldc`.
+    F32 { c: &'a mut [f32], ldc: usize },
+    /// C rounded to bf16 (rows of `n`).
+    Bf16(&'a mut [bf16]),
+    /// C ← bf16(res + bf16(A·B)): a bf16 linear layer followed by a residual connection, with
+    /// the reference's two roundings (rows of `n`).
+    AddBf16 { c: &'a mut [bf16], res: &'a [bf16] },
+    /// B packed by [`PackedBf16::glu`] from gate and up weights of `n/2` rows each:
+    /// C[i, j] ← bf16(bf16(silu(bf16(g))) · bf16(u)) with g, u the gate and up outputs of column
+    /// j (rows of `n/2`), the reference's SwiGLU roundings.
+    Glu(&'a mut [bf16]),
+}
+
+/// The raw form of [`Bf16Out`] handed to the tiles (each writes a disjoint block).
+#[derive(Clone, Copy)]
+enum Sink {
+    F32(SendPtr<f32>, usize),
+    Bf16(SendPtr<u16>),
+    AddBf16(SendPtr<u16>, SendPtr<u16>),
+    Glu(SendPtr<u16>),
+}
+
+/// silu(x) = x·σ(x) with e = exp(−|x|) ≤ 1 (vectorisable, no overflow).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    let e = super::math::exp_nonpos(-x.abs());
+    let num = if x >= 0.0 { x } else { x * e };
+    num / (1.0 + e)
+}
+
+/// SwiGLU of one gate/up accumulator pair with the reference's bf16 roundings.
+#[inline(always)]
+fn glu_bf16(g: f32, u: f32) -> u16 {
+    use super::math::{bf16_bits, round_bf16};
+    let s = round_bf16(silu(round_bf16(g)));
+    bf16_bits(s * round_bf16(u))
+}
+
+/// Residual add after a bf16 linear layer: bf16(res + bf16(acc)).
+#[inline(always)]
+fn add_bf16(acc: f32, res: u16) -> u16 {
+    use super::math::{bf16_bits, round_bf16};
+    bf16_bits(f32::from_bits((res as u32) << 16) + round_bf16(acc))
+}
+
+/// Writes the first `cols` of one row of finished accumulators (columns j0.. of row i) into the
+/// sink; `n` is B's column count, `row` a whole panel's width for GLU.
+#[inline(always)]
+fn sink_row(sink: Sink, n: usize, i: usize, j0: usize, row: &[f32], cols: usize) {
+    let acc = &row[..cols];
+    // SAFETY (all arms): callers pass in-bounds (i, j0, acc.len()) of an output they own.
+    unsafe {
+        match sink {
+            Sink::F32(c, ldc) => {
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), c.get().add(i * ldc + j0), acc.len())
+            }
+            Sink::Bf16(c) => {
+                let o = std::slice::from_raw_parts_mut(c.get().add(i * n + j0), acc.len());
+                for (o, &x) in o.iter_mut().zip(acc) {
+                    *o = super::math::bf16_bits(x);
+                }
+            }
+            Sink::AddBf16(c, r) => {
+                let o = std::slice::from_raw_parts_mut(c.get().add(i * n + j0), acc.len());
+                let r = std::slice::from_raw_parts(r.get().add(i * n + j0), acc.len());
+                for ((o, &x), &r) in o.iter_mut().zip(acc).zip(r) {
+                    *o = add_bf16(x, r);
+                }
+            }
+            Sink::Glu(c) => {
+                // a panel holds w ≤ 16 gate columns in lanes 0.., the same up columns in 16..
+                let half = NR / 2;
+                let w = cols / 2;
+                let o = std::slice::from_raw_parts_mut(c.get().add(i * (n / 2) + j0 / 2), w);
+                let (g, u) = (&row[..w], &row[half..half + w]);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = glu_bf16(g, u);
+                }
+            }
+        }
+    }
+}
+
 /// C = A·B, A bf16 row-major with rows of `k` values at stride `lda` (even), B packed bf16; f32
 /// accumulation and output. Needs AVX512-BF16 (see [`cpu_features`]); portable otherwise.
 pub fn bf16gemm(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, c: &mut [f32], ldc: usize) {
+    bf16gemm_to(m, a, lda, b, Bf16Out::F32 { c, ldc })
+}
+
+/// C = A·B as [`bf16gemm`], finished as `out` says (rounding, residual add, SwiGLU) while the
+/// accumulators are still in registers.
+pub fn bf16gemm_to(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, out: Bf16Out<'_>) {
     let (n, k) = (b.n, b.k);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "C too small");
     assert!(a.len() >= (m - 1) * lda + k, "A too small");
+    let sink = match out {
+        Bf16Out::F32 { c, ldc } => {
+            assert!(c.len() >= (m - 1) * ldc + n, "C too small");
+            Sink::F32(SendPtr(c.as_mut_ptr()), ldc)
+        }
+        Bf16Out::Bf16(c) => {
+            assert!(c.len() >= m * n, "C too small");
+            Sink::Bf16(SendPtr(c.as_mut_ptr() as *mut u16))
+        }
+        Bf16Out::AddBf16 { c, res } => {
+            assert!(c.len() >= m * n && res.len() >= m * n, "C too small");
+            Sink::AddBf16(
+                SendPtr(c.as_mut_ptr() as *mut u16),
+                SendPtr(res.as_ptr() as *mut u16),
+            )
+        }
+        Bf16Out::Glu(c) => {
+            assert!(n.is_multiple_of(2) && c.len() >= m * (n / 2), "C too small");
+            Sink::Glu(SendPtr(c.as_mut_ptr() as *mut u16))
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     if cpu_features().avx512bf16 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
-        let cp = SendPtr(c.as_mut_ptr());
         for_tiles(m, n, k, |jp, mc| {
             // SAFETY: disjoint tiles; A and C bounds asserted above; k and lda even.
-            unsafe { avx512::bf16gemm_tile(m, a, lda, b, cp.get(), ldc, jp, mc) };
+            unsafe { avx512::bf16gemm_tile(m, a, lda, b, sink, jp, mc) };
         });
         return;
     }
     let k2 = k.div_ceil(2);
-    c.par_chunks_mut(ldc)
-        .take(m)
-        .enumerate()
-        .for_each(|(i, row)| {
-            for (j, out) in row.iter_mut().take(n).enumerate() {
+    (0..m).into_par_iter().for_each(|i| {
+        let mut row = vec![0f32; NR];
+        for jp in 0..n.div_ceil(NR) {
+            let cols = NR.min(n - jp * NR);
+            for (jj, out) in row.iter_mut().take(cols).enumerate() {
+                let j = jp * NR + jj;
                 let mut s = 0f32;
                 for p in 0..k {
-                    let pair = b.data[(j / NR) * k2 * NR + (p / 2) * NR + j % NR];
+                    let pair = b.data[jp * k2 * NR + (p / 2) * NR + j % NR];
                     let bits = if p % 2 == 0 {
                         pair & 0xFFFF
                     } else {
@@ -344,17 +499,19 @@ pub fn bf16gemm(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, c: &mut [f32],
                 }
                 *out = s;
             }
-        });
+            sink_row(sink, n, i, jp * NR, &row, cols);
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{AOperand, BOperand, PackedBf16, KC, MC, MR, NR};
+    use super::{AOperand, BOperand, PackedBf16, Sink, KC, MC, MR, NR};
     use half::bf16;
     use std::arch::x86_64::{
-        __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_si512,
-        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_set1_ps,
-        _mm512_setzero_ps,
+        __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
+        _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     /// Lane masks of a (possibly partial) 32-column panel.
@@ -476,7 +633,9 @@ mod avx512 {
         }
     }
 
-    /// R rows × 32 columns of C = Σ_p a-pairs · b-pairs, bf16 with f32 accumulation.
+    /// R rows × 32 columns of Σ_p a-pairs · b-pairs, bf16 with f32 accumulation, plus the
+    /// partial sums at `prev` (rows of 32, when given); written as partial sums to `partial`
+    /// (rows of 32) or, finished, through the sink at rows i0.. of C.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel_bf16<const R: usize>(
@@ -484,10 +643,9 @@ mod avx512 {
         a: *const u16,
         lda: usize,
         b: *const u32,
-        (m0, m1): (u16, u16),
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
+        prev: Option<*const f32>,
+        partial: Option<*mut f32>,
+        (sink, n, i0, j0, cols): (Sink, usize, usize, usize, usize),
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..kl2 {
@@ -502,7 +660,25 @@ mod avx512 {
                 acc_i[1] = _mm512_dpbf16_ps(acc_i[1], ai, b1);
             }
         }
-        store::<R>(&acc, c, ldc, (m0, m1), load_c);
+        let mut row = [0f32; NR];
+        for (i, acc_i) in acc.iter().enumerate() {
+            let (mut o0, mut o1) = (acc_i[0], acc_i[1]);
+            if let Some(pv) = prev {
+                o0 = _mm512_add_ps(o0, _mm512_loadu_ps(pv.add(i * NR)));
+                o1 = _mm512_add_ps(o1, _mm512_loadu_ps(pv.add(i * NR + 16)));
+            }
+            match partial {
+                Some(pt) => {
+                    _mm512_storeu_ps(pt.add(i * NR), o0);
+                    _mm512_storeu_ps(pt.add(i * NR + 16), o1);
+                }
+                None => {
+                    _mm512_storeu_ps(row.as_mut_ptr(), o0);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), o1);
+                    super::sink_row(sink, n, i0 + i, j0, &row, cols);
+                }
+            }
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -512,27 +688,33 @@ mod avx512 {
         a: &[bf16],
         lda: usize,
         b: &PackedBf16,
-        c: *mut f32,
-        ldc: usize,
+        sink: Sink,
         jp: usize,
         mc: usize,
     ) {
         let (n, k) = (b.n, b.k);
         let k2 = k / 2;
         let j0 = jp * NR;
-        let ms = masks(NR.min(n - j0));
+        let cols = NR.min(n - j0);
         let (i0, i1) = (mc * MC, (mc * MC + MC).min(m));
         let a16 = a.as_ptr() as *const u16;
+        // partial sums of this tile's rows between depth blocks
+        let mut scratch = [0f32; MC * NR];
+        let sp = scratch.as_mut_ptr();
         let mut kb = 0;
         while kb < k2 {
             let kl = KC.min(k2 - kb);
+            let last = kb + kl == k2;
             let bp = b.data.as_ptr().add(jp * k2 * NR + kb * NR);
             let mut i = i0;
             while i < i1 {
                 let r = MR.min(i1 - i);
                 let ap = a16.add(i * lda + 2 * kb);
-                let cp = c.add(i * ldc + j0);
-                dispatch_rows!(r, kernel_bf16, kl, ap, lda, bp, ms, cp, ldc, kb > 0);
+                let here = sp.add((i - i0) * NR);
+                let prev = (kb > 0).then_some(here as *const f32);
+                let partial = (!last).then_some(here);
+                let to = (sink, n, i, j0, cols);
+                dispatch_rows!(r, kernel_bf16, kl, ap, lda, bp, prev, partial, to);
                 i += r;
             }
             kb += kl;
@@ -645,6 +827,61 @@ mod tests {
             );
             let twice: Vec<f32> = want.iter().map(|x| 2.0 * x).collect();
             check(&c2, &twice, 1e-4, "accumulate");
+        }
+    }
+
+    #[test]
+    fn bf16gemm_epilogues_equal_the_separate_ops() {
+        use crate::kernels::math::{round_bf16, to_bf16};
+        let mut rng = Rng::new(4);
+        let bf = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+        for &(m, f, k) in &[(1, 1, 2), (13, 20, 8), (29, 33, 514), (120, 64, 768)] {
+            let a = bf(rand(m * k, &mut rng));
+            let (wg, wu) = (bf(rand(f * k, &mut rng)), bf(rand(f * k, &mut rng)));
+            let (pg, pu) = (
+                PackedBf16::from_weight(&wg, f, k),
+                PackedBf16::from_weight(&wu, f, k),
+            );
+            let mut g = vec![0f32; m * f];
+            let mut u = vec![0f32; m * f];
+            bf16gemm(m, &a, k, &pg, &mut g, f);
+            bf16gemm(m, &a, k, &pu, &mut u, f);
+            // rounded output
+            let mut c = vec![bf16::ZERO; m * f];
+            bf16gemm_to(m, &a, k, &pg, Bf16Out::Bf16(&mut c));
+            assert!(c.iter().zip(&g).all(|(c, g)| *c == bf16::from_f32(*g)));
+            // residual add: bf16(res + bf16(acc))
+            let res = bf(rand(m * f, &mut rng));
+            bf16gemm_to(
+                m,
+                &a,
+                k,
+                &pg,
+                Bf16Out::AddBf16 {
+                    c: &mut c,
+                    res: &res,
+                },
+            );
+            for ((c, g), r) in c.iter().zip(&g).zip(&res) {
+                assert_eq!(*c, bf16::from_f32(r.to_f32() + round_bf16(*g)));
+            }
+            // SwiGLU: the packing round-trips and the fused result equals the separate ops
+            let glu = PackedBf16::glu(&pg, &pu);
+            assert_eq!(glu.glu_half(false), wg);
+            assert_eq!(glu.glu_half(true), wu);
+            bf16gemm_to(m, &a, k, &glu, Bf16Out::Glu(&mut c));
+            for ((c, g), u) in c.iter().zip(&g).zip(&u) {
+                let (g, u) = (round_bf16(*g), round_bf16(*u));
+                let s = round_bf16(g / (1.0 + (-g as f64).exp() as f32));
+                let want = to_bf16(s * u);
+                // the kernel's exp differs from libm's in the last bits (one bf16 ulp at most)
+                // and stops at e^−87 (silu of g < −87 is ~1e-38 instead of a subnormal)
+                let (c, want) = (c.to_f32(), want.to_f32());
+                assert!(
+                    (c - want).abs() <= want.abs() / 128.0 + 1e-30,
+                    "{c} vs {want}"
+                );
+            }
         }
     }
 

@@ -10,7 +10,11 @@ pub fn exp_nonpos(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding and subtracting rounds to nearest
     let x = x.clamp(-87.0, 0.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let k = t - ROUND; // round(x·log2 e), an integer in [−126, 0]
+                       // the same integer read from t's bits (no float→int cast: Rust's saturating `as` does not
+                       // vectorise)
+    let ki = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - k * LN2_HI - k * LN2_LO; // |r| ≤ ln2/2
                                          // e^r on [−ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial (Cephes coefficients)
     let p = 1.987_569_1e-4_f32;
@@ -20,8 +24,34 @@ pub fn exp_nonpos(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(((ki + 127) as u32) << 23);
     p * scale
+}
+
+/// The bits of `x` rounded to bf16, to nearest even (NaN stays a quiet NaN): the same value as
+/// `half::bf16::from_f32`, written without branches so loops over it vectorise.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `x` rounded to bf16 (see [`bf16_bits`]).
+#[inline(always)]
+pub fn to_bf16(x: f32) -> half::bf16 {
+    half::bf16::from_bits(bf16_bits(x))
+}
+
+/// `x` rounded to bf16 and widened back to f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
 }
 
 const LANES: usize = 16;
@@ -99,6 +129,35 @@ mod tests {
         }
         assert!(exp_nonpos(f32::NEG_INFINITY) < 1e-37);
         assert_eq!(exp_nonpos(0.0), 1.0);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut rng = crate::rng::Rng::new(3);
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x3F80_8000), // a tie, rounds to even (down)
+            f32::from_bits(0x3F81_8000), // a tie, rounds to even (up)
+            f32::from_bits(0x7F7F_FFFF), // rounds to infinity
+            f32::from_bits(0x0000_8001), // subnormal
+        ];
+        xs.extend((0..10_000).map(|_| (rng.normal() * 100.0) as f32));
+        xs.extend((0..10_000).map(|_| f32::from_bits((rng.next_seed() >> 32) as u32)));
+        for x in xs {
+            assert_eq!(
+                bf16_bits(x),
+                half::bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
     }
 
     #[test]

@@ -181,11 +181,13 @@ impl Attention {
 
     /// The fused CPU path (inference): projections, RoPE, attention and output projection of
     /// `x` [B·L, D] without splitting heads; keys and values go into `store` at positions
-    /// `start..start+L` (a fresh store holds just these). Returns [B·L, D].
+    /// `start..start+L` (a fresh store holds just these). Returns `res` + the attention output
+    /// [B·L, D] (the residual connection, fused into the output projection where it can be).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_fused(
         &self,
         x: &Tensor,
+        res: &Tensor,
         b: usize,
         l: usize,
         start: usize,
@@ -224,7 +226,7 @@ impl Attention {
                 }
             }
         })?;
-        linear(&o, &self.attn_out)
+        self.attn_out.forward_add(&o, res)
     }
 
     /// softmax(q·kᵀ/√hd + bias)·v with GQA, then the output projection.

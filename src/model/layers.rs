@@ -20,6 +20,12 @@ pub enum Linear {
     Dense(Tensor),
     PackedF32(Arc<PackedF32>),
     PackedBf16(Arc<PackedBf16>),
+    /// The gate (`up` false) or up half of an MLP's two input weights packed together for the
+    /// fused SwiGLU kernel (see [`Mlp::fuse_for_inference`]); both halves share one packing.
+    GluHalf {
+        glu: Arc<PackedBf16>,
+        up: bool,
+    },
 }
 
 impl Linear {
@@ -58,6 +64,7 @@ impl Linear {
             Linear::Dense(w) => w.dims2(),
             Linear::PackedF32(p) => Ok((p.n, p.k)),
             Linear::PackedBf16(p) => Ok((p.n, p.k)),
+            Linear::GluHalf { glu, .. } => Ok((glu.n / 2, glu.k)),
         }
     }
 
@@ -67,6 +74,9 @@ impl Linear {
             Linear::Dense(w) => Ok(w.clone()),
             Linear::PackedF32(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
             Linear::PackedBf16(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
+            Linear::GluHalf { glu, up } => {
+                Tensor::from_vec(glu.glu_half(*up), (glu.n / 2, glu.k), &Device::Cpu)
+            }
         }
     }
 
@@ -86,7 +96,21 @@ impl Linear {
             Linear::Dense(w) => crate::kernels::plain_matmul(x, &w.t()?),
             Linear::PackedF32(p) => crate::kernels::cpu::linear_f32(&x.to_dtype(DType::F32)?, p),
             Linear::PackedBf16(p) => crate::kernels::cpu::linear_bf16(&x.to_dtype(DType::BF16)?, p),
+            // one half of a fused pair on its own (not on the hot path): unpack it
+            Linear::GluHalf { .. } => crate::kernels::plain_matmul(x, &self.tensor()?.t()?),
         }
+    }
+
+    /// res + x·Wᵀ (inference; a residual connection after the layer), in one pass where a fused
+    /// kernel applies.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        if let Linear::PackedBf16(p) = self {
+            if let Some(y) = crate::kernels::cpu::linear_add_bf16(&x.to_dtype(DType::BF16)?, p, res)
+            {
+                return y;
+            }
+        }
+        crate::kernels::add(res, &self.forward(x)?)
     }
 
     /// y = x·Wᵀ in f32 whatever the weight dtype (logits: a bf16 model's head accumulates in f32
@@ -161,11 +185,38 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Packs the gate and up weights together for the fused SwiGLU kernel when both are packed
+    /// bf16 (inference on CPUs with AVX512-BF16); the separate packings are dropped.
+    pub fn fuse_for_inference(&mut self) {
+        if let (Linear::PackedBf16(g), Linear::PackedBf16(u)) = (&self.ff_proj, &self.up_proj) {
+            if (g.n, g.k) == (u.n, u.k) {
+                let glu = Arc::new(PackedBf16::glu(g, u));
+                self.ff_proj = Linear::GluHalf {
+                    glu: glu.clone(),
+                    up: false,
+                };
+                self.up_proj = Linear::GluHalf { glu, up: true };
+            }
+        }
+    }
+
+    /// silu(ff_proj(x)) ⊙ up_proj(x), [N, D] → [N, F].
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        if let Linear::GluHalf { glu, .. } = &self.ff_proj {
+            return crate::kernels::cpu::glu_bf16(x, glu);
+        }
         let g = linear(x, &self.ff_proj)?; // [N, F]
         let u = linear(x, &self.up_proj)?; // [N, F]
-        let m = crate::kernels::silu_mul(&g, &u)?; // [N, F]
-        linear(&m, &self.ff_out) // [N, D]
+        crate::kernels::silu_mul(&g, &u)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(&self.hidden(x)?, &self.ff_out) // [N, D]
+    }
+
+    /// res + mlp(x), the residual add fused into the down projection where it can be.
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        self.ff_out.forward_add(&self.hidden(x)?, res)
     }
 
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {

@@ -130,6 +130,12 @@ impl Block {
         let w = |n: &str, shape: &[usize]| -> Result<Linear> {
             make_linear(src.get(&format!("{p}.{n}.weight"), shape)?, layout)
         };
+        let mut mlp = Mlp {
+            ff_proj: w("ff_proj", &[f, d])?,
+            up_proj: w("up_proj", &[f, d])?,
+            ff_out: w("ff_out", &[d, f])?,
+        };
+        mlp.fuse_for_inference();
         Ok(Block {
             attn_norm: norm("attn_norm")?,
             attn: Attention {
@@ -142,11 +148,7 @@ impl Block {
                 head_dim: cfg.head_dim,
             },
             ff_norm: norm("ff_norm")?,
-            mlp: Mlp {
-                ff_proj: w("ff_proj", &[f, d])?,
-                up_proj: w("up_proj", &[f, d])?,
-                ff_out: w("ff_out", &[d, f])?,
-            },
+            mlp,
         })
     }
 
@@ -209,7 +211,8 @@ impl Block {
         keep: Option<std::ops::Range<usize>>,
     ) -> CResult<Tensor> {
         let a = self.attn_norm.forward(x)?;
-        let att = match cache {
+        // x + attention(norm(x))
+        let mut x = match cache {
             KvCache::Fused {
                 stores,
                 shape,
@@ -220,8 +223,17 @@ impl Block {
                     causal,
                 };
                 let shape = *shape;
-                self.attn
-                    .forward_fused(&a, b, n, start, &mut stores[layer], shape, &mask, rope)?
+                self.attn.forward_fused(
+                    &a,
+                    x,
+                    b,
+                    n,
+                    start,
+                    &mut stores[layer],
+                    shape,
+                    &mask,
+                    rope,
+                )?
             }
             KvCache::Tensors {
                 kv, pad_bias, len, ..
@@ -248,10 +260,9 @@ impl Block {
                 };
                 let o = self.attn.attend(&q, &k, &v, bias.as_ref(), false)?;
                 kv[layer] = Some((k, v));
-                o
+                crate::kernels::add(x, &o)?
             }
         };
-        let mut x = crate::kernels::add(x, &att)?;
         if let Some(r) = keep {
             let d = x.dim(1)?;
             x = x
@@ -277,7 +288,7 @@ impl Block {
         if differentiable {
             x + self.mlp.forward_diff(&f)?
         } else {
-            crate::kernels::add(x, &self.mlp.forward(&f)?)
+            self.mlp.forward_add(&f, x)
         }
     }
 }
