@@ -17,6 +17,10 @@ const QC: usize = 64;
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// dst ← src widened to f32 (vectorised).
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// dst ← src rounded to this type (vectorised).
+    fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
 impl Elem for f32 {
@@ -28,6 +32,12 @@ impl Elem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
 }
 
 impl Elem for bf16 {
@@ -37,7 +47,13 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+        super::math::to_bf16(x)
+    }
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        super::cpu::bf16_to_f32(dst, src)
+    }
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        super::cpu::f32_to_bf16(dst, src)
     }
 }
 
@@ -123,31 +139,20 @@ impl KvStore {
         let (hkv, hd) = (shape.kv_heads, shape.head_dim);
         let width = hkv * hd;
         let l = shape.len;
-        // rotated keys and values of one (sequence, head), in f32, rounded through T as the
+        // rotated keys [rows, hd] of one (sequence, head) in f32, rounded through T as the
         // reference casts after RoPE
-        let gather = |b: usize, g: usize| -> (Vec<f32>, Vec<f32>) {
-            let mut kr = vec![0f32; rows * hd];
-            let mut vr = vec![0f32; rows * hd];
-            let mut x = vec![0f32; hd];
+        let keys = |b: usize, g: usize| -> Vec<f32> {
+            let mut x = vec![0f32; rows * hd];
             for i in 0..rows {
                 let src = (b * rows + i) * width + g * hd;
-                for d in 0..hd {
-                    x[d] = k[src + d].to_f32();
-                    vr[i * hd + d] = v[src + d].to_f32();
-                }
-                rotate_row(
-                    &x,
-                    &mut kr[i * hd..(i + 1) * hd],
-                    rope.cos,
-                    rope.sin,
-                    start + i,
-                    rope.half,
-                );
+                T::widen(&k[src..src + hd], &mut x[i * hd..(i + 1) * hd]);
             }
-            for x in kr.iter_mut() {
-                *x = T::from_f32(*x).to_f32();
-            }
-            (kr, vr)
+            let mut kr = vec![0f32; rows * hd];
+            rope_rows(&x, &mut kr, hd, rope.cos, rope.sin, start, rope.half);
+            let mut t = vec![T::from_f32(0.0); rows * hd];
+            T::narrow(&kr, &mut t);
+            T::widen(&t, &mut kr);
+            kr
         };
         match self {
             KvStore::F32 { k: ks, v: vs } => {
@@ -155,26 +160,29 @@ impl KvStore {
                     .zip(vs.par_iter_mut())
                     .enumerate()
                     .for_each(|(bg, (kp, vdst))| {
-                        let (kr, vr) = gather(bg / hkv, bg % hkv);
+                        let (b, g) = (bg / hkv, bg % hkv);
+                        let kr = keys(b, g);
                         for i in 0..rows {
                             let pos = start + i;
                             let base = (pos / NR) * hd * NR + pos % NR;
                             for d in 0..hd {
                                 kp.data[base + d * NR] = kr[i * hd + d];
                             }
+                            let src = (b * rows + i) * width + g * hd;
+                            T::widen(&v[src..src + hd], &mut vdst[pos * hd..(pos + 1) * hd]);
                         }
-                        vdst[start * hd..(start + rows) * hd].copy_from_slice(&vr);
                     });
             }
             KvStore::Bf16 { k: ks, v: vs } => {
                 let hd2 = hd.div_ceil(2);
                 let l2 = l.div_ceil(2);
-                let bits = |x: f32| bf16::from_f32(x).to_bits() as u32;
+                let bits = |x: f32| super::math::bf16_bits(x) as u32;
                 ks.par_iter_mut()
                     .zip(vs.par_iter_mut())
                     .enumerate()
                     .for_each(|(bg, (kp, vp))| {
-                        let (kr, vr) = gather(bg / hkv, bg % hkv);
+                        let (b, g) = (bg / hkv, bg % hkv);
+                        let kr = keys(b, g);
                         for i in 0..rows {
                             let pos = start + i;
                             let base = (pos / NR) * hd2 * NR + pos % NR;
@@ -187,13 +195,34 @@ impl KvStore {
                                 kp.data[base + (hd / 2) * NR] = bits(row[hd - 1]);
                             }
                         }
-                        // values: pairs of consecutive keys share a u32
-                        for i in 0..rows {
+                        // values: keys 2p and 2p+1 share the u32s of pair p, per 32 dims
+                        let vrow = |i: usize| -> Vec<u32> {
+                            let src = (b * rows + i) * width + g * hd;
+                            let mut f = vec![0f32; hd];
+                            T::widen(&v[src..src + hd], &mut f);
+                            f.iter().map(|&x| bits(x)).collect()
+                        };
+                        let mut i = 0;
+                        while i < rows {
                             let pos = start + i;
-                            let row = &vr[i * hd..(i + 1) * hd];
-                            for (d, &x) in row.iter().enumerate() {
-                                let vi = (d / NR) * l2 * NR + (pos / 2) * NR + d % NR;
-                                set_half(&mut vp.data[vi], pos % 2, bits(x));
+                            let lo = vrow(i);
+                            if pos % 2 == 0 && i + 1 < rows {
+                                // a whole pair: write both halves at once
+                                let hi = vrow(i + 1);
+                                for d0 in (0..hd).step_by(NR) {
+                                    let w = NR.min(hd - d0);
+                                    let dst = (d0 / NR) * l2 * NR + (pos / 2) * NR;
+                                    for d in 0..w {
+                                        vp.data[dst + d] = lo[d0 + d] | (hi[d0 + d] << 16);
+                                    }
+                                }
+                                i += 2;
+                            } else {
+                                for (d, &x) in lo.iter().enumerate() {
+                                    let vi = (d / NR) * l2 * NR + (pos / 2) * NR + d % NR;
+                                    set_half(&mut vp.data[vi], pos % 2, x);
+                                }
+                                i += 1;
                             }
                         }
                     });
@@ -203,14 +232,19 @@ impl KvStore {
 }
 
 super::simd_fn! {
-    /// Rotate-half RoPE of one head vector at position `pos` (f32).
-    fn rotate_row(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], pos: usize, half: usize) {
-        let (c, s) = (&cos[pos * half..pos * half + half], &sin[pos * half..pos * half + half]);
-        let (x1, x2) = x.split_at(half);
-        let (o1, o2) = out.split_at_mut(half);
-        for i in 0..half {
-            o1[i] = x1[i] * c[i] - x2[i] * s[i];
-            o2[i] = x2[i] * c[i] + x1[i] * s[i];
+    /// Rotate-half RoPE of rows of `hd` values (`x` [n, hd] → `out`), row i at position
+    /// `pos0 + i` (f32).
+    fn rope_rows(x: &[f32], out: &mut [f32], hd: usize, cos: &[f32], sin: &[f32], pos0: usize,
+                 half: usize) {
+        for (i, (xr, or)) in x.chunks(hd).zip(out.chunks_mut(hd)).enumerate() {
+            let pos = pos0 + i;
+            let (c, s) = (&cos[pos * half..pos * half + half], &sin[pos * half..pos * half + half]);
+            let (x1, x2) = xr.split_at(half);
+            let (o1, o2) = or.split_at_mut(half);
+            for j in 0..half {
+                o1[j] = x1[j] * c[j] - x2[j] * s[j];
+                o2[j] = x2[j] * c[j] + x1[j] * s[j];
+            }
         }
     }
 }
@@ -232,29 +266,40 @@ pub struct KeyMask<'a> {
     pub causal: bool,
 }
 
+/// row[..visible] ← softmax(row·scale + bias), row[visible..] ← 0.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], visible: usize, scale: f32, bias: Option<&[f32]>) {
+    let (vis, hidden) = row.split_at_mut(visible);
+    match bias {
+        Some(bv) => {
+            for (x, &bb) in vis.iter_mut().zip(bv) {
+                *x = *x * scale + bb;
+            }
+        }
+        None => {
+            for x in vis.iter_mut() {
+                *x *= scale;
+            }
+        }
+    }
+    let m = super::math::max(vis);
+    let z = super::math::exp_sub_sum(vis, m);
+    let inv = 1.0 / z;
+    for x in vis.iter_mut() {
+        *x *= inv;
+    }
+    hidden.fill(0.0);
+}
+
 super::simd_fn! {
-    /// row[..visible] ← softmax(row·scale + bias), row[visible..] ← 0.
-    fn softmax_row(row: &mut [f32], visible: usize, scale: f32, bias: Option<&[f32]>) {
-        let (vis, hidden) = row.split_at_mut(visible);
-        match bias {
-            Some(bv) => {
-                for (x, &bb) in vis.iter_mut().zip(bv) {
-                    *x = *x * scale + bb;
-                }
-            }
-            None => {
-                for x in vis.iter_mut() {
-                    *x *= scale;
-                }
-            }
+    /// Softmax of each row of scores `s` [n, lk] (see [`softmax_row`]); with `causal`, row i
+    /// (query position `pos0 + i`) sees keys up to its own position.
+    fn softmax_rows(s: &mut [f32], lk: usize, pos0: usize, causal: bool, scale: f32,
+                    bias: Option<&[f32]>) {
+        for (i, row) in s.chunks_mut(lk).enumerate() {
+            let visible = if causal { (pos0 + i + 1).min(lk) } else { lk };
+            softmax_row(row, visible, scale, bias);
         }
-        let m = super::math::max(vis);
-        let z = super::math::exp_sub_sum(vis, m);
-        let inv = 1.0 / z;
-        for x in vis.iter_mut() {
-            *x *= inv;
-        }
-        hidden.fill(0.0);
     }
 }
 
@@ -308,22 +353,13 @@ pub fn attend<T: Elem>(
         let (i0, i1) = (c * QC, ((c + 1) * QC).min(rows));
         let n = i1 - i0;
         // rotated queries of the chunk, [n, hd]
-        let mut qr = vec![0f32; n * hd];
-        let mut x = vec![0f32; hd];
+        let mut x = vec![0f32; n * hd];
         for i in 0..n {
             let src = (b * rows + i0 + i) * width + h * hd;
-            for d in 0..hd {
-                x[d] = q[src + d].to_f32();
-            }
-            rotate_row(
-                &x,
-                &mut qr[i * hd..(i + 1) * hd],
-                rope.cos,
-                rope.sin,
-                q_start + i0 + i,
-                rope.half,
-            );
+            T::widen(&q[src..src + hd], &mut x[i * hd..(i + 1) * hd]);
         }
+        let mut qr = vec![0f32; n * hd];
+        rope_rows(&x, &mut qr, hd, rope.cos, rope.sin, q_start + i0, rope.half);
         // scores [n, lk]
         let mut s = vec![0f32; n * lk];
         let bg = b * hkv + g;
@@ -345,21 +381,14 @@ pub fn attend<T: Elem>(
                 );
             }
             KvStore::Bf16 { k, .. } => {
-                let qb: Vec<bf16> = qr.iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut qb = vec![bf16::ZERO; n * hd];
+                bf16::narrow(&qr, &mut qb);
                 gemm::bf16gemm(n, &qb, hd, &k[bg], &mut s, lk);
             }
         }
         // scaled, masked softmax in f32 over the keys each query sees
         let bias = key_bias.as_ref().map(|kb| kb[b].as_slice());
-        for i in 0..n {
-            let row = &mut s[i * lk..(i + 1) * lk];
-            let visible = if mask.causal {
-                (q_start + i0 + i + 1).min(lk)
-            } else {
-                lk
-            };
-            softmax_row(row, visible, scale, bias);
-        }
+        softmax_rows(&mut s, lk, q_start + i0, mask.causal, scale, bias);
         // o = p·v, written into the output rows of this head
         let mut o = vec![0f32; n * hd];
         match kv {
@@ -383,7 +412,8 @@ pub fn attend<T: Elem>(
                 );
             }
             KvStore::Bf16 { v, .. } => {
-                let pb: Vec<bf16> = s.iter().map(|&x| bf16::from_f32(x)).collect();
+                let mut pb = vec![bf16::ZERO; n * lk];
+                bf16::narrow(&s, &mut pb);
                 if lk % 2 == 0 {
                     gemm::bf16gemm(n, &pb, lk, &v[bg], &mut o, hd);
                 } else {
@@ -403,10 +433,9 @@ pub fn attend<T: Elem>(
         }
         for i in 0..n {
             let dst = (b * rows + i0 + i) * width + h * hd;
-            for d in 0..hd {
-                // SAFETY: each task writes its own (rows, head) block of `out`.
-                unsafe { *out_ptr.get().add(dst + d) = T::from_f32(o[i * hd + d]) };
-            }
+            // SAFETY: each task writes its own (rows, head) block of `out`.
+            let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(dst), hd) };
+            T::narrow(&o[i * hd..(i + 1) * hd], row);
         }
     });
     out
