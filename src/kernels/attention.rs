@@ -206,7 +206,7 @@ impl KvStore {
                         while i < rows {
                             let pos = start + i;
                             let lo = vrow(i);
-                            if pos % 2 == 0 && i + 1 < rows {
+                            if pos.is_multiple_of(2) && i + 1 < rows {
                                 // a whole pair: write both halves at once
                                 let hi = vrow(i + 1);
                                 for d0 in (0..hd).step_by(NR) {
