@@ -102,9 +102,8 @@ fn linear_rows(x: &Tensor, k_w: usize) -> Result<usize> {
 /// x [N, K] (bf16, CPU) · Wᵀ with W packed bf16 → [N, n] bf16 (f32 accumulation, one rounding).
 pub fn linear_bf16(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
     let rows = linear_rows(x, w.k)?;
-    let mut out = vec![bf16::ZERO; rows * w.n];
-    with_slice::<bf16, _>(x, |a| {
-        gemm::bf16gemm_to(rows, a, w.k, w, gemm::Bf16Out::Bf16(&mut out))
+    let out = with_slice::<bf16, _>(x, |a| {
+        gemm::bf16gemm_vec(rows, a, w.k, w, gemm::Bf16New::Bf16)
     })?;
     Tensor::from_vec(out, (rows, w.n), &Device::Cpu)
 }
@@ -128,19 +127,9 @@ pub fn linear_add_bf16(x: &Tensor, w: &PackedBf16, res: &Tensor) -> Option<Resul
         if res.dims() != [rows, w.n] {
             candle_core::bail!("linear: residual {:?} is not [{rows}, {}]", res.dims(), w.n);
         }
-        let mut out = vec![bf16::ZERO; rows * w.n];
-        with_slice::<bf16, _>(x, |a| {
+        let out = with_slice::<bf16, _>(x, |a| {
             with_slice::<bf16, _>(res, |r| {
-                gemm::bf16gemm_to(
-                    rows,
-                    a,
-                    w.k,
-                    w,
-                    gemm::Bf16Out::AddBf16 {
-                        c: &mut out,
-                        res: r,
-                    },
-                )
+                gemm::bf16gemm_vec(rows, a, w.k, w, gemm::Bf16New::AddBf16(r))
             })
         })??;
         Tensor::from_vec(out, (rows, w.n), &Device::Cpu)
@@ -152,9 +141,8 @@ pub fn linear_add_bf16(x: &Tensor, w: &PackedBf16, res: &Tensor) -> Option<Resul
 pub fn glu_bf16(x: &Tensor, glu: &PackedBf16) -> Result<Tensor> {
     let rows = linear_rows(x, glu.k)?;
     let f = glu.n / 2;
-    let mut out = vec![bf16::ZERO; rows * f];
-    with_slice::<bf16, _>(&x.to_dtype(DType::BF16)?, |a| {
-        gemm::bf16gemm_to(rows, a, glu.k, glu, gemm::Bf16Out::Glu(&mut out))
+    let out = with_slice::<bf16, _>(&x.to_dtype(DType::BF16)?, |a| {
+        gemm::bf16gemm_vec(rows, a, glu.k, glu, gemm::Bf16New::Glu)
     })?;
     Tensor::from_vec(out, (rows, f), &Device::Cpu)
 }

@@ -472,6 +472,58 @@ pub fn bf16gemm_to(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, out: Bf16Ou
             Sink::Glu(SendPtr(c.as_mut_ptr() as *mut u16))
         }
     };
+    bf16gemm_sink(m, a, lda, b, sink);
+}
+
+/// What [`bf16gemm_vec`] makes of the product.
+pub enum Bf16New<'a> {
+    /// [`Bf16Out::Bf16`].
+    Bf16,
+    /// [`Bf16Out::AddBf16`] with this residual.
+    AddBf16(&'a [bf16]),
+    /// [`Bf16Out::Glu`].
+    Glu,
+}
+
+/// [`bf16gemm_to`] into a new vector, without zero-filling it first (every element is written).
+pub fn bf16gemm_vec(
+    m: usize,
+    a: &[bf16],
+    lda: usize,
+    b: &PackedBf16,
+    what: Bf16New<'_>,
+) -> Vec<bf16> {
+    let n = b.n;
+    let len = match what {
+        Bf16New::Glu => {
+            assert!(n.is_multiple_of(2), "GLU packing with an odd width");
+            m * (n / 2)
+        }
+        _ => m * n,
+    };
+    let mut out: Vec<bf16> = Vec::with_capacity(len);
+    if m == 0 || n == 0 {
+        return out;
+    }
+    assert!(a.len() >= (m - 1) * lda + b.k, "A too small");
+    let c = SendPtr(out.spare_capacity_mut().as_mut_ptr() as *mut u16);
+    let sink = match what {
+        Bf16New::Bf16 => Sink::Bf16(c),
+        Bf16New::AddBf16(res) => {
+            assert!(res.len() >= m * n, "residual too small");
+            Sink::AddBf16(c, SendPtr(res.as_ptr() as *mut u16))
+        }
+        Bf16New::Glu => Sink::Glu(c),
+    };
+    bf16gemm_sink(m, a, lda, b, sink);
+    // SAFETY: the tiles cover every (row, column) of the m × len/m output and each wrote it.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Runs the tiles of C = A·B into `sink` (bounds checked by the callers).
+fn bf16gemm_sink(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, sink: Sink) {
+    let (n, k) = (b.n, b.k);
     #[cfg(target_arch = "x86_64")]
     if cpu_features().avx512bf16 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
         for_tiles(m, n, k, |jp, mc| {
@@ -849,6 +901,7 @@ mod tests {
             // rounded output
             let mut c = vec![bf16::ZERO; m * f];
             bf16gemm_to(m, &a, k, &pg, Bf16Out::Bf16(&mut c));
+            assert_eq!(bf16gemm_vec(m, &a, k, &pg, Bf16New::Bf16), c);
             assert!(c.iter().zip(&g).all(|(c, g)| *c == bf16::from_f32(*g)));
             // residual add: bf16(res + bf16(acc))
             let res = bf(rand(m * f, &mut rng));
@@ -862,6 +915,7 @@ mod tests {
                     res: &res,
                 },
             );
+            assert_eq!(bf16gemm_vec(m, &a, k, &pg, Bf16New::AddBf16(&res)), c);
             for ((c, g), r) in c.iter().zip(&g).zip(&res) {
                 assert_eq!(*c, bf16::from_f32(r.to_f32() + round_bf16(*g)));
             }
@@ -870,6 +924,7 @@ mod tests {
             assert_eq!(glu.glu_half(false), wg);
             assert_eq!(glu.glu_half(true), wu);
             bf16gemm_to(m, &a, k, &glu, Bf16Out::Glu(&mut c));
+            assert_eq!(bf16gemm_vec(m, &a, k, &glu, Bf16New::Glu), c);
             for ((c, g), u) in c.iter().zip(&g).zip(&u) {
                 let (g, u) = (round_bf16(*g), round_bf16(*u));
                 let s = round_bf16(g / (1.0 + (-g as f64).exp() as f32));

@@ -115,6 +115,35 @@ pub fn sum_exp_sub(x: &[f32], m: f32) -> f32 {
     s
 }
 
+super::simd_fn! {
+    /// Largest element of a row (−∞ if empty or all NaN), vectorised.
+    pub fn row_max(x: &[f32]) -> f32 {
+        max(x)
+    }
+}
+
+super::simd_fn! {
+    /// Σ e^(x − m) over a row, f32 lanes (vectorised).
+    pub fn row_sum_exp(x: &[f32], m: f32) -> f32 {
+        sum_exp_sub(x, m)
+    }
+}
+
+super::simd_fn! {
+    /// Index of the first element equal to `v`, if any.
+    pub fn first_equal(x: &[f32], v: f32) -> Option<usize> {
+        let mut chunks = x.chunks_exact(LANES);
+        let mut base = 0;
+        for c in &mut chunks {
+            if c.iter().fold(false, |hit, &e| hit | (e == v)) {
+                return c.iter().position(|&e| e == v).map(|i| base + i);
+            }
+            base += LANES;
+        }
+        chunks.remainder().iter().position(|&e| e == v).map(|i| base + i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,23 +4,24 @@
 
 use crate::rng::Rng;
 
-/// The index of the largest finite logit (first among equal maxima, as `argmax` in the
-/// reference); `skip` entries are treated as −∞.
+/// The index of the largest logit (first among equal maxima, as `argmax` in the reference);
+/// `skip` entries are treated as −∞ (the first other entry if every logit is −∞).
 pub fn argmax(row: &[f32], skip: Option<u32>) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    let mut found = false;
-    for (i, &v) in row.iter().enumerate() {
-        if Some(i as u32) == skip {
-            continue;
-        }
-        if !found || v > best_v {
-            best = i;
-            best_v = v;
-            found = true;
-        }
-    }
-    best as u32
+    use crate::kernels::math::{first_equal, row_max};
+    let s = skip.map(|s| s as usize).filter(|&s| s < row.len());
+    let (a, b) = match s {
+        Some(s) => (&row[..s], &row[(s + 1).min(row.len())..]),
+        None => (row, &row[..0]),
+    };
+    let m = row_max(a).max(row_max(b));
+    let after = s.map_or(0, |s| s + 1);
+    let found = if m == f32::NEG_INFINITY {
+        None
+    } else {
+        first_equal(a, m).or_else(|| first_equal(b, m).map(|i| after + i))
+    };
+    let first_other = if s == Some(0) { 1 } else { 0 };
+    found.unwrap_or(first_other) as u32
 }
 
 /// A sample from softmax(row / T) by Gumbel-max in f64; `skip` entries are never chosen.
@@ -50,6 +51,17 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0], None), 1);
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0], Some(1)), 2);
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY], None), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY], Some(0)), 1);
+        assert_eq!(argmax(&[9.0, 1.0, 2.0], Some(0)), 2);
+        // long rows (vectorised path): ties resolved to the first, skip honoured
+        let mut row: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32).collect();
+        let first = row.iter().position(|&v| v == 100.0).unwrap();
+        assert_eq!(argmax(&row, None), first as u32);
+        let second = first + 1 + row[first + 1..].iter().position(|&v| v == 100.0).unwrap();
+        assert_eq!(argmax(&row, Some(first as u32)), second as u32);
+        row[999] = 1000.0;
+        assert_eq!(argmax(&row, None), 999);
+        assert_eq!(argmax(&row, Some(999)), first as u32);
     }
 
     /// Sampling frequencies follow softmax(ℓ/T): within 4 standard errors per token.

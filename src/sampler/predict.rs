@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::gumbel;
 use super::remask::Remasking;
 use crate::error::Result;
-use crate::kernels::math::exp_nonpos;
+use crate::kernels::math::{exp_nonpos, row_max, row_sum_exp};
 use crate::rng::Rng;
 
 /// What a step does with the logits.
@@ -63,18 +63,7 @@ fn confidence_of(row: &[f32], token: u32, skip: &[u32]) -> f64 {
     if skip.contains(&token) {
         return 0.0;
     }
-    let neg = |i: usize| skip.contains(&(i as u32));
-    let mut m = f32::NEG_INFINITY;
-    for (i, &v) in row.iter().enumerate() {
-        if v > m && !neg(i) {
-            m = v;
-        }
-    }
-    if m == f32::NEG_INFINITY {
-        return 0.0;
-    }
-    // Sum over the segments between skipped entries, in f32 chunks (vectorised) accumulated in
-    // f64, so a dominant skipped entry costs no precision.
+    // the segments between skipped entries
     let mut cuts: Vec<usize> = skip
         .iter()
         .map(|&s| s as usize)
@@ -82,14 +71,26 @@ fn confidence_of(row: &[f32], token: u32, skip: &[u32]) -> f64 {
         .collect();
     cuts.sort_unstable();
     cuts.dedup();
-    let mut total = 0f64;
+    let mut segments = Vec::with_capacity(cuts.len() + 1);
     let mut start = 0;
     for end in cuts.iter().copied().chain(std::iter::once(row.len())) {
-        for chunk in row[start..end].chunks(1024) {
-            let s: f32 = chunk.iter().map(|&v| exp_nonpos(v - m)).sum();
-            total += s as f64;
-        }
+        segments.push(&row[start..end.max(start)]);
         start = end + 1;
+    }
+    let m = segments
+        .iter()
+        .map(|s| row_max(s))
+        .fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        return 0.0;
+    }
+    // f32 lanes per chunk (vectorised) accumulated in f64, so a dominant skipped entry costs no
+    // precision
+    let mut total = 0f64;
+    for seg in segments {
+        for chunk in seg.chunks(1024) {
+            total += row_sum_exp(chunk, m) as f64;
+        }
     }
     exp_nonpos(row[token as usize] - m) as f64 / total
 }
