@@ -123,7 +123,7 @@ fn sampler_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("sampler");
     g.throughput(Throughput::Elements((w * v) as u64));
     g.bench_function("cpu_predict_128x32768_greedy", |b| {
-        b.iter(|| black_box(predict(&logits, &wanted, &opts, &mut Rng::new(0)).unwrap()))
+        b.iter(|| black_box(predict(&logits, None, &wanted, &opts, &mut Rng::new(0)).unwrap()))
     });
     g.finish();
 }

@@ -114,6 +114,19 @@ impl sampler::MaskPredictor for Timed<'_> {
         self.forward_seconds += t.elapsed().as_secs_f64();
         Ok(y)
     }
+    fn logits_at(
+        &mut self,
+        x: &candle_core::Tensor,
+        key_mask: Option<&candle_core::Tensor>,
+        window: std::ops::Range<usize>,
+        rows: &[usize],
+    ) -> Result<candle_core::Tensor> {
+        let t = Instant::now();
+        let y = self.inner.logits_at(x, key_mask, window, rows)?;
+        crate::device::sync(self.model.device())?;
+        self.forward_seconds += t.elapsed().as_secs_f64();
+        Ok(y)
+    }
     fn begin_block(
         &mut self,
         block: std::ops::Range<usize>,

@@ -195,8 +195,9 @@ impl Block {
 
     /// Inference on a chunk: `x` [B·n, D] holds positions start..start+n; their keys and values
     /// go into `cache` (layer `layer`), the other positions' come from it. With `keep` (offsets
-    /// within the chunk), only those rows go through the MLP and come out ([B·|keep|, D]): the
-    /// last layer needs every row's keys and values but only the rows whose logits are read.
+    /// within the chunk, increasing), only those rows go through the MLP and come out
+    /// ([B·|keep|, D]): the last layer needs every row's keys and values but only the rows whose
+    /// logits are read.
     #[allow(clippy::too_many_arguments)]
     fn forward_chunk(
         &self,
@@ -208,7 +209,7 @@ impl Block {
         cache: &mut KvCache,
         layer: usize,
         causal: bool,
-        keep: Option<std::ops::Range<usize>>,
+        keep: Option<&[usize]>,
     ) -> CResult<Tensor> {
         let a = self.attn_norm.forward(x)?;
         // x + attention(norm(x))
@@ -265,11 +266,15 @@ impl Block {
         };
         if let Some(r) = keep {
             let d = x.dim(1)?;
-            x = x
-                .reshape((b, n, d))?
-                .narrow(1, r.start, r.end - r.start)?
-                .contiguous()?
-                .reshape((b * (r.end - r.start), d))?;
+            let x3 = x.reshape((b, n, d))?;
+            let contiguous_run = r.windows(2).all(|w| w[1] == w[0] + 1);
+            x = if contiguous_run {
+                x3.narrow(1, r[0], r.len())?.contiguous()?
+            } else {
+                let idx: Vec<u32> = r.iter().map(|&o| o as u32).collect();
+                x3.index_select(&Tensor::from_vec(idx, r.len(), x.device())?, 1)?
+            }
+            .reshape((b * r.len(), d))?;
         }
         self.mlp_residual(&x, false)
     }
@@ -501,8 +506,8 @@ impl Llada {
             ));
         }
         if !differentiable {
-            let mut cache = self.new_cache(b, l, key_mask)?;
-            return self.forward_chunk(ids, 0, &mut cache, rows);
+            let rows: Vec<usize> = rows.collect();
+            return self.forward_rows_at(ids, key_mask, &rows);
         }
         let (d, vocab) = (self.cfg.d_model, self.cfg.embedding_size);
         let mut h = self.embed(ids)?; // [B·L, D]
@@ -519,6 +524,20 @@ impl Llada {
         }
         let logits = self.logits_of(&h, differentiable)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, n, vocab))?)
+    }
+
+    /// Logits [B, |rows|, V] of the positions `rows` (increasing) only: every position still goes
+    /// through the blocks (attention is bidirectional), but the last block's MLP, the final norm
+    /// and the output head run only on the rows asked for (inference).
+    pub fn forward_rows_at(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        let mut cache = self.new_cache(b, l, key_mask)?;
+        self.forward_chunk_at(ids, 0, &mut cache, rows)
     }
 
     /// An empty key/value cache for `batch` canvases of `len` positions (with their key-padding
@@ -577,13 +596,53 @@ impl Llada {
                 ),
             ));
         }
+        let rows: Vec<usize> = rows.collect();
+        self.forward_chunk_at(ids, start, cache, &rows)
+    }
+
+    /// [`Llada::forward_chunk`] for the logits of any increasing positions `rows` of the chunk
+    /// ([B, |rows|, V]): the last block's MLP and the head run only on those rows.
+    pub fn forward_chunk_at(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        cache: &mut KvCache,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (b, n) = self.check_ids(ids)?;
+        let ok = !rows.is_empty()
+            && rows.windows(2).all(|w| w[0] < w[1])
+            && rows[0] >= start
+            && rows[rows.len() - 1] < start + n;
+        if !ok {
+            return Err(Error::setting(
+                "rows",
+                format!("{rows:?}"),
+                format!(
+                    "must be increasing positions within the chunk {start}..{}",
+                    start + n
+                ),
+            ));
+        }
+        let total = cache.len();
+        if b != cache.batch() || start + n > total {
+            return Err(Error::setting(
+                "chunk",
+                format!("{b}x{start}..{}", start + n),
+                format!(
+                    "must lie within the cached canvas {}x{total}",
+                    cache.batch()
+                ),
+            ));
+        }
         let vocab = self.cfg.embedding_size;
         let mut h = self.embed(ids)?; // [B·n, D]
-        let w = rows.end - rows.start;
+        let w = rows.len();
+        let offsets: Vec<usize> = rows.iter().map(|&r| r - start).collect();
         let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
             // the last layer's MLP runs only on the rows whose logits are asked for
-            let keep = (i == last && w != n).then(|| rows.start - start..rows.end - start);
+            let keep = (i == last && w != n).then_some(offsets.as_slice());
             h = block.forward_chunk(
                 &h,
                 b,

@@ -69,15 +69,16 @@ impl<'a> LladaPredictor<'a> {
     }
 }
 
-impl MaskPredictor for LladaPredictor<'_> {
-    fn logits(
+impl LladaPredictor<'_> {
+    /// Logits of the increasing positions `rows` of the canvas `x`, through the cache mode.
+    fn rows_logits(
         &mut self,
         x: &Tensor,
         key_mask: Option<&Tensor>,
-        rows: Range<usize>,
+        rows: &[usize],
     ) -> Result<Tensor> {
         if self.mode == CacheMode::None {
-            return self.model.forward_rows(x, key_mask, rows);
+            return self.model.forward_rows_at(x, key_mask, rows);
         }
         let (b, l) = x.dims2()?;
         let stale = self
@@ -86,7 +87,7 @@ impl MaskPredictor for LladaPredictor<'_> {
             .is_none_or(|c| c.len() != l || c.batch() != b);
         if self.refresh || stale {
             let mut cache = self.model.new_cache(b, l, key_mask)?;
-            let out = self.model.forward_chunk(x, 0, &mut cache, rows)?;
+            let out = self.model.forward_chunk_at(x, 0, &mut cache, rows)?;
             self.cache = Some(cache);
             self.refresh = false;
             return Ok(out);
@@ -100,7 +101,36 @@ impl MaskPredictor for LladaPredictor<'_> {
             .cache
             .as_mut()
             .ok_or_else(|| Error::setting("cache", "empty", "no block-start forward yet"))?;
-        self.model.forward_chunk(&ids, chunk.start, cache, rows)
+        self.model.forward_chunk_at(&ids, chunk.start, cache, rows)
+    }
+}
+
+impl MaskPredictor for LladaPredictor<'_> {
+    fn logits(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: Range<usize>,
+    ) -> Result<Tensor> {
+        if rows.is_empty() {
+            return Err(Error::setting(
+                "rows",
+                format!("{rows:?}"),
+                "must be a non-empty range",
+            ));
+        }
+        let rows: Vec<usize> = rows.collect();
+        self.rows_logits(x, key_mask, &rows)
+    }
+
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        _window: Range<usize>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        self.rows_logits(x, key_mask, rows)
     }
 
     fn device(&self) -> Device {

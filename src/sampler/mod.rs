@@ -50,6 +50,25 @@ pub trait MaskPredictor {
         rows: Range<usize>,
     ) -> Result<Tensor>;
 
+    /// Logits [B, |rows|, V] of the canvas positions `rows` (increasing) of `window`. By default
+    /// the window's logits and then those rows; a predictor that can skip the work of the other
+    /// rows (the last block's MLP, the output head) overrides it.
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        window: Range<usize>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let all = self.logits(x, key_mask, window.clone())?;
+        if rows.len() == window.len() {
+            return Ok(all);
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| (r - window.start) as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), all.device())?;
+        Ok(all.index_select(&idx, 1)?)
+    }
+
     /// The device the canvas must be on.
     fn device(&self) -> Device;
 
@@ -83,6 +102,16 @@ impl MaskPredictor for &Llada {
         rows: Range<usize>,
     ) -> Result<Tensor> {
         self.forward_rows(x, key_mask, rows)
+    }
+
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        _window: Range<usize>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        self.forward_rows_at(x, key_mask, rows)
     }
 
     fn device(&self) -> Device {
@@ -505,17 +534,9 @@ fn denoise(
             }
             let rows = flat.len() / l;
             let xt = Tensor::from_vec(flat, (rows, l), &device)?;
-            let logits = model.logits(&xt, key_mask.as_ref(), window.clone())?; // [B(×2), W, V]
-            nfe += 1;
-            let logits = match guidance {
-                Guidance::Cfg { scale } => {
-                    let cond = logits.narrow(0, 0, b)?;
-                    let unc = logits.narrow(0, b, b)?;
-                    guidance::combine(&cond, &unc, scale)?
-                }
-                Guidance::None => logits,
-            };
-            // Masked positions of the window, per row (offsets from the window start).
+            // Masked positions of the window, per row (offsets from the window start): the only
+            // logits read. The model computes the union's rows (the whole window for a forward
+            // whose logits nobody reads, such as the cached loops' extra step).
             let wanted: Vec<Vec<usize>> = x
                 .iter()
                 .zip(&finished)
@@ -529,7 +550,24 @@ fn denoise(
                         .collect()
                 })
                 .collect();
-            let preds = predict::predict(&logits, &wanted, &opts, rng)?;
+            let mut columns: Vec<usize> = wanted.iter().flatten().copied().collect();
+            columns.sort_unstable();
+            columns.dedup();
+            if columns.is_empty() {
+                columns = (0..window.len()).collect();
+            }
+            let abs: Vec<usize> = columns.iter().map(|&o| window.start + o).collect();
+            let logits = model.logits_at(&xt, key_mask.as_ref(), window.clone(), &abs)?; // [B(×2), |columns|, V]
+            nfe += 1;
+            let logits = match guidance {
+                Guidance::Cfg { scale } => {
+                    let cond = logits.narrow(0, 0, b)?;
+                    let unc = logits.narrow(0, b, b)?;
+                    guidance::combine(&cond, &unc, scale)?
+                }
+                Guidance::None => logits,
+            };
+            let preds = predict::predict(&logits, Some(&columns), &wanted, &opts, rng)?;
             let mut committed: Vec<Vec<Committed>> = Vec::with_capacity(b);
             for (r, row_preds) in preds.iter().enumerate() {
                 let cands: Vec<(usize, f64)> = row_preds

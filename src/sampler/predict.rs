@@ -36,9 +36,11 @@ pub struct Prediction {
     pub confidence: f64,
 }
 
-/// Predicts x0 and confidence for `wanted[b]` (window offsets) of each row of `logits` [B, W, V].
+/// Predicts x0 and confidence for `wanted[b]` (window offsets) of each row of `logits` [B, W, V],
+/// whose W rows hold the window offsets `columns` (increasing; `None`: every offset).
 pub fn predict(
     logits: &Tensor,
+    columns: Option<&[usize]>,
     wanted: &[Vec<usize>],
     opts: &PredictOpts,
     rng: &mut Rng,
@@ -47,9 +49,9 @@ pub fn predict(
     let step_seed = rng.next_seed();
     let logits = logits.to_dtype(DType::F32)?;
     if matches!(logits.device(), Device::Cpu) {
-        predict_host(&logits, wanted, opts, step_seed)
+        predict_host(&logits, columns, wanted, opts, step_seed)
     } else {
-        predict_tensor(&logits, wanted, opts, step_seed)
+        predict_tensor(&logits, columns, wanted, opts, step_seed)
     }
 }
 
@@ -112,8 +114,19 @@ fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
     (token, confidence)
 }
 
+/// The row of the logits holding window offset `o`.
+fn column(columns: Option<&[usize]>, o: usize) -> Result<usize> {
+    match columns {
+        None => Ok(o),
+        Some(c) => c
+            .binary_search(&o)
+            .map_err(|_| crate::error::Error::setting("offset", o, "has no logits row (internal)")),
+    }
+}
+
 fn predict_host(
     logits: &Tensor,
+    columns: Option<&[usize]>,
     wanted: &[Vec<usize>],
     opts: &PredictOpts,
     step_seed: u64,
@@ -131,22 +144,23 @@ fn predict_host(
         }
         _ => return Err(candle_core::Error::Msg("host prediction needs CPU logits".into()).into()),
     };
-    let jobs: Vec<(usize, usize)> = wanted
-        .iter()
-        .enumerate()
-        .flat_map(|(b, offs)| offs.iter().map(move |&o| (b, o)))
-        .collect();
+    let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
+    for (b, offs) in wanted.iter().enumerate() {
+        for &o in offs {
+            jobs.push((b, o, column(columns, o)?));
+        }
+    }
     let results: Vec<(u32, f64)> = jobs
         .par_iter()
-        .map(|&(b, o)| {
-            let row = &data[(b * w + o) * v..(b * w + o + 1) * v];
+        .map(|&(b, o, c)| {
+            let row = &data[(b * w + c) * v..(b * w + c + 1) * v];
             let mut rng = position_rng(step_seed, b, o);
             predict_row(row, opts, &mut rng)
         })
         .collect();
     let mut out: Vec<Vec<Prediction>> =
         wanted.iter().map(|w| Vec::with_capacity(w.len())).collect();
-    for (&(b, o), (token, confidence)) in jobs.iter().zip(results) {
+    for (&(b, o, _), (token, confidence)) in jobs.iter().zip(results) {
         out[b].push(Prediction {
             offset: o,
             token,
@@ -171,6 +185,7 @@ fn neg_inf_bias(v: usize, ids: &[u32], device: &Device) -> candle_core::Result<T
 /// ([B, W] each) are the only data read back.
 fn predict_tensor(
     logits: &Tensor,
+    columns: Option<&[usize]>,
     wanted: &[Vec<usize>],
     opts: &PredictOpts,
     step_seed: u64,
@@ -206,19 +221,22 @@ fn predict_tensor(
     };
     let x0: Vec<Vec<u32>> = x0.squeeze(D::Minus1)?.to_vec2()?;
     let conf: Vec<Vec<f32>> = conf.squeeze(D::Minus1)?.to_vec2()?;
-    Ok(wanted
+    wanted
         .iter()
         .enumerate()
         .map(|(b, offs)| {
             offs.iter()
-                .map(|&o| Prediction {
-                    offset: o,
-                    token: x0[b][o],
-                    confidence: conf[b][o] as f64,
+                .map(|&o| {
+                    let c = column(columns, o)?;
+                    Ok(Prediction {
+                        offset: o,
+                        token: x0[b][c],
+                        confidence: conf[b][c] as f64,
+                    })
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
 
 /// Forces the tensor path (parity tests on CPU).
@@ -230,7 +248,7 @@ pub fn predict_with_tensor_ops(
     rng: &mut Rng,
 ) -> Result<Vec<Vec<Prediction>>> {
     let step_seed = rng.next_seed();
-    predict_tensor(&logits.to_dtype(DType::F32)?, wanted, opts, step_seed)
+    predict_tensor(&logits.to_dtype(DType::F32)?, None, wanted, opts, step_seed)
 }
 
 #[cfg(test)]
@@ -258,7 +276,7 @@ mod tests {
             opts(0.0, Some(7), vec![]),
             opts(0.0, Some(7), vec![7, 9]),
         ] {
-            let a = predict(&logits, &wanted, &o, &mut Rng::new(1)).unwrap();
+            let a = predict(&logits, None, &wanted, &o, &mut Rng::new(1)).unwrap();
             let t = predict_with_tensor_ops(&logits, &wanted, &o, &mut Rng::new(1)).unwrap();
             for (ra, rt) in a.iter().zip(&t) {
                 for (pa, pt) in ra.iter().zip(rt) {
