@@ -171,3 +171,41 @@ fn training_forward_equals_inference_forward() {
         assert!(d <= 1e-4 * scale, "L={l}: max |inference − training| = {d}");
     }
 }
+
+/// Logits of scattered rows (the masked positions a sampler reads) are exactly those rows of the
+/// full forward, in f32 and bf16: only row-wise work (the last MLP, the head) is skipped.
+#[test]
+fn logits_of_chosen_rows_equal_the_full_forward() {
+    for dtype in [DType::F32, DType::BF16] {
+        let ck = model(dtype);
+        let cfg = ck.model.config();
+        let l = 40usize.min(cfg.max_sequence_length);
+        let ids: Vec<u32> = (0..l as u32)
+            .map(|i| (i * 53 + 5) % cfg.vocab_size as u32)
+            .collect();
+        let x = Tensor::from_vec([ids.clone(), ids].concat(), (2, l), &Device::Cpu).unwrap();
+        let full = ck.model.forward(&x, None).unwrap();
+        let rows: Vec<usize> = (0..l).filter(|i| i % 3 == 1 || *i == l - 1).collect();
+        let some = ck.model.forward_rows_at(&x, None, &rows).unwrap();
+        for (k, &r) in rows.iter().enumerate() {
+            let a: Vec<f32> = full
+                .narrow(1, r, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = some
+                .narrow(1, k, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{dtype:?} row {r}");
+        }
+        // rows out of order or outside the canvas are refused
+        assert!(ck.model.forward_rows_at(&x, None, &[3, 2]).is_err());
+        assert!(ck.model.forward_rows_at(&x, None, &[l]).is_err());
+    }
+}
