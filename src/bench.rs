@@ -90,7 +90,8 @@ pub struct GenerateReport {
     pub nfe: usize,
     pub steps: usize,
     pub tokens_per_forward: f64,
-    /// Model FLOPs per second over the whole generation.
+    /// Matrix-product FLOPs per second over the whole generation, counting the work done: the
+    /// recomputed chunks of a cached forward, the last MLP and the head only on the rows read.
     pub gflops: f64,
 }
 
@@ -164,7 +165,7 @@ pub fn bench_generate(
     };
     let mut secs = Vec::new();
     let mut fwd = Vec::new();
-    let (mut nfe, mut steps) = (0, 0);
+    let (mut nfe, mut steps, mut flops) = (0, 0, 0.0);
     for r in 0..warmup + runs {
         let mut timed = Timed {
             model,
@@ -190,21 +191,13 @@ pub fn bench_generate(
             fwd.push(timed.forward_seconds);
             nfe = g.nfe;
             steps = g.steps;
+            flops = timed.inner.executed_flops();
         }
     }
     let tokens = (cfg.gen_length * batch) as f64;
     let per_step: Vec<f64> = secs.iter().map(|s| s * 1e3 / steps.max(1) as f64).collect();
     let per_fwd: Vec<f64> = fwd.iter().map(|s| s * 1e3 / nfe.max(1) as f64).collect();
     let seconds = Stat::of(&secs);
-    let rows = if cfg.cfg_scale > 0.0 {
-        2 * batch
-    } else {
-        batch
-    };
-    let flops = model
-        .config()
-        .forward_flops(rows, prompt_len + cfg.gen_length)
-        * nfe as f64;
     Ok(GenerateReport {
         runs,
         warmup,

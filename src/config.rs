@@ -181,16 +181,26 @@ impl ModelConfig {
     /// Multiply-accumulate FLOPs (2 per MAC) of one forward pass over `batch` sequences of `len`
     /// tokens: linear layers, attention scores and values, output head.
     pub fn forward_flops(&self, batch: usize, len: usize) -> f64 {
+        self.chunk_flops(batch, len, len, len)
+    }
+
+    /// Matrix-product FLOPs of an inference forward that recomputes `chunk` positions of a canvas
+    /// of `total` (the others' keys and values cached) and reads the logits of `rows` of them:
+    /// the last block's MLP and the head run only on those rows, as the engine does.
+    pub fn chunk_flops(&self, batch: usize, chunk: usize, total: usize, rows: usize) -> f64 {
         let (d, f, v) = (
             self.d_model as f64,
             self.mlp_hidden_size as f64,
             self.embedding_size as f64,
         );
         let kv = (self.n_kv_heads * self.head_dim) as f64;
-        let tokens = (batch * len) as f64;
-        let per_layer = 2.0 * tokens * (2.0 * d * d + 2.0 * d * kv + 3.0 * d * f)
-            + 2.0 * 2.0 * batch as f64 * (len * len) as f64 * d;
-        self.n_layers as f64 * per_layer + 2.0 * tokens * d * v
+        let b = batch as f64;
+        let (n, r) = (chunk as f64, rows.min(chunk) as f64);
+        let attn =
+            2.0 * b * n * (2.0 * d * d + 2.0 * d * kv) + 2.0 * 2.0 * b * n * total as f64 * d;
+        let mlp = |tokens: f64| 2.0 * b * tokens * 3.0 * d * f;
+        let layers = self.n_layers as f64;
+        layers * attn + (layers - 1.0).max(0.0) * mlp(n) + mlp(r) + 2.0 * b * r * d * v
     }
 }
 

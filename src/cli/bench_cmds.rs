@@ -60,6 +60,28 @@ pub struct BenchArgs {
 
 /// Peak memory lines: the run's (or the process's, where the window could not be reset), the
 /// load's, against the weights' size.
+/// The run's rate as a share of the measured peak (`None` without one).
+fn peak_fraction(gflops: f64, peak: Option<f64>) -> Option<f64> {
+    peak.filter(|p| *p > 0.0).map(|p| gflops / p)
+}
+
+/// "700.1 · 88% of this CPU's measured peak (795 GFLOP/s, bf16 dot products)".
+fn rate(gflops: f64, peak: Option<f64>, dtype: llada::candle_core::DType) -> String {
+    match peak_fraction(gflops, peak) {
+        Some(f) => format!(
+            "{gflops:.1} · {:.0}% of this CPU's measured peak ({:.0} GFLOP/s of {} on these threads)",
+            100.0 * f,
+            peak.unwrap_or(0.0),
+            if dtype == llada::candle_core::DType::BF16 {
+                "bf16 pair dot products"
+            } else {
+                "f32 FMAs"
+            }
+        ),
+        None => format!("{gflops:.1}"),
+    }
+}
+
 fn print_peak(peak: Option<u64>, load: Option<u64>, windowed: bool, weights: u64) {
     if let Some(p) = peak {
         println!(
@@ -120,7 +142,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let windowed = bench::reset_peak_rss();
     let weights_bytes = model.weights_bytes();
     let threads = llada::candle_core::utils::get_num_threads();
+    // this CPU's measured limit for the kernels' instruction, to put the run's rate against
+    let peak = match model.device() {
+        llada::candle_core::Device::Cpu => llada::kernels::peak::peak_gflops(model.dtype(), 300),
+        _ => None,
+    };
     let header = serde_json::json!({
+        "peak_gflops": peak,
         "model": source,
         "parameters": mc.parameter_count(),
         "weights_bytes": weights_bytes,
@@ -152,7 +180,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 a.runs,
                 a.sampler.seed,
             )?;
-            let peak = bench::peak_rss_bytes();
+            let peak_rss = bench::peak_rss_bytes();
             if a.json {
                 let mut v = header;
                 v["mode"] = "generate".into();
@@ -165,7 +193,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["seconds"] = r.seconds.mean.into();
                 v["tokens_per_forward"] = r.tokens_per_forward.into();
                 v["gflops"] = r.gflops.into();
-                v["peak_rss_bytes"] = peak.into();
+                v["peak_fraction"] = peak_fraction(r.gflops, peak).into();
+                v["peak_rss_bytes"] = peak_rss.into();
                 return print_json(&v);
             }
             title("generate");
@@ -191,8 +220,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "forward evals   {} · {:.2} tokens per forward",
                 r.nfe, r.tokens_per_forward
             );
-            println!("model GFLOP/s   {:.1}", r.gflops);
-            print_peak(peak, load_peak, windowed, weights_bytes);
+            println!("model GFLOP/s   {}", rate(r.gflops, peak, model.dtype()));
+            print_peak(peak_rss, load_peak, windowed, weights_bytes);
         }
         "forward" => {
             let len = a.len.unwrap_or(a.prompt_len + cfg.gen_length);
@@ -205,14 +234,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 a.runs,
                 a.sampler.seed,
             )?;
-            let peak = bench::peak_rss_bytes();
+            let peak_rss = bench::peak_rss_bytes();
             if a.json {
                 let mut v = header;
                 v["mode"] = "forward".into();
                 v["report"] = serde_json::to_value(&r)?;
                 v["ms"] = r.ms.mean.into();
                 v["gflops"] = r.gflops.into();
-                v["peak_rss_bytes"] = peak.into();
+                v["peak_fraction"] = peak_fraction(r.gflops, peak).into();
+                v["peak_rss_bytes"] = peak_rss.into();
                 return print_json(&v);
             }
             title("forward");
@@ -223,8 +253,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 mc.forward_flops(a.batch, len) / 1e9
             );
             println!("ms per forward  {}", pm(r.ms, 2));
-            println!("GFLOP/s         {:.1}", r.gflops);
-            print_peak(peak, load_peak, windowed, weights_bytes);
+            println!("GFLOP/s         {}", rate(r.gflops, peak, model.dtype()));
+            print_peak(peak_rss, load_peak, windowed, weights_bytes);
         }
         "score" => {
             let sc = llada::score::ScoreConfig {
@@ -267,7 +297,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "train" => {
             let seq_len = a.len.unwrap_or(256);
             let r = bench::bench_train(&model, a.batch, seq_len, a.warmup, a.runs, a.sampler.seed)?;
-            let peak = bench::peak_rss_bytes();
+            let peak_rss = bench::peak_rss_bytes();
             if a.json {
                 let mut v = header;
                 v["mode"] = "train".into();
@@ -275,7 +305,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 v["tokens_per_s"] = r.tokens_per_s.mean.into();
                 v["seconds"] = r.seconds_per_step.mean.into();
                 v["gflops"] = r.gflops.into();
-                v["peak_rss_bytes"] = peak.into();
+                v["peak_fraction"] = peak_fraction(r.gflops, peak).into();
+                v["peak_rss_bytes"] = peak_rss.into();
                 return print_json(&v);
             }
             title("train");
@@ -285,8 +316,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
             println!("tokens/s        {}", pm(r.tokens_per_s, 1));
             println!("s per step      {}", pm(r.seconds_per_step, 3));
-            println!("model GFLOP/s   {:.1} (6·N·tokens)", r.gflops);
-            print_peak(peak, load_peak, windowed, weights_bytes);
+            println!(
+                "model GFLOP/s   {} (6·N·tokens)",
+                rate(r.gflops, peak, model.dtype())
+            );
+            print_peak(peak_rss, load_peak, windowed, weights_bytes);
         }
         other => bail!("invalid setting mode={other}: must be generate, forward, score or train"),
     }

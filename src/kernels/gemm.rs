@@ -563,8 +563,11 @@ mod avx512 {
     use std::arch::x86_64::{
         __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
         _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm_prefetch, _MM_HINT_T0,
     };
+
+    /// Prefetch distance of the weight stream, in k steps (pairs for bf16).
+    const PF: usize = 64;
 
     /// Lane masks of a (possibly partial) 32-column panel.
     #[inline(always)]
@@ -602,6 +605,8 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..kl {
             let bp = b.add(p * b_rs);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * b_rs) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * b_rs + 16) as *const i8);
             let b0 = _mm512_maskz_loadu_ps(m0, bp);
             let b1 = _mm512_maskz_loadu_ps(m1, bp.add(16));
             let ap = a.add(p * a_cs);
@@ -702,6 +707,10 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..kl2 {
             let bp = b.add(p * NR);
+            // weights stream from memory once per row chunk: fetch ahead of the first pass
+            // (a prefetch never faults, past the panel's end included)
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * NR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * NR + 16) as *const i8);
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
             let ap = a.add(2 * p);

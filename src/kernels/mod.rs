@@ -36,6 +36,7 @@ pub mod cpu;
 pub mod gemm;
 pub mod math;
 pub mod matmul_op;
+pub mod peak;
 
 use candle_core::{DType, Device, Result, Tensor};
 

@@ -55,6 +55,7 @@ pub struct LladaPredictor<'a> {
     cache: Option<KvCache>,
     block: Range<usize>,
     refresh: bool,
+    flops: f64,
 }
 
 impl<'a> LladaPredictor<'a> {
@@ -65,7 +66,14 @@ impl<'a> LladaPredictor<'a> {
             cache: None,
             block: 0..0,
             refresh: true,
+            flops: 0.0,
         }
+    }
+
+    /// Matrix-product FLOPs of every forward so far, counting only the work done (recomputed
+    /// chunks, the rows whose logits were read).
+    pub fn executed_flops(&self) -> f64 {
+        self.flops
     }
 }
 
@@ -77,16 +85,19 @@ impl LladaPredictor<'_> {
         key_mask: Option<&Tensor>,
         rows: &[usize],
     ) -> Result<Tensor> {
+        let (b, l) = x.dims2()?;
+        let cfg = self.model.config();
         if self.mode == CacheMode::None {
+            self.flops += cfg.chunk_flops(b, l, l, rows.len());
             return self.model.forward_rows_at(x, key_mask, rows);
         }
-        let (b, l) = x.dims2()?;
         let stale = self
             .cache
             .as_ref()
             .is_none_or(|c| c.len() != l || c.batch() != b);
         if self.refresh || stale {
             let mut cache = self.model.new_cache(b, l, key_mask)?;
+            self.flops += cfg.chunk_flops(b, l, l, rows.len());
             let out = self.model.forward_chunk_at(x, 0, &mut cache, rows)?;
             self.cache = Some(cache);
             self.refresh = false;
@@ -97,6 +108,7 @@ impl LladaPredictor<'_> {
             _ => self.block.start..l,
         };
         let ids = x.narrow(1, chunk.start, chunk.end - chunk.start)?;
+        self.flops += cfg.chunk_flops(b, chunk.len(), l, rows.len());
         let cache = self
             .cache
             .as_mut()
