@@ -537,7 +537,8 @@ fn bf16gemm_sink(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, sink: Sink) {
         let mut row = vec![0f32; NR];
         for jp in 0..n.div_ceil(NR) {
             let cols = NR.min(n - jp * NR);
-            for (jj, out) in row.iter_mut().take(cols).enumerate() {
+            // every lane of the (zero-padded) panel: a GLU panel's up half starts at lane 16
+            for (jj, out) in row.iter_mut().enumerate() {
                 let j = jp * NR + jj;
                 let mut s = 0f32;
                 for p in 0..k {
