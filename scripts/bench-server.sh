@@ -12,7 +12,7 @@ PORT=${PORT:-8391}
 for mb in 8 1; do
   target/release/llada serve --port "$PORT" --max-batch "$mb" --threads "${THREADS:-2}" >/dev/null 2>&1 &
   PID=$!
-  trap 'kill $PID 2>/dev/null' EXIT
+  trap 'kill $PID 2>/dev/null || true' EXIT
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.2; done
   for c in 1 4 16; do
     total=$(( c * 6 ))
