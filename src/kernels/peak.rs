@@ -63,12 +63,22 @@ fn burst(dtype: DType) -> (f64, f32) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps,
+        __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps,
         _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
     };
 
     /// Independent accumulator chains: enough to cover the latency of two pipes.
     pub const CHAINS: usize = 16;
+
+    /// The sum of every lane of every chain (keeps the chains alive).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum(acc: [__m512; CHAINS]) -> f32 {
+        let mut s = _mm512_setzero_ps();
+        for x in acc {
+            s = _mm512_add_ps(s, x);
+        }
+        _mm512_reduce_add_ps(s)
+    }
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn fma_chains(iters: usize) -> f32 {
@@ -80,11 +90,7 @@ mod avx512 {
                 *x = _mm512_fmadd_ps(*x, a, b);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for x in acc {
-            s = _mm512_add_ps(s, x);
-        }
-        _mm512_reduce_add_ps(s)
+        sum(acc)
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -97,11 +103,7 @@ mod avx512 {
                 *x = _mm512_dpbf16_ps(*x, a, a);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for x in acc {
-            s = _mm512_add_ps(s, x);
-        }
-        _mm512_reduce_add_ps(s)
+        sum(acc)
     }
 }
 
