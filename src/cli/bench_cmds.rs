@@ -58,8 +58,6 @@ pub struct BenchArgs {
     pub rt: RuntimeArgs,
 }
 
-/// Peak memory lines: the run's (or the process's, where the window could not be reset), the
-/// load's, against the weights' size.
 /// The run's rate as a share of the measured peak (`None` without one).
 fn peak_fraction(gflops: f64, peak: Option<f64>) -> Option<f64> {
     peak.filter(|p| *p > 0.0).map(|p| gflops / p)
@@ -82,6 +80,8 @@ fn rate(gflops: f64, peak: Option<f64>, dtype: llada::candle_core::DType) -> Str
     }
 }
 
+/// Peak memory lines: the run's (or the process's, where the window could not be reset), the
+/// load's, against the weights' size.
 fn print_peak(peak: Option<u64>, load: Option<u64>, windowed: bool, weights: u64) {
     if let Some(p) = peak {
         println!(

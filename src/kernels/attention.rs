@@ -196,12 +196,13 @@ impl KvStore {
                             }
                         }
                         // values: keys 2p and 2p+1 share the u32s of pair p, per 32 dims
-                        let vrow = |i: usize| -> Vec<u32> {
+                        let mut vf = vec![0f32; rows * hd];
+                        for i in 0..rows {
                             let src = (b * rows + i) * width + g * hd;
-                            let mut f = vec![0f32; hd];
-                            T::widen(&v[src..src + hd], &mut f);
-                            f.iter().map(|&x| bits(x)).collect()
-                        };
+                            T::widen(&v[src..src + hd], &mut vf[i * hd..(i + 1) * hd]);
+                        }
+                        let vb: Vec<u32> = vf.iter().map(|&x| bits(x)).collect();
+                        let vrow = |i: usize| &vb[i * hd..(i + 1) * hd];
                         let mut i = 0;
                         while i < rows {
                             let pos = start + i;

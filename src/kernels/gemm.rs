@@ -54,7 +54,13 @@ pub fn cpu_features() -> CpuFeatures {
         let off = std::env::var_os("LLADA_NO_AVX512").is_some_and(|v| v != "0");
         #[cfg(target_arch = "x86_64")]
         {
-            let f = std::arch::is_x86_feature_detected!("avx512f") && !off;
+            // the kernels compile their AVX-512 paths with these together (see `simd_fn!`)
+            let f = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("fma")
+                && !off;
             CpuFeatures {
                 avx512f: f,
                 avx512bf16: f && std::arch::is_x86_feature_detected!("avx512bf16"),
@@ -404,34 +410,38 @@ fn add_bf16(acc: f32, res: u16) -> u16 {
 #[inline(always)]
 fn sink_row(sink: Sink, n: usize, i: usize, j0: usize, row: &[f32], cols: usize) {
     let acc = &row[..cols];
-    // SAFETY (all arms): callers pass in-bounds (i, j0, acc.len()) of an output they own.
+    // finished values go through a local buffer and are copied out with a raw copy: the output
+    // may be a vector's uninitialised spare capacity ([`bf16gemm_vec`])
+    let mut buf = [0u16; NR];
+    // SAFETY (all arms): callers pass in-bounds (i, j0, cols) of an output they own; the
+    // residual is initialised memory of the same shape.
     unsafe {
         match sink {
             Sink::F32(c, ldc) => {
                 std::ptr::copy_nonoverlapping(acc.as_ptr(), c.get().add(i * ldc + j0), acc.len())
             }
             Sink::Bf16(c) => {
-                let o = std::slice::from_raw_parts_mut(c.get().add(i * n + j0), acc.len());
-                for (o, &x) in o.iter_mut().zip(acc) {
+                for (o, &x) in buf.iter_mut().zip(acc) {
                     *o = super::math::bf16_bits(x);
                 }
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), c.get().add(i * n + j0), cols);
             }
             Sink::AddBf16(c, r) => {
-                let o = std::slice::from_raw_parts_mut(c.get().add(i * n + j0), acc.len());
-                let r = std::slice::from_raw_parts(r.get().add(i * n + j0), acc.len());
-                for ((o, &x), &r) in o.iter_mut().zip(acc).zip(r) {
+                let r = std::slice::from_raw_parts(r.get().add(i * n + j0), cols);
+                for ((o, &x), &r) in buf.iter_mut().zip(acc).zip(r) {
                     *o = add_bf16(x, r);
                 }
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), c.get().add(i * n + j0), cols);
             }
             Sink::Glu(c) => {
                 // a panel holds w ≤ 16 gate columns in lanes 0.., the same up columns in 16..
                 let half = NR / 2;
                 let w = cols / 2;
-                let o = std::slice::from_raw_parts_mut(c.get().add(i * (n / 2) + j0 / 2), w);
                 let (g, u) = (&row[..w], &row[half..half + w]);
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                for ((o, &g), &u) in buf.iter_mut().zip(g).zip(u) {
                     *o = glu_bf16(g, u);
                 }
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), c.get().add(i * (n / 2) + j0 / 2), w);
             }
         }
     }
@@ -525,7 +535,8 @@ pub fn bf16gemm_vec(
 fn bf16gemm_sink(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, sink: Sink) {
     let (n, k) = (b.n, b.k);
     #[cfg(target_arch = "x86_64")]
-    if cpu_features().avx512bf16 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
+    // (k = 0 goes the portable way, which writes the zeros: the tiles would write nothing)
+    if cpu_features().avx512bf16 && k > 0 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
         for_tiles(m, n, k, |jp, mc| {
             // SAFETY: disjoint tiles; A and C bounds asserted above; k and lda even.
             unsafe { avx512::bf16gemm_tile(m, a, lda, b, sink, jp, mc) };
@@ -948,6 +959,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn bf16gemm_of_zero_depth_is_zero() {
+        let b = PackedBf16 {
+            n: 40,
+            k: 0,
+            data: vec![],
+        };
+        assert!(bf16gemm_vec(3, &[], 0, &b, Bf16New::Bf16)
+            .iter()
+            .all(|x| *x == bf16::ZERO));
+        let mut c = vec![1f32; 3 * 40];
+        bf16gemm(3, &[], 0, &b, &mut c, 40);
+        assert!(c.iter().all(|x| *x == 0.0));
     }
 
     #[test]

@@ -11,12 +11,14 @@ pub fn exp_nonpos(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding and subtracting rounds to nearest
     let x = x.clamp(-87.0, 0.0);
     let t = x * LOG2E + ROUND;
-    let k = t - ROUND; // round(x·log2 e), an integer in [−126, 0]
-                       // the same integer read from t's bits (no float→int cast: Rust's saturating `as` does not
-                       // vectorise)
+    // round(x·log2 e), an integer in [−126, 0]
+    let k = t - ROUND;
+    // the same integer read from t's bits (no float→int cast: Rust's saturating `as` does not
+    // vectorise)
     let ki = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = x - k * LN2_HI - k * LN2_LO; // |r| ≤ ln2/2
-                                         // e^r on [−ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial (Cephes coefficients)
+    // |r| ≤ ln2/2
+    let r = x - k * LN2_HI - k * LN2_LO;
+    // e^r on [−ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial (Cephes coefficients)
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
     let p = p * r + 8.333_452e-3;

@@ -97,7 +97,9 @@ impl Linear {
             Linear::PackedF32(p) => crate::kernels::cpu::linear_f32(&x.to_dtype(DType::F32)?, p),
             Linear::PackedBf16(p) => crate::kernels::cpu::linear_bf16(&x.to_dtype(DType::BF16)?, p),
             // one half of a fused pair on its own (not on the hot path): unpack it
-            Linear::GluHalf { .. } => crate::kernels::plain_matmul(x, &self.tensor()?.t()?),
+            Linear::GluHalf { .. } => {
+                crate::kernels::plain_matmul(&x.to_dtype(DType::BF16)?, &self.tensor()?.t()?)
+            }
         }
     }
 

@@ -20,7 +20,7 @@ pub fn argmax(row: &[f32], skip: Option<u32>) -> u32 {
     } else {
         first_equal(a, m).or_else(|| first_equal(b, m).map(|i| after + i))
     };
-    let first_other = if s == Some(0) { 1 } else { 0 };
+    let first_other = if s == Some(0) && row.len() > 1 { 1 } else { 0 };
     found.unwrap_or(first_other) as u32
 }
 
