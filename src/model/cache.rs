@@ -28,7 +28,9 @@ pub enum KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of `len` positions.
+    /// An empty cache for `batch` sequences of `len` positions. With `one_pass` (a single
+    /// forward over the whole canvas, nothing kept) the fused variant holds one store that every
+    /// layer rewrites in full before reading it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         fused: bool,
@@ -36,6 +38,7 @@ impl KvCache {
         shape: KvShape,
         dtype: DType,
         key_mask: Option<&Tensor>,
+        one_pass: bool,
     ) -> candle_core::Result<Self> {
         let valid: Option<Vec<Vec<bool>>> = match key_mask {
             Some(m) => Some(
@@ -50,7 +53,9 @@ impl KvCache {
         if fused {
             let bf16 = dtype == DType::BF16;
             Ok(KvCache::Fused {
-                stores: (0..n_layers).map(|_| KvStore::new(shape, bf16)).collect(),
+                stores: (0..if one_pass { 1 } else { n_layers })
+                    .map(|_| KvStore::new(shape, bf16))
+                    .collect(),
                 shape,
                 valid,
             })

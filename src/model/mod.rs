@@ -224,17 +224,10 @@ impl Block {
                     causal,
                 };
                 let shape = *shape;
-                self.attn.forward_fused(
-                    &a,
-                    x,
-                    b,
-                    n,
-                    start,
-                    &mut stores[layer],
-                    shape,
-                    &mask,
-                    rope,
-                )?
+                // one shared store in a one-pass cache (see `KvCache::new`)
+                let at = layer.min(stores.len() - 1);
+                self.attn
+                    .forward_fused(&a, x, b, n, start, &mut stores[at], shape, &mask, rope)?
             }
             KvCache::Tensors {
                 kv, pad_bias, len, ..
@@ -536,7 +529,8 @@ impl Llada {
         rows: &[usize],
     ) -> Result<Tensor> {
         let (b, l) = self.check_ids(ids)?;
-        let mut cache = self.new_cache(b, l, key_mask)?;
+        // nothing is kept after this forward: the layers take turns with one key/value store
+        let mut cache = self.cache_with(b, l, key_mask, true)?;
         self.forward_chunk_at(ids, 0, &mut cache, rows)
     }
 
@@ -547,6 +541,18 @@ impl Llada {
         batch: usize,
         len: usize,
         key_mask: Option<&Tensor>,
+    ) -> Result<KvCache> {
+        self.cache_with(batch, len, key_mask, false)
+    }
+
+    /// A cache as [`Llada::new_cache`]; `one_pass` for a single full forward whose keys and values
+    /// are not kept (every layer rewrites one shared store before reading it).
+    fn cache_with(
+        &self,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+        one_pass: bool,
     ) -> Result<KvCache> {
         let shape = KvShape {
             batch,
@@ -560,6 +566,7 @@ impl Llada {
             shape,
             self.dtype,
             key_mask,
+            one_pass,
         )?)
     }
 
