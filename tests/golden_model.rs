@@ -187,22 +187,16 @@ fn logits_of_chosen_rows_equal_the_full_forward() {
         let full = ck.model.forward(&x, None).unwrap();
         let rows: Vec<usize> = (0..l).filter(|i| i % 3 == 1 || *i == l - 1).collect();
         let some = ck.model.forward_rows_at(&x, None, &rows).unwrap();
+        let row = |t: &Tensor, i: usize| -> Vec<f32> {
+            t.narrow(1, i, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
         for (k, &r) in rows.iter().enumerate() {
-            let a: Vec<f32> = full
-                .narrow(1, r, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = some
-                .narrow(1, k, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(a, b, "{dtype:?} row {r}");
+            assert_eq!(row(&full, r), row(&some, k), "{dtype:?} row {r}");
         }
         // rows out of order or outside the canvas are refused
         assert!(ck.model.forward_rows_at(&x, None, &[3, 2]).is_err());

@@ -6,6 +6,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{self, AOperand, BOperand, PackedBf16, PackedF32};
+use super::math::silu;
 
 /// Runs `f` on the data of a contiguous CPU tensor (after its start offset).
 pub fn with_slice<T: candle_core::WithDType, R>(
@@ -353,8 +354,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Result<Tensor>> {
         }
     })())
 }
-
-use super::gemm::silu;
 
 super::simd_fn! {
     fn silu_mul_f32(o: &mut [f32], g: &[f32], u: &[f32]) {

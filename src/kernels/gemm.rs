@@ -194,7 +194,7 @@ impl PackedBf16 {
         PackedBf16 { n, k, data }
     }
 
-    /// Gate and up weights (each [f, k], packed) interleaved for [`Bf16Out::Glu`]: panel q holds
+    /// Gate and up weights (each [f, k], packed) interleaved for [`Bf16New::Glu`]: panel q holds
     /// gate rows 16q.. in lanes 0..16 and the same up rows in lanes 16..32 (n = 2f).
     pub fn glu(gate: &PackedBf16, up: &PackedBf16) -> Self {
         assert_eq!((gate.n, gate.k), (up.n, up.k), "gate and up shapes differ");
@@ -358,22 +358,7 @@ fn sgemm_portable(
         });
 }
 
-/// Where [`bf16gemm_to`] puts each finished f32 accumulator of C = A·B (row-major outputs).
-pub enum Bf16Out<'a> {
-    /// C in f32, unrounded, rows at stride `ldc`.
-    F32 { c: &'a mut [f32], ldc: usize },
-    /// C rounded to bf16 (rows of `n`).
-    Bf16(&'a mut [bf16]),
-    /// C ← bf16(res + bf16(A·B)): a bf16 linear layer followed by a residual connection, with
-    /// the reference's two roundings (rows of `n`).
-    AddBf16 { c: &'a mut [bf16], res: &'a [bf16] },
-    /// B packed by [`PackedBf16::glu`] from gate and up weights of `n/2` rows each:
-    /// C[i, j] ← bf16(bf16(silu(bf16(g))) · bf16(u)) with g, u the gate and up outputs of column
-    /// j (rows of `n/2`), the reference's SwiGLU roundings.
-    Glu(&'a mut [bf16]),
-}
-
-/// The raw form of [`Bf16Out`] handed to the tiles (each writes a disjoint block).
+/// Where the tiles put each finished f32 accumulator of C = A·B (each writes a disjoint block).
 #[derive(Clone, Copy)]
 enum Sink {
     F32(SendPtr<f32>, usize),
@@ -382,18 +367,10 @@ enum Sink {
     Glu(SendPtr<u16>),
 }
 
-/// silu(x) = x·σ(x) with e = exp(−|x|) ≤ 1 (vectorisable, no overflow).
-#[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    let e = super::math::exp_nonpos(-x.abs());
-    let num = if x >= 0.0 { x } else { x * e };
-    num / (1.0 + e)
-}
-
 /// SwiGLU of one gate/up accumulator pair with the reference's bf16 roundings.
 #[inline(always)]
 fn glu_bf16(g: f32, u: f32) -> u16 {
-    use super::math::{bf16_bits, round_bf16};
+    use super::math::{bf16_bits, round_bf16, silu};
     let s = round_bf16(silu(round_bf16(g)));
     bf16_bits(s * round_bf16(u))
 }
@@ -450,52 +427,30 @@ fn sink_row(sink: Sink, n: usize, i: usize, j0: usize, row: &[f32], cols: usize)
 /// C = A·B, A bf16 row-major with rows of `k` values at stride `lda` (even), B packed bf16; f32
 /// accumulation and output. Needs AVX512-BF16 (see [`cpu_features`]); portable otherwise.
 pub fn bf16gemm(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, c: &mut [f32], ldc: usize) {
-    bf16gemm_to(m, a, lda, b, Bf16Out::F32 { c, ldc })
-}
-
-/// C = A·B as [`bf16gemm`], finished as `out` says (rounding, residual add, SwiGLU) while the
-/// accumulators are still in registers.
-pub fn bf16gemm_to(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, out: Bf16Out<'_>) {
-    let (n, k) = (b.n, b.k);
+    let n = b.n;
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k, "A too small");
-    let sink = match out {
-        Bf16Out::F32 { c, ldc } => {
-            assert!(c.len() >= (m - 1) * ldc + n, "C too small");
-            Sink::F32(SendPtr(c.as_mut_ptr()), ldc)
-        }
-        Bf16Out::Bf16(c) => {
-            assert!(c.len() >= m * n, "C too small");
-            Sink::Bf16(SendPtr(c.as_mut_ptr() as *mut u16))
-        }
-        Bf16Out::AddBf16 { c, res } => {
-            assert!(c.len() >= m * n && res.len() >= m * n, "C too small");
-            Sink::AddBf16(
-                SendPtr(c.as_mut_ptr() as *mut u16),
-                SendPtr(res.as_ptr() as *mut u16),
-            )
-        }
-        Bf16Out::Glu(c) => {
-            assert!(n.is_multiple_of(2) && c.len() >= m * (n / 2), "C too small");
-            Sink::Glu(SendPtr(c.as_mut_ptr() as *mut u16))
-        }
-    };
-    bf16gemm_sink(m, a, lda, b, sink);
+    assert!(a.len() >= (m - 1) * lda + b.k, "A too small");
+    assert!(c.len() >= (m - 1) * ldc + n, "C too small");
+    bf16gemm_sink(m, a, lda, b, Sink::F32(SendPtr(c.as_mut_ptr()), ldc));
 }
 
-/// What [`bf16gemm_vec`] makes of the product.
+/// What [`bf16gemm_vec`] makes of the product C = A·B while its accumulators are in registers.
 pub enum Bf16New<'a> {
-    /// [`Bf16Out::Bf16`].
+    /// C rounded to bf16 ([m, n]).
     Bf16,
-    /// [`Bf16Out::AddBf16`] with this residual.
+    /// bf16(res + bf16(C)) ([m, n]): a bf16 linear layer followed by a residual connection, with
+    /// the reference's two roundings.
     AddBf16(&'a [bf16]),
-    /// [`Bf16Out::Glu`].
+    /// B packed by [`PackedBf16::glu`] from gate and up weights of n/2 rows each:
+    /// bf16(bf16(silu(bf16(g))) · bf16(u)) with g, u the gate and up outputs of each column
+    /// ([m, n/2]), the reference's SwiGLU roundings.
     Glu,
 }
 
-/// [`bf16gemm_to`] into a new vector, without zero-filling it first (every element is written).
+/// C = A·B as [`bf16gemm`], finished as `what` says, into a new vector (not zero-filled first:
+/// every element is written).
 pub fn bf16gemm_vec(
     m: usize,
     a: &[bf16],
@@ -920,23 +875,11 @@ mod tests {
             bf16gemm(m, &a, k, &pg, &mut g, f);
             bf16gemm(m, &a, k, &pu, &mut u, f);
             // rounded output
-            let mut c = vec![bf16::ZERO; m * f];
-            bf16gemm_to(m, &a, k, &pg, Bf16Out::Bf16(&mut c));
-            assert_eq!(bf16gemm_vec(m, &a, k, &pg, Bf16New::Bf16), c);
+            let c = bf16gemm_vec(m, &a, k, &pg, Bf16New::Bf16);
             assert!(c.iter().zip(&g).all(|(c, g)| *c == bf16::from_f32(*g)));
             // residual add: bf16(res + bf16(acc))
             let res = bf(rand(m * f, &mut rng));
-            bf16gemm_to(
-                m,
-                &a,
-                k,
-                &pg,
-                Bf16Out::AddBf16 {
-                    c: &mut c,
-                    res: &res,
-                },
-            );
-            assert_eq!(bf16gemm_vec(m, &a, k, &pg, Bf16New::AddBf16(&res)), c);
+            let c = bf16gemm_vec(m, &a, k, &pg, Bf16New::AddBf16(&res));
             for ((c, g), r) in c.iter().zip(&g).zip(&res) {
                 assert_eq!(*c, bf16::from_f32(r.to_f32() + round_bf16(*g)));
             }
@@ -944,8 +887,7 @@ mod tests {
             let glu = PackedBf16::glu(&pg, &pu);
             assert_eq!(glu.glu_half(false), wg);
             assert_eq!(glu.glu_half(true), wu);
-            bf16gemm_to(m, &a, k, &glu, Bf16Out::Glu(&mut c));
-            assert_eq!(bf16gemm_vec(m, &a, k, &glu, Bf16New::Glu), c);
+            let c = bf16gemm_vec(m, &a, k, &glu, Bf16New::Glu);
             for ((c, g), u) in c.iter().zip(&g).zip(&u) {
                 let (g, u) = (round_bf16(*g), round_bf16(*u));
                 let s = round_bf16(g / (1.0 + (-g as f64).exp() as f32));

@@ -30,6 +30,14 @@ pub fn exp_nonpos(x: f32) -> f32 {
     p * scale
 }
 
+/// silu(x) = x·σ(x) with e = exp(−|x|) ≤ 1 (vectorisable, no overflow).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    let e = exp_nonpos(-x.abs());
+    let num = if x >= 0.0 { x } else { x * e };
+    num / (1.0 + e)
+}
+
 /// The bits of `x` rounded to bf16, to nearest even (NaN stays a quiet NaN): the same value as
 /// `half::bf16::from_f32`, written without branches so loops over it vectorise.
 #[inline(always)]

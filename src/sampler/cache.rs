@@ -124,13 +124,6 @@ impl MaskPredictor for LladaPredictor<'_> {
         key_mask: Option<&Tensor>,
         rows: Range<usize>,
     ) -> Result<Tensor> {
-        if rows.is_empty() {
-            return Err(Error::setting(
-                "rows",
-                format!("{rows:?}"),
-                "must be a non-empty range",
-            ));
-        }
         let rows: Vec<usize> = rows.collect();
         self.rows_logits(x, key_mask, &rows)
     }
