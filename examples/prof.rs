@@ -15,7 +15,7 @@ fn main() {
         .nth(2)
         .unwrap_or_else(|| "out/bench/bench-135m".into());
     let ck = llada::Checkpoint::load(std::path::Path::new(&dir), Some(dtype), &dev).unwrap();
-    let m = &ck.model;
+    let m = ck.model.as_llada().unwrap();
     let l = 192;
     let ids = Tensor::from_vec(
         (0..l as u32).map(|i| i * 7 % 30000).collect::<Vec<_>>(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::Llada;
+use crate::model::{CacheMode, MaskPredictor, Model};
 use crate::rng::Rng;
 use crate::sampler::{self, PromptBatch, SamplerConfig, StepEvent};
 use crate::tokenizer::SpecialTokens;
@@ -95,58 +95,74 @@ pub struct GenerateReport {
     pub gflops: f64,
 }
 
-/// A predictor wrapper that times its forward passes.
+/// A predictor wrapper that times its forward passes and counts the matrix-product FLOPs of the
+/// work they do: a block's first forward covers the whole canvas, later ones the chunk the cache
+/// mode recomputes; the last MLP and the head run only on the rows read.
 struct Timed<'a> {
-    model: &'a Llada,
-    inner: sampler::LladaPredictor<'a>,
+    inner: Box<dyn MaskPredictor + 'a>,
+    cfg: &'a crate::config::ModelConfig,
+    device: candle_core::Device,
     forward_seconds: f64,
+    flops: f64,
+    mode: CacheMode,
+    block: std::ops::Range<usize>,
+    block_start: bool,
 }
 
-impl sampler::MaskPredictor for Timed<'_> {
-    fn logits(
-        &mut self,
-        x: &candle_core::Tensor,
-        key_mask: Option<&candle_core::Tensor>,
-        rows: std::ops::Range<usize>,
-    ) -> Result<candle_core::Tensor> {
-        let t = Instant::now();
-        let y = self.inner.logits(x, key_mask, rows)?;
-        crate::device::sync(self.model.device())?;
-        self.forward_seconds += t.elapsed().as_secs_f64();
-        Ok(y)
+impl<'a> Timed<'a> {
+    fn new(model: &'a Model) -> Self {
+        Timed {
+            inner: model.predictor(),
+            cfg: model.config(),
+            device: model.device().clone(),
+            forward_seconds: 0.0,
+            flops: 0.0,
+            mode: CacheMode::None,
+            block: 0..0,
+            block_start: true,
+        }
     }
+}
+
+impl MaskPredictor for Timed<'_> {
     fn logits_at(
         &mut self,
         x: &candle_core::Tensor,
         key_mask: Option<&candle_core::Tensor>,
-        window: std::ops::Range<usize>,
         rows: &[usize],
     ) -> Result<candle_core::Tensor> {
+        let (b, l) = x.dims2()?;
+        let chunk = if self.block_start {
+            l
+        } else {
+            self.mode.recomputed(self.block.clone(), l).len()
+        };
+        self.block_start = false;
+        self.flops += self.cfg.chunk_flops(b, chunk, l, rows.len());
         let t = Instant::now();
-        let y = self.inner.logits_at(x, key_mask, window, rows)?;
-        crate::device::sync(self.model.device())?;
+        let y = self.inner.logits_at(x, key_mask, rows)?;
+        crate::device::sync(&self.device)?;
         self.forward_seconds += t.elapsed().as_secs_f64();
         Ok(y)
     }
-    fn begin_block(
-        &mut self,
-        block: std::ops::Range<usize>,
-        mode: sampler::CacheMode,
-    ) -> Result<()> {
+    fn begin_block(&mut self, block: std::ops::Range<usize>, mode: CacheMode) -> Result<()> {
+        self.mode = mode;
+        self.block = block.clone();
+        self.block_start = true;
         self.inner.begin_block(block, mode)
     }
     fn device(&self) -> candle_core::Device {
-        self.model.device().clone()
+        self.device.clone()
     }
     fn max_sequence_length(&self) -> usize {
-        self.model.config().max_sequence_length
+        self.inner.max_sequence_length()
     }
 }
 
 /// Times `generate` on seeded random prompts: `warmup` untimed runs, then `runs` timed ones.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_generate(
-    model: &Llada,
+    model: &Model,
     special: &SpecialTokens,
     cfg: &SamplerConfig,
     prompt_len: usize,
@@ -167,11 +183,7 @@ pub fn bench_generate(
     let mut fwd = Vec::new();
     let (mut nfe, mut steps, mut flops) = (0, 0, 0.0);
     for r in 0..warmup + runs {
-        let mut timed = Timed {
-            model,
-            inner: sampler::LladaPredictor::new(model),
-            forward_seconds: 0.0,
-        };
+        let mut timed = Timed::new(model);
         let mut rng = Rng::new(seed);
         let mut cont = |_: &StepEvent| ControlFlow::Continue(());
         crate::device::sync(model.device())?;
@@ -191,7 +203,7 @@ pub fn bench_generate(
             fwd.push(timed.forward_seconds);
             nfe = g.nfe;
             steps = g.steps;
-            flops = timed.inner.executed_flops();
+            flops = timed.flops;
         }
     }
     let tokens = (cfg.gen_length * batch) as f64;
@@ -227,7 +239,7 @@ pub struct ForwardReport {
 
 /// Times one forward pass over `batch` × `len` random tokens.
 pub fn bench_forward(
-    model: &Llada,
+    model: &Model,
     special: &SpecialTokens,
     batch: usize,
     len: usize,
@@ -277,7 +289,7 @@ pub struct ScoreReport {
 /// Times [`crate::score::log_likelihood`] on a seeded random (prompt, answer).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_score(
-    model: &Llada,
+    model: &Model,
     special: &SpecialTokens,
     cfg: &crate::score::ScoreConfig,
     prompt_len: usize,
@@ -292,12 +304,12 @@ pub fn bench_score(
     let mut secs = Vec::new();
     let mut nfe = 0;
     for r in 0..warmup + runs {
-        let mut m = model;
+        let mut m = model.predictor();
         let mut rng = Rng::new(seed);
         crate::device::sync(model.device())?;
         let t0 = Instant::now();
         let e =
-            crate::score::log_likelihood(&mut m, &prompt, &answer, cfg, special.mask, &mut rng)?;
+            crate::score::log_likelihood(&mut *m, &prompt, &answer, cfg, special.mask, &mut rng)?;
         crate::device::sync(model.device())?;
         if r >= warmup {
             secs.push(t0.elapsed().as_secs_f64());
@@ -331,7 +343,7 @@ pub struct TrainReport {
 /// Times pretraining steps (the reference loss, backward, AdamW) on seeded random batches, as the
 /// peer's `train-bench` does.
 pub fn bench_train(
-    model: &Llada,
+    model: &crate::model::Llada,
     batch: usize,
     seq_len: usize,
     warmup: usize,
@@ -340,7 +352,7 @@ pub fn bench_train(
 ) -> Result<TrainReport> {
     use crate::diffusion::{self, noise, LossWeights, Objective};
     use crate::train::optim::{AdamW, AdamWConfig};
-    let tr = crate::train::Trainable::from_model(model)?;
+    let tr = crate::train::Trainable::from_llada(model)?;
     let mut opt = AdamW::new(AdamWConfig::default(), &tr.vars)?;
     let cfg = model.config();
     let mask = cfg.mask_token_id.unwrap_or(0);

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::{LladaConfig, ModelConfig};
 use crate::device::dtype_name;
 use crate::error::{Error, Result};
-use crate::model::{FileWeights, Llada, WeightLayout};
+use crate::model::{Architecture, FileWeights, Model, WeightLayout};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::{atomic_write, save_safetensors, SafetensorsFiles};
 
@@ -28,7 +28,7 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub raw: LladaConfig,
     pub config: ModelConfig,
-    pub model: Llada,
+    pub model: Model,
     pub tokenizer: Option<Tokenizer>,
     pub special: SpecialTokens,
     /// Dtype(s) the weights are stored in, e.g. `bf16` or `f32`.
@@ -67,7 +67,8 @@ impl Checkpoint {
         } else {
             DType::BF16
         });
-        let model = Llada::load_with(
+        let arch = Architecture::from_name(&raw.architecture()?)?;
+        let model = arch.load(
             &config,
             &FileWeights {
                 files: &files,
@@ -210,7 +211,7 @@ pub struct Info {
 
 /// Writes `model` into `dir` in Hugging Face form: `config.json` (from `raw`) and safetensors in
 /// the model's dtype (sharded above [`DEFAULT_SHARD_BYTES`]). Every file is written atomically.
-pub fn save_model(dir: &Path, raw: &LladaConfig, model: &Llada) -> Result<()> {
+pub fn save_model(dir: &Path, raw: &LladaConfig, model: &Model) -> Result<()> {
     save_model_sharded(dir, raw, model, DEFAULT_SHARD_BYTES)
 }
 
@@ -218,7 +219,7 @@ pub fn save_model(dir: &Path, raw: &LladaConfig, model: &Llada) -> Result<()> {
 pub fn save_model_sharded(
     dir: &Path,
     raw: &LladaConfig,
-    model: &Llada,
+    model: &Model,
     max_shard_bytes: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

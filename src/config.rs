@@ -9,9 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, Error, Result};
 
-/// The architectures (`config.json` `architectures[0]`) this engine implements.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LLaDAModelLM"];
-
 /// `config.json` as written by Hugging Face for GSAI-ML/LLaDA-8B-Base/-Instruct. Every key of
 /// reference §2.1; `None` where the file may hold `null` or omit the key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,18 +225,8 @@ impl LladaConfig {
 
     /// Checks every key that changes semantics and resolves defaults.
     pub fn resolve(&self) -> Result<ModelConfig> {
-        let arch = self.architecture()?;
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            let hint = if arch.contains("MoE") {
-                " (LLaDA-MoE also says model_type \"llada\" but is a mixture-of-experts model)"
-            } else {
-                ""
-            };
-            return Err(Error::UnsupportedArchitecture {
-                found: format!("{arch}{hint}"),
-                supported: SUPPORTED_ARCHITECTURES.join(", "),
-            });
-        }
+        // which model implements the file is decided in one place: `model::ARCHITECTURES`
+        crate::model::Architecture::from_name(&self.architecture()?)?;
         let unsupported = |key: &str, value: &dyn std::fmt::Debug, expected: &str| {
             Error::config(
                 key,

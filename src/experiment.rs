@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::LladaConfig;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::sampler::{self, ar, LladaPredictor, PromptBatch, SamplerConfig};
+use crate::sampler::{self, ar, PromptBatch, SamplerConfig};
 use crate::score::choice::Accuracy;
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{self, DataKind, PrepareOptions};
@@ -251,7 +251,7 @@ pub fn evaluate(
         ));
     }
     exact_match(tok, sp.eos, pairs, probe, &mut |prefix, n, suffix| {
-        let mut m = LladaPredictor::new(&ck.model);
+        let mut m = ck.model.predictor();
         if autoregressive {
             let out = ar::generate_ar(
                 &mut m,
@@ -599,7 +599,7 @@ pub fn poem_accuracy(
         };
         let prompt = format!("{line}{question} 直接输出句子即可。");
         let ids = tok.encode_chat(&[crate::chat::Message::user(prompt)])?;
-        let mut m = LladaPredictor::new(&ck.model);
+        let mut m = ck.model.predictor();
         let g = sampler::generate(
             &mut m,
             &PromptBatch::single(ids),

@@ -186,7 +186,8 @@ fn logits_of_chosen_rows_equal_the_full_forward() {
         let x = Tensor::from_vec([ids.clone(), ids].concat(), (2, l), &Device::Cpu).unwrap();
         let full = ck.model.forward(&x, None).unwrap();
         let rows: Vec<usize> = (0..l).filter(|i| i % 3 == 1 || *i == l - 1).collect();
-        let some = ck.model.forward_rows_at(&x, None, &rows).unwrap();
+        let mut p = ck.model.predictor();
+        let some = p.logits_at(&x, None, &rows).unwrap();
         let row = |t: &Tensor, i: usize| -> Vec<f32> {
             t.narrow(1, i, 1)
                 .unwrap()
@@ -199,7 +200,7 @@ fn logits_of_chosen_rows_equal_the_full_forward() {
             assert_eq!(row(&full, r), row(&some, k), "{dtype:?} row {r}");
         }
         // rows out of order or outside the canvas are refused
-        assert!(ck.model.forward_rows_at(&x, None, &[3, 2]).is_err());
-        assert!(ck.model.forward_rows_at(&x, None, &[l]).is_err());
+        assert!(p.logits_at(&x, None, &[3, 2]).is_err());
+        assert!(p.logits_at(&x, None, &[l]).is_err());
     }
 }

@@ -6,9 +6,7 @@ mod common;
 
 use common::*;
 use llada::candle_core::DType;
-use llada::sampler::{
-    self, CacheMode, Commit, LladaPredictor, PromptBatch, Remasking, SamplerConfig,
-};
+use llada::sampler::{self, CacheMode, Commit, PromptBatch, Remasking, SamplerConfig};
 use llada::{Rng, SpecialTokens};
 use serde_json::Value;
 
@@ -48,7 +46,7 @@ fn run_case(case: &Value, commit: Commit, cache: CacheMode) -> llada::Generation
         early_stop: false,
     };
     let special = special_for(case, &ck.special);
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     sampler::generate(
         &mut m,
         &PromptBatch { ids, key_mask },
@@ -152,7 +150,7 @@ fn cached_and_uncached_agree_where_they_must() {
         .encode("And God said, Let there be light")
         .unwrap();
     let run = |cfg: &SamplerConfig| {
-        let mut m = LladaPredictor::new(&ck.model);
+        let mut m = ck.model.predictor();
         sampler::generate(
             &mut m,
             &PromptBatch::single(prompt.clone()),
@@ -205,7 +203,7 @@ fn early_stop_keeps_the_answer() {
                     ..Default::default()
                 };
                 let run = |early_stop| {
-                    let mut m = LladaPredictor::new(&ck.model);
+                    let mut m = ck.model.predictor();
                     let c = SamplerConfig {
                         early_stop,
                         ..cfg.clone()

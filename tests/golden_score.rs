@@ -60,7 +60,7 @@ fn fixed_masks_reproduce_reference_terms() {
             if v.get("per_batch").is_none() {
                 continue;
             }
-            let mut m = &ck.model;
+            let mut m = ck.model.predictor();
             let est = score::log_likelihood_with_masks(
                 &mut m, &prompt, &answer, &masks, cfg_scale, mask_id,
             )
@@ -143,7 +143,7 @@ fn random_estimator_agrees_with_reference_mean() {
             batch: 16,
             cfg_scale: 0.0,
         };
-        let mut m = &ck.model;
+        let mut m = ck.model.predictor();
         let est = score::log_likelihood(
             &mut m,
             &prompt,
@@ -171,7 +171,7 @@ fn random_estimator_agrees_with_reference_mean() {
 fn single_token_fast_path_is_exact() {
     let ck = model(DType::F32);
     let prompt = vec![40u32, 77, 258, 294];
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let cands = [258u32, 13, 72];
     let fast =
         score::single_token_candidates(&mut m, &prompt, &cands, 0.0, ck.special.mask).unwrap();

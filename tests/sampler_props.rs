@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::ops::{ControlFlow, Range};
+use std::ops::ControlFlow;
 
 use common::*;
 use llada::candle_core::{DType, Device, Tensor};
@@ -35,15 +35,15 @@ struct FakeLogits {
 }
 
 impl MaskPredictor for FakeLogits {
-    fn logits(
+    fn logits_at(
         &mut self,
         x: &Tensor,
         _m: Option<&Tensor>,
-        rows: Range<usize>,
+        rows: &[usize],
     ) -> llada::Result<Tensor> {
         self.calls += 1;
         let b = x.dim(0)?;
-        let w = rows.end - rows.start;
+        let w = rows.len();
         let data: Vec<f32> = match &self.fixed {
             Some(f) => (0..b * w).flat_map(|_| f.iter().copied()).collect(),
             // The mask id itself is never the argmax (a committed mask id would stay masked).
@@ -234,7 +234,7 @@ fn golden_generate(seed: u64, temperature: f64) -> Vec<u32> {
         temperature,
         ..Default::default()
     };
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     sampler::generate(
         &mut m,
         &PromptBatch::single(prompt),
@@ -274,7 +274,7 @@ fn infill_fills_only_masks_using_both_sides() {
         block_length: 0,
         ..Default::default()
     };
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let g = sampler::infill(
         &mut m,
         &canvas,

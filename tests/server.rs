@@ -112,7 +112,7 @@ async fn server_output_equals_the_library() {
         block_length: 8,
         ..Default::default()
     };
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let g = llada::sampler::generate(
         &mut m,
         &llada::PromptBatch::single(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use llada::candle_core::{DType, Device};
-use llada::sampler::{self, LladaPredictor, PromptBatch, SamplerConfig};
+use llada::sampler::{self, PromptBatch, SamplerConfig};
 use llada::score::{ppl, ScoreConfig};
 use llada::{Checkpoint, Message, Rng};
 use serde_json::Value;
@@ -61,7 +61,7 @@ fn heldout_bound_matches_the_model_card() {
         batch: h["batch"].as_u64().unwrap() as usize,
         cfg_scale: 0.0,
     };
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let r = ppl::perplexity(
         &mut m,
         &ids,
@@ -101,7 +101,7 @@ fn greedy_generations_match_the_recorded_ones() {
             block_length: g["block_length"].as_u64().unwrap() as usize,
             ..Default::default()
         };
-        let mut m = LladaPredictor::new(&ck.model);
+        let mut m = ck.model.predictor();
         let out = sampler::generate(
             &mut m,
             &PromptBatch::single(ids),

@@ -7,8 +7,9 @@ use clap::Args;
 
 use llada::bench::{self, Stat};
 use llada::device::{device_name, dtype_name};
+use llada::model::{Architecture, Model};
 use llada::sampler::SamplerConfig;
-use llada::{Llada, LladaConfig, SpecialTokens};
+use llada::{LladaConfig, SpecialTokens};
 
 use super::sample_cmds::SamplerArgs;
 use super::{print_json, ModelArg, RuntimeArgs};
@@ -121,11 +122,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     let cfg = a.sampler.config(base)?;
     let (device, dtype) = a.rt.setup()?;
-    let (model, special, source): (Llada, SpecialTokens, String) = match &a.random_weights {
+    let (model, special, source): (Model, SpecialTokens, String) = match &a.random_weights {
         Some(path) => {
             let raw = LladaConfig::from_file(path)?;
             let mc = raw.resolve()?;
-            let m = Llada::init_random(&mc, 0, dtype.dtype(), &device)?;
+            let arch = Architecture::from_name(&raw.architecture()?)?;
+            let m = arch.init_random(&mc, 0, dtype.dtype(), &device)?;
             let sp = SpecialTokens::from_config(&mc)?;
             (m, sp, format!("random weights from {}", path.display()))
         }
@@ -296,7 +298,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         "train" => {
             let seq_len = a.len.unwrap_or(256);
-            let r = bench::bench_train(&model, a.batch, seq_len, a.warmup, a.runs, a.sampler.seed)?;
+            let r = bench::bench_train(
+                model.as_llada()?,
+                a.batch,
+                seq_len,
+                a.warmup,
+                a.runs,
+                a.sampler.seed,
+            )?;
             let peak_rss = bench::peak_rss_bytes();
             if a.json {
                 let mut v = header;

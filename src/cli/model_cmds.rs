@@ -7,7 +7,7 @@ use clap::Args;
 
 use llada::candle_core::{DType, Device, Tensor};
 use llada::checkpoint::{copy_tokenizer_files, save_model_sharded, DEFAULT_SHARD_BYTES};
-use llada::{Llada, LladaConfig};
+use llada::LladaConfig;
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
 
@@ -286,13 +286,14 @@ pub fn export(a: ExportArgs) -> Result<()> {
     let src = a.model.resolve()?;
     let (raw, cfg) = llada::checkpoint::read_config(&src)?;
     let files = llada::weights::SafetensorsFiles::open(&src)?;
-    let model = Llada::load(
+    let model = llada::model::Architecture::from_name(&raw.architecture()?)?.load(
         &cfg,
         &llada::model::FileWeights {
             files: &files,
             dtype: dtype.dtype(),
             device: &Device::Cpu,
         },
+        llada::model::WeightLayout::Dense,
     )?;
     save_model_sharded(
         &a.out,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::sampler::{self, Commit, LladaPredictor, PromptBatch, SamplerConfig, StepEvent};
+use llada::sampler::{self, Commit, PromptBatch, SamplerConfig, StepEvent};
 use llada::{Checkpoint, Message, Rng};
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
@@ -255,7 +255,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut view = StepView::new(&ck);
     let mut on_step = view.callback(a.show_steps);
     let t0 = Instant::now();
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let g = sampler::generate(&mut m, &batch, &cfg, &ck.special, &mut rng, &mut on_step)?;
     let seconds = t0.elapsed().as_secs_f64();
     let texts: Vec<String> = match &ck.tokenizer {
@@ -315,7 +315,7 @@ fn generate_ar(a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3"),
     };
     let t0 = Instant::now();
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let mut rng = Rng::new(a.sampler.seed);
     let mut view = StepView::new(&ck);
     let mut on_step = view.callback(a.show_steps);
@@ -411,7 +411,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let mut view = StepView::new(&ck);
         let mut on_step = view.callback(a.show_steps);
         let t0 = Instant::now();
-        let mut m = LladaPredictor::new(&ck.model);
+        let mut m = ck.model.predictor();
         let g = sampler::generate(
             &mut m,
             &PromptBatch::single(prompt),
@@ -468,7 +468,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
     let mut view = StepView::new(&ck);
     let mut on_step = view.callback(a.show_steps);
     let t0 = Instant::now();
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let g = sampler::infill(&mut m, &canvas, &cfg, &ck.special, &mut rng, &mut on_step)?;
     let seconds = t0.elapsed().as_secs_f64();
     let out = &g.output_ids[0];

@@ -91,7 +91,7 @@ pub fn score_cmd(a: ScoreCmdArgs) -> Result<()> {
     if let Some(bad) = prompt.iter().chain(&answer).find(|&&t| t >= v) {
         bail!("invalid ids: token {bad} is outside the vocabulary (embedding_size {v})");
     }
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let e = score::log_likelihood(
         &mut m,
         &prompt,
@@ -162,7 +162,7 @@ pub fn ppl_cmd(a: PplArgs) -> Result<()> {
         ids.truncate(w.saturating_mul(context));
     }
     let pb = bar(ids.len().div_ceil(context.max(1)), "windows");
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let r = ppl::perplexity(
         &mut m,
         &ids,
@@ -214,7 +214,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let ck = a.rt.load(&model.resolve()?)?;
     let tok = ck.tokenizer()?;
     let pb = bar(tasks.len(), "tasks");
-    let mut m = &ck.model;
+    let mut m = ck.model.predictor();
     let (results, sum) = choice::evaluate(
         &mut m,
         tok,
@@ -291,7 +291,7 @@ pub fn eval_chat_cmd(a: EvalChatArgs) -> Result<()> {
     let ck = a.rt.load(&model.resolve()?)?;
     let tok = ck.tokenizer()?;
     let pb = bar(cases.len(), "cases");
-    let mut m = llada::sampler::LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let t0 = std::time::Instant::now();
     let (results, acc, per) =
         llada::score::exact::evaluate(&mut m, tok, &cases, &cfg, a.batch, &mut |i, _| {

@@ -65,15 +65,34 @@ pub fn plain_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.matmul(b)
 }
 
-/// Whether the fused CPU kernels (attention, norms) handle tensors of this dtype on this device.
-pub fn fused_cpu(device: &Device, dtype: DType) -> bool {
-    let f = gemm::cpu_features();
-    matches!(device, Device::Cpu)
-        && match dtype {
-            DType::F32 => f.avx512f,
-            DType::BF16 => f.avx512bf16,
-            _ => false,
+/// Which implementation a model's inference forward takes, decided once at load from its device
+/// and dtype (the weights' packing is decided with it, see `Linear::packed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The AVX-512 CPU kernels: packed GEMM weights, fused attention over packed key/value
+    /// stores (f32 with AVX-512F, bf16 with AVX512-BF16).
+    FusedCpu,
+    /// candle's tensor ops (GPUs, other CPUs and dtypes); on the CPU the element-wise ops
+    /// still use this module's portable kernels.
+    Tensor,
+}
+
+impl Backend {
+    /// The backend for weights of `dtype` on `device`.
+    pub fn select(device: &Device, dtype: DType) -> Self {
+        let f = gemm::cpu_features();
+        let fused = matches!(device, Device::Cpu)
+            && match dtype {
+                DType::F32 => f.avx512f,
+                DType::BF16 => f.avx512bf16,
+                _ => false,
+            };
+        if fused {
+            Backend::FusedCpu
+        } else {
+            Backend::Tensor
         }
+    }
 }
 
 /// Fused RMSNorm for inference, `None` where no fused kernel applies.

@@ -6,7 +6,7 @@ use half::bf16;
 use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
 use crate::kernels::cpu::with_slice;
 
-use super::layers::{linear, Linear};
+use super::layers::Linear;
 
 /// Rotary position tables (f32), rotate-half (GPT-NeoX) layout over the full head dim.
 #[derive(Debug, Clone)]
@@ -100,23 +100,26 @@ impl Rope {
         }
     }
 
-    /// Rotates x [B, H, L, hd] for positions start..start+L, in f32, cast back to x's dtype.
-    pub fn apply(&self, x: &Tensor, start: usize, differentiable: bool) -> Result<Tensor> {
-        let (_b, _h, l, hd) = x.dims4()?;
+    /// Rotates x [B, H, L, hd] for positions start..start+L, in f32, cast back to x's dtype
+    /// (inference: candle's fused kernel).
+    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_b, _h, l, _hd) = x.dims4()?;
         let (cos, sin) = self.tables(start, l)?;
-        let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
-        let y = if differentiable {
-            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?; // [L, hd]
-            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-            let x1 = xf.narrow(D::Minus1, 0, hd / 2)?;
-            let x2 = xf.narrow(D::Minus1, hd / 2, hd / 2)?;
-            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?
-        } else {
-            candle_nn::rotary_emb::rope(&xf.contiguous()?, &cos, &sin)?
-        };
-        y.to_dtype(dtype)
+        candle_nn::rotary_emb::rope(&xf.contiguous()?, &cos, &sin)?.to_dtype(x.dtype())
+    }
+
+    /// [`Rope::apply`] made of differentiable ops (training; positions from 0).
+    pub fn apply_diff(&self, x: &Tensor) -> Result<Tensor> {
+        let (_b, _h, l, hd) = x.dims4()?;
+        let (cos, sin) = self.tables(0, l)?;
+        let xf = x.to_dtype(DType::F32)?;
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?; // [L, hd]
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+        let x1 = xf.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = xf.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?.to_dtype(x.dtype())
     }
 }
 
@@ -149,7 +152,7 @@ fn split_heads(x: &Tensor, b: usize, l: usize, heads: usize, hd: usize) -> Resul
 
 impl Attention {
     /// Projects `x` [B·L, D] into rotated queries [B, H, L, hd] and rotated keys and values
-    /// [B, Hkv, L, hd]; the queries and keys sit at positions start..start+L.
+    /// [B, Hkv, L, hd]; the queries and keys sit at positions start..start+L (inference).
     pub fn qkv(
         &self,
         x: &Tensor,
@@ -157,24 +160,13 @@ impl Attention {
         l: usize,
         rope: &Rope,
         start: usize,
-        differentiable: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = if differentiable {
-            (
-                self.q_proj.forward_diff(x)?,
-                self.k_proj.forward_diff(x)?,
-                self.v_proj.forward_diff(x)?,
-            )
-        } else {
-            (
-                linear(x, &self.q_proj)?,
-                linear(x, &self.k_proj)?,
-                linear(x, &self.v_proj)?,
-            )
-        };
-        let q = rope.apply(&split_heads(&q, b, l, h, hd)?, start, differentiable)?; // [B, H, L, hd]
-        let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start, differentiable)?; // [B, Hkv, L, hd]
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let q = rope.apply(&split_heads(&q, b, l, h, hd)?, start)?; // [B, H, L, hd]
+        let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start)?; // [B, Hkv, L, hd]
         let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]
         Ok((q, k, v))
     }
@@ -196,9 +188,9 @@ impl Attention {
         mask: &KeyMask<'_>,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let q = linear(x, &self.q_proj)?; // [B·L, H·hd]
-        let k = linear(x, &self.k_proj)?; // [B·L, Hkv·hd]
-        let v = linear(x, &self.v_proj)?;
+        let q = self.q_proj.forward(x)?; // [B·L, H·hd]
+        let k = self.k_proj.forward(x)?; // [B·L, Hkv·hd]
+        let v = self.v_proj.forward(x)?;
         let total = store_shape.len;
         let o = with_rope_host(rope, total.max(start + l), |tables| -> Result<Tensor> {
             match x.dtype() {
@@ -229,7 +221,7 @@ impl Attention {
         self.attn_out.forward_add(&o, res)
     }
 
-    /// softmax(q·kᵀ/√hd + bias)·v with GQA, then the output projection.
+    /// softmax(q·kᵀ/√hd + bias)·v with GQA, then the output projection (inference).
     /// q [B, H, Lq, hd]; k, v [B, Hkv, Lk, hd]; bias f32 broadcastable to [B, H, Lq, Lk].
     /// Returns [B·Lq, D].
     pub fn attend(
@@ -238,45 +230,133 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         bias: Option<&Tensor>,
-        differentiable: bool,
     ) -> Result<Tensor> {
+        let g = Grouped::of(q, k, self.n_kv_heads)?;
+        let scores = crate::kernels::matmul_nt(&g.queries(q)?, k)?; // [B, Hkv, rep·Lq, Lk]
+        let p = crate::kernels::softmax_last_dim(&g.scaled_scores(&scores, bias)?)?;
+        let o = crate::kernels::matmul(&g.probs(&p)?, v)?; // [B, Hkv, rep·Lq, hd]
+        self.attn_out.forward(&g.merge_heads(&o)?)
+    }
+
+    /// Training: the attention of `x` [B·L, D] (positions 0..L) with its output projection,
+    /// made of differentiable ops only. Returns [B·L, D].
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use crate::kernels::matmul_op::matmul;
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward_diff(x)?;
+        let k = self.k_proj.forward_diff(x)?;
+        let v = self.v_proj.forward_diff(x)?;
+        let q = rope.apply_diff(&split_heads(&q, b, l, h, hd)?)?; // [B, H, L, hd]
+        let k = rope.apply_diff(&split_heads(&k, b, l, hkv, hd)?)?; // [B, Hkv, L, hd]
+        let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]
+        let g = Grouped::of(&q, &k, hkv)?;
+        let scores = matmul(&g.queries(&q)?, &k.t()?)?; // [B, Hkv, rep·L, L]
+        let p = candle_nn::ops::softmax(&g.scaled_scores(&scores, bias)?, D::Minus1)?;
+        let o = matmul(&g.probs(&p)?, &v)?; // [B, Hkv, rep·L, hd]
+        self.attn_out.forward_diff(&g.merge_heads(&o)?)
+    }
+}
+
+/// The shapes of grouped-query attention: query head g·rep + r uses KV head g, so the query
+/// heads are grouped by their KV head and the keys and values are used without being repeated.
+struct Grouped {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    lq: usize,
+    lk: usize,
+    hd: usize,
+    dtype: DType,
+}
+
+impl Grouped {
+    /// q [B, H, Lq, hd]; k [B, Hkv, Lk, hd].
+    fn of(q: &Tensor, k: &Tensor, hkv: usize) -> Result<Self> {
         let (b, h, lq, hd) = q.dims4()?;
-        let lk = k.dim(2)?;
-        let hkv = self.n_kv_heads;
-        let rep = h / hkv;
-        let dtype = q.dtype();
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Query head g·rep + r uses KV head g: group the query heads by their KV head so the
-        // keys and values are used without being repeated.
-        let qg = q.reshape((b, hkv, rep * lq, hd))?; // [B, Hkv, rep·Lq, hd]
-        let scores = if differentiable {
-            crate::kernels::matmul_op::matmul(&qg, &k.t()?)?
-        } else {
-            crate::kernels::matmul_nt(&qg, k)?
-        }; // [B, Hkv, rep·Lq, Lk]
-        let mut scores = (scores.to_dtype(DType::F32)? * scale)?.reshape((b, h, lq, lk))?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let p = if differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            crate::kernels::softmax_last_dim(&scores)?
-        };
-        let p = p.to_dtype(dtype)?.reshape((b, hkv, rep * lq, lk))?;
-        let o = if differentiable {
-            crate::kernels::matmul_op::matmul(&p, v)?
-        } else {
-            crate::kernels::matmul(&p, v)?
-        }; // [B, Hkv, rep·Lq, hd]
-        let o = o
-            .reshape((b, h, lq, hd))?
-            .transpose(1, 2)?
-            .reshape((b * lq, h * hd))?; // [B·Lq, H·hd]
-        if differentiable {
-            self.attn_out.forward_diff(&o)
-        } else {
-            linear(&o, &self.attn_out)
+        Ok(Grouped {
+            b,
+            h,
+            hkv,
+            lq,
+            lk: k.dim(2)?,
+            hd,
+            dtype: q.dtype(),
+        })
+    }
+
+    /// [B, H, Lq, hd] → [B, Hkv, rep·Lq, hd].
+    fn queries(&self, q: &Tensor) -> Result<Tensor> {
+        q.reshape((self.b, self.hkv, self.h / self.hkv * self.lq, self.hd))
+    }
+
+    /// Scores [B, Hkv, rep·Lq, Lk] → f32 scores / √hd + bias, [B, H, Lq, Lk].
+    fn scaled_scores(&self, scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let scale = 1.0 / (self.hd as f64).sqrt();
+        let s =
+            (scores.to_dtype(DType::F32)? * scale)?.reshape((self.b, self.h, self.lq, self.lk))?;
+        match bias {
+            Some(bias) => s.broadcast_add(bias),
+            None => Ok(s),
         }
     }
+
+    /// Probabilities [B, H, Lq, Lk] → [B, Hkv, rep·Lq, Lk] in the compute dtype.
+    fn probs(&self, p: &Tensor) -> Result<Tensor> {
+        p.to_dtype(self.dtype)?
+            .reshape((self.b, self.hkv, self.h / self.hkv * self.lq, self.lk))
+    }
+
+    /// Outputs [B, Hkv, rep·Lq, hd] → [B·Lq, H·hd].
+    fn merge_heads(&self, o: &Tensor) -> Result<Tensor> {
+        o.reshape((self.b, self.h, self.lq, self.hd))?
+            .transpose(1, 2)?
+            .reshape((self.b * self.lq, self.h * self.hd))
+    }
+}
+
+/// Additive f32 key-padding bias from a mask [B, L] (1 = keep, 0 = padding): 0 for visible keys,
+/// f32::MIN (as the reference) for padded ones. [B, 1, 1, L].
+pub fn padding_bias(key_mask: Option<&Tensor>, b: usize, l: usize) -> Result<Option<Tensor>> {
+    match key_mask {
+        Some(m) => {
+            let keep = m.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
+            Ok(Some(((1.0 - keep)? * f32::MIN as f64)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Causal bias for queries at absolute positions start..start+n over keys 0..l: [1, 1, n, l].
+pub fn causal_bias(start: usize, n: usize, l: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..n)
+        .flat_map(|i| (0..l).map(move |j| if j <= start + i { 0.0 } else { f32::MIN }))
+        .collect();
+    Tensor::from_vec(v, (1, 1, n, l), device)
+}
+
+/// The attention bias of queries start..start+n over keys 0..l: the padding bias (see
+/// [`padding_bias`]), with the causal one added when `causal` ([B or 1, 1, n, l]).
+pub fn attention_bias(
+    pad: Option<&Tensor>,
+    causal: bool,
+    start: usize,
+    n: usize,
+    l: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if !causal {
+        return Ok(pad.cloned());
+    }
+    let c = causal_bias(start, n, l, device)?;
+    Ok(Some(match pad {
+        Some(p) => p.broadcast_add(&c)?.clamp(f32::MIN, 0.0)?,
+        None => c,
+    }))
 }

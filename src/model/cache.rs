@@ -3,13 +3,25 @@
 //! and takes the other positions' keys and values from here (Fast-dLLM's prefix and dual caches,
 //! reference §6.1, §6.4). Keys are stored rotated, which the reference notes is numerically the
 //! same as rotating cached pre-RoPE keys on every call.
+//!
+//! The cache also runs the attention step of a chunk, so that the choice between the fused CPU
+//! kernels and candle's tensor ops (the model's [`Backend`], decided once at load) is matched
+//! here and nowhere else.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::kernels::attention::{KvShape, KvStore};
+use super::attention::{attention_bias, padding_bias, Attention, Rope};
+use crate::kernels::attention::{KeyMask, KvShape, KvStore};
+use crate::kernels::Backend;
 
-/// Per-layer keys/values of a canvas of `len` positions.
-pub enum KvCache {
+/// Per-layer keys/values of `batch` canvases of `len` positions.
+pub struct KvCache {
+    store: Store,
+    /// Attention is causal (the autoregressive twin): each query sees the keys up to its own.
+    causal: bool,
+}
+
+enum Store {
     /// Packed stores for the fused CPU kernels, one per layer.
     Fused {
         stores: Vec<KvStore>,
@@ -28,61 +40,54 @@ pub enum KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of `len` positions. With `one_pass` (a single
-    /// forward over the whole canvas, nothing kept) the fused variant holds one store that every
-    /// layer rewrites in full before reading it.
-    #[allow(clippy::too_many_arguments)]
+    /// An empty cache for `shape.batch` sequences of `shape.len` positions. With `one_pass` (a
+    /// single forward over the whole canvas, nothing kept) the fused variant holds one store that
+    /// every layer rewrites in full before reading it.
     pub(crate) fn new(
-        fused: bool,
+        backend: Backend,
         n_layers: usize,
         shape: KvShape,
         dtype: DType,
         key_mask: Option<&Tensor>,
         one_pass: bool,
-    ) -> candle_core::Result<Self> {
-        let valid: Option<Vec<Vec<bool>>> = match key_mask {
-            Some(m) => Some(
-                m.to_dtype(DType::U32)?
-                    .to_vec2::<u32>()?
-                    .into_iter()
-                    .map(|r| r.into_iter().map(|x| x != 0).collect())
-                    .collect(),
-            ),
-            None => None,
-        };
-        if fused {
-            let bf16 = dtype == DType::BF16;
-            Ok(KvCache::Fused {
-                stores: (0..if one_pass { 1 } else { n_layers })
-                    .map(|_| KvStore::new(shape, bf16))
-                    .collect(),
-                shape,
-                valid,
-            })
-        } else {
-            let pad_bias = match key_mask {
-                Some(m) => {
-                    let keep = m
-                        .to_dtype(DType::F32)?
-                        .reshape((shape.batch, 1, 1, shape.len))?;
-                    Some(((1.0 - keep)? * f32::MIN as f64)?)
+        causal: bool,
+    ) -> Result<Self> {
+        let store = match backend {
+            Backend::FusedCpu => {
+                let valid: Option<Vec<Vec<bool>>> = match key_mask {
+                    Some(m) => Some(
+                        m.to_dtype(DType::U32)?
+                            .to_vec2::<u32>()?
+                            .into_iter()
+                            .map(|r| r.into_iter().map(|x| x != 0).collect())
+                            .collect(),
+                    ),
+                    None => None,
+                };
+                let bf16 = dtype == DType::BF16;
+                Store::Fused {
+                    stores: (0..if one_pass { 1 } else { n_layers })
+                        .map(|_| KvStore::new(shape, bf16))
+                        .collect(),
+                    shape,
+                    valid,
                 }
-                None => None,
-            };
-            Ok(KvCache::Tensors {
+            }
+            Backend::Tensor => Store::Tensors {
                 kv: (0..n_layers).map(|_| None).collect(),
-                pad_bias,
+                pad_bias: padding_bias(key_mask, shape.batch, shape.len)?,
                 batch: shape.batch,
                 len: shape.len,
-            })
-        }
+            },
+        };
+        Ok(KvCache { store, causal })
     }
 
     /// Canvas length.
     pub fn len(&self) -> usize {
-        match self {
-            KvCache::Fused { shape, .. } => shape.len,
-            KvCache::Tensors { len, .. } => *len,
+        match &self.store {
+            Store::Fused { shape, .. } => shape.len,
+            Store::Tensors { len, .. } => *len,
         }
     }
 
@@ -93,19 +98,67 @@ impl KvCache {
 
     /// Sequences.
     pub fn batch(&self) -> usize {
-        match self {
-            KvCache::Fused { shape, .. } => shape.batch,
-            KvCache::Tensors { batch, .. } => *batch,
+        match &self.store {
+            Store::Fused { shape, .. } => shape.batch,
+            Store::Tensors { batch, .. } => *batch,
+        }
+    }
+
+    /// `x` + the attention output of layer `layer` for the chunk of canvas positions
+    /// start..start+n: `a` [B·n, D] is the normed input, `x` [B·n, D] the residual stream. The
+    /// chunk's keys and values replace theirs in the cache; every other position's come from it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &mut self,
+        layer: usize,
+        attn: &Attention,
+        a: &Tensor,
+        x: &Tensor,
+        b: usize,
+        n: usize,
+        start: usize,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let causal = self.causal;
+        match &mut self.store {
+            Store::Fused {
+                stores,
+                shape,
+                valid,
+            } => {
+                let mask = KeyMask {
+                    valid: valid.as_deref(),
+                    causal,
+                };
+                let shape = *shape;
+                // one shared store in a one-pass cache (see `KvCache::new`)
+                let at = layer.min(stores.len() - 1);
+                attn.forward_fused(a, x, b, n, start, &mut stores[at], shape, &mask, rope)
+            }
+            Store::Tensors {
+                kv, pad_bias, len, ..
+            } => {
+                let (q, k, v) = attn.qkv(a, b, n, rope, start)?;
+                let (k, v) = match kv[layer].take() {
+                    Some((ok, ov)) => {
+                        (replace_rows(&ok, &k, start)?, replace_rows(&ov, &v, start)?)
+                    }
+                    None if start == 0 && n == *len => (k, v),
+                    None => {
+                        candle_core::bail!("KV cache: the first pass must cover the whole canvas")
+                    }
+                };
+                let bias = attention_bias(pad_bias.as_ref(), causal, start, n, *len, x.device())?;
+                let o = attn.attend(&q, &k, &v, bias.as_ref())?;
+                kv[layer] = Some((k, v));
+                crate::kernels::add(x, &o)
+            }
         }
     }
 }
 
 /// Writes `new` `[B, H, n, hd]` into `old` `[B, H, L, hd]` at positions start..start+n.
-pub(crate) fn replace_rows(
-    old: &Tensor,
-    new: &Tensor,
-    start: usize,
-) -> candle_core::Result<Tensor> {
+fn replace_rows(old: &Tensor, new: &Tensor, start: usize) -> Result<Tensor> {
     let l = old.dim(2)?;
     let n = new.dim(2)?;
     let mut parts = Vec::with_capacity(3);
@@ -117,17 +170,4 @@ pub(crate) fn replace_rows(
         parts.push(old.narrow(2, start + n, l - start - n)?);
     }
     Tensor::cat(&parts, 2)
-}
-
-/// Causal bias for queries at absolute positions start..start+n over keys 0..l: [1, 1, n, l].
-pub(crate) fn causal_bias(
-    start: usize,
-    n: usize,
-    l: usize,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..n)
-        .flat_map(|i| (0..l).map(move |j| if j <= start + i { 0.0 } else { f32::MIN }))
-        .collect();
-    Tensor::from_vec(v, (1, 1, n, l), device)
 }

@@ -12,129 +12,191 @@ use half::bf16;
 use crate::config::NormKind;
 use crate::kernels::gemm::{cpu_features, PackedBf16, PackedF32};
 
-/// The weight of a linear map, W [out, in] (PyTorch `nn.Linear` layout, no bias): a tensor, or,
-/// for inference on CPUs with AVX-512, the same values packed once into the GEMM's panel layout
-/// (the tensor is then dropped: no second copy is kept).
-#[derive(Debug, Clone)]
-pub enum Linear {
-    Dense(Tensor),
-    PackedF32(Arc<PackedF32>),
-    PackedBf16(Arc<PackedBf16>),
-    /// The gate (`up` false) or up half of an MLP's two input weights packed together for the
-    /// fused SwiGLU kernel (see [`Mlp::fuse_for_inference`]); both halves share one packing.
-    GluHalf {
-        glu: Arc<PackedBf16>,
-        up: bool,
-    },
+/// One weight format of a linear map W [out, in] (PyTorch `nn.Linear` layout, no bias): how it
+/// is held and multiplied. A new format (e.g. a quantized block type) is one more implementation;
+/// the forwards only call [`Linear`].
+pub trait LinearWeight: std::any::Any + std::fmt::Debug + Send + Sync {
+    /// (out, in).
+    fn dims(&self) -> (usize, usize);
+
+    /// y = x·Wᵀ, x [N, in] → [N, out] (inference).
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// res + x·Wᵀ (a residual connection after the layer), in one pass where a fused kernel
+    /// applies.
+    fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        crate::kernels::add(res, &self.forward(x)?)
+    }
+
+    /// y = x·Wᵀ in f32 whatever the weight dtype (logits: a bf16 model's head accumulates in f32
+    /// and its output is kept unrounded).
+    fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)?.to_dtype(DType::F32)
+    }
+
+    /// The weight as a tensor [out, in] (unpacked if needed: slow, for saving only).
+    fn to_tensor(&self) -> Result<Tensor>;
+
+    /// The tensor itself when the weight is held dense (the differentiable path needs it).
+    fn as_dense(&self) -> Option<&Tensor> {
+        None
+    }
 }
+
+/// A dense weight tensor (training, GPUs, CPUs without a kernel for the dtype).
+#[derive(Debug)]
+struct Dense(Tensor);
+
+impl LinearWeight for Dense {
+    fn dims(&self) -> (usize, usize) {
+        let d = self.0.dims();
+        (d[0], d.get(1).copied().unwrap_or(1))
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::plain_matmul(x, &self.0.t()?)
+    }
+    fn to_tensor(&self) -> Result<Tensor> {
+        Ok(self.0.clone())
+    }
+    fn as_dense(&self) -> Option<&Tensor> {
+        Some(&self.0)
+    }
+}
+
+impl LinearWeight for PackedF32 {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::cpu::linear_f32(&x.to_dtype(DType::F32)?, self)
+    }
+    fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_weight(), (self.n, self.k), &Device::Cpu)
+    }
+}
+
+impl LinearWeight for PackedBf16 {
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::cpu::linear_bf16(&x.to_dtype(DType::BF16)?, self)
+    }
+    fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::cpu::linear_add_bf16(&x.to_dtype(DType::BF16)?, self, res)
+        {
+            return y;
+        }
+        crate::kernels::add(res, &self.forward(x)?)
+    }
+    fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::cpu::linear_bf16_f32(&x.to_dtype(DType::BF16)?, self)
+    }
+    fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_weight(), (self.n, self.k), &Device::Cpu)
+    }
+}
+
+/// The gate (`up` false) or up half of an MLP's two input weights packed together for the fused
+/// SwiGLU kernel (see [`Mlp::new`]); both halves share one packing. On its own (not on the hot
+/// path) a half is unpacked.
+#[derive(Debug)]
+struct GluHalf {
+    glu: Arc<PackedBf16>,
+    up: bool,
+}
+
+impl LinearWeight for GluHalf {
+    fn dims(&self) -> (usize, usize) {
+        (self.glu.n / 2, self.glu.k)
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::plain_matmul(&x.to_dtype(DType::BF16)?, &self.to_tensor()?.t()?)
+    }
+    fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(
+            self.glu.glu_half(self.up),
+            (self.glu.n / 2, self.glu.k),
+            &Device::Cpu,
+        )
+    }
+}
+
+/// A linear map, whatever its weight format: dense, or, for inference on CPUs with AVX-512, the
+/// same values packed once into the GEMM's panel layout (the tensor is then dropped: no second
+/// copy is kept).
+#[derive(Debug, Clone)]
+pub struct Linear(Arc<dyn LinearWeight>);
 
 impl Linear {
     /// A dense weight.
-    pub fn new(w: Tensor) -> Self {
-        Linear::Dense(w)
+    pub fn dense(w: Tensor) -> Self {
+        Linear(Arc::new(Dense(w)))
+    }
+
+    /// A weight of any format.
+    pub fn from_weight(w: impl LinearWeight + 'static) -> Self {
+        Linear(Arc::new(w))
     }
 
     /// Packs `w` for the CPU kernels when this CPU and dtype have one; dense otherwise.
     pub fn packed(w: Tensor) -> Result<Self> {
         let f = cpu_features();
         if !matches!(w.device(), Device::Cpu) {
-            return Ok(Linear::Dense(w));
+            return Ok(Linear::dense(w));
         }
         let (n, k) = w.dims2()?;
         match w.dtype() {
             DType::F32 if f.avx512f => {
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
-                Ok(Linear::PackedF32(Arc::new(PackedF32::from_weight(
-                    &data, n, k,
-                ))))
+                Ok(Linear::from_weight(PackedF32::from_weight(&data, n, k)))
             }
             DType::BF16 if f.avx512bf16 && k.is_multiple_of(2) => {
                 let data = w.flatten_all()?.to_vec1::<bf16>()?;
-                Ok(Linear::PackedBf16(Arc::new(PackedBf16::from_weight(
-                    &data, n, k,
-                ))))
+                Ok(Linear::from_weight(PackedBf16::from_weight(&data, n, k)))
             }
-            _ => Ok(Linear::Dense(w)),
+            _ => Ok(Linear::dense(w)),
         }
     }
 
     /// (out, in).
-    pub fn dims(&self) -> Result<(usize, usize)> {
-        match self {
-            Linear::Dense(w) => w.dims2(),
-            Linear::PackedF32(p) => Ok((p.n, p.k)),
-            Linear::PackedBf16(p) => Ok((p.n, p.k)),
-            Linear::GluHalf { glu, .. } => Ok((glu.n / 2, glu.k)),
-        }
+    pub fn dims(&self) -> (usize, usize) {
+        self.0.dims()
     }
 
     /// The weight as a tensor [out, in] (unpacked if needed: slow, for saving only).
     pub fn tensor(&self) -> Result<Tensor> {
-        match self {
-            Linear::Dense(w) => Ok(w.clone()),
-            Linear::PackedF32(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
-            Linear::PackedBf16(p) => Tensor::from_vec(p.to_weight(), (p.n, p.k), &Device::Cpu),
-            Linear::GluHalf { glu, up } => {
-                Tensor::from_vec(glu.glu_half(*up), (glu.n / 2, glu.k), &Device::Cpu)
-            }
-        }
+        self.0.to_tensor()
     }
 
     /// The dense weight, for the differentiable path.
-    pub fn dense(&self) -> Result<&Tensor> {
-        match self {
-            Linear::Dense(w) => Ok(w),
-            _ => candle_core::bail!(
-                "this model's weights are packed for inference; load it dense to train"
-            ),
-        }
+    pub fn dense_tensor(&self) -> Result<&Tensor> {
+        self.0.as_dense().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "this model's weights are packed for inference; load it dense to train".into(),
+            )
+        })
     }
 
     /// y = x·Wᵀ, x [N, in] → [N, out] (inference).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Dense(w) => crate::kernels::plain_matmul(x, &w.t()?),
-            Linear::PackedF32(p) => crate::kernels::cpu::linear_f32(&x.to_dtype(DType::F32)?, p),
-            Linear::PackedBf16(p) => crate::kernels::cpu::linear_bf16(&x.to_dtype(DType::BF16)?, p),
-            // one half of a fused pair on its own (not on the hot path): unpack it
-            Linear::GluHalf { .. } => {
-                crate::kernels::plain_matmul(&x.to_dtype(DType::BF16)?, &self.tensor()?.t()?)
-            }
-        }
+        self.0.forward(x)
     }
 
-    /// res + x·Wᵀ (inference; a residual connection after the layer), in one pass where a fused
-    /// kernel applies.
+    /// res + x·Wᵀ (inference; a residual connection after the layer).
     pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
-        if let Linear::PackedBf16(p) = self {
-            if let Some(y) = crate::kernels::cpu::linear_add_bf16(&x.to_dtype(DType::BF16)?, p, res)
-            {
-                return y;
-            }
-        }
-        crate::kernels::add(res, &self.forward(x)?)
+        self.0.forward_add(x, res)
     }
 
-    /// y = x·Wᵀ in f32 whatever the weight dtype (logits: a bf16 model's head accumulates in f32
-    /// and its output is kept unrounded).
+    /// y = x·Wᵀ in f32 whatever the weight dtype (logits).
     pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::PackedBf16(p) => {
-                crate::kernels::cpu::linear_bf16_f32(&x.to_dtype(DType::BF16)?, p)
-            }
-            _ => self.forward(x)?.to_dtype(DType::F32),
-        }
+        self.0.forward_f32(x)
     }
 
     /// y = x·Wᵀ made of differentiable ops (training).
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
-        crate::kernels::matmul_op::matmul(x, &self.dense()?.t()?)
+        crate::kernels::matmul_op::matmul(x, &self.dense_tensor()?.t()?)
     }
-}
-
-/// y = x·Wᵀ (inference).
-pub fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
-    w.forward(x)
 }
 
 /// RMSNorm with weight: statistics in f32, `x / sqrt(mean(x²) + eps)` cast back to the input
@@ -184,36 +246,51 @@ pub struct Mlp {
     pub ff_proj: Linear, // [F, D] gate
     pub up_proj: Linear, // [F, D]
     pub ff_out: Linear,  // [D, F] down projection
+    /// Gate and up weights packed together for the fused SwiGLU kernel (then `ff_proj` and
+    /// `up_proj` are views of its halves).
+    gate_up: Option<Arc<PackedBf16>>,
 }
 
 impl Mlp {
-    /// Packs the gate and up weights together for the fused SwiGLU kernel when both are packed
-    /// bf16 (inference on CPUs with AVX512-BF16); the separate packings are dropped.
-    pub fn fuse_for_inference(&mut self) {
-        if let (Linear::PackedBf16(g), Linear::PackedBf16(u)) = (&self.ff_proj, &self.up_proj) {
+    /// The MLP of these weights. When gate and up are both packed bf16 (inference on CPUs with
+    /// AVX512-BF16) they are packed together for the fused SwiGLU kernel and the separate
+    /// packings are dropped.
+    pub fn new(ff_proj: Linear, up_proj: Linear, ff_out: Linear) -> Self {
+        let g = ff_proj.0.clone() as Arc<dyn std::any::Any + Send + Sync>;
+        let u = up_proj.0.clone() as Arc<dyn std::any::Any + Send + Sync>;
+        if let (Ok(g), Ok(u)) = (g.downcast::<PackedBf16>(), u.downcast::<PackedBf16>()) {
             if (g.n, g.k) == (u.n, u.k) {
-                let glu = Arc::new(PackedBf16::glu(g, u));
-                self.ff_proj = Linear::GluHalf {
-                    glu: glu.clone(),
-                    up: false,
+                let glu = Arc::new(PackedBf16::glu(&g, &u));
+                return Mlp {
+                    ff_proj: Linear(Arc::new(GluHalf {
+                        glu: glu.clone(),
+                        up: false,
+                    })),
+                    up_proj: Linear(Arc::new(GluHalf {
+                        glu: glu.clone(),
+                        up: true,
+                    })),
+                    ff_out,
+                    gate_up: Some(glu),
                 };
-                self.up_proj = Linear::GluHalf { glu, up: true };
             }
+        }
+        Mlp {
+            ff_proj,
+            up_proj,
+            ff_out,
+            gate_up: None,
         }
     }
 
     /// silu(ff_proj(x)) ⊙ up_proj(x), [N, D] → [N, F].
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        if let Linear::GluHalf { glu, .. } = &self.ff_proj {
+        if let Some(glu) = &self.gate_up {
             return crate::kernels::cpu::glu_bf16(x, glu);
         }
-        let g = linear(x, &self.ff_proj)?; // [N, F]
-        let u = linear(x, &self.up_proj)?; // [N, F]
+        let g = self.ff_proj.forward(x)?; // [N, F]
+        let u = self.up_proj.forward(x)?; // [N, F]
         crate::kernels::silu_mul(&g, &u)
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(&self.hidden(x)?, &self.ff_out) // [N, D]
     }
 
     /// res + mlp(x), the residual add fused into the down projection where it can be.
@@ -221,6 +298,7 @@ impl Mlp {
         self.ff_out.forward_add(&self.hidden(x)?, res)
     }
 
+    /// mlp(x) made of differentiable ops (training).
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.ff_proj.forward_diff(x)?;
         let u = self.up_proj.forward_diff(x)?;

@@ -3,11 +3,11 @@
 //!
 //! A strategy is data on independent axes, each dispatched by one `match` in its own file:
 //! [`Remasking`] (how confidence is scored), [`Commit`] (how many positions a step unmasks),
-//! [`Guidance`] (CFG). The only trait is the model seam, [`MaskPredictor`]. Progress and
+//! [`Guidance`] (CFG), [`CacheMode`]. The model is reached only through its seam,
+//! [`crate::model::MaskPredictor`]. Progress and
 //! cancellation go through an `on_step` callback.
 
 pub mod ar;
-pub mod cache;
 pub mod commit;
 pub mod guidance;
 pub mod gumbel;
@@ -15,19 +15,18 @@ pub mod predict;
 pub mod remask;
 pub mod schedule;
 
-use std::ops::{ControlFlow, Range};
+use std::ops::ControlFlow;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-pub use cache::{CacheMode, LladaPredictor};
+pub use crate::model::{CacheMode, MaskPredictor};
 pub use commit::Commit;
 pub use guidance::Guidance;
 pub use remask::Remasking;
 pub use schedule::{num_transfer_tokens, Blocks};
 
 use crate::error::{Error, Result};
-use crate::model::Llada;
 use crate::rng::Rng;
 use crate::tokenizer::SpecialTokens;
 
@@ -37,91 +36,6 @@ pub const DEFAULT_GEN_LENGTH: usize = 128;
 pub const DEFAULT_STEPS: usize = 128;
 /// Reference default block length (= gen_length: pure diffusion).
 pub const DEFAULT_BLOCK_LENGTH: usize = 128;
-
-/// The model seam: logits of a canvas. Implemented by [`Llada`], by the cache wrappers and by
-/// test fakes.
-pub trait MaskPredictor {
-    /// Logits [B, hi − lo, V] of positions `rows` = lo..hi of the canvas `x` [B, L] (u32), with an
-    /// optional key-padding mask [B, L].
-    fn logits(
-        &mut self,
-        x: &Tensor,
-        key_mask: Option<&Tensor>,
-        rows: Range<usize>,
-    ) -> Result<Tensor>;
-
-    /// Logits [B, |rows|, V] of the canvas positions `rows` (increasing) of `window`. By default
-    /// the window's logits and then those rows; a predictor that can skip the work of the other
-    /// rows (the last block's MLP, the output head) overrides it.
-    fn logits_at(
-        &mut self,
-        x: &Tensor,
-        key_mask: Option<&Tensor>,
-        window: Range<usize>,
-        rows: &[usize],
-    ) -> Result<Tensor> {
-        let all = self.logits(x, key_mask, window.clone())?;
-        if rows.len() == window.len() {
-            return Ok(all);
-        }
-        let idx: Vec<u32> = rows.iter().map(|&r| (r - window.start) as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), all.device())?;
-        Ok(all.index_select(&idx, 1)?)
-    }
-
-    /// The device the canvas must be on.
-    fn device(&self) -> Device;
-
-    /// The longest canvas the model supports.
-    fn max_sequence_length(&self) -> usize {
-        usize::MAX
-    }
-
-    /// Called when the sampler starts a block (positions `block`): a caching predictor refreshes
-    /// its keys/values on the next call and then recomputes only what `mode` says. Predictors
-    /// without caches accept only [`CacheMode::None`].
-    fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
-        let _ = block;
-        match mode {
-            CacheMode::None => Ok(()),
-            other => Err(Error::setting(
-                "cache",
-                other,
-                "this mask predictor has no key/value cache",
-            )),
-        }
-    }
-}
-
-impl MaskPredictor for &Llada {
-    // no cache: `begin_block` accepts only CacheMode::None (the trait default)
-    fn logits(
-        &mut self,
-        x: &Tensor,
-        key_mask: Option<&Tensor>,
-        rows: Range<usize>,
-    ) -> Result<Tensor> {
-        self.forward_rows(x, key_mask, rows)
-    }
-
-    fn logits_at(
-        &mut self,
-        x: &Tensor,
-        key_mask: Option<&Tensor>,
-        _window: Range<usize>,
-        rows: &[usize],
-    ) -> Result<Tensor> {
-        self.forward_rows_at(x, key_mask, rows)
-    }
-
-    fn device(&self) -> Device {
-        Llada::device(self).clone()
-    }
-
-    fn max_sequence_length(&self) -> usize {
-        self.config().max_sequence_length
-    }
-}
 
 /// Settings of the reverse process. Defaults are the reference's (`generate.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -557,7 +471,7 @@ fn denoise(
                 columns = (0..window.len()).collect();
             }
             let abs: Vec<usize> = columns.iter().map(|&o| window.start + o).collect();
-            let logits = model.logits_at(&xt, key_mask.as_ref(), window.clone(), &abs)?; // [B(×2), |columns|, V]
+            let logits = model.logits_at(&xt, key_mask.as_ref(), &abs)?; // [B(×2), |columns|, V]
             nfe += 1;
             let logits = match guidance {
                 Guidance::Cfg { scale } => {

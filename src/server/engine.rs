@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::error::ApiError;
 use crate::checkpoint::Checkpoint;
 use crate::rng::Rng;
-use crate::sampler::{self, LladaPredictor, PromptBatch, SamplerConfig, StepEvent};
+use crate::sampler::{self, PromptBatch, SamplerConfig, StepEvent};
 use crate::score::{self, ScoreConfig};
 
 /// What a job asks for.
@@ -230,7 +230,7 @@ fn run_score(ck: &Checkpoint, job: &Job) {
     else {
         return;
     };
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let r = score::log_likelihood(
         &mut m,
         prompt,
@@ -303,7 +303,7 @@ fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
             ControlFlow::Continue(())
         }
     };
-    let mut m = LladaPredictor::new(&ck.model);
+    let mut m = ck.model.predictor();
     let r = sampler::generate(
         &mut m,
         &batch,

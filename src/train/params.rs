@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::model::Llada;
+use crate::model::{Llada, Model};
 
 /// A model whose tensors are trainable variables.
 pub struct Trainable {
@@ -13,8 +13,14 @@ pub struct Trainable {
 }
 
 impl Trainable {
-    /// Variables (f32, on the model's device) initialised from `m`'s tensors.
-    pub fn from_model(m: &Llada) -> Result<Self> {
+    /// Variables (f32, on the model's device) initialised from `m`'s tensors (the trainer
+    /// implements LLaDA-8B's architecture).
+    pub fn from_model(m: &Model) -> Result<Self> {
+        Self::from_llada(m.as_llada()?)
+    }
+
+    /// Variables (f32, on the model's device) initialised from a LLaDA-8B model's tensors.
+    pub fn from_llada(m: &Llada) -> Result<Self> {
         let mut vars = Vec::new();
         let mut map = std::collections::HashMap::new();
         for (name, t) in m.named_tensors()? {

@@ -253,7 +253,7 @@ impl Trainer {
             source: e,
         })?;
         atomic_write(&cfg.out.join(RUN_CONFIG), text.as_bytes())?;
-        let trainable = Trainable::from_model(&model)?;
+        let trainable = Trainable::from_llada(&model)?;
         let opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
         let state = TrainerState {
             step: 0,
@@ -292,7 +292,7 @@ impl Trainer {
         let data = Dataset::open(&cfg.data)?;
         let (raw, model) = load_dense(&ck, device)?;
         check_compat(&cfg, &data, &model)?;
-        let trainable = Trainable::from_model(&model)?;
+        let trainable = Trainable::from_llada(&model)?;
         let mut opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
         let moments = SafetensorsFiles::open_file(&ck.join(OPTIMIZER))?;
         for (i, (name, v)) in trainable.vars.iter().enumerate() {

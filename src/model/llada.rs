@@ -1,0 +1,592 @@
+//! LLaDA-8B's architecture (`LLaDAModelLM`): a LLaMA-style Transformer (RMSNorm, SwiGLU, RoPE)
+//! with bidirectional attention, read top-down: tensor names → block → model → load → the
+//! inference forward (through a [`KvCache`]) → the training forward (differentiable ops only) →
+//! the [`MaskPredictor`] implementation with the cache modes (reference §2, §6.4).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::{DType, Device, Module, Result as CResult, Tensor};
+
+use super::attention::{attention_bias, Attention, Rope};
+use super::cache::KvCache;
+use super::layers::{Linear, Mlp, RmsNorm};
+use super::{CacheMode, MaskPredictor, WeightLayout, WeightSource};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::attention::KvShape;
+use crate::kernels::Backend;
+
+/// Prefix of every tensor name in the Hugging Face checkpoint (`LLaDAModelLM.model.transformer`).
+pub const PREFIX: &str = "model.transformer";
+
+/// The checkpoint keys: every tensor name is written here and nowhere else.
+mod names {
+    use super::PREFIX;
+
+    /// The token embedding `wte` [V, D].
+    pub fn wte() -> String {
+        format!("{PREFIX}.wte.weight")
+    }
+    /// The final norm `ln_f` [D].
+    pub fn ln_f() -> String {
+        format!("{PREFIX}.ln_f.weight")
+    }
+    /// The untied output head [V, D].
+    pub fn head() -> String {
+        format!("{PREFIX}.ff_out.weight")
+    }
+    /// Part `part` (e.g. `q_proj`) of block `i`.
+    pub fn block(i: usize, part: &str) -> String {
+        format!("{PREFIX}.blocks.{i}.{part}.weight")
+    }
+}
+
+/// The parts of a block, in checkpoint order.
+const BLOCK_PARTS: [&str; 9] = [
+    "attn_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attn_out",
+    "ff_norm",
+    "ff_proj",
+    "up_proj",
+    "ff_out",
+];
+
+/// The tensors of one block: part name and shape, in [`BLOCK_PARTS`] order.
+fn block_specs(cfg: &ModelConfig) -> [(&'static str, Vec<usize>); 9] {
+    let (d, f) = (cfg.d_model, cfg.mlp_hidden_size);
+    let qd = cfg.n_heads * cfg.head_dim;
+    let kvd = cfg.n_kv_heads * cfg.head_dim;
+    let shapes = [
+        vec![d],
+        vec![qd, d],
+        vec![kvd, d],
+        vec![kvd, d],
+        vec![d, qd],
+        vec![d],
+        vec![f, d],
+        vec![f, d],
+        vec![d, f],
+    ];
+    let mut shapes = shapes.into_iter();
+    BLOCK_PARTS.map(|part| (part, shapes.next().unwrap_or_default()))
+}
+
+/// The tensors of a checkpoint for `cfg`: names (checkpoint keys) and shapes, in a stable order.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, v) = (cfg.d_model, cfg.embedding_size);
+    let mut out = vec![(names::wte(), vec![v, d])];
+    for i in 0..cfg.n_layers {
+        out.extend(
+            block_specs(cfg)
+                .into_iter()
+                .map(|(part, shape)| (names::block(i, part), shape)),
+        );
+    }
+    out.push((names::ln_f(), vec![d]));
+    if !cfg.weight_tying {
+        out.push((names::head(), vec![v, d]));
+    }
+    out
+}
+
+/// One Transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ff_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn load(
+        src: &dyn WeightSource,
+        cfg: &ModelConfig,
+        i: usize,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let mut t: HashMap<&str, Tensor> = HashMap::new();
+        for (part, shape) in block_specs(cfg) {
+            t.insert(part, src.get(&names::block(i, part), &shape)?);
+        }
+        let mut take = |part: &str| -> Result<Tensor> {
+            t.remove(part).ok_or_else(|| Error::MissingTensor {
+                name: names::block(i, part),
+                path: "<block>".into(),
+            })
+        };
+        let norm = |w: Tensor| RmsNorm::new(w, cfg.rms_norm_eps, cfg.norm);
+        let attn_norm = norm(take("attn_norm")?);
+        let ff_norm = norm(take("ff_norm")?);
+        let mut w = |part: &str| -> Result<Linear> { layout.linear(take(part)?) };
+        let attn = Attention {
+            q_proj: w("q_proj")?,
+            k_proj: w("k_proj")?,
+            v_proj: w("v_proj")?,
+            attn_out: w("attn_out")?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mlp = Mlp::new(w("ff_proj")?, w("up_proj")?, w("ff_out")?);
+        Ok(Block {
+            attn_norm,
+            attn,
+            ff_norm,
+            mlp,
+        })
+    }
+
+    /// The block's tensors with their checkpoint names, in [`BLOCK_PARTS`] order.
+    fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let (a, m) = (&self.attn, &self.mlp);
+        for part in BLOCK_PARTS {
+            let t = match part {
+                "attn_norm" => self.attn_norm.weight.clone(),
+                "q_proj" => a.q_proj.tensor()?,
+                "k_proj" => a.k_proj.tensor()?,
+                "v_proj" => a.v_proj.tensor()?,
+                "attn_out" => a.attn_out.tensor()?,
+                "ff_norm" => self.ff_norm.weight.clone(),
+                "ff_proj" => m.ff_proj.tensor()?,
+                "up_proj" => m.up_proj.tensor()?,
+                "ff_out" => m.ff_out.tensor()?,
+                other => {
+                    return Err(Error::MissingTensor {
+                        name: names::block(i, other),
+                        path: "<block>".into(),
+                    })
+                }
+            };
+            out.push((names::block(i, part), t));
+        }
+        Ok(())
+    }
+
+    /// Inference on a chunk: `x` [B·n, D] holds positions start..start+n; their keys and values
+    /// go into `cache` (layer `layer`), the other positions' come from it. With `keep` (offsets
+    /// within the chunk, increasing), only those rows go through the MLP and come out
+    /// ([B·|keep|, D]): the last layer needs every row's keys and values but only the rows whose
+    /// logits are read.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_chunk(
+        &self,
+        x: &Tensor,
+        b: usize,
+        n: usize,
+        start: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        keep: Option<&[usize]>,
+    ) -> CResult<Tensor> {
+        let a = self.attn_norm.forward(x)?;
+        // x + attention(norm(x))
+        let mut x = cache.attend(layer, &self.attn, &a, x, b, n, start, rope)?;
+        if let Some(r) = keep {
+            x = select_rows(&x, b, n, r)?;
+        }
+        let f = self.ff_norm.forward(&x)?;
+        self.mlp.forward_add(&f, &x)
+    }
+
+    /// Training: h + attn(norm(h)), then + mlp(norm(·)), differentiable ops only. `x` is [B·L, D].
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        b: usize,
+        l: usize,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+    ) -> CResult<Tensor> {
+        let a = self.attn_norm.forward_diff(x)?;
+        let x = (x + self.attn.forward_train(&a, b, l, rope, bias)?)?;
+        let f = self.ff_norm.forward_diff(&x)?;
+        x + self.mlp.forward_diff(&f)?
+    }
+}
+
+/// Rows `r` (offsets, increasing) of each sequence of `x` [B·n, D] → [B·|r|, D].
+fn select_rows(x: &Tensor, b: usize, n: usize, r: &[usize]) -> CResult<Tensor> {
+    let d = x.dim(1)?;
+    let x3 = x.reshape((b, n, d))?;
+    let contiguous_run = r.windows(2).all(|w| w[1] == w[0] + 1);
+    let picked = if contiguous_run {
+        x3.narrow(1, r[0], r.len())?.contiguous()?
+    } else {
+        let idx: Vec<u32> = r.iter().map(|&o| o as u32).collect();
+        x3.index_select(&Tensor::from_vec(idx, r.len(), x.device())?, 1)?
+    };
+    picked.reshape((b * r.len(), d))
+}
+
+/// The mask predictor of LLaDA-8B.
+#[derive(Debug, Clone)]
+pub struct Llada {
+    cfg: ModelConfig,
+    pub wte: Tensor, // [V, D]
+    pub blocks: Vec<Block>,
+    pub ln_f: RmsNorm,
+    /// Output head [V, D] (`wte` itself, packed if need be, when `weight_tying`).
+    pub head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    /// Which kernels the inference forward takes (decided once, at load).
+    backend: Backend,
+}
+
+impl Llada {
+    /// Builds the model from `src` with dense weights (training, any device), checking every
+    /// tensor's name and shape.
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::load_with(cfg, src, WeightLayout::Dense)
+    }
+
+    /// Builds the model from `src` with the given weight layout.
+    pub fn load_with(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        layout: WeightLayout,
+    ) -> Result<Self> {
+        let (d, v) = (cfg.d_model, cfg.embedding_size);
+        let wte = src.get(&names::wte(), &[v, d])?;
+        let blocks = (0..cfg.n_layers)
+            .map(|i| Block::load(src, cfg, i, layout))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = RmsNorm::new(src.get(&names::ln_f(), &[d])?, cfg.rms_norm_eps, cfg.norm);
+        let head = if cfg.weight_tying {
+            layout.linear(wte.clone())?
+        } else {
+            layout.linear(src.get(&names::head(), &[v, d])?)?
+        };
+        let device = wte.device().clone();
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.max_sequence_length,
+            &device,
+        )?;
+        Ok(Llada {
+            cfg: cfg.clone(),
+            dtype: wte.dtype(),
+            backend: Backend::select(&device, wte.dtype()),
+            wte,
+            blocks,
+            ln_f,
+            head,
+            rope,
+            device,
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes the weights take in the compute dtype.
+    pub fn weights_bytes(&self) -> u64 {
+        self.cfg.parameter_count() * self.dtype.size_in_bytes() as u64
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every tensor with its checkpoint name, in [`tensor_specs`] order (packed weights are
+    /// unpacked).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(names::wte(), self.wte.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.named(i, &mut out)?;
+        }
+        out.push((names::ln_f(), self.ln_f.weight.clone()));
+        if !self.cfg.weight_tying {
+            out.push((names::head(), self.head.tensor()?));
+        }
+        Ok(out)
+    }
+
+    /// The mask predictor of this model for the sampler and the scorer, with the cache modes.
+    pub fn predictor(&self) -> LladaPredictor<'_> {
+        LladaPredictor::new(self)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, l) = ids.dims2()?;
+        if b == 0 || l == 0 {
+            return Err(Error::setting(
+                "input",
+                format!("{b}x{l}"),
+                "needs at least one token",
+            ));
+        }
+        Ok((b, l))
+    }
+
+    /// Embeds ids [B, L] → [B·L, D].
+    fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        self.wte.embedding(&ids.flatten_all()?)
+    }
+
+    // ---- inference ----
+
+    /// Logits [B, L, V] (f32) for every position of `ids` [B, L] (u32), with an optional
+    /// key-padding mask [B, L] (1 = real token, 0 = padding; padded keys get no attention,
+    /// padded queries are still computed).
+    pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (_, l) = self.check_ids(ids)?;
+        let rows: Vec<usize> = (0..l).collect();
+        self.forward_rows_at(ids, key_mask, &rows)
+    }
+
+    /// Logits [B, |rows|, V] of the positions `rows` (increasing) only: every position still goes
+    /// through the blocks (attention is bidirectional), but the last block's MLP, the final norm
+    /// and the output head run only on the rows asked for.
+    pub fn forward_rows_at(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        // nothing is kept after this forward: the layers take turns with one key/value store
+        let mut cache = self.cache_with(b, l, key_mask, true)?;
+        self.forward_chunk_at(ids, 0, &mut cache, rows)
+    }
+
+    /// An empty key/value cache for `batch` canvases of `len` positions (with their key-padding
+    /// mask [B, L], if any).
+    pub fn new_cache(
+        &self,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+    ) -> Result<KvCache> {
+        self.cache_with(batch, len, key_mask, false)
+    }
+
+    /// A cache as [`Llada::new_cache`]; `one_pass` for a single full forward whose keys and values
+    /// are not kept (every layer rewrites one shared store before reading it).
+    fn cache_with(
+        &self,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+        one_pass: bool,
+    ) -> Result<KvCache> {
+        let shape = KvShape {
+            batch,
+            kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+            len,
+        };
+        Ok(KvCache::new(
+            self.backend,
+            self.cfg.n_layers,
+            shape,
+            self.dtype,
+            key_mask,
+            one_pass,
+            self.cfg.causal,
+        )?)
+    }
+
+    /// Inference forward of canvas positions `start..start+n` (`ids` [B, n]) with every other
+    /// position's keys and values taken from `cache`, which is updated with this chunk's. The
+    /// first call on a fresh cache must cover the whole canvas. Returns the logits [B, |rows|, V]
+    /// (f32) of the increasing absolute positions `rows` (within the chunk): the last block's MLP
+    /// and the head run only on those rows.
+    pub fn forward_chunk_at(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        cache: &mut KvCache,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (b, n) = self.check_ids(ids)?;
+        let ok = !rows.is_empty()
+            && rows.windows(2).all(|w| w[0] < w[1])
+            && rows[0] >= start
+            && rows[rows.len() - 1] < start + n;
+        if !ok {
+            return Err(Error::setting(
+                "rows",
+                format!("{rows:?}"),
+                format!(
+                    "must be increasing positions (at least one) within the chunk {start}..{}",
+                    start + n
+                ),
+            ));
+        }
+        let total = cache.len();
+        if b != cache.batch() || start + n > total {
+            return Err(Error::setting(
+                "chunk",
+                format!("{b}x{start}..{}", start + n),
+                format!(
+                    "must lie within the cached canvas {}x{total}",
+                    cache.batch()
+                ),
+            ));
+        }
+        let vocab = self.cfg.embedding_size;
+        let mut h = self.embed(ids)?; // [B·n, D]
+        let w = rows.len();
+        let offsets: Vec<usize> = rows.iter().map(|&r| r - start).collect();
+        let last = self.blocks.len() - 1;
+        for (i, block) in self.blocks.iter().enumerate() {
+            // the last layer's MLP runs only on the rows whose logits are asked for
+            let keep = (i == last && w != n).then_some(offsets.as_slice());
+            h = block.forward_chunk(&h, b, n, start, &self.rope, cache, i, keep)?;
+        }
+        // final norm and output head: [B·w, D] → [B·w, V], in f32 whatever the weights' dtype
+        let logits = self.head.forward_f32(&self.ln_f.forward(&h)?)?;
+        Ok(logits.to_dtype(DType::F32)?.reshape((b, w, vocab))?)
+    }
+
+    // ---- training ----
+
+    /// Training forward: logits [N, V] of the flattened positions `positions` (indices into
+    /// B·L) only, made of differentiable ops. The output head (the largest matrix for small
+    /// models) runs only on the positions the loss reads.
+    pub fn forward_train_positions(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        let bias = attention_bias(None, self.cfg.causal, 0, l, l, &self.device)?;
+        let mut h = self.embed(ids)?; // [B·L, D]
+        for block in &self.blocks {
+            h = block.forward_train(&h, b, l, &self.rope, bias.as_ref())?;
+        }
+        let h = h.index_select(positions, 0)?; // [N, D]
+        let head = if self.cfg.weight_tying {
+            &self.wte
+        } else {
+            self.head.dense_tensor()?
+        };
+        let logits = crate::kernels::matmul_op::matmul(&self.ln_f.forward_diff(&h)?, &head.t()?)?; // [N, V]
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded. On a GPU
+    /// the weights are drawn there (an 8B-shaped model needs no host copy); on the CPU from the
+    /// library's seeded stream, tensor by tensor.
+    pub fn init_random(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let mut map = HashMap::new();
+        for (name, shape) in tensor_specs(cfg) {
+            let t = random_tensor(&shape, cfg.init_std, dtype, device, &mut rng)?;
+            map.insert(name, t);
+        }
+        Llada::load(cfg, &map)
+    }
+}
+
+/// One initial tensor: ones for norm weights (1-D), N(0, std²) otherwise.
+pub fn random_tensor(
+    shape: &[usize],
+    std: f64,
+    dtype: DType,
+    device: &Device,
+    rng: &mut crate::rng::Rng,
+) -> Result<Tensor> {
+    if shape.len() == 1 {
+        return Ok(Tensor::ones(shape, dtype, device)?);
+    }
+    if !device.is_cpu() {
+        return Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?);
+    }
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// LLaDA's [`MaskPredictor`]: the inference forward with the cache modes (Fast-dLLM, reference
+/// §6.4). At the start of each block one full forward (its logits are the block's first step)
+/// fills the keys/values of every layer; later steps recompute only the current block (`Dual`:
+/// the suffix keeps its block-start keys/values) or the block and everything after it
+/// (`Prefix`: the prefix before the block stays cached).
+pub struct LladaPredictor<'a> {
+    model: &'a Llada,
+    mode: CacheMode,
+    cache: Option<KvCache>,
+    block: Range<usize>,
+    refresh: bool,
+}
+
+impl<'a> LladaPredictor<'a> {
+    pub fn new(model: &'a Llada) -> Self {
+        LladaPredictor {
+            model,
+            mode: CacheMode::None,
+            cache: None,
+            block: 0..0,
+            refresh: true,
+        }
+    }
+}
+
+impl MaskPredictor for LladaPredictor<'_> {
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (b, l) = x.dims2()?;
+        if self.mode == CacheMode::None {
+            return self.model.forward_rows_at(x, key_mask, rows);
+        }
+        let stale = self
+            .cache
+            .as_ref()
+            .is_none_or(|c| c.len() != l || c.batch() != b);
+        if self.refresh || stale {
+            let mut cache = self.model.new_cache(b, l, key_mask)?;
+            let out = self.model.forward_chunk_at(x, 0, &mut cache, rows)?;
+            self.cache = Some(cache);
+            self.refresh = false;
+            return Ok(out);
+        }
+        let chunk = self.mode.recomputed(self.block.clone(), l);
+        let ids = x.narrow(1, chunk.start, chunk.end - chunk.start)?;
+        let cache = self
+            .cache
+            .as_mut()
+            .ok_or_else(|| Error::setting("cache", "empty", "no block-start forward yet"))?;
+        self.model.forward_chunk_at(&ids, chunk.start, cache, rows)
+    }
+
+    fn device(&self) -> Device {
+        self.model.device().clone()
+    }
+
+    fn max_sequence_length(&self) -> usize {
+        self.model.config().max_sequence_length
+    }
+
+    fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
+        self.mode = mode;
+        self.block = block;
+        self.refresh = true;
+        Ok(())
+    }
+}
