@@ -37,6 +37,26 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
+    /// Whether `t` ends an answer: EOS or EOT. The first one ends it; what follows is discarded
+    /// (the paper discards what follows EOS).
+    pub fn ends_answer(&self, t: u32) -> bool {
+        t == self.eos || Some(t) == self.eot
+    }
+
+    /// Index of the token that ends `ids` as an answer (the first EOS/EOT), if any.
+    pub fn answer_end(&self, ids: &[u32]) -> Option<usize> {
+        ids.iter().position(|&t| self.ends_answer(t))
+    }
+
+    /// Whether an answer canvas is final: some EOS/EOT is committed and nothing before the first
+    /// one is masked (later steps cannot change what precedes it, and the answer is cut there).
+    pub fn answer_is_final(&self, answer: &[u32]) -> bool {
+        match self.answer_end(answer) {
+            Some(e) => !answer[..e].contains(&self.mask),
+            None => false,
+        }
+    }
+
     /// Ids from the config alone (the model files without a tokenizer): mask and EOS must be in
     /// `config.json`.
     pub fn from_config(cfg: &ModelConfig) -> Result<Self> {
@@ -291,10 +311,7 @@ impl Tokenizer {
     /// The answer's text: cut at the first EOS or EOT (the paper discards what follows EOS),
     /// special tokens dropped.
     pub fn decode_answer(&self, ids: &[u32]) -> Result<String> {
-        let end = ids
-            .iter()
-            .position(|&t| t == self.special.eos || Some(t) == self.special.eot)
-            .unwrap_or(ids.len());
+        let end = self.special.answer_end(ids).unwrap_or(ids.len());
         self.decode(&ids[..end], true)
     }
 

@@ -10,19 +10,19 @@ use llada::candle_core::{DType, Device, Tensor};
 use llada::checkpoint::{save_model_sharded, Checkpoint};
 use llada::weights::save_safetensors;
 
+/// A single-file copy of the golden checkpoint in `to`, whatever the golden folder's layout
+/// (single or sharded safetensors, any stored dtype): its config and tokenizer files, and its
+/// tensors written as one `model.safetensors`.
 fn copy_golden(to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let src = golden_dir().join(f);
         if src.exists() {
             std::fs::copy(src, to.join(f)).unwrap();
         }
     }
+    save_safetensors(to, &golden_tensors(), u64::MAX).unwrap();
+    assert!(to.join("model.safetensors").exists());
 }
 
 fn load_err(dir: &Path) -> String {

@@ -1,7 +1,7 @@
 //! Glue between candle CPU tensors and the kernels of this module: zero-copy access to a tensor's
 //! data, linear layers on packed weights, batched attention matmuls.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -24,19 +24,6 @@ pub fn with_slice<T: candle_core::WithDType, R>(
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
     Ok(f(&all[a..b]))
-}
-
-/// Runs `f` on the raw storage and layout (strided access) of a CPU tensor.
-pub fn with_strided<T: candle_core::WithDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&[T], &Layout) -> R,
-) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let cpu: &CpuStorage = match &*storage {
-        Storage::Cpu(c) => c,
-        _ => candle_core::bail!("expected a CPU tensor"),
-    };
-    Ok(f(cpu.as_slice::<T>()?, layout))
 }
 
 /// x [N, K] (f32, CPU) · Wᵀ with W packed → [N, n].

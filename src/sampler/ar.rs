@@ -88,7 +88,7 @@ pub fn generate_ar(
         if on_step(&event).is_break() {
             return Err(Error::Cancelled);
         }
-        if stop_at_eos && (next == special.eos || Some(next) == special.eot) {
+        if stop_at_eos && special.ends_answer(next) {
             break;
         }
     }

@@ -22,11 +22,6 @@ pub fn order(cands: &mut [(usize, f64)]) {
 }
 
 impl Commit {
-    /// Whether the rule reads the block's transfer schedule.
-    pub fn uses_schedule(&self) -> bool {
-        matches!(self, Commit::TopK)
-    }
-
     /// Positions to commit among `cands` (position, confidence), given the schedule's count `k`
     /// for this step (read by `TopK` only). Returns positions in commit order.
     pub fn select(&self, cands: &[(usize, f64)], k: usize) -> Vec<usize> {

@@ -24,11 +24,43 @@ impl Guidance {
         }
     }
 
-    /// The scale w (0 without guidance).
-    pub fn scale(&self) -> f64 {
+    /// Rows of the model's input for a canvas of `b` rows: `b`, or 2`b` with CFG.
+    pub fn rows(&self, b: usize) -> usize {
         match self {
-            Guidance::None => 0.0,
-            Guidance::Cfg { scale } => *scale,
+            Guidance::None => b,
+            Guidance::Cfg { .. } => 2 * b,
+        }
+    }
+
+    /// The model's input for canvas `x` [B][L], flattened: its rows, then with CFG their
+    /// unconditional copies (every prompt position masked).
+    pub fn input_rows(&self, x: &[Vec<u32>], is_prompt: &[Vec<bool>], mask_id: u32) -> Vec<u32> {
+        let mut flat: Vec<u32> = x.concat();
+        if let Guidance::Cfg { .. } = self {
+            for (r, pr) in x.iter().zip(is_prompt) {
+                flat.extend(unconditional(r, pr, mask_id));
+            }
+        }
+        flat
+    }
+
+    /// The key-padding mask [B, L] of the canvas as the input's ([2B, L] with CFG).
+    pub fn key_mask(&self, m: &Tensor) -> Result<Tensor> {
+        match self {
+            Guidance::None => Ok(m.clone()),
+            Guidance::Cfg { .. } => Tensor::cat(&[m, m], 0),
+        }
+    }
+
+    /// The guided logits [B, W, V] from the model's logits of the input rows ([B or 2B, W, V]).
+    pub fn apply(&self, logits: &Tensor, b: usize) -> Result<Tensor> {
+        match *self {
+            Guidance::None => Ok(logits.clone()),
+            Guidance::Cfg { scale } => {
+                let cond = logits.narrow(0, 0, b)?;
+                let unc = logits.narrow(0, b, b)?;
+                combine(&cond, &unc, scale)
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! cancellation go through an `on_step` callback.
 
 pub mod ar;
+mod canvas;
 pub mod commit;
 pub mod guidance;
 pub mod gumbel;
@@ -24,7 +25,9 @@ pub use crate::model::{CacheMode, MaskPredictor};
 pub use commit::Commit;
 pub use guidance::Guidance;
 pub use remask::Remasking;
-pub use schedule::{num_transfer_tokens, Blocks};
+pub use schedule::{num_transfer_tokens, BlockLoop, Blocks};
+
+use canvas::Canvas;
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -333,11 +336,14 @@ pub fn infill(
 }
 
 /// The reverse process on a canvas whose answer region starts at `p` (positions before it are
-/// the prompt; masked positions anywhere in the region are filled).
+/// the prompt; masked positions anywhere in the region are filled): block by block, each step
+/// predicts the masked rows it needs ([`Canvas::wanted`]), guides ([`Guidance::apply`]),
+/// predicts x0 and confidences, commits ([`Canvas::commit`]) and reports; [`BlockLoop`] says how
+/// many steps a block gets.
 #[allow(clippy::too_many_arguments)]
 fn denoise(
     model: &mut dyn MaskPredictor,
-    mut x: Vec<Vec<u32>>,
+    x: Vec<Vec<u32>>,
     key_mask: Option<Vec<Vec<u32>>>,
     p: usize,
     blocks: Blocks,
@@ -347,61 +353,18 @@ fn denoise(
     on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let mask_id = special.mask;
-    let b = x.len();
-    let l = x[0].len();
-    let g = l - p;
-    let max = model.max_sequence_length();
-    if l > max {
-        return Err(Error::setting(
-            "gen_length",
-            g,
-            format!(
-                "prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"
-            ),
-        ));
-    }
+    let mut canvas = Canvas::new(x, p, mask_id);
+    let (b, l) = (canvas.batch(), canvas.len());
+    check_length(model, p, l)?;
     let device = model.device();
     let guidance = cfg.guidance();
-
-    // Prompt positions are fixed once: every position not masked at the start (CFG masks them).
-    let is_prompt: Vec<Vec<bool>> = x
-        .iter()
-        .map(|r| r.iter().map(|&t| t != mask_id).collect())
-        .collect();
     let key_mask = match key_mask {
-        Some(m) => {
-            let t = Tensor::from_vec(m.concat(), (b, l), &device)?;
-            Some(match guidance {
-                Guidance::Cfg { .. } => Tensor::cat(&[&t, &t], 0)?,
-                Guidance::None => t,
-            })
-        }
+        Some(m) => Some(guidance.key_mask(&Tensor::from_vec(m.concat(), (b, l), &device)?)?),
         None => None,
     };
-    let opts = predict::PredictOpts {
-        temperature: cfg.temperature,
-        remasking: cfg.remasking,
-        suppress_logit: cfg.logits_eos_inf.then_some(special.eos),
-        suppress_conf: if cfg.confidence_eos_eot_inf {
-            let mut v: Vec<u32> = special.eot.into_iter().collect();
-            if cfg.temperature == 0.0 {
-                v.push(special.eos);
-            }
-            v
-        } else {
-            Vec::new()
-        },
-    };
-
-    let mut unmask_step = vec![vec![None; g]; b];
-    let mut nfe = 0usize;
-    let mut step = 0usize;
-    let total_steps = cfg.steps;
-    // Rows whose answer is final (early stop): no longer predicted.
-    let mut finished = vec![false; b];
-    // The reference LLaDA loop (top-k, no cache) runs exactly steps_per_block calls per block;
-    // the Fast-dLLM loops (parallel rules or caches) stop as soon as the block has no masks.
-    let fast_loop = cfg.commit != Commit::TopK || cfg.cache != CacheMode::None;
+    let opts = predict::PredictOpts::of(cfg, special);
+    let rule = BlockLoop::new(cfg, &blocks);
+    let (mut nfe, mut step) = (0usize, 0usize);
     'blocks: for blk in 0..blocks.num_blocks {
         let (lo, hi) = blocks.bounds(p, blk);
         model.begin_block(lo..hi, cfg.cache)?;
@@ -412,110 +375,30 @@ fn denoise(
         } else {
             lo..hi
         };
-        let schedule: Vec<Vec<usize>> = x
-            .iter()
-            .map(|r| {
-                let m = r[lo..hi].iter().filter(|&&t| t == mask_id).count();
-                num_transfer_tokens(m, blocks.steps_per_block)
-            })
+        let schedule: Vec<Vec<usize>> = canvas
+            .masked_in(lo..hi)
+            .into_iter()
+            .map(|m| num_transfer_tokens(m, blocks.steps_per_block))
             .collect();
-        let block_has_masks = |x: &[Vec<u32>], finished: &[bool]| {
-            x.iter()
-                .zip(finished)
-                .any(|(r, &f)| !f && r[lo..hi].contains(&mask_id))
-        };
-        // capped in case the model keeps committing the mask id itself
-        let max_iters = if fast_loop {
-            8 * blocks.block_length
-        } else {
-            blocks.steps_per_block
-        };
         let mut i = 0;
-        while i < max_iters {
-            // Fast-dLLM's cached loops (24cc59e, the golden cases' version) test for completion
-            // only after their first cached forward: a block completed by its block-start step
-            // still costs one more (no-op) forward.
-            let reference_extra = cfg.cache != CacheMode::None && i == 1;
-            if fast_loop && !reference_extra && !block_has_masks(&x, &finished) {
-                break;
-            }
+        while rule.runs(i, canvas.has_masks(lo..hi)) {
+            let (wanted, columns) = canvas.wanted(&window);
             // [B or 2B, L] on the device: the few bytes of the canvas go up each step.
-            let mut flat: Vec<u32> = x.concat();
-            if let Guidance::Cfg { .. } = guidance {
-                for (r, pr) in x.iter().zip(&is_prompt) {
-                    flat.extend(guidance::unconditional(r, pr, mask_id));
-                }
-            }
-            let rows = flat.len() / l;
-            let xt = Tensor::from_vec(flat, (rows, l), &device)?;
-            // Masked positions of the window, per row (offsets from the window start): the only
-            // logits read. The model computes the union's rows (the whole window for a forward
-            // whose logits nobody reads, such as the cached loops' extra step).
-            let wanted: Vec<Vec<usize>> = x
-                .iter()
-                .zip(&finished)
-                .map(|(r, &f)| {
-                    if f {
-                        return Vec::new();
-                    }
-                    (window.start..window.end)
-                        .filter(|&j| r[j] == mask_id)
-                        .map(|j| j - window.start)
-                        .collect()
-                })
-                .collect();
-            let mut columns: Vec<usize> = wanted.iter().flatten().copied().collect();
-            columns.sort_unstable();
-            columns.dedup();
-            if columns.is_empty() {
-                columns = (0..window.len()).collect();
-            }
-            let abs: Vec<usize> = columns.iter().map(|&o| window.start + o).collect();
-            let logits = model.logits_at(&xt, key_mask.as_ref(), &abs)?; // [B(×2), |columns|, V]
+            let input = guidance.input_rows(&canvas.x, &canvas.is_prompt, mask_id);
+            let xt = Tensor::from_vec(input, (guidance.rows(b), l), &device)?;
+            let rows: Vec<usize> = columns.iter().map(|&o| window.start + o).collect();
+            let logits = model.logits_at(&xt, key_mask.as_ref(), &rows)?; // [B(×2), |rows|, V]
             nfe += 1;
-            let logits = match guidance {
-                Guidance::Cfg { scale } => {
-                    let cond = logits.narrow(0, 0, b)?;
-                    let unc = logits.narrow(0, b, b)?;
-                    guidance::combine(&cond, &unc, scale)?
-                }
-                Guidance::None => logits,
-            };
+            let logits = guidance.apply(&logits, b)?; // [B, |rows|, V]
             let preds = predict::predict(&logits, Some(&columns), &wanted, &opts, rng)?;
-            let mut committed: Vec<Vec<Committed>> = Vec::with_capacity(b);
-            for (r, row_preds) in preds.iter().enumerate() {
-                let cands: Vec<(usize, f64)> = row_preds
-                    .iter()
-                    .map(|pr| (pr.offset, pr.confidence))
-                    .collect();
-                let k = schedule[r].get(i).copied().unwrap_or(0);
-                let picked = cfg.commit.select(&cands, k);
-                let mut done = Vec::with_capacity(picked.len());
-                for off in picked {
-                    let pr = row_preds.iter().find(|pr| pr.offset == off);
-                    if let Some(pr) = pr {
-                        let pos = window.start + off;
-                        x[r][pos] = pr.token;
-                        let idx = pos - p;
-                        if pr.token != mask_id {
-                            unmask_step[r][idx] = Some(step);
-                        }
-                        done.push(Committed {
-                            index: idx,
-                            token: pr.token,
-                            confidence: pr.confidence,
-                        });
-                    }
-                }
-                done.sort_by_key(|c| c.index);
-                committed.push(done);
-            }
+            let k = |r: usize| schedule[r].get(i).copied().unwrap_or(0);
+            let committed = canvas.commit(&preds, window.start, cfg.commit, k, step);
             let event = StepEvent {
                 block: blk,
                 step_in_block: i,
                 step,
-                total_steps,
-                canvas: x.iter().map(|r| &r[p..]).collect(),
+                total_steps: cfg.steps,
+                canvas: canvas.answers(),
                 committed: &committed,
                 nfe,
                 mask_id,
@@ -525,50 +408,43 @@ fn denoise(
             }
             step += 1;
             i += 1;
-            if cfg.early_stop {
-                for (r, f) in finished.iter_mut().enumerate() {
-                    *f = *f || answer_is_final(&x[r][p..], special);
-                }
-                if finished.iter().all(|&f| f) {
-                    break 'blocks;
-                }
+            if cfg.early_stop && canvas.finish_rows(special) {
+                break 'blocks;
             }
         }
-        if fast_loop && block_has_masks(&x, &finished) {
+        if rule.stops_early() && canvas.has_masks(lo..hi) {
             tracing::warn!(
-                "block {blk}: masks remain after {max_iters} steps (the model keeps predicting the mask id)"
+                "block {blk}: masks remain after {} steps (the model keeps predicting the mask id)",
+                rule.max_steps()
             );
         }
     }
     if cfg.early_stop {
-        // the rest of a finished answer is EOS padding
-        for (r, row) in x.iter_mut().enumerate() {
-            if finished[r] {
-                for t in row[p..].iter_mut().filter(|t| **t == mask_id) {
-                    *t = special.eos;
-                }
-            }
-        }
+        canvas.pad_finished(special.eos);
     }
-    Ok(Generation {
-        generated_ids: x.iter().map(|r| r[p..].to_vec()).collect(),
-        output_ids: x,
-        unmask_step,
-        nfe,
-        steps: step,
-    })
+    Ok(canvas.into_generation(nfe, step))
+}
+
+/// Refuses a canvas longer than the model supports.
+fn check_length(model: &dyn MaskPredictor, p: usize, l: usize) -> Result<()> {
+    let max = model.max_sequence_length();
+    if l > max {
+        let g = l - p;
+        return Err(Error::setting(
+            "gen_length",
+            g,
+            format!(
+                "prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether an answer is final: some EOS/EOT is committed and nothing before the first one is
 /// masked (later steps cannot change what precedes it, and the answer is cut there).
 pub fn answer_is_final(answer: &[u32], special: &SpecialTokens) -> bool {
-    let end = answer
-        .iter()
-        .position(|&t| t == special.eos || Some(t) == special.eot);
-    match end {
-        Some(e) => !answer[..e].contains(&special.mask),
-        None => false,
-    }
+    special.answer_is_final(answer)
 }
 
 /// An `on_step` callback that does nothing.

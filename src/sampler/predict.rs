@@ -13,6 +13,7 @@ use super::remask::Remasking;
 use crate::error::Result;
 use crate::kernels::math::{exp_nonpos, row_max, row_sum_exp};
 use crate::rng::Rng;
+use crate::tokenizer::SpecialTokens;
 
 /// What a step does with the logits.
 #[derive(Debug, Clone)]
@@ -25,6 +26,29 @@ pub struct PredictOpts {
     /// (`confidence_eos_eot_inf` as the reference really behaves: EOS and EOT at T = 0, EOT only at
     /// T > 0).
     pub suppress_conf: Vec<u32>,
+}
+
+impl PredictOpts {
+    /// The options of a sampler's settings: `logits_eos_inf` suppresses EOS before sampling;
+    /// `confidence_eos_eot_inf` as the reference really behaves (EOS and EOT at T = 0, EOT only
+    /// at T > 0, reference §4.8).
+    pub fn of(cfg: &super::SamplerConfig, special: &SpecialTokens) -> Self {
+        let suppress_conf = if cfg.confidence_eos_eot_inf {
+            let mut v: Vec<u32> = special.eot.into_iter().collect();
+            if cfg.temperature == 0.0 {
+                v.push(special.eos);
+            }
+            v
+        } else {
+            Vec::new()
+        };
+        PredictOpts {
+            temperature: cfg.temperature,
+            remasking: cfg.remasking,
+            suppress_logit: cfg.logits_eos_inf.then_some(special.eos),
+            suppress_conf,
+        }
+    }
 }
 
 /// A prediction for one position.
@@ -205,7 +229,7 @@ fn predict_tensor(
         let g = u.log()?.neg()?.log()?.neg()?; // −ln(−ln u)
         (l.to_dtype(DType::F64)? + (g * opts.temperature)?)?.argmax_keepdim(D::Minus1)?
     }; // [B, W, 1]
-    let conf = match opts.remasking {
+    let conf: Option<Vec<Vec<f32>>> = match opts.remasking {
         Remasking::LowConfidence => {
             let lc = if opts.suppress_conf.is_empty() {
                 l.clone()
@@ -215,12 +239,13 @@ fn predict_tensor(
             let m = lc.max_keepdim(D::Minus1)?;
             let s = lc.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?;
             let lx = lc.gather(&x0, D::Minus1)?;
-            (lx - m)?.exp()?.div(&s)?
+            Some((lx - m)?.exp()?.div(&s)?.squeeze(D::Minus1)?.to_vec2()?)
         }
-        Remasking::Random => Tensor::rand(0f32, 1f32, (b, w, 1), &device)?,
+        // drawn on the host from the caller's seed, as the host path draws them (the same values
+        // at T = 0), so random remasking is reproducible on every device
+        Remasking::Random => None,
     };
     let x0: Vec<Vec<u32>> = x0.squeeze(D::Minus1)?.to_vec2()?;
-    let conf: Vec<Vec<f32>> = conf.squeeze(D::Minus1)?.to_vec2()?;
     wanted
         .iter()
         .enumerate()
@@ -228,10 +253,14 @@ fn predict_tensor(
             offs.iter()
                 .map(|&o| {
                     let c = column(columns, o)?;
+                    let confidence = match &conf {
+                        Some(conf) => conf[b][c] as f64,
+                        None => position_rng(step_seed, b, o).uniform_f32() as f64,
+                    };
                     Ok(Prediction {
                         offset: o,
                         token: x0[b][c],
-                        confidence: conf[b][c] as f64,
+                        confidence,
                     })
                 })
                 .collect()
@@ -289,6 +318,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn random_remasking_is_seeded_and_device_independent() {
+        let mut r = Rng::new(6);
+        let (b, w, v) = (2, 5, 64);
+        let data: Vec<f32> = (0..b * w * v).map(|_| r.normal() as f32).collect();
+        let logits = Tensor::from_vec(data, (b, w, v), &Device::Cpu).unwrap();
+        let wanted = vec![vec![0, 3], vec![1, 2, 4]];
+        let o = PredictOpts {
+            remasking: Remasking::Random,
+            ..opts(0.0, None, vec![])
+        };
+        let run = |tensor: bool, seed: u64| -> Vec<f64> {
+            let mut rng = Rng::new(seed);
+            let p = if tensor {
+                predict_with_tensor_ops(&logits, &wanted, &o, &mut rng)
+            } else {
+                predict(&logits, None, &wanted, &o, &mut rng)
+            };
+            p.unwrap().iter().flatten().map(|p| p.confidence).collect()
+        };
+        // the tensor path draws from the caller's seed, the same values as the host path
+        assert_eq!(run(true, 3), run(false, 3));
+        assert_eq!(run(true, 3), run(true, 3));
+        assert_ne!(run(true, 3), run(true, 4));
     }
 
     #[test]

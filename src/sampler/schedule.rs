@@ -80,6 +80,53 @@ impl Blocks {
     }
 }
 
+/// The block loop rule: how many model calls a block gets.
+///
+/// The reference LLaDA loop (top-k, no cache) runs exactly `steps_per_block` calls per block;
+/// the Fast-dLLM loops (parallel commit rules or caches) stop as soon as the block has no masks,
+/// capped in case the model keeps committing the mask id itself. Fast-dLLM's cached loops
+/// (24cc59e, the golden cases' version) test for completion only after their first cached
+/// forward: a block completed by its block-start step still costs one more (no-op) forward.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockLoop {
+    /// Stops when the block has no masks left (Fast-dLLM).
+    fast: bool,
+    /// A cached loop (the extra forward after the block-start step).
+    cached: bool,
+    max_steps: usize,
+}
+
+impl BlockLoop {
+    pub fn new(cfg: &super::SamplerConfig, blocks: &Blocks) -> Self {
+        let fast = cfg.commit != super::Commit::TopK || cfg.cache != super::CacheMode::None;
+        BlockLoop {
+            fast,
+            cached: cfg.cache != super::CacheMode::None,
+            max_steps: if fast {
+                8 * blocks.block_length
+            } else {
+                blocks.steps_per_block
+            },
+        }
+    }
+
+    /// Whether step `i` of the block runs, given whether the block still has masks.
+    pub fn runs(&self, i: usize, has_masks: bool) -> bool {
+        let reference_extra = self.cached && i == 1;
+        i < self.max_steps && (!self.fast || reference_extra || has_masks)
+    }
+
+    /// Whether the loop ends when the block is complete (rather than after a fixed count).
+    pub fn stops_early(&self) -> bool {
+        self.fast
+    }
+
+    /// The most steps a block gets.
+    pub fn max_steps(&self) -> usize {
+        self.max_steps
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
