@@ -12,6 +12,7 @@ pub mod commit;
 pub mod guidance;
 pub mod gumbel;
 pub mod predict;
+pub mod prompt;
 pub mod remask;
 pub mod schedule;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use cache::{CacheMode, LladaPredictor};
 pub use commit::Commit;
 pub use guidance::Guidance;
+pub use prompt::PromptRules;
 pub use remask::Remasking;
 pub use schedule::{num_transfer_tokens, Blocks};
 
@@ -246,14 +248,10 @@ impl PromptBatch {
     }
 
     fn validate(&self, mask_id: u32) -> Result<usize> {
-        let p = self.ids.first().map(Vec::len).unwrap_or(0);
-        if self.ids.is_empty() || p == 0 {
-            return Err(Error::setting(
-                "prompt",
-                "empty",
-                "needs at least one token",
-            ));
-        }
+        let rules = PromptRules::mask_only(mask_id);
+        let first = self.ids.first().map(Vec::as_slice).unwrap_or_default();
+        rules.check(first, 0)?;
+        let p = first.len();
         if self.ids.iter().any(|r| r.len() != p) {
             return Err(Error::setting(
                 "prompt",
@@ -270,12 +268,8 @@ impl PromptBatch {
                 ));
             }
         }
-        if let Some(pos) = self.ids.iter().flatten().position(|&t| t == mask_id) {
-            return Err(Error::setting(
-                "prompt",
-                format!("mask id {mask_id} at index {}", pos % p),
-                "a prompt must not contain the mask token (prompt positions are the non-mask ones)",
-            ));
+        for row in &self.ids {
+            rules.check(row, 0)?;
         }
         Ok(p)
     }
@@ -436,16 +430,7 @@ fn denoise(
     let b = x.len();
     let l = x[0].len();
     let g = l - p;
-    let max = model.max_sequence_length();
-    if l > max {
-        return Err(Error::setting(
-            "gen_length",
-            g,
-            format!(
-                "prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"
-            ),
-        ));
-    }
+    prompt::check_length(p, g, model.max_sequence_length())?;
     let device = model.device();
     let guidance = cfg.guidance();
 
