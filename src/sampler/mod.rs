@@ -15,6 +15,7 @@ pub mod predict;
 pub mod prompt;
 pub mod remask;
 pub mod schedule;
+pub mod settings;
 
 use std::ops::{ControlFlow, Range};
 
@@ -27,6 +28,7 @@ pub use guidance::Guidance;
 pub use prompt::PromptRules;
 pub use remask::Remasking;
 pub use schedule::{num_transfer_tokens, Blocks};
+pub use settings::SamplerSettings;
 
 use crate::error::{Error, Result};
 use crate::model::Llada;
