@@ -15,6 +15,15 @@ pub enum Error {
         rule: String,
     },
 
+    /// A prompt and its answer do not fit the model's context (an invalid `gen_length` for this
+    /// prompt; its own variant so that the server can answer 413).
+    #[error("invalid setting gen_length={answer}: prompt ({prompt} tokens) + answer ({answer}) = {} exceeds the model's max_sequence_length={max}", .prompt + .answer)]
+    TooLong {
+        prompt: usize,
+        answer: usize,
+        max: usize,
+    },
+
     /// A key of `config.json` has a value this engine does not support or that is inconsistent.
     #[error("config.json: {key}={value}: {reason}")]
     Config {

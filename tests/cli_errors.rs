@@ -119,7 +119,23 @@ fn generate_rejects_impossible_settings() {
                 "--remasking",
                 "lowest",
             ]),
-            vec!["remasking=lowest"],
+            // clap rejects an unknown choice, listing the choices
+            vec!["lowest", "--remasking", "low_confidence"],
+        ),
+        (
+            with(&[
+                "--gen-length",
+                "8",
+                "--steps",
+                "8",
+                "--block-length",
+                "8",
+                "--threshold",
+                "0.5",
+                "--factor",
+                "1",
+            ]),
+            vec!["threshold=0.5", "factor=1"],
         ),
     ];
     for (args, needles) in cases {

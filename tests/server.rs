@@ -18,14 +18,21 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn state(queue: usize, max_batch: usize) -> Arc<AppState> {
+    state_with_vocab(queue, max_batch, None)
+}
+
+/// The tiny model's server; `vocab` pretends the model has fewer token ids than its tokenizer.
+fn state_with_vocab(queue: usize, max_batch: usize, vocab: Option<usize>) -> Arc<AppState> {
     let ck = Checkpoint::load(&golden_dir(), Some(DType::F32), &Device::Cpu).unwrap();
     let tokenizer = Tokenizer::from_dir(&golden_dir(), &ck.config).unwrap();
     let max = ck.config.max_sequence_length;
+    let ck_vocab = vocab.unwrap_or(ck.config.embedding_size);
     Arc::new(AppState {
         engine: engine::start(ck, engine::EngineConfig { queue, max_batch }),
         tokenizer,
         model_name: "tiny".into(),
         max_sequence_length: max,
+        vocab_size: ck_vocab,
         defaults: Defaults {
             max_tokens_limit: max,
             ..Defaults::default()
@@ -188,6 +195,9 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving() {
         ("/v1/completions", Body::from(json!({"prompt": "x", "max_tokens": 123456789012345678u64}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("max_tokens")),
         ("/v1/completions", Body::from(json!({"prompt": "x", "temperature": "hot"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("temperature")),
         ("/v1/completions", Body::from(json!({"prompt": "x", "max_tokens": 32, "steps": 10, "block_length": 8, "threshold": null}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("steps")),
+        ("/v1/completions", Body::from(json!({"prompt": "x", "threshold": 0.8, "factor": 2.0}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("threshold")),
+        ("/v1/completions", Body::from(json!({"prompt": "x", "cfg_scale": 1.0, "cache": "dual"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("cache")),
+        ("/v1/completions", Body::from(json!({"prompt": "x", "cache": "quad"}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("cache")),
         ("/v1/completions", Body::from(json!({"prompt": "x", "model": "gpt-4o"}).to_string()), StatusCode::NOT_FOUND, Some("model")),
         ("/v1/completions", Body::from(json!({"prompt": "word ".repeat(300), "max_tokens": 16}).to_string()), StatusCode::PAYLOAD_TOO_LARGE, None),
         ("/v1/score", Body::from(json!({"prompt": "x", "answer": ""}).to_string()), StatusCode::UNPROCESSABLE_ENTITY, Some("answer")),
@@ -205,6 +215,75 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving() {
     }
     let (st, _) = call(&s, "GET", "/health", Body::empty()).await;
     assert_eq!(st, StatusCode::OK);
+}
+
+/// Threshold and factor together are refused (before, the threshold silently won), with both
+/// named in the message.
+#[tokio::test]
+async fn threshold_with_factor_is_422_naming_both() {
+    let s = state(8, 4);
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "threshold": 0.9, "factor": 1.0})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let v = json_of(&b);
+    assert_eq!(v["error"]["param"], "threshold");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("threshold=0.9") && msg.contains("factor=1"),
+        "{msg}"
+    );
+    // a factor alone replaces the default threshold, `null` turns it off
+    let (st, _) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "factor": 1.0}).to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "threshold": null, "factor": 1.0})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+/// A prompt with a token id the model has no embedding for is refused (422), not run.
+#[tokio::test]
+async fn token_ids_outside_the_vocabulary_are_422() {
+    let s = state_with_vocab(8, 4, Some(5));
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "In the beginning", "max_tokens": 8}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "In the beginning"}], "max_tokens": 8}),
+        ),
+    ] {
+        let (st, b) = call(&s, "POST", path, body.to_string()).await;
+        assert_eq!(
+            st,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        let v = json_of(&b);
+        assert_eq!(v["error"]["param"], "prompt");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("embedding_size=5"), "{msg}");
+    }
 }
 
 /// A full queue answers 429; waiting requests with the same settings and prompt length share a

@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::sampler::{self, Commit, PromptBatch, SamplerConfig, StepEvent};
+use llada::sampler::{
+    self, CacheMode, PromptBatch, PromptRules, Remasking, SamplerConfig, SamplerSettings, StepEvent,
+};
 use llada::{Checkpoint, Message, Rng};
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
@@ -26,8 +28,8 @@ pub struct SamplerArgs {
     #[arg(long)]
     pub block_length: Option<usize>,
     /// Confidence scoring: low_confidence or random [default: low_confidence].
-    #[arg(long)]
-    pub remasking: Option<String>,
+    #[arg(long, value_enum, hide_possible_values = true)]
+    pub remasking: Option<Remasking>,
     /// Gumbel-max temperature; 0 = greedy [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
@@ -41,14 +43,14 @@ pub struct SamplerArgs {
     #[arg(long)]
     pub confidence_eos_eot_inf: bool,
     /// Fast-dLLM: commit every prediction with confidence ≥ τ (at least one per step).
-    #[arg(long, conflicts_with = "factor", allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Fast-dLLM factor rule: commit the longest prefix of ranks n with (n+1)(1−c_n) ≤ f.
     #[arg(long, allow_negative_numbers = true)]
     pub factor: Option<f64>,
     /// Key/value cache between the steps of a block: none, prefix or dual (Fast-dLLM).
-    #[arg(long)]
-    pub cache: Option<String>,
+    #[arg(long, value_enum, hide_possible_values = true)]
+    pub cache: Option<CacheMode>,
     /// Stop as soon as the answer is final (an EOS/EOT committed with nothing masked before it);
     /// the decoded answer is unchanged, the rest becomes EOS padding.
     #[arg(long)]
@@ -59,53 +61,32 @@ pub struct SamplerArgs {
 }
 
 impl SamplerArgs {
-    /// Overrides the defaults with the flags given (no layout checks).
-    pub fn apply(&self, base: SamplerConfig) -> Result<SamplerConfig> {
-        let mut c = base;
-        if let Some(v) = self.gen_length {
-            // A new answer length carries the defaults along: one token per step, and the
-            // default block unless it no longer divides the answer (then pure diffusion).
-            c.gen_length = v;
-            c.steps = v;
-            if v == 0 || !v.is_multiple_of(c.block_length.max(1)) {
-                c.block_length = v;
-            }
+    /// The flags given, as the library's raw settings (a flag not given is `None`).
+    pub fn settings(&self) -> SamplerSettings {
+        SamplerSettings {
+            gen_length: self.gen_length,
+            steps: self.steps,
+            block_length: self.block_length,
+            remasking: self.remasking,
+            temperature: self.temperature,
+            cfg_scale: self.cfg_scale,
+            logits_eos_inf: self.logits_eos_inf.then_some(true),
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf.then_some(true),
+            threshold: self.threshold.map(Some),
+            factor: self.factor,
+            cache: self.cache,
+            early_stop: self.early_stop.then_some(true),
         }
-        if let Some(v) = self.steps {
-            c.steps = v;
-        }
-        if let Some(v) = self.block_length {
-            c.block_length = v;
-        }
-        if let Some(v) = &self.remasking {
-            c.remasking = v.parse()?;
-        }
-        if let Some(v) = self.temperature {
-            c.temperature = v;
-        }
-        if let Some(v) = self.cfg_scale {
-            c.cfg_scale = v;
-        }
-        c.logits_eos_inf |= self.logits_eos_inf;
-        c.confidence_eos_eot_inf |= self.confidence_eos_eot_inf;
-        if let Some(tau) = self.threshold {
-            c.commit = Commit::Threshold { tau };
-        }
-        if let Some(f) = self.factor {
-            c.commit = Commit::Factor { f };
-        }
-        if let Some(m) = &self.cache {
-            c.cache = m.parse()?;
-        }
-        c.early_stop |= self.early_stop;
-        Ok(c)
     }
 
-    /// [`SamplerArgs::apply`], then every check of [`SamplerConfig::validate`].
+    /// The flags over `base` without the layout checks ([`SamplerSettings::merge`]).
+    pub fn apply(&self, base: SamplerConfig) -> Result<SamplerConfig> {
+        Ok(self.settings().merge(&base)?)
+    }
+
+    /// The flags over `base`, checked ([`SamplerSettings::resolve`]).
     pub fn config(&self, base: SamplerConfig) -> Result<SamplerConfig> {
-        let c = self.apply(base)?;
-        c.validate()?;
-        Ok(c)
+        Ok(self.settings().resolve(&base)?)
     }
 }
 
@@ -240,15 +221,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             })
             .collect::<llada::Result<_>>()?
     };
-    if let Some(bad) = prompts
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= ck.config.embedding_size)
-    {
-        bail!(
-            "invalid prompt: token {bad} is outside the vocabulary (embedding_size {})",
-            ck.config.embedding_size
-        );
+    let rules = PromptRules::for_model(&ck.config, ck.special.mask);
+    for p in &prompts {
+        rules.check(p, cfg.gen_length)?;
     }
     let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
     let mut rng = Rng::new(a.sampler.seed);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 
+use llada::sampler::{CacheMode, SamplerConfig, SamplerSettings};
 use llada::server::{self, engine, openai::Defaults, AppState};
 use llada::Tokenizer;
 
@@ -36,8 +37,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.9")]
     pub default_threshold: String,
     /// Default cache: none, prefix or dual.
-    #[arg(long, default_value = "dual")]
-    pub default_cache: String,
+    #[arg(long, value_enum, default_value = "dual", hide_possible_values = true)]
+    pub default_cache: CacheMode,
     /// Name the model is served under (default: the folder name).
     #[arg(long)]
     pub name: Option<String>,
@@ -62,13 +63,25 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .context("--default-threshold must be a number in (0, 1] or off")?,
         ),
     };
+    let builtin = Defaults::default().sampler;
+    let base = SamplerSettings {
+        threshold: Some(threshold),
+        cache: Some(a.default_cache),
+        ..Default::default()
+    }
+    .merge(&builtin)?;
     let defaults = Defaults {
-        max_tokens: a.default_max_tokens,
-        threshold,
-        cache: a.default_cache.parse()?,
+        sampler: SamplerConfig {
+            gen_length: a.default_max_tokens,
+            steps: a.default_max_tokens,
+            ..base
+        },
         max_tokens_limit: ck.config.max_sequence_length,
-        ..Defaults::default()
     };
+    defaults
+        .check()
+        .context("the server's default sampler settings")?;
+    let vocab_size = ck.config.embedding_size;
     let max_len = ck.config.max_sequence_length;
     let handle = engine::start(
         ck,
@@ -82,6 +95,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tokenizer,
         model_name: name.clone(),
         max_sequence_length: max_len,
+        vocab_size,
         defaults,
         request_timeout: Duration::from_secs(a.timeout),
         started: Instant::now(),

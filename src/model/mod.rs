@@ -98,9 +98,11 @@ impl<P: MaskPredictor + ?Sized> MaskPredictor for Box<P> {
     }
 }
 
-/// Which keys/values are reused between the steps of a block (Fast-dLLM, reference §6.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Which keys/values are reused between the steps of a block (Fast-dLLM, reference §6.4). The
+/// names (`none`, `prefix`, `dual`) are the same for serde and clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum CacheMode {
     /// Every step is a full forward (the reference LLaDA sampler).
     #[default]
@@ -126,22 +128,15 @@ impl CacheMode {
 impl std::str::FromStr for CacheMode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(CacheMode::None),
-            "prefix" => Ok(CacheMode::Prefix),
-            "dual" => Ok(CacheMode::Dual),
-            _ => Err(Error::setting("cache", s, "must be none, prefix or dual")),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| Error::setting("cache", s, "must be none, prefix or dual"))
     }
 }
 
 impl std::fmt::Display for CacheMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CacheMode::None => "none",
-            CacheMode::Prefix => "prefix",
-            CacheMode::Dual => "dual",
-        })
+        let v = clap::ValueEnum::to_possible_value(self);
+        f.write_str(v.as_ref().map_or("", |v| v.get_name()))
     }
 }
 

@@ -13,8 +13,10 @@ pub mod commit;
 pub mod guidance;
 pub mod gumbel;
 pub mod predict;
+pub mod prompt;
 pub mod remask;
 pub mod schedule;
+pub mod settings;
 
 use std::ops::ControlFlow;
 
@@ -24,8 +26,10 @@ use serde::{Deserialize, Serialize};
 pub use crate::model::{CacheMode, MaskPredictor};
 pub use commit::Commit;
 pub use guidance::Guidance;
+pub use prompt::PromptRules;
 pub use remask::Remasking;
 pub use schedule::{num_transfer_tokens, BlockLoop, Blocks};
+pub use settings::SamplerSettings;
 
 use canvas::Canvas;
 
@@ -163,14 +167,10 @@ impl PromptBatch {
     }
 
     fn validate(&self, mask_id: u32) -> Result<usize> {
-        let p = self.ids.first().map(Vec::len).unwrap_or(0);
-        if self.ids.is_empty() || p == 0 {
-            return Err(Error::setting(
-                "prompt",
-                "empty",
-                "needs at least one token",
-            ));
-        }
+        let rules = PromptRules::mask_only(mask_id);
+        let first = self.ids.first().map(Vec::as_slice).unwrap_or_default();
+        rules.check(first, 0)?;
+        let p = first.len();
         if self.ids.iter().any(|r| r.len() != p) {
             return Err(Error::setting(
                 "prompt",
@@ -187,12 +187,8 @@ impl PromptBatch {
                 ));
             }
         }
-        if let Some(pos) = self.ids.iter().flatten().position(|&t| t == mask_id) {
-            return Err(Error::setting(
-                "prompt",
-                format!("mask id {mask_id} at index {}", pos % p),
-                "a prompt must not contain the mask token (prompt positions are the non-mask ones)",
-            ));
+        for row in &self.ids {
+            rules.check(row, 0)?;
         }
         Ok(p)
     }
@@ -355,7 +351,7 @@ fn denoise(
     let mask_id = special.mask;
     let mut canvas = Canvas::new(x, p, mask_id);
     let (b, l) = (canvas.batch(), canvas.len());
-    check_length(model, p, l)?;
+    prompt::check_length(p, l - p, model.max_sequence_length())?;
     let device = model.device();
     let guidance = cfg.guidance();
     let key_mask = match key_mask {
@@ -423,22 +419,6 @@ fn denoise(
         canvas.pad_finished(special.eos);
     }
     Ok(canvas.into_generation(nfe, step))
-}
-
-/// Refuses a canvas longer than the model supports.
-fn check_length(model: &dyn MaskPredictor, p: usize, l: usize) -> Result<()> {
-    let max = model.max_sequence_length();
-    if l > max {
-        let g = l - p;
-        return Err(Error::setting(
-            "gen_length",
-            g,
-            format!(
-                "prompt ({p} tokens) + answer ({g}) = {l} exceeds the model's max_sequence_length={max}"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Whether an answer is final: some EOS/EOT is committed and nothing before the first one is

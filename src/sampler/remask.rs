@@ -3,9 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How confidence is scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How confidence is scored. The names (`low_confidence`, `random`) are the reference's, the same
+/// for serde and clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Remasking {
     /// The probability (softmax at temperature 1) of the chosen token.
     #[default]
@@ -17,23 +19,14 @@ pub enum Remasking {
 impl std::str::FromStr for Remasking {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
-            "low_confidence" => Ok(Remasking::LowConfidence),
-            "random" => Ok(Remasking::Random),
-            _ => Err(crate::Error::setting(
-                "remasking",
-                s,
-                "must be low_confidence or random",
-            )),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| crate::Error::setting("remasking", s, "must be low_confidence or random"))
     }
 }
 
 impl std::fmt::Display for Remasking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Remasking::LowConfidence => "low_confidence",
-            Remasking::Random => "random",
-        })
+        let v = clap::ValueEnum::to_possible_value(self);
+        f.write_str(v.as_ref().map_or("", |v| v.get_name()))
     }
 }

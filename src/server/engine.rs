@@ -313,6 +313,11 @@ fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
         &mut on_step,
     );
     let seconds = t0.elapsed().as_secs_f64();
+    let r = match r {
+        Ok(g) => Ok(g),
+        Err(crate::Error::Cancelled) => return,
+        Err(e) => Err(ApiError::from(e)),
+    };
     for (k, j) in jobs.iter().enumerate() {
         if j.cancel.load(Ordering::SeqCst) {
             continue;
@@ -325,8 +330,7 @@ fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
                 seconds,
                 batch_size: jobs.len(),
             }),
-            Err(crate::Error::Cancelled) => continue,
-            Err(e) => Err(ApiError::Internal(e.to_string())),
+            Err(e) => Err(e.clone()),
         };
         let _ = j.events.send(Event::Done(out));
     }

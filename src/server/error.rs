@@ -99,25 +99,42 @@ impl ApiError {
     }
 }
 
+/// The one mapping of library errors to API errors, by variant: what the user sent is 422 (413
+/// when prompt + answer exceed the context); a cancelled job stays "cancelled"; anything else is
+/// the server's fault: 500 with a generic message, and the cause goes to the log.
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
+        use crate::Error as E;
         match e {
-            crate::Error::InvalidSetting { name, value, rule } => {
-                let message = format!("invalid setting {name}={value}: {rule}");
-                if rule.contains("max_sequence_length") {
-                    ApiError::TooLong(message)
-                } else {
-                    ApiError::Invalid {
-                        param: name,
-                        message,
-                    }
-                }
+            E::InvalidSetting { ref name, .. } => ApiError::Invalid {
+                param: name.clone(),
+                message: e.to_string(),
+            },
+            E::Config { ref key, .. } => ApiError::Invalid {
+                param: key.clone(),
+                message: e.to_string(),
+            },
+            E::TooLong {
+                prompt,
+                answer,
+                max,
+            } => ApiError::TooLong(format!(
+                "prompt ({prompt} tokens) + max_tokens ({answer}) exceeds the model's context of {max} tokens"
+            )),
+            E::Template(e) => ApiError::invalid("messages", format!("chat template: {e}")),
+            E::Cancelled => ApiError::Internal("cancelled".into()),
+            E::UnsupportedArchitecture { .. }
+            | E::MissingTensor { .. }
+            | E::TensorShape { .. }
+            | E::Checkpoint { .. }
+            | E::Io { .. }
+            | E::Json { .. }
+            | E::DataLine { .. }
+            | E::Tokenizer(_)
+            | E::Tensor(_) => {
+                tracing::error!("request failed inside the engine: {e}");
+                ApiError::Internal("internal error: the server failed on this request".into())
             }
-            crate::Error::Template(e) => {
-                ApiError::invalid("messages", format!("chat template: {e}"))
-            }
-            crate::Error::Cancelled => ApiError::Internal("cancelled".into()),
-            other => ApiError::Internal(other.to_string()),
         }
     }
 }

@@ -24,8 +24,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use self::engine::{EngineHandle, Event, Job, JobKind, Output};
 use self::error::ApiError;
-use self::openai::{Defaults, SamplerFields, Usage, ValidGeneration};
-use crate::score::ScoreConfig;
+use self::openai::{Defaults, RequestFields, Usage, ValidGeneration};
+use crate::sampler::PromptRules;
+use crate::score::{ScoreConfig, DEFAULT_BATCH, DEFAULT_MC_NUM};
 use crate::tokenizer::Tokenizer;
 
 /// The live denoising page.
@@ -37,6 +38,8 @@ pub struct AppState {
     pub tokenizer: Tokenizer,
     pub model_name: String,
     pub max_sequence_length: usize,
+    /// Token ids of a prompt must be below it (the model's `embedding_size`).
+    pub vocab_size: usize,
     pub defaults: Defaults,
     pub request_timeout: Duration,
     pub started: Instant,
@@ -103,7 +106,7 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn check_model(s: &AppState, f: &SamplerFields) -> Result<(), ApiError> {
+fn check_model(s: &AppState, f: &RequestFields) -> Result<(), ApiError> {
     match &f.model {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(m)) if m == &s.model_name || m == "llada" => Ok(()),
@@ -164,7 +167,7 @@ fn answer_text(
     stop: &[String],
 ) -> Result<(String, bool, usize), ApiError> {
     let sp = tok.special();
-    let end = ids.iter().position(|&t| t == sp.eos || Some(t) == sp.eot);
+    let end = sp.answer_end(ids);
     let used = end.unwrap_or(ids.len());
     let mut text = tok.decode(&ids[..used], true).map_err(ApiError::from)?;
     let mut stopped = end.is_some();
@@ -182,7 +185,7 @@ fn committed_prefix(tok: &Tokenizer, canvas: &[u32]) -> Option<String> {
     let sp = tok.special();
     let mut end = 0;
     for &t in canvas {
-        if t == sp.mask || t == sp.eos || Some(t) == sp.eot {
+        if t == sp.mask || sp.ends_answer(t) {
             break;
         }
         end += 1;
@@ -203,10 +206,10 @@ struct Request {
 
 fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> {
     let v = parse_body(body)?;
-    let fields: SamplerFields =
+    let fields: RequestFields =
         serde_json::from_value(v.clone()).map_err(|e| ApiError::invalid("body", e.to_string()))?;
     check_model(s, &fields)?;
-    let gen = openai::validate_generation(&fields, &s.defaults)?;
+    let gen = openai::validate_generation(&v, &s.defaults)?;
     let prompts = match kind {
         Kind::Chat => {
             let msgs = openai::parse_messages(v.get("messages").unwrap_or(&Value::Null))?;
@@ -218,30 +221,13 @@ fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> 
             .collect::<Result<_, _>>()
             .map_err(ApiError::from)?,
     };
+    let rules = PromptRules {
+        mask_id: s.tokenizer.special().mask,
+        vocab_size: Some(s.vocab_size),
+        max_sequence_length: Some(s.max_sequence_length),
+    };
     for p in &prompts {
-        if p.is_empty() {
-            return Err(ApiError::invalid(
-                match kind {
-                    Kind::Chat => "messages",
-                    Kind::Completion => "prompt",
-                },
-                "the prompt is empty",
-            ));
-        }
-        if p.len() + gen.cfg.gen_length > s.max_sequence_length {
-            return Err(ApiError::TooLong(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {} tokens",
-                p.len(),
-                gen.cfg.gen_length,
-                s.max_sequence_length
-            )));
-        }
-        if p.contains(&s.tokenizer.special().mask) {
-            return Err(ApiError::invalid(
-                "prompt",
-                "the prompt must not contain the mask token",
-            ));
-        }
+        rules.check(p, gen.cfg.gen_length).map_err(ApiError::from)?;
     }
     if gen.stream && prompts.len() > 1 {
         return Err(ApiError::invalid(
@@ -478,7 +464,7 @@ fn stream_events(
 async fn score(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = (|| -> Result<JobKind, ApiError> {
         let v = parse_body(&body)?;
-        let fields: SamplerFields = serde_json::from_value(v.clone())
+        let fields: RequestFields = serde_json::from_value(v.clone())
             .map_err(|e| ApiError::invalid("body", e.to_string()))?;
         check_model(&s, &fields)?;
         let text = |k: &str| -> Result<String, ApiError> {
@@ -513,8 +499,8 @@ async fn score(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             }
         };
         let cfg = ScoreConfig {
-            mc_num: num("mc_num", 32, 4096)?,
-            batch: num("batch", 16, 256)?,
+            mc_num: num("mc_num", DEFAULT_MC_NUM, 4096)?,
+            batch: num("batch", DEFAULT_BATCH, 256)?,
             cfg_scale: match v.get("cfg_scale") {
                 None | Some(Value::Null) => 0.0,
                 Some(x) => x

@@ -6,45 +6,24 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::chat::Message;
-use crate::sampler::{CacheMode, Commit, Remasking, SamplerConfig};
+use crate::error::Result as LibResult;
+use crate::sampler::{CacheMode, Commit, SamplerConfig, SamplerSettings};
 
-/// A field that is `Some(Value::Null)` when the request says `null` and `None` when it is absent
-/// (`"threshold": null` turns the default threshold off).
+/// A field that is `Some(Value::Null)` when the request says `null` and `None` when it is absent.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 
-/// Sampler options accepted as extra fields of the OpenAI requests.
+/// The OpenAI fields of a request that are not sampler settings (those are read into a
+/// [`SamplerSettings`] from the same body).
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct SamplerFields {
+pub struct RequestFields {
     #[serde(default, deserialize_with = "present")]
     pub max_tokens: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     pub max_completion_tokens: Option<Value>,
     #[serde(default, deserialize_with = "present")]
-    pub temperature: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
     pub seed: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub steps: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub block_length: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub remasking: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub cfg_scale: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub threshold: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub factor: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub cache: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub early_stop: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub logits_eos_inf: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
-    pub confidence_eos_eot_inf: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     pub n: Option<Value>,
     #[serde(default, deserialize_with = "present")]
@@ -58,14 +37,19 @@ pub struct SamplerFields {
     pub model: Option<Value>,
 }
 
+/// The server's default answer length (`max_tokens`).
+pub const DEFAULT_MAX_TOKENS: usize = 64;
+/// The server's default block length (kept when it divides the answer length).
+pub const DEFAULT_BLOCK_LENGTH: usize = 32;
+/// The server's default commit rule: the Fast-dLLM threshold.
+pub const DEFAULT_THRESHOLD: f64 = 0.9;
+
 /// Server-wide defaults for fields a request leaves out.
 #[derive(Debug, Clone, Serialize)]
 pub struct Defaults {
-    pub max_tokens: usize,
-    pub block_length: usize,
-    pub threshold: Option<f64>,
-    pub cache: CacheMode,
-    pub early_stop: bool,
+    /// The base of every request's [`SamplerSettings::resolve`]; its `gen_length` is the default
+    /// `max_tokens`.
+    pub sampler: SamplerConfig,
     /// Longest answer a request may ask for.
     pub max_tokens_limit: usize,
 }
@@ -73,13 +57,38 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
-            max_tokens: 64,
-            block_length: 32,
-            threshold: Some(0.9),
-            cache: CacheMode::Dual,
-            early_stop: true,
+            sampler: SamplerConfig {
+                gen_length: DEFAULT_MAX_TOKENS,
+                steps: DEFAULT_MAX_TOKENS,
+                block_length: DEFAULT_BLOCK_LENGTH,
+                commit: Commit::Threshold {
+                    tau: DEFAULT_THRESHOLD,
+                },
+                cache: CacheMode::Dual,
+                early_stop: true,
+                ..Default::default()
+            },
             max_tokens_limit: 1024,
         }
+    }
+}
+
+impl Defaults {
+    /// A request's settings over the defaults. The answer length is always given (the request's
+    /// or the default `max_tokens`), so `steps` and `block_length` follow it by the rule of
+    /// [`SamplerSettings::resolve`] either way.
+    pub fn resolve(
+        &self,
+        mut settings: SamplerSettings,
+        max_tokens: Option<usize>,
+    ) -> LibResult<SamplerConfig> {
+        settings.gen_length = Some(max_tokens.unwrap_or(self.sampler.gen_length));
+        settings.resolve(&self.sampler)
+    }
+
+    /// Checks the defaults themselves: a request that gives nothing must be valid.
+    pub fn check(&self) -> LibResult<()> {
+        self.resolve(SamplerSettings::default(), None).map(drop)
     }
 }
 
@@ -99,19 +108,6 @@ fn as_usize(v: &Value, name: &str, min: usize, max: usize) -> Result<usize, ApiE
     Ok(n as usize)
 }
 
-fn as_f64(v: &Value, name: &str, min: f64, max: f64) -> Result<f64, ApiError> {
-    let x = v
-        .as_f64()
-        .ok_or_else(|| ApiError::invalid(name, format!("{name} must be a number, got {v}")))?;
-    if !x.is_finite() || x < min || x > max {
-        return Err(ApiError::invalid(
-            name,
-            format!("{name}={x} must be between {min} and {max}"),
-        ));
-    }
-    Ok(x)
-}
-
 fn as_bool(v: &Value, name: &str) -> Result<bool, ApiError> {
     v.as_bool()
         .ok_or_else(|| ApiError::invalid(name, format!("{name} must be true or false, got {v}")))
@@ -120,6 +116,23 @@ fn as_bool(v: &Value, name: &str) -> Result<bool, ApiError> {
 fn as_str<'a>(v: &'a Value, name: &str) -> Result<&'a str, ApiError> {
     v.as_str()
         .ok_or_else(|| ApiError::invalid(name, format!("{name} must be a string, got {v}")))
+}
+
+/// The server's own bounds on values from the network, on top of the sampler's rules.
+fn check_limits(s: &SamplerSettings) -> Result<(), ApiError> {
+    for (name, v, max) in [
+        ("temperature", s.temperature, 100.0),
+        ("cfg_scale", s.cfg_scale, 100.0),
+        ("factor", s.factor, 1e6),
+    ] {
+        if let Some(x) = v.filter(|&x| x > max) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name}={x} must be at most {max}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checked generation settings of a request.
@@ -132,86 +145,24 @@ pub struct ValidGeneration {
     pub stop: Vec<String>,
 }
 
-/// Checks the sampler fields into settings; `None` values take the server defaults.
-pub fn validate_generation(f: &SamplerFields, d: &Defaults) -> Result<ValidGeneration, ApiError> {
+/// Checks a request body into settings: the OpenAI fields here, the sampler fields through
+/// [`SamplerSettings`] over the server defaults.
+pub fn validate_generation(body: &Value, d: &Defaults) -> Result<ValidGeneration, ApiError> {
+    let f: RequestFields = serde_json::from_value(body.clone())
+        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
     if let Some(n) = &f.n {
         if as_usize(n, "n", 1, 1)? != 1 {
             return Err(ApiError::invalid("n", "only n=1 is supported"));
         }
     }
     let max_tokens = match (&f.max_completion_tokens, &f.max_tokens) {
-        (Some(v), _) => as_usize(v, "max_completion_tokens", 1, d.max_tokens_limit)?,
-        (None, Some(v)) => as_usize(v, "max_tokens", 1, d.max_tokens_limit)?,
-        (None, None) => d.max_tokens,
+        (Some(v), _) => Some(as_usize(v, "max_completion_tokens", 1, d.max_tokens_limit)?),
+        (None, Some(v)) => Some(as_usize(v, "max_tokens", 1, d.max_tokens_limit)?),
+        (None, None) => None,
     };
-    let mut cfg = SamplerConfig {
-        gen_length: max_tokens,
-        steps: max_tokens,
-        block_length: if max_tokens.is_multiple_of(d.block_length) {
-            d.block_length
-        } else {
-            max_tokens
-        },
-        cache: d.cache,
-        early_stop: d.early_stop,
-        commit: match d.threshold {
-            Some(tau) => Commit::Threshold { tau },
-            None => Commit::TopK,
-        },
-        ..Default::default()
-    };
-    if let Some(v) = &f.steps {
-        cfg.steps = as_usize(v, "steps", 1, max_tokens)?;
-    }
-    if let Some(v) = &f.block_length {
-        cfg.block_length = as_usize(v, "block_length", 1, max_tokens)?;
-    }
-    if let Some(v) = &f.temperature {
-        cfg.temperature = as_f64(v, "temperature", 0.0, 100.0)?;
-    }
-    if let Some(v) = &f.remasking {
-        cfg.remasking = as_str(v, "remasking")?.parse::<Remasking>().map_err(|_| {
-            ApiError::invalid("remasking", "remasking must be low_confidence or random")
-        })?;
-    }
-    if let Some(v) = &f.cfg_scale {
-        cfg.cfg_scale = as_f64(v, "cfg_scale", 0.0, 100.0)?;
-        if cfg.cfg_scale > 0.0 && f.cache.is_none() {
-            cfg.cache = CacheMode::None; // the caches do not support guidance
-        }
-    }
-    match (&f.threshold, &f.factor) {
-        (Some(Value::Null), _) => cfg.commit = Commit::TopK,
-        (Some(v), _) => {
-            cfg.commit = Commit::Threshold {
-                tau: as_f64(v, "threshold", f64::MIN_POSITIVE, 1.0)?,
-            }
-        }
-        (None, Some(v)) => {
-            cfg.commit = Commit::Factor {
-                f: as_f64(v, "factor", f64::MIN_POSITIVE, 1e6)?,
-            }
-        }
-        (None, None) => {}
-    }
-    if let Some(v) = &f.cache {
-        cfg.cache = as_str(v, "cache")?
-            .parse::<CacheMode>()
-            .map_err(|_| ApiError::invalid("cache", "cache must be none, prefix or dual"))?;
-    }
-    if let Some(v) = &f.early_stop {
-        cfg.early_stop = as_bool(v, "early_stop")?;
-    }
-    if let Some(v) = &f.logits_eos_inf {
-        cfg.logits_eos_inf = as_bool(v, "logits_eos_inf")?;
-    }
-    if let Some(v) = &f.confidence_eos_eot_inf {
-        cfg.confidence_eos_eot_inf = as_bool(v, "confidence_eos_eot_inf")?;
-    }
-    if f.steps.is_none() && cfg.commit == Commit::TopK {
-        cfg.steps = max_tokens;
-    }
-    cfg.validate().map_err(ApiError::from)?;
+    let settings = SamplerSettings::from_json(body)?;
+    check_limits(&settings)?;
+    let cfg = d.resolve(settings, max_tokens)?;
     let seed = match &f.seed {
         Some(Value::Null) | None => 0,
         Some(v) => v
@@ -334,21 +285,49 @@ pub struct Usage {
 mod tests {
     use super::*;
 
-    fn fields(v: serde_json::Value) -> SamplerFields {
-        serde_json::from_value(v).unwrap()
-    }
-
     #[test]
     fn defaults_and_overrides() {
         let d = Defaults::default();
-        let g = validate_generation(&fields(serde_json::json!({"max_tokens": 32})), &d).unwrap();
+        let g = validate_generation(&(serde_json::json!({"max_tokens": 32})), &d).unwrap();
         assert_eq!(g.cfg.gen_length, 32);
         assert_eq!(g.cfg.cache, CacheMode::Dual);
-        let g = validate_generation(&fields(serde_json::json!({"max_tokens": 16, "threshold": null, "cache": "none", "steps": 8, "block_length": 16})), &d).unwrap();
+        let g = validate_generation(&(serde_json::json!({"max_tokens": 16, "threshold": null, "cache": "none", "steps": 8, "block_length": 16})), &d).unwrap();
         assert_eq!(
             (g.cfg.commit, g.cfg.cache, g.cfg.steps),
             (Commit::TopK, CacheMode::None, 8)
         );
+    }
+
+    #[test]
+    fn the_defaults_are_the_servers() {
+        let d = Defaults::default();
+        d.check().unwrap();
+        let g = validate_generation(&serde_json::json!({}), &d).unwrap();
+        assert_eq!(
+            (g.cfg.gen_length, g.cfg.steps, g.cfg.block_length),
+            (64, 64, 32)
+        );
+        assert_eq!(g.cfg.commit, Commit::Threshold { tau: 0.9 });
+        assert!(g.cfg.early_stop);
+        // an answer length the default block does not divide is one block
+        let g = validate_generation(&serde_json::json!({"max_tokens": 48}), &d).unwrap();
+        assert_eq!((g.cfg.steps, g.cfg.block_length), (48, 48));
+        // the default cache gives way to guidance; an asked-for one is an error
+        let g = validate_generation(&serde_json::json!({"cfg_scale": 1.5}), &d).unwrap();
+        assert_eq!(g.cfg.cache, CacheMode::None);
+        let e = validate_generation(&serde_json::json!({"cfg_scale": 1.5, "cache": "dual"}), &d);
+        assert!(matches!(e, Err(ApiError::Invalid { param, .. }) if param == "cache"));
+        // a factor replaces the default threshold; with an explicit threshold it is an error
+        let g = validate_generation(&serde_json::json!({"factor": 2.0}), &d).unwrap();
+        assert_eq!(g.cfg.commit, Commit::Factor { f: 2.0 });
+        let e = validate_generation(&serde_json::json!({"threshold": 0.8, "factor": 2.0}), &d);
+        match e {
+            Err(ApiError::Invalid { param, message }) => {
+                assert_eq!(param, "threshold");
+                assert!(message.contains("factor=2"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -366,8 +345,13 @@ mod tests {
             (serde_json::json!({"cache": "quad"}), "cache"),
             (serde_json::json!({"n": 3}), "n"),
             (serde_json::json!({"stream": "yes"}), "stream"),
+            (serde_json::json!({"temperature": "hot"}), "temperature"),
+            (serde_json::json!({"temperature": 1000.0}), "temperature"),
+            (serde_json::json!({"steps": null}), "steps"),
+            (serde_json::json!({"remasking": "lowest"}), "remasking"),
+            (serde_json::json!({"factor": 1e7}), "factor"),
         ] {
-            match validate_generation(&fields(v.clone()), &d) {
+            match validate_generation(&v, &d) {
                 Err(ApiError::Invalid { param, .. }) => assert_eq!(param, field, "{v}"),
                 other => panic!("{v}: {other:?}"),
             }

@@ -1,0 +1,407 @@
+//! The one path from a user's raw choices to a checked [`SamplerConfig`]: the CLI's flags and
+//! the server's JSON fields both become a [`SamplerSettings`], and [`SamplerSettings::resolve`]
+//! applies the defaulting rules and every check, so the two front ends cannot disagree.
+//!
+//! The rules, in order:
+//! 1. `threshold` and `factor` are two commit rules: giving both is an error naming both.
+//!    (`threshold: None` inside `Some`, the server's `"threshold": null`, only turns a default
+//!    threshold off and combines with nothing.)
+//! 2. Every choice left out takes the `base` value (the caller's defaults: the reference's for the
+//!    CLI, the server's own for the server).
+//! 3. A new `gen_length` carries the defaults along: one token per step (`steps` = it), and the
+//!    base block unless the block no longer divides it (then one block: pure diffusion). An
+//!    explicit `steps` or `block_length` still wins.
+//! 4. A cache that came from `base` (not asked for) is turned off when classifier-free guidance
+//!    is on: the caches do not support it. A cache that was asked for with `cfg_scale` > 0 is an
+//!    error ([`SamplerConfig::validate`]).
+//! 5. [`SamplerConfig::validate`].
+
+use serde::{Deserialize, Deserializer};
+
+use super::{CacheMode, Commit, Remasking, SamplerConfig};
+use crate::error::{Error, Result};
+
+/// The raw sampler choices of a user: `None` = not given (take the default). Deserialized from
+/// the server's JSON (keys as below; `null` is rejected except for `threshold`, where it turns a
+/// default threshold off) and filled from the CLI's flags.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SamplerSettings {
+    /// Answer length in tokens.
+    #[serde(deserialize_with = "given")]
+    pub gen_length: Option<usize>,
+    /// Denoising steps over all blocks.
+    #[serde(deserialize_with = "given")]
+    pub steps: Option<usize>,
+    /// Semi-autoregressive block length.
+    #[serde(deserialize_with = "given")]
+    pub block_length: Option<usize>,
+    /// Confidence scoring.
+    #[serde(deserialize_with = "given")]
+    pub remasking: Option<Remasking>,
+    /// Gumbel-max temperature; 0 = greedy.
+    #[serde(deserialize_with = "given")]
+    pub temperature: Option<f64>,
+    /// Classifier-free guidance scale; 0 = off.
+    #[serde(deserialize_with = "given")]
+    pub cfg_scale: Option<f64>,
+    /// Never generate EOS.
+    #[serde(deserialize_with = "given")]
+    pub logits_eos_inf: Option<bool>,
+    /// EOS/EOT predictions get confidence 0.
+    #[serde(deserialize_with = "given")]
+    pub confidence_eos_eot_inf: Option<bool>,
+    /// Fast-dLLM threshold rule: `Some(Some(τ))` commits every prediction with confidence ≥ τ,
+    /// `Some(None)` turns a default threshold off (the reference top-k schedule).
+    #[serde(deserialize_with = "given_or_null")]
+    pub threshold: Option<Option<f64>>,
+    /// Fast-dLLM factor rule.
+    #[serde(deserialize_with = "given")]
+    pub factor: Option<f64>,
+    /// Key/value cache between the steps of a block.
+    #[serde(deserialize_with = "given")]
+    pub cache: Option<CacheMode>,
+    /// Stop as soon as the answer is final.
+    #[serde(deserialize_with = "given")]
+    pub early_stop: Option<bool>,
+}
+
+/// A present field must hold a value (`null` is an error, as a wrong type is).
+fn given<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A present field is `Some(None)` when it is `null`.
+fn given_or_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl SamplerSettings {
+    /// Reads the settings from the keys of a JSON object; other keys are ignored (a request body
+    /// carries more than sampler settings). A value of the wrong type, `null` where a value is
+    /// needed or an unknown choice is an error naming its key.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        Self::deserialize(v).map_err(|e| {
+            // serde's message does not name the field: find the first key that fails alone
+            let culprit = v.as_object().and_then(|m| {
+                m.iter().find(|(k, x)| {
+                    let one = serde_json::Value::Object(
+                        [((*k).clone(), (*x).clone())].into_iter().collect(),
+                    );
+                    Self::deserialize(&one).is_err()
+                })
+            });
+            match culprit {
+                Some((k, x)) => Error::setting(k, x, e.to_string()),
+                None => Error::setting("sampler settings", v, e.to_string()),
+            }
+        })
+    }
+
+    /// Rules 1–4 of the module: the settings over `base`, without the final
+    /// [`SamplerConfig::validate`]. For callers that check the layout against something else
+    /// (infilling, whose answer region comes from the text; left-to-right sampling, which has no
+    /// blocks); everyone else calls [`SamplerSettings::resolve`].
+    pub fn merge(&self, base: &SamplerConfig) -> Result<SamplerConfig> {
+        if let (Some(Some(tau)), Some(f)) = (self.threshold, self.factor) {
+            return Err(Error::setting(
+                "threshold",
+                tau,
+                format!(
+                    "cannot be combined with factor={f}: give one commit rule, threshold or factor"
+                ),
+            ));
+        }
+        let mut c = base.clone();
+        if let Some(v) = self.gen_length {
+            c.gen_length = v;
+            c.steps = v;
+            if v == 0 || !v.is_multiple_of(c.block_length.max(1)) {
+                c.block_length = v;
+            }
+        }
+        if let Some(v) = self.steps {
+            c.steps = v;
+        }
+        if let Some(v) = self.block_length {
+            c.block_length = v;
+        }
+        if let Some(v) = self.remasking {
+            c.remasking = v;
+        }
+        if let Some(v) = self.temperature {
+            c.temperature = v;
+        }
+        if let Some(v) = self.cfg_scale {
+            c.cfg_scale = v;
+        }
+        if let Some(v) = self.logits_eos_inf {
+            c.logits_eos_inf = v;
+        }
+        if let Some(v) = self.confidence_eos_eot_inf {
+            c.confidence_eos_eot_inf = v;
+        }
+        match (self.threshold, self.factor) {
+            (Some(Some(tau)), _) => c.commit = Commit::Threshold { tau },
+            (_, Some(f)) => c.commit = Commit::Factor { f },
+            (Some(None), None) => c.commit = Commit::TopK,
+            (None, None) => {}
+        }
+        match self.cache {
+            Some(m) => c.cache = m,
+            None if c.cfg_scale > 0.0 => c.cache = CacheMode::None,
+            None => {}
+        }
+        if let Some(v) = self.early_stop {
+            c.early_stop = v;
+        }
+        Ok(c)
+    }
+
+    /// Every rule of the module: the settings over `base`, checked.
+    pub fn resolve(&self, base: &SamplerConfig) -> Result<SamplerConfig> {
+        let c = self.merge(base)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> SamplerConfig {
+        SamplerConfig {
+            gen_length: 64,
+            steps: 64,
+            block_length: 32,
+            commit: Commit::Threshold { tau: 0.9 },
+            cache: CacheMode::Dual,
+            early_stop: true,
+            ..Default::default()
+        }
+    }
+
+    fn name_of(e: Error) -> String {
+        match e {
+            Error::InvalidSetting { name, .. } => name,
+            Error::TooLong { .. } => "gen_length".into(),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn nothing_given_is_the_base() {
+        assert_eq!(SamplerSettings::default().resolve(&base()).unwrap(), base());
+        assert_eq!(
+            SamplerSettings::default()
+                .resolve(&SamplerConfig::default())
+                .unwrap(),
+            SamplerConfig::default()
+        );
+    }
+
+    #[test]
+    fn threshold_with_factor_is_an_error_naming_both() {
+        let s = SamplerSettings {
+            threshold: Some(Some(0.8)),
+            factor: Some(1.5),
+            ..Default::default()
+        };
+        let e = s.resolve(&base()).unwrap_err().to_string();
+        assert!(
+            e.contains("threshold=0.8") && e.contains("factor=1.5"),
+            "{e}"
+        );
+        // the same in merge (infilling, --ar)
+        assert!(s.merge(&base()).is_err());
+        // `null` only turns the default off, so it combines with a factor
+        let s = SamplerSettings {
+            threshold: Some(None),
+            factor: Some(1.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.resolve(&base()).unwrap().commit,
+            Commit::Factor { f: 1.5 }
+        );
+        // a factor replaces a default threshold, `null` turns it off
+        let s = SamplerSettings {
+            factor: Some(2.0),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.resolve(&base()).unwrap().commit,
+            Commit::Factor { f: 2.0 }
+        );
+        let s = SamplerSettings {
+            threshold: Some(None),
+            ..Default::default()
+        };
+        assert_eq!(s.resolve(&base()).unwrap().commit, Commit::TopK);
+    }
+
+    #[test]
+    fn cache_with_guidance_errs_when_asked_for_and_is_dropped_when_defaulted() {
+        let asked = SamplerSettings {
+            cfg_scale: Some(1.0),
+            cache: Some(CacheMode::Prefix),
+            ..Default::default()
+        };
+        let e = asked.resolve(&base()).unwrap_err().to_string();
+        assert!(
+            e.contains("cache=prefix") && e.contains("cfg_scale=1"),
+            "{e}"
+        );
+        let defaulted = SamplerSettings {
+            cfg_scale: Some(1.0),
+            ..Default::default()
+        };
+        let c = defaulted.resolve(&base()).unwrap();
+        assert_eq!((c.cache, c.cfg_scale), (CacheMode::None, 1.0));
+        // an explicit `none` is fine, and a cache without guidance stays
+        let none = SamplerSettings {
+            cfg_scale: Some(1.0),
+            cache: Some(CacheMode::None),
+            ..Default::default()
+        };
+        assert_eq!(none.resolve(&base()).unwrap().cache, CacheMode::None);
+        let zero = SamplerSettings {
+            cfg_scale: Some(0.0),
+            ..Default::default()
+        };
+        assert_eq!(zero.resolve(&base()).unwrap().cache, CacheMode::Dual);
+    }
+
+    #[test]
+    fn a_new_gen_length_carries_steps_and_block_length_along() {
+        let with = |g: usize| SamplerSettings {
+            gen_length: Some(g),
+            ..Default::default()
+        };
+        let c = with(96).resolve(&base()).unwrap();
+        assert_eq!((c.gen_length, c.steps, c.block_length), (96, 96, 32));
+        let c = with(48).resolve(&base()).unwrap();
+        assert_eq!((c.gen_length, c.steps, c.block_length), (48, 48, 48));
+        let s = SamplerSettings {
+            gen_length: Some(48),
+            steps: Some(12),
+            block_length: Some(16),
+            ..Default::default()
+        };
+        let c = s.resolve(&base()).unwrap();
+        assert_eq!((c.gen_length, c.steps, c.block_length), (48, 12, 16));
+        // a base block of 0 (infilling: the whole region) is kept
+        let infill = SamplerConfig {
+            steps: 5,
+            block_length: 0,
+            ..Default::default()
+        };
+        let c = with(8).merge(&infill).unwrap();
+        assert_eq!((c.steps, c.block_length), (8, 0));
+    }
+
+    #[test]
+    fn every_choice_overrides_the_base() {
+        let s = SamplerSettings {
+            remasking: Some(Remasking::Random),
+            temperature: Some(0.5),
+            logits_eos_inf: Some(true),
+            confidence_eos_eot_inf: Some(true),
+            threshold: Some(Some(0.7)),
+            cache: Some(CacheMode::Prefix),
+            early_stop: Some(false),
+            ..Default::default()
+        };
+        let c = s.resolve(&base()).unwrap();
+        assert_eq!(
+            c,
+            SamplerConfig {
+                remasking: Remasking::Random,
+                temperature: 0.5,
+                logits_eos_inf: true,
+                confidence_eos_eot_inf: true,
+                commit: Commit::Threshold { tau: 0.7 },
+                cache: CacheMode::Prefix,
+                early_stop: false,
+                ..base()
+            }
+        );
+    }
+
+    #[test]
+    fn each_bad_value_is_an_error_naming_its_field() {
+        for (s, field) in [
+            (json!({"gen_length": 0}), "gen_length"),
+            (json!({"gen_length": 60, "block_length": 7}), "gen_length"),
+            (json!({"steps": 0}), "steps"),
+            (json!({"steps": 11}), "steps"),
+            (json!({"block_length": 0}), "block_length"),
+            (json!({"temperature": -1.0}), "temperature"),
+            (json!({"cfg_scale": -0.5}), "cfg_scale"),
+            (json!({"threshold": 1.5}), "threshold"),
+            (json!({"threshold": 0.0}), "threshold"),
+            (json!({"factor": 0.0}), "factor"),
+            (json!({"cfg_scale": 2.0, "cache": "dual"}), "cache"),
+            (json!({"threshold": 0.5, "factor": 1.0}), "threshold"),
+        ] {
+            let settings = SamplerSettings::from_json(&s).unwrap();
+            let e = settings.resolve(&base()).unwrap_err();
+            assert_eq!(name_of(e), field, "{s}");
+        }
+    }
+
+    #[test]
+    fn json_types_and_choices_are_checked_naming_the_key() {
+        let s = SamplerSettings::from_json(&json!({
+            "steps": 8, "remasking": "random", "cache": "prefix", "threshold": null,
+            "early_stop": false, "prompt": "other keys are ignored", "max_tokens": 5
+        }))
+        .unwrap();
+        assert_eq!(
+            s,
+            SamplerSettings {
+                steps: Some(8),
+                remasking: Some(Remasking::Random),
+                cache: Some(CacheMode::Prefix),
+                threshold: Some(None),
+                early_stop: Some(false),
+                ..Default::default()
+            }
+        );
+        for (v, field) in [
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"steps": -1}), "steps"),
+            (json!({"steps": 2.5}), "steps"),
+            (json!({"steps": null}), "steps"),
+            (json!({"cache": "quad"}), "cache"),
+            (json!({"remasking": "lowest"}), "remasking"),
+            (json!({"early_stop": "yes", "steps": 4}), "early_stop"),
+            (json!({"threshold": "high"}), "threshold"),
+        ] {
+            let e = SamplerSettings::from_json(&v).unwrap_err();
+            assert_eq!(name_of(e), field, "{v}");
+        }
+    }
+
+    #[test]
+    fn serde_and_clap_spell_the_choices_alike() {
+        use clap::ValueEnum;
+        for m in CacheMode::value_variants() {
+            let name = m.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(serde_json::to_value(m).unwrap(), json!(name));
+            assert_eq!(name.parse::<CacheMode>().unwrap(), *m);
+            assert_eq!(m.to_string(), name);
+        }
+        for r in Remasking::value_variants() {
+            let name = r.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(serde_json::to_value(r).unwrap(), json!(name));
+            assert_eq!(name.parse::<Remasking>().unwrap(), *r);
+            assert_eq!(r.to_string(), name);
+        }
+        assert_eq!(Remasking::LowConfidence.to_string(), "low_confidence");
+    }
+}
