@@ -11,7 +11,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::golden_dir;
 use http_body_util::BodyExt;
-use llada::candle_core::{DType, Device};
+use llada::candle_core::{DType, Device, Tensor};
+use llada::model::MaskPredictor;
 use llada::server::{self, engine, openai::Defaults, AppState};
 use llada::{Checkpoint, Tokenizer};
 use serde_json::{json, Value};
@@ -65,6 +66,128 @@ async fn call(
         .to_bytes()
         .to_vec();
     (status, bytes)
+}
+
+/// A fake model for the engine: every logit row puts all its weight on `token`, or every call
+/// fails (an internal error, as a device failure would be).
+struct Fake {
+    special: llada::SpecialTokens,
+    vocab: usize,
+    token: u32,
+    fail: bool,
+}
+
+impl engine::Predictors for Fake {
+    fn predictor(&self) -> Box<dyn MaskPredictor + '_> {
+        Box::new(FakePredictor(self))
+    }
+    fn special(&self) -> &llada::SpecialTokens {
+        &self.special
+    }
+}
+
+struct FakePredictor<'a>(&'a Fake);
+
+impl MaskPredictor for FakePredictor<'_> {
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        _key_mask: Option<&Tensor>,
+        rows: &[usize],
+    ) -> llada::Result<Tensor> {
+        let f = self.0;
+        if f.fail {
+            return Err(llada::Error::Tensor(llada::candle_core::Error::Msg(
+                "device lost".into(),
+            )));
+        }
+        let b = x.dim(0)?;
+        let mut row = vec![0f32; f.vocab];
+        row[f.token as usize] = 30.0;
+        let data = row.repeat(b * rows.len());
+        Ok(Tensor::from_vec(
+            data,
+            (b, rows.len(), f.vocab),
+            &Device::Cpu,
+        )?)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}
+
+/// A server whose engine runs `fake` (the tiny model's tokenizer for text).
+fn fake_state(fake: Fake) -> Arc<AppState> {
+    let tokenizer = Tokenizer::from_dir(&golden_dir(), &common::model(DType::F32).config).unwrap();
+    let vocab = fake.vocab;
+    Arc::new(AppState {
+        engine: engine::start(
+            fake,
+            engine::EngineConfig {
+                queue: 4,
+                max_batch: 2,
+            },
+        ),
+        tokenizer,
+        model_name: "fake".into(),
+        max_sequence_length: 256,
+        vocab_size: vocab,
+        defaults: Defaults {
+            max_tokens_limit: 256,
+            ..Defaults::default()
+        },
+        request_timeout: Duration::from_secs(60),
+        started: Instant::now(),
+        served: AtomicU64::new(0),
+    })
+}
+
+fn fake(fail: bool) -> Fake {
+    let ck = common::model(DType::F32);
+    Fake {
+        special: ck.special,
+        vocab: ck.config.embedding_size,
+        token: 40,
+        fail,
+    }
+}
+
+#[tokio::test]
+async fn the_engine_runs_any_predictor_and_internal_errors_are_500() {
+    // a fake model whose every prediction is token 40: the answer is that token, max_tokens times
+    let s = fake_state(fake(false));
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "cache": "none", "threshold": null})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json_of(&b);
+    let want = s.tokenizer.decode(&[40; 8], true).unwrap();
+    assert_eq!(v["choices"][0]["text"], json!(want));
+    assert_eq!(v["llada"]["nfe"], 8);
+    // a model that fails: 500 with a generic message (the cause goes to the log), and the server
+    // keeps serving
+    let s = fake_state(fake(true));
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "cache": "none"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert!(!String::from_utf8_lossy(&b).contains("device lost"));
+    let (st, _) = call(&s, "GET", "/health", Body::empty()).await;
+    assert_eq!(st, StatusCode::OK);
 }
 
 fn json_of(b: &[u8]) -> Value {

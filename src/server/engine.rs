@@ -15,9 +15,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use crate::checkpoint::Checkpoint;
+use crate::model::MaskPredictor;
 use crate::rng::Rng;
 use crate::sampler::{self, PromptBatch, SamplerConfig, StepEvent};
 use crate::score::{self, ScoreConfig};
+use crate::tokenizer::SpecialTokens;
 
 /// What a job asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,8 +121,27 @@ pub struct EngineConfig {
     pub max_batch: usize,
 }
 
-/// Starts the engine thread on `ck`.
-pub fn start(ck: Checkpoint, cfg: EngineConfig) -> EngineHandle {
+/// What the engine runs jobs on: a fresh mask predictor for each job, and the special tokens.
+/// A loaded [`Checkpoint`] is one; server tests use fake models.
+pub trait Predictors: Send + 'static {
+    /// A mask predictor for one job.
+    fn predictor(&self) -> Box<dyn MaskPredictor + '_>;
+    /// The special tokens (mask, padding, EOS).
+    fn special(&self) -> &SpecialTokens;
+}
+
+impl Predictors for Checkpoint {
+    fn predictor(&self) -> Box<dyn MaskPredictor + '_> {
+        self.model.predictor()
+    }
+    fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+}
+
+/// Starts the engine thread on `model` (a [`Checkpoint`], or any [`Predictors`]).
+pub fn start(model: impl Predictors, cfg: EngineConfig) -> EngineHandle {
+    let ck: Box<dyn Predictors> = Box::new(model);
     let (tx, rx) = sync_channel::<Job>(cfg.queue.max(1));
     let waiting = Arc::new(AtomicUsize::new(0));
     let w = waiting.clone();
@@ -162,7 +183,7 @@ fn compatible(a: &JobKind, b: &JobKind) -> bool {
     }
 }
 
-fn run(ck: Checkpoint, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: EngineConfig) {
+fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: EngineConfig) {
     let mut pending: VecDeque<Job> = VecDeque::new();
     loop {
         let first = match pending.pop_front() {
@@ -206,8 +227,8 @@ fn run(ck: Checkpoint, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: Engine
         }
         // a failure inside one job must not take the engine (and every later request) down
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &batch[0].kind {
-            JobKind::Score { .. } => run_score(&ck, &batch[0]),
-            JobKind::Generate { .. } => run_generate(&ck, &batch),
+            JobKind::Score { .. } => run_score(&*ck, &batch[0]),
+            JobKind::Generate { .. } => run_generate(&*ck, &batch),
         }));
         if ran.is_err() {
             tracing::error!("a job panicked in the engine; it was answered with an error");
@@ -220,7 +241,7 @@ fn run(ck: Checkpoint, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: Engine
     }
 }
 
-fn run_score(ck: &Checkpoint, job: &Job) {
+fn run_score(ck: &dyn Predictors, job: &Job) {
     let JobKind::Score {
         prompt,
         answer,
@@ -230,13 +251,13 @@ fn run_score(ck: &Checkpoint, job: &Job) {
     else {
         return;
     };
-    let mut m = ck.model.predictor();
+    let mut m = ck.predictor();
     let r = score::log_likelihood(
         &mut m,
         prompt,
         answer,
         cfg,
-        ck.special.mask,
+        ck.special().mask,
         &mut Rng::new(*seed),
     );
     let _ = job
@@ -244,7 +265,7 @@ fn run_score(ck: &Checkpoint, job: &Job) {
         .send(Event::Done(r.map(Output::Scored).map_err(ApiError::from)));
 }
 
-fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
+fn run_generate(ck: &dyn Predictors, jobs: &[Job]) {
     let JobKind::Generate { cfg, seed, .. } = &jobs[0].kind else {
         return;
     };
@@ -257,7 +278,7 @@ fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
             prompts.extend(p.iter().cloned());
         }
     }
-    let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
+    let batch = PromptBatch::left_padded(&prompts, ck.special().pad);
     let t0 = Instant::now();
     let mut done = vec![false; jobs.len()];
     let mut on_step = |e: &StepEvent| {
@@ -303,12 +324,12 @@ fn run_generate(ck: &Checkpoint, jobs: &[Job]) {
             ControlFlow::Continue(())
         }
     };
-    let mut m = ck.model.predictor();
+    let mut m = ck.predictor();
     let r = sampler::generate(
         &mut m,
         &batch,
         cfg,
-        &ck.special,
+        ck.special(),
         &mut Rng::new(*seed),
         &mut on_step,
     );
