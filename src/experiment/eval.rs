@@ -106,6 +106,32 @@ pub fn evaluate(
     })
 }
 
+/// A trained model's scores on the test pairs: forward, then reversal by the probes it can be
+/// asked (the diffusion model by infilling and by the reversed template, the twin by the reversed
+/// template only).
+pub(super) fn score_model(
+    ck: &Checkpoint,
+    test: &[Pair],
+    autoregressive: bool,
+) -> Result<DirectionScores> {
+    let ar = autoregressive;
+    let forward = evaluate(ck, test, Probe::Forward, ar)?;
+    let prompted = evaluate(ck, test, Probe::ReversalPrompt, ar)?;
+    Ok(if ar {
+        DirectionScores {
+            forward,
+            reversal: prompted,
+            reversal_prompt: None,
+        }
+    } else {
+        DirectionScores {
+            forward,
+            reversal: evaluate(ck, test, Probe::ReversalInfill, ar)?,
+            reversal_prompt: Some(prompted),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

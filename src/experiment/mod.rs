@@ -17,23 +17,19 @@ mod data;
 mod eval;
 mod plot;
 mod poems;
+mod training;
 
 pub use data::{documents, make_pairs, query, shuffled_copies, words, Pair, Probe, CORPUS_COPIES};
 pub use eval::{evaluate, exact_match, Answerer, DirectionScores};
 pub use plot::plot;
 pub use poems::{load_poems, poem_accuracy, Poem, PoemConfig};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
-use crate::config::LladaConfig;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
-use crate::train::data::{DataKind, PrepareOptions};
-use crate::train::optim::{AdamWConfig, Schedule};
-use crate::train::{ObjectiveKind, TrainConfig, Trainer};
+use crate::train::ObjectiveKind;
 
 /// Settings of the experiment.
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +105,45 @@ pub fn run(
         cfg.seed,
     );
     let (test, bridge) = all.split_at(cfg.test_pairs);
+    let corpus = write_corpus(cfg, dir, test, bridge, log)?;
+    let prepared = training::prepare(cfg, dir, corpus)?;
+    let (diffusion, _) = train_and_score(
+        cfg,
+        &prepared,
+        test,
+        "diffusion",
+        ObjectiveKind::Diffusion,
+        threads_note,
+        log,
+    )?;
+    // the twin has the same parameter count (the causal mask has no weights)
+    let (autoregressive, parameters) = train_and_score(
+        cfg,
+        &prepared,
+        test,
+        "autoregressive",
+        ObjectiveKind::Autoregressive,
+        threads_note,
+        log,
+    )?;
+    Ok(ReversalReport {
+        config: cfg.clone(),
+        diffusion,
+        autoregressive,
+        parameters,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes the corpus (`corpus.txt`: the documents, in shuffled copies) and the pairs
+/// (`pairs.json`) into `dir`; returns the corpus's path.
+fn write_corpus(
+    cfg: &ReversalConfig,
+    dir: &Path,
+    test: &[Pair],
+    bridge: &[Pair],
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
     let docs = documents(test, bridge);
     let corpus = dir.join("corpus.txt");
     let stream = shuffled_copies(&docs, CORPUS_COPIES, cfg.seed);
@@ -126,140 +161,31 @@ pub fn run(
         bridge.len(),
         docs.len()
     ));
+    Ok(corpus)
+}
 
-    let tok_dir = dir.join("tokenizer");
-    let ids =
-        crate::train::tokenizer::train_tokenizer(std::slice::from_ref(&corpus), 512, &tok_dir)?;
-    let tok = Tokenizer::open(&tok_dir)?;
-    let data_dir = dir.join("data");
-    crate::train::data::prepare(
-        &[corpus],
-        &tok,
-        &data_dir,
-        &PrepareOptions {
-            kind: DataKind::Pretrain,
-            doc_per_line: true,
-            val_fraction: 0.0,
-            seed: cfg.seed,
-            max_len: None,
-        },
-    )?;
-    let base = LladaConfig {
-        d_model: cfg.d_model,
-        n_layers: cfg.n_layers,
-        n_heads: cfg.n_heads,
-        n_kv_heads: Some(cfg.n_heads),
-        mlp_hidden_size: Some(3 * cfg.d_model),
-        vocab_size: ids.vocab_size,
-        embedding_size: Some(ids.vocab_size),
-        mask_token_id: Some(ids.mask),
-        eos_token_id: Some(ids.eos),
-        pad_token_id: Some(ids.eos),
-        max_sequence_length: cfg.seq_len.max(64),
-        rope_theta: 10000.0,
-        ..LladaConfig::default()
-    };
-    let mut scores = Vec::new();
-    let mut parameters = 0;
-    for (label, objective) in [
-        ("diffusion", ObjectiveKind::Diffusion),
-        ("autoregressive", ObjectiveKind::Autoregressive),
-    ] {
-        let model_cfg = LladaConfig {
-            causal_attention: objective == ObjectiveKind::Autoregressive,
-            ..base.clone()
-        };
-        let cfg_path = dir.join(format!("{label}-config.json"));
-        let text = serde_json::to_string_pretty(&model_cfg).map_err(|e| Error::Json {
-            path: cfg_path.clone(),
-            source: e,
-        })?;
-        crate::weights::atomic_write(&cfg_path, text.as_bytes())?;
-        parameters = model_cfg.resolve()?.parameter_count();
-        let run_dir = dir.join(label);
-        let _ = std::fs::remove_dir_all(&run_dir);
-        let tc = TrainConfig {
-            mode: DataKind::Pretrain,
-            objective,
-            model_config: Some(cfg_path),
-            tokenizer: Some(tok_dir.clone()),
-            data: data_dir.clone(),
-            out: run_dir.clone(),
-            seq_len: cfg.seq_len,
-            batch_size: cfg.batch_size,
-            steps: cfg.steps,
-            lr: cfg.lr,
-            schedule: Schedule::Wsd {
-                warmup: cfg.steps / 20,
-                decay_fraction: 0.2,
-                min_ratio: 0.1,
-            },
-            eval_every: 0,
-            save_every: 0,
-            keep_checkpoints: 1,
-            random_length_prob: 0.0,
-            // memorisation: no weight decay pulling the facts out of either model
-            optimizer: AdamWConfig {
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
-            },
-            seed: cfg.seed,
-            ..TrainConfig::default()
-        };
-        log(&format!(
-            "training the {label} model ({parameters} parameters, {} steps, {threads_note})",
-            cfg.steps
-        ));
-        let t = std::time::Instant::now();
-        let mut trainer = Trainer::new(tc, &candle_core::Device::Cpu)?;
-        let mut last = 0.0;
-        let ck_dir = trainer.run(&mut |r| {
-            last = r.loss;
-        })?;
-        log(&format!(
-            "  done in {:.0} s, final loss {last:.3}",
-            t.elapsed().as_secs_f64()
-        ));
-        let ck = Checkpoint::load(&ck_dir, None, &candle_core::Device::Cpu)?;
-        let ar = objective == ObjectiveKind::Autoregressive;
-        let forward = evaluate(&ck, test, Probe::Forward, ar)?;
-        let prompted = evaluate(&ck, test, Probe::ReversalPrompt, ar)?;
-        let scores_here = if ar {
-            DirectionScores {
-                forward,
-                reversal: prompted,
-                reversal_prompt: None,
-            }
-        } else {
-            DirectionScores {
-                forward,
-                reversal: evaluate(&ck, test, Probe::ReversalInfill, ar)?,
-                reversal_prompt: Some(prompted),
-            }
-        };
-        log(&format!(
-            "  {label}: forward {:.1}%, reversal {:.1}%{}",
-            100.0 * scores_here.forward.accuracy,
-            100.0 * scores_here.reversal.accuracy,
-            scores_here
-                .reversal_prompt
-                .as_ref()
-                .map(|a| format!(" (by the reversed template: {:.1}%)", 100.0 * a.accuracy))
-                .unwrap_or_default()
-        ));
-        scores.push(scores_here);
-    }
-    let autoregressive = scores
-        .pop()
-        .ok_or_else(|| Error::setting("experiment", "", "no result"))?;
-    let diffusion = scores
-        .pop()
-        .ok_or_else(|| Error::setting("experiment", "", "no result"))?;
-    Ok(ReversalReport {
-        config: cfg.clone(),
-        diffusion,
-        autoregressive,
-        parameters,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+/// Trains one model (`label` names its files and log lines), scores it on the test pairs and logs
+/// the scores; also returns its parameter count.
+fn train_and_score(
+    cfg: &ReversalConfig,
+    prepared: &training::Prepared,
+    test: &[Pair],
+    label: &str,
+    objective: ObjectiveKind,
+    threads_note: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<(DirectionScores, u64)> {
+    let (ck, parameters) = training::train(cfg, prepared, label, objective, threads_note, log)?;
+    let scores = eval::score_model(&ck, test, objective == ObjectiveKind::Autoregressive)?;
+    log(&format!(
+        "  {label}: forward {:.1}%, reversal {:.1}%{}",
+        100.0 * scores.forward.accuracy,
+        100.0 * scores.reversal.accuracy,
+        scores
+            .reversal_prompt
+            .as_ref()
+            .map(|a| format!(" (by the reversed template: {:.1}%)", 100.0 * a.accuracy))
+            .unwrap_or_default()
+    ));
+    Ok((scores, parameters))
 }
