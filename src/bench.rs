@@ -73,6 +73,51 @@ pub fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// What a benchmark measures once its model is loaded and before the timed runs, in this order:
+/// the load's memory, then (in a new peak-memory window) the weights' size, the threads and this
+/// CPU's peak rate.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    /// Peak resident memory up to here (loading included).
+    pub load_peak_rss_bytes: Option<u64>,
+    pub rss_after_load_bytes: Option<u64>,
+    /// Whether a new peak-memory window started, so that later peaks are the benchmark's own
+    /// (otherwise they are the process's).
+    pub peak_rss_is_run_only: bool,
+    pub weights_bytes: u64,
+    pub threads: usize,
+    /// This CPU's measured limit (GFLOP/s) for the kernels' instruction at the model's dtype, to
+    /// put the run's rate against; `None` off the CPU.
+    pub peak_gflops: Option<f64>,
+}
+
+impl Baseline {
+    pub fn measure(model: &Model) -> Baseline {
+        let load_peak_rss_bytes = peak_rss_bytes();
+        let rss_after_load_bytes = rss_bytes();
+        let peak_rss_is_run_only = reset_peak_rss();
+        let weights_bytes = model.weights_bytes();
+        let threads = candle_core::utils::get_num_threads();
+        let peak_gflops = match model.device() {
+            candle_core::Device::Cpu => crate::kernels::peak::peak_gflops(model.dtype(), 300),
+            _ => None,
+        };
+        Baseline {
+            load_peak_rss_bytes,
+            rss_after_load_bytes,
+            peak_rss_is_run_only,
+            weights_bytes,
+            threads,
+            peak_gflops,
+        }
+    }
+
+    /// A run's rate as a share of the measured peak (`None` without one).
+    pub fn peak_fraction(&self, gflops: f64) -> Option<f64> {
+        self.peak_gflops.filter(|p| *p > 0.0).map(|p| gflops / p)
+    }
+}
+
 /// Result of a generation benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateReport {

@@ -225,15 +225,55 @@ impl LladaConfig {
 
     /// Checks every key that changes semantics and resolves defaults.
     pub fn resolve(&self) -> Result<ModelConfig> {
-        // which model implements the file is decided in one place: `model::ARCHITECTURES`
-        crate::model::Architecture::from_name(&self.architecture()?)?;
-        let unsupported = |key: &str, value: &dyn std::fmt::Debug, expected: &str| {
-            Error::config(
-                key,
-                format!("{value:?}"),
-                format!("not supported by this engine (supported: {expected})"),
-            )
-        };
+        self.check_architecture()?;
+        let norm = self.check_semantic_keys()?;
+        self.check_positive_sizes()?;
+        let (n_kv_heads, head_dim) = self.resolve_heads()?;
+        let (mlp_hidden_size, embedding_size) = self.resolve_sizes()?;
+        self.check_token_ids(embedding_size)?;
+        self.check_numerics()?;
+        Ok(ModelConfig {
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            n_kv_heads,
+            head_dim,
+            mlp_hidden_size,
+            vocab_size: self.vocab_size,
+            embedding_size,
+            rope_theta: self.rope_theta as f32,
+            rms_norm_eps: self.rms_norm_eps,
+            norm,
+            weight_tying: self.weight_tying,
+            max_sequence_length: self.max_sequence_length,
+            mask_token_id: self.mask_token_id,
+            eos_token_id: self.eos_token_id,
+            pad_token_id: self.pad_token_id,
+            init_std: self.init_std,
+            causal: self.causal_attention,
+        })
+    }
+
+    /// The architecture, if this engine implements it: which model implements the file is
+    /// decided in one place, `model::ARCHITECTURES`.
+    fn check_architecture(&self) -> Result<String> {
+        let arch = self.architecture()?;
+        crate::model::Architecture::from_name(&arch)?;
+        Ok(arch)
+    }
+
+    /// Rejects the values of semantic keys this engine does not implement (the block's keys, then
+    /// the normalisation's, then the biases and extra norms: the first offender is the one named);
+    /// returns the normalisation.
+    fn check_semantic_keys(&self) -> Result<NormKind> {
+        self.check_block_keys()?;
+        let norm = self.norm_kind()?;
+        self.check_bias_and_extra_norm_keys()?;
+        Ok(norm)
+    }
+
+    /// The block: a Llama block of SiLU, one per group, RoPE without ALiBi.
+    fn check_block_keys(&self) -> Result<()> {
         if self.block_type != "llama" {
             return Err(unsupported("block_type", &self.block_type, "\"llama\""));
         }
@@ -253,6 +293,11 @@ impl LladaConfig {
         if self.alibi {
             return Err(unsupported("alibi", &self.alibi, "false"));
         }
+        Ok(())
+    }
+
+    /// The blocks' normalisation (`layer_norm_type`), which must have its weights.
+    fn norm_kind(&self) -> Result<NormKind> {
         let norm = match self.layer_norm_type.as_str() {
             "rms" => NormKind::Rms,
             "gemma_rms" => NormKind::GemmaRms,
@@ -271,6 +316,11 @@ impl LladaConfig {
                 "true",
             ));
         }
+        Ok(norm)
+    }
+
+    /// No biases, no extra norms (attention, input embedding), no logit scaling.
+    fn check_bias_and_extra_norm_keys(&self) -> Result<()> {
         if self.include_bias {
             return Err(unsupported("include_bias", &self.include_bias, "false"));
         }
@@ -301,6 +351,11 @@ impl LladaConfig {
         if self.scale_logits {
             return Err(unsupported("scale_logits", &self.scale_logits, "false"));
         }
+        Ok(())
+    }
+
+    /// The sizes that must be at least 1.
+    fn check_positive_sizes(&self) -> Result<()> {
         for (key, v) in [
             ("d_model", self.d_model),
             ("n_layers", self.n_layers),
@@ -312,6 +367,12 @@ impl LladaConfig {
                 return Err(Error::config(key, v, "must be at least 1"));
             }
         }
+        Ok(())
+    }
+
+    /// `(n_kv_heads, head_dim)`: the key/value heads (from `n_kv_heads` or
+    /// `multi_query_attention`, dividing `n_heads`) and the even head dimension.
+    fn resolve_heads(&self) -> Result<(usize, usize)> {
         let n_kv_heads = match (self.multi_query_attention, self.n_kv_heads) {
             (Some(true), Some(n)) if n != 1 => {
                 return Err(Error::config(
@@ -346,6 +407,12 @@ impl LladaConfig {
                 format!("head dim d_model/n_heads={head_dim} must be even for RoPE"),
             ));
         }
+        Ok((n_kv_heads, head_dim))
+    }
+
+    /// `(mlp_hidden_size, embedding_size)` with their defaults: `mlp_ratio · d_model` and
+    /// `vocab_size`.
+    fn resolve_sizes(&self) -> Result<(usize, usize)> {
         let mlp_hidden_size = self
             .mlp_hidden_size
             .unwrap_or(self.mlp_ratio * self.d_model);
@@ -364,6 +431,11 @@ impl LladaConfig {
                 format!("must be >= vocab_size={}", self.vocab_size),
             ));
         }
+        Ok((mlp_hidden_size, embedding_size))
+    }
+
+    /// The special token ids given must be rows of the embedding.
+    fn check_token_ids(&self, embedding_size: usize) -> Result<()> {
         for (key, id) in [
             ("mask_token_id", self.mask_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -379,6 +451,11 @@ impl LladaConfig {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A positive RoPE base and a non-negative norm epsilon.
+    fn check_numerics(&self) -> Result<()> {
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(Error::config(
                 "rope_theta",
@@ -393,27 +470,17 @@ impl LladaConfig {
                 "must be non-negative",
             ));
         }
-        Ok(ModelConfig {
-            d_model: self.d_model,
-            n_layers: self.n_layers,
-            n_heads: self.n_heads,
-            n_kv_heads,
-            head_dim,
-            mlp_hidden_size,
-            vocab_size: self.vocab_size,
-            embedding_size,
-            rope_theta: self.rope_theta as f32,
-            rms_norm_eps: self.rms_norm_eps,
-            norm,
-            weight_tying: self.weight_tying,
-            max_sequence_length: self.max_sequence_length,
-            mask_token_id: self.mask_token_id,
-            eos_token_id: self.eos_token_id,
-            pad_token_id: self.pad_token_id,
-            init_std: self.init_std,
-            causal: self.causal_attention,
-        })
+        Ok(())
     }
+}
+
+/// The error for a semantic key whose value this engine does not implement.
+fn unsupported(key: &str, value: &dyn std::fmt::Debug, expected: &str) -> Error {
+    Error::config(
+        key,
+        format!("{value:?}"),
+        format!("not supported by this engine (supported: {expected})"),
+    )
 }
 
 #[cfg(test)]
