@@ -1,8 +1,10 @@
-//! The mask predictor's building blocks: linear maps, RMSNorm (f32 statistics), the SwiGLU MLP.
+//! The mask predictor's building blocks: linear maps over any weight format ([`LinearWeight`]:
+//! dense, or packed for the CPU GEMM), RMSNorm (f32 statistics), the SwiGLU MLP.
 //!
-//! Each op has one implementation made of differentiable candle ops, so the same code serves
-//! inference and training (candle's fused norm/softmax/RoPE kernels have no backward pass). Fast
-//! CPU kernels live in [`crate::kernels`] and are picked only for inference, behind parity tests.
+//! Each block has an inference form (`forward`, `forward_add`: fast CPU kernels from
+//! [`crate::kernels`] where they apply, behind parity tests) and a training form
+//! (`forward_diff`: differentiable candle ops only, since candle's fused norm/softmax/RoPE kernels
+//! have no backward pass).
 
 use std::sync::Arc;
 
