@@ -256,10 +256,9 @@ impl LladaConfig {
 
     /// The architecture, if this engine implements it: which model implements the file is
     /// decided in one place, `model::ARCHITECTURES`.
-    fn check_architecture(&self) -> Result<String> {
-        let arch = self.architecture()?;
-        crate::model::Architecture::from_name(&arch)?;
-        Ok(arch)
+    fn check_architecture(&self) -> Result<()> {
+        crate::model::Architecture::from_name(&self.architecture()?)?;
+        Ok(())
     }
 
     /// Rejects the values of semantic keys this engine does not implement (the block's keys, then

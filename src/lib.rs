@@ -34,7 +34,7 @@ pub use checkpoint::Checkpoint;
 pub use config::{LladaConfig, ModelConfig};
 pub use device::RunDType;
 pub use error::{Error, Result};
-pub use model::Llada;
+pub use model::{Llada, MaskPredictor, Model};
 pub use rng::Rng;
 pub use sampler::{generate, Generation, PromptBatch, SamplerConfig};
 pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -162,6 +162,21 @@ impl Subject {
         })
     }
 
+    /// A mode's JSON: the shared fields, the mode and its report.
+    fn json(&self, mode: &str, report: &impl serde::Serialize) -> Result<serde_json::Value> {
+        let mut v = self.header();
+        v["mode"] = mode.into();
+        v["report"] = serde_json::to_value(report)?;
+        Ok(v)
+    }
+
+    /// The rate fields of a mode's JSON: GFLOP/s, its fraction of the CPU's peak, peak memory.
+    fn rates(&self, v: &mut serde_json::Value, gflops: f64, peak_rss: Option<u64>) {
+        v["gflops"] = gflops.into();
+        v["peak_fraction"] = self.base.peak_fraction(gflops).into();
+        v["peak_rss_bytes"] = peak_rss.into();
+    }
+
     /// The first line of the text report.
     fn title(&self, mode: &str) {
         println!(
@@ -220,19 +235,15 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
     )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
-        let mut v = s.header();
-        v["mode"] = "generate".into();
+        let mut v = s.json("generate", &r)?;
         v["settings"] = serde_json::to_value(cfg)?;
-        v["report"] = serde_json::to_value(&r)?;
         v["tokens_per_s"] = r.tokens_per_s.mean.into();
         v["ms_per_step"] = r.ms_per_step.mean.into();
         v["ms_per_forward"] = r.ms_per_forward.mean.into();
         v["nfe"] = r.nfe.into();
         v["seconds"] = r.seconds.mean.into();
         v["tokens_per_forward"] = r.tokens_per_forward.into();
-        v["gflops"] = r.gflops.into();
-        v["peak_fraction"] = s.base.peak_fraction(r.gflops).into();
-        v["peak_rss_bytes"] = peak_rss.into();
+        s.rates(&mut v, r.gflops, peak_rss);
         return print_json(&v);
     }
     s.title("generate");
@@ -277,13 +288,9 @@ fn run_forward(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
     )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
-        let mut v = s.header();
-        v["mode"] = "forward".into();
-        v["report"] = serde_json::to_value(&r)?;
+        let mut v = s.json("forward", &r)?;
         v["ms"] = r.ms.mean.into();
-        v["gflops"] = r.gflops.into();
-        v["peak_fraction"] = s.base.peak_fraction(r.gflops).into();
-        v["peak_rss_bytes"] = peak_rss.into();
+        s.rates(&mut v, r.gflops, peak_rss);
         return print_json(&v);
     }
     s.title("forward");
@@ -318,9 +325,7 @@ fn run_score(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         a.sampler.seed,
     )?;
     if a.json {
-        let mut v = s.header();
-        v["mode"] = "score".into();
-        v["report"] = serde_json::to_value(&r)?;
+        let mut v = s.json("score", &r)?;
         v["answers_per_s"] = r.answers_per_s.mean.into();
         v["seconds"] = r.seconds_per_answer.mean.into();
         v["nfe"] = r.nfe.into();
@@ -353,14 +358,10 @@ fn run_train(a: &BenchArgs, s: &Subject) -> Result<()> {
     )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
-        let mut v = s.header();
-        v["mode"] = "train".into();
-        v["report"] = serde_json::to_value(&r)?;
+        let mut v = s.json("train", &r)?;
         v["tokens_per_s"] = r.tokens_per_s.mean.into();
         v["seconds"] = r.seconds_per_step.mean.into();
-        v["gflops"] = r.gflops.into();
-        v["peak_fraction"] = s.base.peak_fraction(r.gflops).into();
-        v["peak_rss_bytes"] = peak_rss.into();
+        s.rates(&mut v, r.gflops, peak_rss);
         return print_json(&v);
     }
     s.title("train");

@@ -1,4 +1,5 @@
-//! Bidirectional multi-head attention with rotate-half RoPE in f32 and GQA (reference §2.4–2.7).
+//! Bidirectional multi-head attention with rotate-half RoPE in f32 and GQA (reference §2.4–2.7),
+//! in its inference and training forms, and the attention-bias builders (padding, causal).
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use half::bf16;

@@ -51,8 +51,7 @@ struct Dense(Tensor);
 
 impl LinearWeight for Dense {
     fn dims(&self) -> (usize, usize) {
-        let d = self.0.dims();
-        (d[0], d.get(1).copied().unwrap_or(1))
+        self.0.dims2().unwrap_or((0, 0))
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::kernels::plain_matmul(x, &self.0.t()?)

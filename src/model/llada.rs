@@ -71,8 +71,11 @@ fn block_specs(cfg: &ModelConfig) -> [(&'static str, Vec<usize>); 9] {
         vec![f, d],
         vec![d, f],
     ];
-    let mut shapes = shapes.into_iter();
-    BLOCK_PARTS.map(|part| (part, shapes.next().unwrap_or_default()))
+    let mut out = BLOCK_PARTS.map(|part| (part, Vec::new()));
+    for ((_, shape), s) in out.iter_mut().zip(shapes) {
+        *shape = s;
+    }
+    out
 }
 
 /// The tensors of a checkpoint for `cfg`: names (checkpoint keys) and shapes, in a stable order.
@@ -109,20 +112,23 @@ impl Block {
         i: usize,
         layout: WeightLayout,
     ) -> Result<Self> {
-        let mut t: HashMap<&str, Tensor> = HashMap::new();
-        for (part, shape) in block_specs(cfg) {
-            t.insert(part, src.get(&names::block(i, part), &shape)?);
-        }
-        let mut take = |part: &str| -> Result<Tensor> {
-            t.remove(part).ok_or_else(|| Error::MissingTensor {
-                name: names::block(i, part),
-                path: "<block>".into(),
-            })
+        let specs = block_specs(cfg);
+        // each tensor is read, then packed, before the next is read: the loader holds at most
+        // one tensor beyond the model
+        let get = |part: &str| -> Result<Tensor> {
+            let shape = specs
+                .iter()
+                .find(|(p, _)| *p == part)
+                .map(|(_, s)| s.as_slice())
+                .unwrap_or(&[]);
+            src.get(&names::block(i, part), shape)
         };
-        let norm = |w: Tensor| RmsNorm::new(w, cfg.rms_norm_eps, cfg.norm);
-        let attn_norm = norm(take("attn_norm")?);
-        let ff_norm = norm(take("ff_norm")?);
-        let mut w = |part: &str| -> Result<Linear> { layout.linear(take(part)?) };
+        let w = |part: &str| -> Result<Linear> { layout.linear(get(part)?) };
+        let norm = |part: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(get(part)?, cfg.rms_norm_eps, cfg.norm))
+        };
+        let mlp = Mlp::new(w("ff_proj")?, w("up_proj")?, w("ff_out")?);
+        let attn_norm = norm("attn_norm")?;
         let attn = Attention {
             q_proj: w("q_proj")?,
             k_proj: w("k_proj")?,
@@ -132,7 +138,7 @@ impl Block {
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
         };
-        let mlp = Mlp::new(w("ff_proj")?, w("up_proj")?, w("ff_out")?);
+        let ff_norm = norm("ff_norm")?;
         Ok(Block {
             attn_norm,
             attn,

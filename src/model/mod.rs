@@ -87,6 +87,14 @@ impl<P: MaskPredictor + ?Sized> MaskPredictor for Box<P> {
     ) -> Result<Tensor> {
         (**self).logits_at(x, key_mask, rows)
     }
+    fn logits(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: Range<usize>,
+    ) -> Result<Tensor> {
+        (**self).logits(x, key_mask, rows)
+    }
     fn device(&self) -> Device {
         (**self).device()
     }

@@ -4,8 +4,7 @@
 //! A strategy is data on independent axes, each dispatched by one `match` in its own file:
 //! [`Remasking`] (how confidence is scored), [`Commit`] (how many positions a step unmasks),
 //! [`Guidance`] (CFG), [`CacheMode`]. The model is reached only through its seam,
-//! [`crate::model::MaskPredictor`]. Progress and
-//! cancellation go through an `on_step` callback.
+//! [`crate::model::MaskPredictor`]. Progress and cancellation go through an `on_step` callback.
 
 pub mod ar;
 mod canvas;
