@@ -110,10 +110,6 @@ impl From<crate::Error> for ApiError {
                 param: name.clone(),
                 message: e.to_string(),
             },
-            E::Config { ref key, .. } => ApiError::Invalid {
-                param: key.clone(),
-                message: e.to_string(),
-            },
             E::TooLong {
                 prompt,
                 answer,
@@ -123,7 +119,9 @@ impl From<crate::Error> for ApiError {
             )),
             E::Template(e) => ApiError::invalid("messages", format!("chat template: {e}")),
             E::Cancelled => ApiError::Internal("cancelled".into()),
-            E::UnsupportedArchitecture { .. }
+            // the model's own config.json, never a request's: the server's fault
+            E::Config { .. }
+            | E::UnsupportedArchitecture { .. }
             | E::MissingTensor { .. }
             | E::TensorShape { .. }
             | E::Checkpoint { .. }
