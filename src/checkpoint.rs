@@ -11,7 +11,9 @@ use crate::device::dtype_name;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, FileWeights, Model, WeightLayout};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
-use crate::weights::{atomic_write, save_safetensors, SafetensorsFiles};
+use crate::weights::{
+    atomic_write, is_weight_file_name, save_safetensors, SafetensorsFiles, INDEX_FILE, SINGLE_FILE,
+};
 
 /// Files copied along with the weights when a checkpoint is re-written.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -209,8 +211,21 @@ pub struct Info {
     pub special_tokens: SpecialSet,
 }
 
+/// What a checkpoint writer may find in its output folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Only a missing or empty folder (`llada init` without `--force`).
+    Refuse,
+    /// A missing or empty folder, or one holding a llada checkpoint (`config.json` and
+    /// `model.safetensors` or its index), which is replaced (`llada export`, [`save_model`]).
+    ReplaceCheckpoint,
+    /// Any folder (`--force`).
+    Any,
+}
+
 /// Writes `model` into `dir` in Hugging Face form: `config.json` (from `raw`) and safetensors in
-/// the model's dtype (sharded above [`DEFAULT_SHARD_BYTES`]). Every file is written atomically.
+/// the model's dtype (sharded above [`DEFAULT_SHARD_BYTES`]), through [`write_checkpoint_folder`]
+/// (an existing checkpoint in `dir` is replaced; a folder of other files is refused).
 pub fn save_model(dir: &Path, raw: &LladaConfig, model: &Model) -> Result<()> {
     save_model_sharded(dir, raw, model, DEFAULT_SHARD_BYTES)
 }
@@ -222,9 +237,218 @@ pub fn save_model_sharded(
     model: &Model,
     max_shard_bytes: u64,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    save_safetensors(dir, &model.named_tensors()?, max_shard_bytes)?;
-    write_config(dir, raw)
+    save_model_into(
+        dir,
+        raw,
+        model,
+        max_shard_bytes,
+        None,
+        Existing::ReplaceCheckpoint,
+    )
+}
+
+/// [`save_model`] with every choice: shard size, a folder whose tokenizer files go along, and
+/// what may already be in `dir`.
+pub fn save_model_into(
+    dir: &Path,
+    raw: &LladaConfig,
+    model: &Model,
+    max_shard_bytes: u64,
+    tokenizer_from: Option<&Path>,
+    existing: Existing,
+) -> Result<()> {
+    write_checkpoint_folder(dir, existing, |tmp| {
+        save_safetensors(tmp, &model.named_tensors()?, max_shard_bytes)?;
+        write_config(tmp, raw)?;
+        match tokenizer_from {
+            Some(t) => copy_tokenizer_files(t, tmp),
+            None => Ok(()),
+        }
+    })
+}
+
+fn output_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::OutputFolder {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Whether `dir` holds a llada checkpoint: `config.json` and `model.safetensors` or its index.
+pub fn is_checkpoint_folder(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        && (dir.join(SINGLE_FILE).is_file() || dir.join(INDEX_FILE).is_file())
+}
+
+/// The folder a writer targets: `out` itself, or, when `out` is a symbolic link to a folder, that
+/// folder (so the link stays and the checkpoint lands where it points).
+fn resolve_output(out: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(out) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(out).map_err(|e| Error::io(out, e))
+        }
+        Ok(_) if out.file_name().is_none() => {
+            std::fs::canonicalize(out).map_err(|e| Error::io(out, e))
+        }
+        _ => {
+            if out.file_name().is_none() {
+                return Err(output_error(out, "has no folder name"));
+            }
+            Ok(out.to_path_buf())
+        }
+    }
+}
+
+/// Checks `out` against `existing` (what [`write_checkpoint_folder`] checks first, for a caller
+/// that wants to refuse before long work); returns whether it exists (as a folder).
+pub fn check_output_folder(out: &Path, existing: Existing) -> Result<bool> {
+    check_output(&resolve_output(out)?, existing)
+}
+
+fn check_output(out: &Path, existing: Existing) -> Result<bool> {
+    let meta = match std::fs::metadata(out) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(out, e)),
+    };
+    if !meta.is_dir() {
+        return Err(output_error(out, "is a file, not a folder"));
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    if entries.next().is_none() {
+        return Ok(true);
+    }
+    let checkpoint = is_checkpoint_folder(out);
+    let kept = "its other files are kept; config.json and weights are replaced";
+    match existing {
+        Existing::Any => Ok(true),
+        Existing::ReplaceCheckpoint if checkpoint => Ok(true),
+        Existing::Refuse if checkpoint => Err(output_error(
+            out,
+            format!("already holds a checkpoint; refusing to replace it without --force ({kept})"),
+        )),
+        _ => Err(output_error(
+            out,
+            format!(
+                "is not empty and holds no llada checkpoint (config.json and {SINGLE_FILE} or {INDEX_FILE}); refusing to write into it without --force ({kept})"
+            ),
+        )),
+    }
+}
+
+/// A sibling of `path` named `.NAME.TAG-PID-N` that does not exist yet.
+fn fresh_sibling(path: &Path, tag: &str) -> Result<PathBuf> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    for n in 0..10_000 {
+        let p = parent.join(format!(".{name}.{tag}-{}-{n}", std::process::id()));
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Ok(p);
+        }
+    }
+    Err(output_error(path, "no free temporary name next to it"))
+}
+
+/// Writes a checkpoint folder `out`: `write` fills a fresh, empty folder it is given, which then
+/// takes the place of `out`.
+///
+/// 1. The new checkpoint is written into a hidden sibling `.NAME.new-PID-N`.
+/// 2. An existing `out` (allowed by `existing`) is renamed aside to `.NAME.old-PID-N`; those of
+///    its entries the new checkpoint does not supersede are moved into the new folder (superseded:
+///    `config.json`, weight files, temporary files of an interrupted write, and names the new
+///    checkpoint has), and the new folder is renamed to `out`.
+/// 3. The old folder, holding only superseded files, is removed.
+///
+/// Nothing outside `out` is read for deletion or deleted: whatever an old index names, only
+/// entries of `out` itself are removed, and symbolic links are moved or removed, never followed.
+/// A failure puts `out` back as it was and removes the new folder; a kill during step 2 leaves
+/// both folders under those names, with nothing deleted.
+pub fn write_checkpoint_folder(
+    out: &Path,
+    existing: Existing,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let out = resolve_output(out)?;
+    let exists = check_output(&out, existing)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let new = fresh_sibling(&out, "new")?;
+    std::fs::create_dir(&new).map_err(|e| Error::io(&new, e))?;
+    if let Err(e) = write(&new) {
+        let _ = std::fs::remove_dir_all(&new);
+        return Err(e);
+    }
+    let installed = if exists {
+        install_folder(&new, &out, true)
+    } else {
+        std::fs::rename(&new, &out).map_err(|e| Error::io(&out, e))
+    };
+    if installed.is_err() {
+        let _ = std::fs::remove_dir_all(&new);
+    }
+    installed
+}
+
+/// Puts the complete folder `new` in the place of the existing folder `out` (see
+/// [`write_checkpoint_folder`]); with `carry_over`, entries of `out` that `new` does not supersede
+/// move into it. On failure `out` is as it was and `new` is left to the caller.
+pub(crate) fn install_folder(new: &Path, out: &Path, carry_over: bool) -> Result<()> {
+    let old = fresh_sibling(out, "old")?;
+    std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+    let mut moved: Vec<std::ffi::OsString> = Vec::new();
+    let undo = |moved: &[std::ffi::OsString]| {
+        for name in moved {
+            let _ = std::fs::rename(new.join(name), old.join(name));
+        }
+        let _ = std::fs::rename(&old, out);
+    };
+    if carry_over {
+        let entries = match std::fs::read_dir(&old) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect(),
+            Err(e) => {
+                undo(&moved);
+                return Err(Error::io(&old, e));
+            }
+        };
+        let entries: Vec<std::ffi::OsString> = entries;
+        for name in entries {
+            if superseded(&name, new) {
+                continue;
+            }
+            if let Err(e) = std::fs::rename(old.join(&name), new.join(&name)) {
+                undo(&moved);
+                return Err(Error::io(old.join(&name), e));
+            }
+            moved.push(name);
+        }
+    }
+    if let Err(e) = std::fs::rename(new, out) {
+        undo(&moved);
+        return Err(Error::io(out, e));
+    }
+    if let Err(e) = std::fs::remove_dir_all(&old) {
+        tracing::warn!(
+            "{}: the replaced checkpoint could not be removed ({e}); delete it by hand",
+            old.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether an entry of a replaced folder goes with it (instead of moving into the new folder).
+fn superseded(name: &std::ffi::OsStr, new: &Path) -> bool {
+    let s = name.to_string_lossy();
+    s == "config.json"
+        || is_weight_file_name(&s)
+        || (s.starts_with('.') && s.ends_with(".tmp"))
+        || std::fs::symlink_metadata(new.join(name)).is_ok()
 }
 
 /// Writes `config.json` atomically.

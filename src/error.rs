@@ -92,6 +92,20 @@ pub enum Error {
     /// The operation was cancelled by its caller (an `on_step` callback asked to stop).
     #[error("cancelled")]
     Cancelled,
+
+    /// A checkpoint writer's output folder is not one it may write (a file, a folder of other
+    /// files without force, a name-less path).
+    #[error("output folder {path}: {reason}")]
+    OutputFolder { path: PathBuf, reason: String },
+
+    /// Training diverged: the loss, the gradient norm or the updated weights are not finite.
+    #[error("training diverged at step {step}: {what} is {value} ({advice}); nothing was saved at this step, the last checkpoint is kept")]
+    NonFinite {
+        step: usize,
+        what: String,
+        value: String,
+        advice: String,
+    },
 }
 
 /// Result with the library's [`Error`].

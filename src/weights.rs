@@ -373,13 +373,40 @@ pub fn save_safetensors_with(
     Ok(())
 }
 
-/// Removes the index and shards of an earlier sharded save, once a single file replaced them.
+/// Whether `name` (a bare file name) is one this writer produces for weights: `model.safetensors`,
+/// `model.safetensors.index.json` or a shard.
+pub fn is_weight_file_name(name: &str) -> bool {
+    name == SINGLE_FILE || name == INDEX_FILE || is_shard_name(name)
+}
+
+/// Whether `name` is a shard file name as this writer makes them: `model-NNNNN-of-NNNNN.safetensors`.
+fn is_shard_name(name: &str) -> bool {
+    let Some(mid) = name
+        .strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+    else {
+        return false;
+    };
+    mid.split_once("-of-").is_some_and(|(a, b)| {
+        [a, b]
+            .iter()
+            .all(|p| p.len() == 5 && p.bytes().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// Removes the index and shards of an earlier sharded save in `dir`, once a single file replaced
+/// them. Only this folder's own shard files (`model-NNNNN-of-NNNNN.safetensors`, plain files) are
+/// removed, whatever the index names: an index pointing elsewhere (`../x`, `/abs`) deletes nothing
+/// outside the folder.
 fn remove_stale_shards(dir: &Path) {
     let index = dir.join(INDEX_FILE);
     if let Ok(idx) = read_json::<Index>(&index) {
         let _ = std::fs::remove_file(&index);
         for shard in idx.weight_map.values() {
-            let _ = std::fs::remove_file(dir.join(shard));
+            let path = dir.join(shard);
+            if is_shard_name(shard) && std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }

@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::candle_core::{DType, Device, Tensor};
-use llada::checkpoint::{copy_tokenizer_files, save_model_sharded, DEFAULT_SHARD_BYTES};
+use llada::checkpoint::{
+    check_output_folder, copy_tokenizer_files, save_model_into, write_checkpoint_folder, Existing,
+    DEFAULT_SHARD_BYTES,
+};
 use llada::LladaConfig;
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
@@ -140,7 +143,8 @@ pub struct InitArgs {
     /// Shard the safetensors above this many bytes (default 5e9, as Hugging Face).
     #[arg(long)]
     pub max_shard_bytes: Option<u64>,
-    /// Overwrite an existing checkpoint in --out.
+    /// Write into a non-empty --out (an existing checkpoint is replaced; its other files are
+    /// kept; nothing outside --out is touched).
     #[arg(long)]
     pub force: bool,
 }
@@ -149,12 +153,12 @@ pub fn init(a: InitArgs) -> Result<()> {
     let raw = LladaConfig::from_file(&a.config)?;
     let cfg = raw.resolve()?;
     let dtype: llada::RunDType = a.dtype.parse()?;
-    if a.out.join("config.json").exists() && !a.force {
-        bail!(
-            "{} already holds a checkpoint (config.json); pass --force to overwrite it",
-            a.out.display()
-        );
-    }
+    let existing = if a.force {
+        Existing::Any
+    } else {
+        Existing::Refuse
+    };
+    check_output_folder(&a.out, existing)?;
     eprintln!(
         "initialising {} parameters (N(0, {}²), seed {})…",
         cfg.parameter_count(),
@@ -167,19 +171,28 @@ pub fn init(a: InitArgs) -> Result<()> {
         .map(|(n, s)| (n, s, dtype.dtype()))
         .collect();
     let mut rng = llada::Rng::new(a.seed);
-    llada::weights::save_safetensors_with(
-        &a.out,
-        &specs,
-        a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
-        &mut |_, shape| {
-            llada::model::random_tensor(shape, cfg.init_std, dtype.dtype(), &Device::Cpu, &mut rng)
-        },
-    )
+    write_checkpoint_folder(&a.out, existing, |tmp| {
+        llada::weights::save_safetensors_with(
+            tmp,
+            &specs,
+            a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
+            &mut |_, shape| {
+                llada::model::random_tensor(
+                    shape,
+                    cfg.init_std,
+                    dtype.dtype(),
+                    &Device::Cpu,
+                    &mut rng,
+                )
+            },
+        )?;
+        llada::checkpoint::write_config(tmp, &raw)?;
+        match &a.tokenizer {
+            Some(t) => copy_tokenizer_files(t, tmp),
+            None => Ok(()),
+        }
+    })
     .with_context(|| format!("writing {}", a.out.display()))?;
-    llada::checkpoint::write_config(&a.out, &raw)?;
-    if let Some(t) = &a.tokenizer {
-        copy_tokenizer_files(t, &a.out)?;
-    }
     println!(
         "wrote {} ({} parameters, {})",
         a.out.display(),
@@ -277,6 +290,11 @@ pub struct ExportArgs {
     /// Shard the safetensors above this many bytes.
     #[arg(long)]
     pub max_shard_bytes: Option<u64>,
+    /// Write into a non-empty --out that holds no llada checkpoint (its files are kept, except
+    /// config.json and weights; nothing outside --out is touched). An existing checkpoint in
+    /// --out is replaced without it.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Re-writes a checkpoint (e.g. a training checkpoint) in Hugging Face form with the chosen
@@ -295,13 +313,19 @@ pub fn export(a: ExportArgs) -> Result<()> {
         },
         llada::model::WeightLayout::Dense,
     )?;
-    save_model_sharded(
+    save_model_into(
         &a.out,
         &raw,
         &model,
         a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
-    )?;
-    copy_tokenizer_files(&src, &a.out)?;
+        Some(&src),
+        if a.force {
+            Existing::Any
+        } else {
+            Existing::ReplaceCheckpoint
+        },
+    )
+    .with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "wrote {} ({}, {} parameters)",
         a.out.display(),

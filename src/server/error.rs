@@ -129,7 +129,9 @@ impl From<crate::Error> for ApiError {
             | E::Json { .. }
             | E::DataLine { .. }
             | E::Tokenizer(_)
-            | E::Tensor(_) => {
+            | E::Tensor(_)
+            | E::OutputFolder { .. }
+            | E::NonFinite { .. } => {
                 tracing::error!("request failed inside the engine: {e}");
                 ApiError::Internal("internal error: the server failed on this request".into())
             }
