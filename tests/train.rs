@@ -272,3 +272,223 @@ fn trained_tokenizer_loads_like_a_published_one() {
     );
     assert_eq!(tok.encode("<|mdm_mask|>").unwrap(), vec![ids.mask]);
 }
+
+fn step_names(run: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn all_finite(dir: &Path) -> bool {
+    let ck = llada::Checkpoint::load(dir, None, &Device::Cpu).unwrap();
+    ck.model.named_tensors().unwrap().iter().all(|(_, t)| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_finite())
+    })
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_never_saves_non_finite_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Pretrain);
+    let mut cfg = config(d.path(), data, "run", 6, DataKind::Pretrain);
+    cfg.lr = 1e30;
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 1;
+    cfg.eval_every = 0;
+    let mut t = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+    let e = t.run(&mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("diverged at step 2") && e.contains("lr"), "{e}");
+    // the last finite checkpoint (step 1) is kept and is finite
+    let run = d.path().join("run");
+    assert_eq!(step_names(&run), vec!["step-0000001"]);
+    assert_eq!(
+        latest_checkpoint(&run),
+        Some(run.join("checkpoints/step-0000001"))
+    );
+    assert!(all_finite(&run.join("checkpoints/step-0000001")));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.contains("\"loss\":null"), "{metrics}");
+
+    // skip: the non-finite steps are skipped (no update), the run ends with a finite checkpoint
+    cfg.out = d.path().join("skip");
+    cfg.on_nonfinite = llada::train::trainer::OnNonFinite::Skip;
+    cfg.max_consecutive_skips = 0;
+    let mut t = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+    let mut skipped = Vec::new();
+    let last = t.run(&mut |r| skipped.push(r.skipped)).unwrap();
+    assert_eq!(skipped, vec![false, true, true, true, true, true]);
+    assert_eq!(t.state.skipped_steps, 5);
+    assert_eq!(t.state.adam_t, 1);
+    assert!(all_finite(&last));
+    let metrics = std::fs::read_to_string(d.path().join("skip/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.matches("\"skipped\":true").count(), 5, "{metrics}");
+    // …but not forever
+    cfg.out = d.path().join("skip3");
+    cfg.max_consecutive_skips = 3;
+    let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let e = t.run(&mut |_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("step 4") && e.contains("3 steps in a row"),
+        "{e}"
+    );
+}
+
+/// Rewrites a checkpoint's optimizer moments with NaN.
+fn poison_optimizer(ck: &Path) {
+    let path = ck.join("optimizer.safetensors");
+    let files = llada::weights::SafetensorsFiles::open_file(&path).unwrap();
+    let names: Vec<String> = files.names().map(str::to_string).collect();
+    let mut t = Vec::new();
+    for n in names {
+        let shape = files.shape(&n).unwrap().to_vec();
+        let x = files
+            .load(&n, &shape, llada::candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
+        t.push((n, (x * f64::NAN).unwrap()));
+    }
+    llada::weights::atomic_write(&path, &llada::weights::safetensors_bytes(&t).unwrap()).unwrap();
+}
+
+#[test]
+fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Pretrain);
+    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 0;
+    Trainer::new(cfg, &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let run = d.path().join("run");
+    let ckd = run.join("checkpoints");
+    // leftovers of saves killed mid-write
+    let leftovers = [
+        ckd.join(".tmp-step-0000003-4242"),
+        ckd.join(".latest.4242.tmp"),
+        run.join(".train_config.json.4242.tmp"),
+        ckd.join(".step-0000002.old-4242-0"),
+    ];
+    std::fs::create_dir_all(&leftovers[0]).unwrap();
+    std::fs::write(leftovers[0].join("model.safetensors"), b"partial").unwrap();
+    std::fs::write(&leftovers[1], b"step-").unwrap();
+    std::fs::write(&leftovers[2], b"{").unwrap();
+    std::fs::create_dir_all(&leftovers[3]).unwrap();
+    // a user's file in the run folder is not a leftover
+    std::fs::write(run.join("notes.tmp"), b"mine").unwrap();
+    // the latest checkpoint (step 2) has NaN optimizer moments
+    poison_optimizer(&ckd.join("step-0000002"));
+    let mut r = Trainer::resume(&run, Some(3), &Device::Cpu).unwrap();
+    assert_eq!(r.resumed_from, Some(ckd.join("step-0000001")));
+    assert_eq!(r.state.step, 1);
+    for p in &leftovers {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    assert!(run.join("notes.tmp").exists());
+    // the run goes on from step 1: step 2 is written again (replacing the corrupt one), then 3
+    r.run(&mut |_| {}).unwrap();
+    assert_eq!(
+        step_names(&run),
+        vec!["step-0000001", "step-0000002", "step-0000003"]
+    );
+    assert_eq!(latest_checkpoint(&run), Some(ckd.join("step-0000003")));
+    let again = Trainer::resume(&run, Some(3), &Device::Cpu).unwrap();
+    assert_eq!(again.resumed_from, Some(ckd.join("step-0000003")));
+    assert_eq!(
+        std::fs::read_dir(&ckd).unwrap().count(),
+        4,
+        "3 steps + latest"
+    );
+
+    // none usable: the error names each checkpoint and why
+    for s in ["step-0000001", "step-0000002", "step-0000003"] {
+        poison_optimizer(&ckd.join(s));
+    }
+    let e = Trainer::resume(&run, Some(4), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("no usable checkpoint")
+            && e.contains("step-0000001 (")
+            && e.contains("optimizer.safetensors")
+            && e.contains("non-finite"),
+        "{e}"
+    );
+}
+
+#[test]
+fn checkpoints_after_a_resume_stay_self_contained_once_the_source_is_pruned() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Pretrain);
+    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 1;
+    cfg.eval_every = 0;
+    Trainer::new(cfg, &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let run = d.path().join("run");
+    let mut r = Trainer::resume(&run, Some(4), &Device::Cpu).unwrap();
+    let last = r.run(&mut |_| {}).unwrap();
+    // step 2 (resumed from) was pruned at step 3; steps 3 and 4 still carry the tokenizer
+    assert_eq!(step_names(&run), vec!["step-0000004"]);
+    for f in llada::checkpoint::TOKENIZER_FILES {
+        assert_eq!(
+            golden_dir().join(f).exists(),
+            last.join(f).exists(),
+            "{f} in {}",
+            last.display()
+        );
+    }
+    let ck = llada::Checkpoint::load(&last, None, &Device::Cpu).unwrap();
+    assert!(ck.tokenizer.is_some());
+    // and a second resume (from step 4) keeps them too
+    let mut r = Trainer::resume(&run, Some(5), &Device::Cpu).unwrap();
+    let last = r.run(&mut |_| {}).unwrap();
+    assert!(last.join("tokenizer.json").exists());
+}
+
+#[test]
+fn a_corrupt_trainer_state_is_an_error_naming_the_file_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Sft);
+    let cfg = config(d.path(), data, "run", 1, DataKind::Sft);
+    let last = Trainer::new(cfg, &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let path = last.join("trainer_state.json");
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (field, value, expect) in [
+        (
+            "cursor",
+            serde_json::json!({"epoch": 0, "index": 1_000_000_000u64}),
+            "cursor.index",
+        ),
+        ("adam_t", serde_json::json!(99), "adam_t"),
+    ] {
+        let mut v = good.clone();
+        v[field] = value;
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = Trainer::resume(&d.path().join("run"), Some(3), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("trainer_state.json") && e.contains(expect),
+            "{e}"
+        );
+    }
+}

@@ -55,6 +55,11 @@ pub struct TrainArgs {
     pub save_every: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// A step whose loss or gradient norm is NaN/∞: stop (the default: an error naming the step
+    /// and the value) or skip (no update, a warning; stops after max_consecutive_skips in a row).
+    /// A non-finite state is never saved.
+    #[arg(long, value_parser = ["stop", "skip"])]
+    pub on_nonfinite: Option<String>,
     /// One JSON line per step on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +95,9 @@ impl TrainArgs {
         if self.tokenizer.is_some() {
             c.tokenizer = self.tokenizer.clone();
         }
+        if let Some(o) = &self.on_nonfinite {
+            c.on_nonfinite = o.parse()?;
+        }
         if c.data.as_os_str().is_empty() {
             bail!(
                 "no data: give --data DIR (made by `llada data prepare`) or `data` in the config"
@@ -106,6 +114,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
             .with_context(|| format!("resuming {}", dir.display()))?,
         None => Trainer::new(a.config()?, &device)?,
     };
+    if let (Some(_), Some(o)) = (&a.resume, &a.on_nonfinite) {
+        // the one setting a resumed run may change besides --steps
+        trainer.cfg.on_nonfinite = o.parse()?;
+        trainer.state.config.on_nonfinite = trainer.cfg.on_nonfinite;
+    }
     let steps = trainer.cfg.steps;
     let start = trainer.state.step;
     eprintln!(
@@ -152,6 +165,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
             r.tokens_per_s,
             r.lr
         ));
+        if r.skipped {
+            pb.println(format!(
+                "step {}: skipped (loss {}, gradient norm {})",
+                r.step, r.loss, r.grad_norm
+            ));
+        }
         if let Some(c) = &r.checkpoint {
             pb.println(format!("step {}: checkpoint {}", r.step, c.display()));
         }

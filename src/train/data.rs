@@ -402,6 +402,16 @@ impl<'a> Reader<'a> {
                 },
             ));
         }
+        if cursor.index >= units as u64 {
+            return Err(Error::setting(
+                "cursor.index",
+                cursor.index,
+                format!(
+                    "must be below the {units} sequences per epoch of this split of {} (a corrupt state, or another dataset)",
+                    ds.dir.display()
+                ),
+            ));
+        }
         Ok(Reader {
             split,
             kind: ds.header.kind,

@@ -143,8 +143,16 @@ impl AdamW {
         })
     }
 
-    /// One update with learning rate `lr` (gradients already clipped/scaled).
-    pub fn step(&mut self, vars: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` (gradients already clipped/scaled). Returns the index
+    /// of the first variable whose updated weights or moments are not finite (a diverging run: the
+    /// caller must not keep or save this state), `None` when all are finite.
+    pub fn step(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &[Tensor],
+        lr: f64,
+    ) -> Result<Option<usize>> {
+        let mut nonfinite = None;
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -168,6 +176,10 @@ impl AdamW {
                 with_slice::<f32, _>(&g.to_dtype(DType::F32)?, |gs| {
                     adamw_update(&mut w, gs, &mut m, &mut v, h)
                 })?;
+                let finite = |x: &[f32]| x.iter().all(|e| e.is_finite());
+                if nonfinite.is_none() && !(finite(&w) && finite(&m) && finite(&v)) {
+                    nonfinite = Some(i);
+                }
                 var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu)?)?;
                 self.m[i] = Tensor::from_vec(m, shape.clone(), &Device::Cpu)?;
                 self.v[i] = Tensor::from_vec(v, shape, &Device::Cpu)?;
@@ -178,13 +190,29 @@ impl AdamW {
                 let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
                 let w = var.as_tensor();
                 let w = ((w * (1.0 - lr * decay))? - (upd * lr)?)?;
+                if nonfinite.is_none() && !all_finite(&[&w, &m, &v])? {
+                    nonfinite = Some(i);
+                }
                 var.set(&w)?;
                 self.m[i] = m;
                 self.v[i] = v;
             }
         }
-        Ok(())
+        Ok(nonfinite)
     }
+}
+
+/// Whether every element of `tensors` is finite: x − x is 0 for finite x and NaN for NaN and ±∞,
+/// so the sum is exactly 0 unless some element is not finite.
+pub fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
+    for t in tensors {
+        let t = t.to_dtype(DType::F32)?;
+        let s = t.sub(&t)?.sum_all()?.to_scalar::<f32>()?;
+        if s != 0.0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Per-tensor AdamW constants.
@@ -275,6 +303,35 @@ mod tests {
         let expect = |w0: f32| w0 * (1.0 - 0.1 * 0.1) - 0.1;
         assert!((w[0][0] - expect(1.0)).abs() < 1e-6, "{w:?}");
         assert!((w[0][1] - expect(-2.0)).abs() < 1e-6, "{w:?}");
+    }
+
+    #[test]
+    fn a_diverging_update_is_reported() {
+        let var = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut opt = AdamW::new(AdamWConfig::default(), &vars).unwrap();
+        let g = Tensor::new(&[[0.5f32, 0.25]], &Device::Cpu).unwrap();
+        assert_eq!(
+            opt.step(&vars, std::slice::from_ref(&g), 0.1).unwrap(),
+            None
+        );
+        // NaN moments (a corrupt optimizer state) make the update NaN
+        opt.m[0] = Tensor::new(&[[f32::NAN, 0.0]], &Device::Cpu).unwrap();
+        assert_eq!(
+            opt.step(&vars, std::slice::from_ref(&g), 0.1).unwrap(),
+            Some(0)
+        );
+        // a learning rate of 1e30 overflows the weights (f32) within two steps
+        let var = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut opt = AdamW::new(AdamWConfig::default(), &vars).unwrap();
+        let first = opt.step(&vars, std::slice::from_ref(&g), 1e30).unwrap();
+        let second = opt.step(&vars, &[g], 1e30).unwrap();
+        assert_eq!((first, second), (None, Some(0)));
+        let t = Tensor::new(&[1.0f32, f32::INFINITY], &Device::Cpu).unwrap();
+        let ok = Tensor::new(&[1.0f32, -3e38], &Device::Cpu).unwrap();
+        assert!(!all_finite(&[&ok, &t]).unwrap());
+        assert!(all_finite(&[&ok]).unwrap());
     }
 
     #[test]

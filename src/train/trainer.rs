@@ -16,9 +16,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::{Cursor, DataKind, Dataset, Reader};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+use super::optim::{all_finite, clip_grad_norm, AdamW, AdamWConfig, Schedule};
 use super::params::Trainable;
-use crate::checkpoint::{copy_tokenizer_files, read_config, write_config};
+use crate::checkpoint::{install_folder, read_config, write_config, TOKENIZER_FILES};
 use crate::config::LladaConfig;
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
@@ -67,6 +67,40 @@ pub struct TrainConfig {
     /// Keep this many most recent checkpoints (0 = all).
     pub keep_checkpoints: usize,
     pub seed: u64,
+    /// What a step whose loss or gradient norm is not finite (NaN, ±∞) does: `stop` the run with
+    /// an error naming the step and the value (the default), or `skip` it (no update; its batch
+    /// is consumed; a warning is logged and its metrics line says `"skipped": true`). An update
+    /// that would make the weights or optimizer moments non-finite always stops the run. A
+    /// non-finite state is never saved, so earlier checkpoints stay as they are.
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: stop once this many steps in a row were skipped (0 = never).
+    pub max_consecutive_skips: usize,
+}
+
+/// What a training step with a non-finite loss or gradient norm does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop the run with [`Error::NonFinite`].
+    #[default]
+    Stop,
+    /// Skip the step (no update) and go on.
+    Skip,
+}
+
+impl std::str::FromStr for OnNonFinite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stop" => Ok(OnNonFinite::Stop),
+            "skip" => Ok(OnNonFinite::Skip),
+            other => Err(Error::setting(
+                "on_nonfinite",
+                other,
+                "must be stop or skip",
+            )),
+        }
+    }
 }
 
 /// Which loss a run minimises.
@@ -103,6 +137,8 @@ impl Default for TrainConfig {
             save_every: 200,
             keep_checkpoints: 3,
             seed: 0,
+            on_nonfinite: OnNonFinite::Stop,
+            max_consecutive_skips: 10,
         }
     }
 }
@@ -167,6 +203,9 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub elapsed_seconds: f64,
     pub config: TrainConfig,
+    /// Steps skipped for a non-finite loss or gradient (`on_nonfinite = "skip"`).
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 /// What `on_step` sees.
@@ -184,6 +223,19 @@ pub struct StepReport {
     pub eval_loss: Option<f64>,
     /// Checkpoint written at this step.
     pub checkpoint: Option<PathBuf>,
+    /// The step was skipped (non-finite loss or gradient; `on_nonfinite = "skip"`): no update.
+    pub skipped: bool,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: u64,
+    /// Skipped for a non-finite loss or gradient norm (no update).
+    pub skipped: bool,
 }
 
 /// A training run.
@@ -194,7 +246,12 @@ pub struct Trainer {
     pub opt: AdamW,
     pub state: TrainerState,
     data: Dataset,
-    tokenizer_dir: Option<PathBuf>,
+    /// The tokenizer files written into every checkpoint, read once at the start (so that every
+    /// checkpoint is complete whatever happens to the folder they came from).
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// The checkpoint this run resumed from (`None` for a new run).
+    pub resumed_from: Option<PathBuf>,
+    consecutive_skips: usize,
     device: Device,
 }
 
@@ -208,11 +265,109 @@ fn step_dir(out: &Path, step: usize) -> PathBuf {
     out.join(CHECKPOINTS).join(format!("step-{step:07}"))
 }
 
+/// The step of a checkpoint folder name `step-NNNNNNN`.
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")
+        .filter(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|d| d.parse().ok())
+}
+
+/// The checkpoint folders of a run, by step (ascending).
+fn step_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out.join(CHECKPOINTS))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| Some((step_of(&e.file_name().to_string_lossy())?, e.path())))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// The last complete checkpoint of a run, if any.
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(out.join(CHECKPOINTS).join(LATEST)).ok()?;
-    let p = out.join(CHECKPOINTS).join(name.trim());
+    let name = name.trim();
+    step_of(name)?;
+    let p = out.join(CHECKPOINTS).join(name);
     p.is_dir().then_some(p)
+}
+
+/// Removes what saves killed mid-write left in the run folder `out`: `checkpoints/.tmp-step-*`
+/// folders, `.step-*.{new,old}-*` folders of a replaced checkpoint, and the temporary files of
+/// atomic writes (`checkpoints/.latest.*.tmp`, `.train_config.json.*.tmp`). Only these names
+/// are touched. Returns what was removed. (A second trainer writing into the same run folder at
+/// the same time is not supported.)
+pub fn clean_interrupted_saves(out: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let ck = out.join(CHECKPOINTS);
+    let leftovers = |dir: &Path, is_ours: &dyn Fn(&str, bool) -> bool| -> Vec<(PathBuf, bool)> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let is_dir = e.file_type().ok()?.is_dir();
+                        is_ours(&e.file_name().to_string_lossy(), is_dir)
+                            .then(|| (e.path(), is_dir))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let in_checkpoints = |name: &str, is_dir: bool| {
+        if is_dir {
+            name.starts_with(".tmp-step-")
+                || (name.starts_with(".step-")
+                    && (name.contains(".new-") || name.contains(".old-")))
+        } else {
+            name.starts_with(&format!(".{LATEST}.")) && name.ends_with(".tmp")
+        }
+    };
+    let in_run = |name: &str, is_dir: bool| {
+        !is_dir && name.starts_with(&format!(".{RUN_CONFIG}.")) && name.ends_with(".tmp")
+    };
+    for (path, is_dir) in leftovers(&ck, &in_checkpoints)
+        .into_iter()
+        .chain(leftovers(out, &in_run))
+    {
+        let r = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match r {
+            Ok(()) => removed.push(path),
+            Err(e) => tracing::warn!("{}: could not remove ({e})", path.display()),
+        }
+    }
+    if !removed.is_empty() {
+        tracing::warn!(
+            "removed {} leftover(s) of interrupted saves in {}",
+            removed.len(),
+            out.display()
+        );
+    }
+    removed
+}
+
+/// Reads the tokenizer files present in the first of `dirs` that has a `tokenizer.json`.
+fn read_tokenizer_files(dirs: &[&Path]) -> Result<Vec<(String, Vec<u8>)>> {
+    let Some(dir) = dirs.iter().find(|d| d.join("tokenizer.json").is_file()) else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    for f in TOKENIZER_FILES {
+        let p = dir.join(f);
+        if p.is_file() {
+            files.push((
+                f.to_string(),
+                std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+            ));
+        }
+    }
+    Ok(files)
 }
 
 fn load_dense(dir: &Path, device: &Device) -> Result<(LladaConfig, Llada)> {
@@ -247,7 +402,14 @@ impl Trainer {
             (raw, m, cfg.tokenizer.clone())
         };
         check_compat(&cfg, &data, &model)?;
+        let tokenizer_files = read_tokenizer_files(
+            &tokenizer_dir
+                .iter()
+                .map(|p| p.as_path())
+                .collect::<Vec<_>>(),
+        )?;
         std::fs::create_dir_all(cfg.out.join(CHECKPOINTS)).map_err(|e| Error::io(&cfg.out, e))?;
+        clean_interrupted_saves(&cfg.out);
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
             path: cfg.out.join(RUN_CONFIG),
             source: e,
@@ -263,6 +425,7 @@ impl Trainer {
             tokens_seen: 0,
             elapsed_seconds: 0.0,
             config: cfg.clone(),
+            skipped_steps: 0,
         };
         Ok(Trainer {
             cfg,
@@ -271,18 +434,76 @@ impl Trainer {
             opt,
             state,
             data,
-            tokenizer_dir,
+            tokenizer_files,
+            resumed_from: None,
+            consecutive_skips: 0,
             device: device.clone(),
         })
     }
 
     /// Resumes the run in `out` from its last complete checkpoint. `steps` may extend the run.
+    ///
+    /// Leftovers of interrupted saves are removed first. When the latest checkpoint is unusable
+    /// (a file truncated or corrupt, non-finite weights or moments, an invalid trainer state), the
+    /// run resumes from the newest usable one, with a warning naming the one passed over and why;
+    /// with none usable the error lists each checkpoint and its reason.
     pub fn resume(out: &Path, steps: Option<usize>, device: &Device) -> Result<Self> {
-        let ck = latest_checkpoint(out).ok_or_else(|| Error::Checkpoint {
+        clean_interrupted_saves(out);
+        let mut candidates: Vec<PathBuf> = latest_checkpoint(out).into_iter().collect();
+        for (_, p) in step_dirs(out).into_iter().rev() {
+            if !candidates.contains(&p) {
+                candidates.push(p);
+            }
+        }
+        if candidates.is_empty() {
+            return Err(Error::Checkpoint {
+                path: out.join(CHECKPOINTS),
+                reason: "no complete checkpoint to resume from".into(),
+            });
+        }
+        let mut failed: Vec<String> = Vec::new();
+        for ck in &candidates {
+            match Self::resume_from(ck, out, steps, device) {
+                Ok(t) => {
+                    if !failed.is_empty() {
+                        tracing::warn!(
+                            "resuming from {}, the newest usable checkpoint; passed over: {}",
+                            ck.display(),
+                            failed.join("; ")
+                        );
+                    }
+                    return Ok(t);
+                }
+                Err(e) => {
+                    let name = ck
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
+                    tracing::warn!("checkpoint {} is unusable: {e}", ck.display());
+                    failed.push(format!("{name} ({e})"));
+                }
+            }
+        }
+        Err(Error::Checkpoint {
             path: out.join(CHECKPOINTS),
-            reason: "no complete checkpoint to resume from".into(),
-        })?;
-        let state: TrainerState = read_json(&ck.join(STATE))?;
+            reason: format!("no usable checkpoint to resume from: {}", failed.join("; ")),
+        })
+    }
+
+    /// Resumes from the checkpoint folder `ck` of the run `out`, checking everything in it.
+    fn resume_from(ck: &Path, out: &Path, steps: Option<usize>, device: &Device) -> Result<Self> {
+        let state_path = ck.join(STATE);
+        let state: TrainerState = read_json(&state_path)?;
+        let bad_state = |reason: String| Error::Checkpoint {
+            path: state_path.clone(),
+            reason,
+        };
+        if state.adam_t > state.step as u64 {
+            return Err(bad_state(format!(
+                "field adam_t = {} exceeds field step = {} (corrupt)",
+                state.adam_t, state.step
+            )));
+        }
         let mut cfg = state.config.clone();
         cfg.out = out.to_path_buf();
         if let Some(s) = steps {
@@ -290,17 +511,44 @@ impl Trainer {
         }
         cfg.validate()?;
         let data = Dataset::open(&cfg.data)?;
-        let (raw, model) = load_dense(&ck, device)?;
+        // the data cursor must point into the training split
+        Reader::new(&data, &data.train, cfg.seq_len, cfg.seed, state.cursor)
+            .map_err(|e| bad_state(format!("field cursor: {e}")))?;
+        let (raw, model) = load_dense(ck, device)?;
         check_compat(&cfg, &data, &model)?;
         let trainable = Trainable::from_llada(&model)?;
+        if let Some(name) = first_nonfinite(
+            &trainable
+                .vars
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_tensor()))
+                .collect::<Vec<_>>(),
+        )? {
+            return Err(Error::Checkpoint {
+                path: ck.to_path_buf(),
+                reason: format!("weight {name} holds non-finite values (NaN or ±∞)"),
+            });
+        }
         let mut opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
-        let moments = SafetensorsFiles::open_file(&ck.join(OPTIMIZER))?;
+        let opt_path = ck.join(OPTIMIZER);
+        let moments = SafetensorsFiles::open_file(&opt_path)?;
         for (i, (name, v)) in trainable.vars.iter().enumerate() {
             opt.m[i] = moments.load(&format!("m.{name}"), v.dims(), DType::F32, device)?;
             opt.v[i] = moments.load(&format!("v.{name}"), v.dims(), DType::F32, device)?;
+            if !all_finite(&[&opt.m[i], &opt.v[i]])? {
+                return Err(Error::Checkpoint {
+                    path: opt_path,
+                    reason: format!("the moments of {name} hold non-finite values (NaN or ±∞)"),
+                });
+            }
         }
         opt.t = state.adam_t;
-        let tokenizer_dir = Some(ck.clone());
+        // the checkpoint's own tokenizer files; the run's sources for checkpoints without them
+        let sources: Vec<&Path> = [Some(ck), cfg.tokenizer.as_deref(), cfg.init_from.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let tokenizer_files = read_tokenizer_files(&sources)?;
         Ok(Trainer {
             state: TrainerState {
                 config: cfg.clone(),
@@ -311,7 +559,9 @@ impl Trainer {
             trainable,
             opt,
             data,
-            tokenizer_dir,
+            tokenizer_files,
+            resumed_from: Some(ck.to_path_buf()),
+            consecutive_skips: 0,
             device: device.clone(),
         })
     }
@@ -385,8 +635,10 @@ impl Trainer {
         Ok(Some(total / self.cfg.eval_batches as f64))
     }
 
-    /// One optimizer step (with gradient accumulation). Returns (loss, grad norm, lr, tokens).
-    pub fn step(&mut self) -> Result<(f64, f64, f64, u64)> {
+    /// One optimizer step (with gradient accumulation). A non-finite loss or gradient norm stops
+    /// with [`Error::NonFinite`] or skips the step, as `on_nonfinite` says; an update that makes
+    /// the weights or moments non-finite is always an error.
+    pub fn step(&mut self) -> Result<StepStats> {
         let mut rng = self.state.rng.clone();
         let mut reader = Reader::new(
             &self.data,
@@ -422,16 +674,82 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
+        let cursor = reader.cursor;
+        drop(reader);
         let grads = grads.unwrap_or_default();
         let (norm, grads) = clip_grad_norm(&grads, self.cfg.grad_clip)?;
         let lr = self.cfg.lr * self.cfg.schedule.factor(self.state.step, self.cfg.steps);
-        self.opt.step(&self.trainable.vars, &grads, lr)?;
-        self.state.step += 1;
+        let step = self.state.step + 1;
+        let bad = if !loss_sum.is_finite() {
+            Some(("the loss", loss_sum))
+        } else if !norm.is_finite() {
+            Some(("the gradient norm", norm))
+        } else {
+            None
+        };
+        let skipped = match bad {
+            Some((what, value)) => {
+                self.nonfinite(step, what, value, lr)?;
+                true
+            }
+            None => {
+                self.consecutive_skips = 0;
+                if let Some(i) = self.opt.step(&self.trainable.vars, &grads, lr)? {
+                    let name = &self.trainable.vars[i].0;
+                    return Err(Error::NonFinite {
+                        step,
+                        what: format!(
+                            "parameter {name} (or its optimizer moments) after the update"
+                        ),
+                        value: "not finite".into(),
+                        advice: format!("lr {lr:e}: lower it"),
+                    });
+                }
+                false
+            }
+        };
+        self.state.step = step;
         self.state.adam_t = self.opt.t;
         self.state.rng = rng;
-        self.state.cursor = reader.cursor;
+        self.state.cursor = cursor;
         self.state.tokens_seen += tokens;
-        Ok((loss_sum, norm, lr, tokens))
+        Ok(StepStats {
+            loss: loss_sum,
+            grad_norm: norm,
+            lr,
+            tokens,
+            skipped,
+        })
+    }
+
+    /// A non-finite `what` at `step`: the error (`stop`), or a warning and a skip (`skip`, until
+    /// `max_consecutive_skips` in a row).
+    fn nonfinite(&mut self, step: usize, what: &str, value: f64, lr: f64) -> Result<()> {
+        if self.cfg.on_nonfinite == OnNonFinite::Stop {
+            return Err(Error::NonFinite {
+                step,
+                what: what.into(),
+                value: value.to_string(),
+                advice: format!(
+                    "lr {lr:e}: lower it, or set on_nonfinite = \"skip\" to skip such steps"
+                ),
+            });
+        }
+        self.consecutive_skips += 1;
+        self.state.skipped_steps += 1;
+        let max = self.cfg.max_consecutive_skips;
+        if max > 0 && self.consecutive_skips >= max {
+            return Err(Error::NonFinite {
+                step,
+                what: format!("{what} for {max} steps in a row"),
+                value: value.to_string(),
+                advice: format!(
+                    "on_nonfinite = \"skip\" stops after max_consecutive_skips = {max}; lr {lr:e}"
+                ),
+            });
+        }
+        tracing::warn!("step {step}: {what} is {value}: step skipped (no update)");
+        Ok(())
     }
 
     /// The current model (dense f32), e.g. to sample from it.
@@ -448,13 +766,29 @@ impl Trainer {
             self.state.step,
             std::process::id()
         ));
+        // never save a diverged state (step() refuses to make one; this guards every caller)
+        let named = self.trainable.model.named_tensors()?;
+        let mut all: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+        for (i, (name, _)) in self.trainable.vars.iter().enumerate() {
+            all.push((format!("optimizer moment m.{name}"), &self.opt.m[i]));
+            all.push((format!("optimizer moment v.{name}"), &self.opt.v[i]));
+        }
+        let refs: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        if let Some(name) = first_nonfinite(&refs)? {
+            return Err(Error::NonFinite {
+                step: self.state.step,
+                what: name.to_string(),
+                value: "not finite".into(),
+                advice: "not saving it".into(),
+            });
+        }
         let _ = std::fs::remove_dir_all(&tmp);
         let write = || -> Result<()> {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            save_safetensors(&tmp, &self.trainable.model.named_tensors()?, u64::MAX)?;
+            save_safetensors(&tmp, &named, u64::MAX)?;
             write_config(&tmp, &self.raw_config)?;
-            if let Some(t) = &self.tokenizer_dir {
-                copy_tokenizer_files(t, &tmp)?;
+            for (name, bytes) in &self.tokenizer_files {
+                atomic_write(&tmp.join(name), bytes)?;
             }
             let mut moments = Vec::new();
             for (i, (name, _)) in self.trainable.vars.iter().enumerate() {
@@ -467,10 +801,12 @@ impl Trainer {
                 source: e,
             })?;
             atomic_write(&tmp.join(STATE), text.as_bytes())?;
-            if final_dir.exists() {
-                std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            if std::fs::symlink_metadata(&final_dir).is_ok() {
+                // e.g. a corrupt checkpoint of this step that resume passed over
+                install_folder(&tmp, &final_dir, false)?;
+            } else {
+                std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
             }
-            std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
             let name = final_dir
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
@@ -485,23 +821,18 @@ impl Trainer {
         Ok(final_dir)
     }
 
+    /// Keeps the `keep_checkpoints` newest checkpoints up to the current step; checkpoints of
+    /// later steps (a run resumed from an earlier one, past a corrupt one) are not counted, so the
+    /// one just written and those before it survive.
     fn prune_checkpoints(&self) {
         if self.cfg.keep_checkpoints == 0 {
             return;
         }
-        let dir = self.cfg.out.join(CHECKPOINTS);
-        let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| {
-                        p.file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        steps.sort();
+        let steps: Vec<PathBuf> = step_dirs(&self.cfg.out)
+            .into_iter()
+            .filter(|(s, _)| *s <= self.state.step)
+            .map(|(_, p)| p)
+            .collect();
         let n = steps.len();
         for p in steps
             .into_iter()
@@ -534,7 +865,13 @@ impl Trainer {
         let mut last = None;
         while self.state.step < self.cfg.steps {
             let ts = Instant::now();
-            let (loss, norm, lr, tokens) = self.step()?;
+            let StepStats {
+                loss,
+                grad_norm: norm,
+                lr,
+                tokens,
+                skipped,
+            } = self.step()?;
             let dt = ts.elapsed().as_secs_f64();
             let step = self.state.step;
             self.state.elapsed_seconds = base_elapsed + t0.elapsed().as_secs_f64();
@@ -566,6 +903,7 @@ impl Trainer {
                 elapsed_seconds: self.state.elapsed_seconds,
                 eval_loss,
                 checkpoint,
+                skipped,
             };
             self.append_metrics(&serde_json::to_value(&report).map_err(|e| Error::Json {
                 path: self.cfg.out.join("metrics.jsonl"),
@@ -578,6 +916,16 @@ impl Trainer {
             None => self.save_checkpoint(),
         }
     }
+}
+
+/// The first of `tensors` holding a non-finite value, with its name.
+fn first_nonfinite<'a>(tensors: &[(&'a str, &Tensor)]) -> Result<Option<&'a str>> {
+    for (name, t) in tensors {
+        if !all_finite(&[t])? {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 /// Data and model must agree: vocabulary, sequence length, mode.
