@@ -204,6 +204,29 @@ impl MaskPredictor for Timed<'_> {
     }
 }
 
+/// A benchmark's canvas must fit the model ([`crate::sampler::prompt::check_length`]) and its
+/// batch must be countable, before anything of that size is allocated.
+fn check_shape(model: &Model, batch: usize, prompt_len: usize, answer_len: usize) -> Result<()> {
+    crate::sampler::prompt::check_length(
+        prompt_len,
+        answer_len,
+        model.config().max_sequence_length,
+    )?;
+    check_batch(batch, prompt_len + answer_len)
+}
+
+/// `batch` rows of `len` tokens must be countable in memory.
+fn check_batch(batch: usize, len: usize) -> Result<()> {
+    match batch.checked_mul(len.max(1)) {
+        Some(n) if n <= isize::MAX as usize / 64 => Ok(()),
+        _ => Err(crate::error::Error::setting(
+            "batch",
+            batch,
+            format!("{batch} rows of {len} tokens do not fit in memory"),
+        )),
+    }
+}
+
 /// Times `generate` on seeded random prompts: `warmup` untimed runs, then `runs` timed ones.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_generate(
@@ -216,6 +239,7 @@ pub fn bench_generate(
     runs: usize,
     seed: u64,
 ) -> Result<GenerateReport> {
+    check_shape(model, batch, prompt_len, cfg.gen_length)?;
     let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|i| random_prompt(prompt_len, vocab, special, seed + i as u64))
@@ -292,6 +316,7 @@ pub fn bench_forward(
     runs: usize,
     seed: u64,
 ) -> Result<ForwardReport> {
+    check_shape(model, batch, len, 0)?;
     let vocab = model.config().vocab_size;
     let ids: Vec<u32> = (0..batch)
         .flat_map(|i| random_prompt(len, vocab, special, seed + i as u64))
@@ -343,6 +368,7 @@ pub fn bench_score(
     runs: usize,
     seed: u64,
 ) -> Result<ScoreReport> {
+    check_shape(model, 1, prompt_len, answer_len)?;
     let vocab = model.config().vocab_size;
     let prompt = random_prompt(prompt_len, vocab, special, seed);
     let answer = random_prompt(answer_len, vocab, special, seed + 1);
@@ -400,6 +426,8 @@ pub fn bench_train(
     let tr = crate::train::Trainable::from_llada(model)?;
     let mut opt = AdamW::new(AdamWConfig::default(), &tr.vars)?;
     let cfg = model.config();
+    crate::sampler::prompt::check_length(seq_len, 0, cfg.max_sequence_length)?;
+    check_batch(batch, seq_len)?;
     let mask = cfg.mask_token_id.unwrap_or(0);
     let hi = cfg.vocab_size.min(mask as usize).max(2);
     let mut rng = Rng::new(seed);

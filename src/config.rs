@@ -162,17 +162,19 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Number of parameters (embedding, blocks, final norm, untied head).
+    /// Number of parameters (embedding, blocks, final norm, untied head); `u64::MAX` for a
+    /// config too large to count (computed in u128, so no size of a resolved config overflows).
     pub fn parameter_count(&self) -> u64 {
         let (d, f, v) = (
-            self.d_model as u64,
-            self.mlp_hidden_size as u64,
-            self.embedding_size as u64,
+            self.d_model as u128,
+            self.mlp_hidden_size as u128,
+            self.embedding_size as u128,
         );
-        let kv = (self.n_kv_heads * self.head_dim) as u64;
+        let kv = self.n_kv_heads as u128 * self.head_dim as u128;
         let block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d;
         let head = if self.weight_tying { 0 } else { v * d };
-        v * d + self.n_layers as u64 * block + d + head
+        let total = v * d + self.n_layers as u128 * block + d + head;
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
 
     /// Multiply-accumulate FLOPs (2 per MAC) of one forward pass over `batch` sequences of `len`
@@ -412,9 +414,19 @@ impl LladaConfig {
     /// `(mlp_hidden_size, embedding_size)` with their defaults: `mlp_ratio · d_model` and
     /// `vocab_size`.
     fn resolve_sizes(&self) -> Result<(usize, usize)> {
-        let mlp_hidden_size = self
-            .mlp_hidden_size
-            .unwrap_or(self.mlp_ratio * self.d_model);
+        let mlp_hidden_size = match self.mlp_hidden_size {
+            Some(n) => n,
+            None => self.mlp_ratio.checked_mul(self.d_model).ok_or_else(|| {
+                Error::config(
+                    "mlp_ratio",
+                    self.mlp_ratio,
+                    format!(
+                        "mlp_ratio · d_model (d_model={}) overflows the size of a tensor dimension",
+                        self.d_model
+                    ),
+                )
+            })?,
+        };
         if mlp_hidden_size == 0 {
             return Err(Error::config(
                 "mlp_hidden_size",
@@ -453,25 +465,49 @@ impl LladaConfig {
         Ok(())
     }
 
-    /// A positive RoPE base and a non-negative norm epsilon.
+    /// A RoPE base and a norm epsilon the model can compute with: impossible values are errors,
+    /// suspicious ones a warning (see [`RMS_NORM_EPS_MAX`], [`RMS_NORM_EPS_SUSPICIOUS`]).
     fn check_numerics(&self) -> Result<()> {
-        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+        // The base is used in f32: θ^(2j/hd) with θ ≤ 1 gives frequencies ≥ 1 (no positional
+        // resolution, and 0 or underflow gives infinities); past f32's range it is infinite.
+        let theta32 = self.rope_theta as f32;
+        if !(self.rope_theta.is_finite() && theta32.is_finite() && self.rope_theta > 1.0) {
             return Err(Error::config(
                 "rope_theta",
                 self.rope_theta,
-                "must be positive",
+                "must be a finite number > 1 that fits f32 (the RoPE base; LLaDA uses 500000)",
             ));
         }
-        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && (0.0..=RMS_NORM_EPS_MAX).contains(&eps)) {
             return Err(Error::config(
                 "rms_norm_eps",
-                self.rms_norm_eps,
-                "must be non-negative",
+                eps,
+                format!("must be a finite number in [0, {RMS_NORM_EPS_MAX}] (LLaDA uses 1e-5)"),
             ));
+        }
+        if eps > RMS_NORM_EPS_SUSPICIOUS {
+            tracing::warn!(
+                "config.json: rms_norm_eps={eps} is unusually large (models use about 1e-6..1e-5): it dominates the mean square of small activations and flattens the normalisation"
+            );
+        }
+        if self.rope_theta < ROPE_THETA_SUSPICIOUS {
+            tracing::warn!(
+                "config.json: rope_theta={} is unusually small (models use 1e4..1e6): positions far apart get near-identical rotations",
+                self.rope_theta
+            );
         }
         Ok(())
     }
 }
+
+/// The largest `rms_norm_eps` accepted: an epsilon of 1 already outweighs the mean square of
+/// unit-scale activations; larger ones (1e308 overflows f32 to ∞) zero the network's signal.
+pub const RMS_NORM_EPS_MAX: f64 = 1.0;
+/// `rms_norm_eps` above this loads with a warning.
+pub const RMS_NORM_EPS_SUSPICIOUS: f64 = 1e-2;
+/// `rope_theta` below this loads with a warning.
+pub const ROPE_THETA_SUSPICIOUS: f64 = 100.0;
 
 /// The error for a semantic key whose value this engine does not implement.
 fn unsupported(key: &str, value: &dyn std::fmt::Debug, expected: &str) -> Error {
@@ -548,6 +584,61 @@ mod tests {
         v["architectures"] = serde_json::json!(["LLaDAMoEModelLM"]);
         let err = parse(v).unwrap_err().to_string();
         assert!(err.contains("LLaDAMoEModelLM"), "{err}");
+    }
+
+    #[test]
+    fn impossible_numerics_are_errors_naming_the_key() {
+        for (key, value) in [
+            ("rope_theta", serde_json::json!(1e-300)),
+            ("rope_theta", serde_json::json!(0.5)),
+            ("rope_theta", serde_json::json!(1.0)),
+            ("rope_theta", serde_json::json!(-10000.0)),
+            ("rope_theta", serde_json::json!(1e300)),
+            ("rms_norm_eps", serde_json::json!(1e308)),
+            ("rms_norm_eps", serde_json::json!(2.0)),
+            ("rms_norm_eps", serde_json::json!(-1e-5)),
+        ] {
+            let mut v = tiny();
+            v[key] = value.clone();
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("config.json: {key}=")),
+                "{key}={value}: {err}"
+            );
+        }
+        // the edges that are accepted
+        for (key, value) in [
+            ("rope_theta", serde_json::json!(10.0)),
+            ("rms_norm_eps", serde_json::json!(0.0)),
+            ("rms_norm_eps", serde_json::json!(0.5)),
+        ] {
+            let mut v = tiny();
+            v[key] = value.clone();
+            assert!(parse(v).is_ok(), "{key}={value}");
+        }
+    }
+
+    #[test]
+    fn mlp_ratio_overflow_is_an_error_not_a_wrap() {
+        let mut v = tiny();
+        v["mlp_hidden_size"] = serde_json::Value::Null;
+        v["mlp_ratio"] = serde_json::json!((1u64 << 58) + 3);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config.json: mlp_ratio=288230376151711747: ")
+                && err.contains("d_model=64")
+                && err.contains("overflows"),
+            "{err}"
+        );
+        let mut v = tiny();
+        v["mlp_hidden_size"] = serde_json::Value::Null;
+        v["mlp_ratio"] = serde_json::json!(3);
+        assert_eq!(parse(v).unwrap().mlp_hidden_size, 192);
+        // sizes that resolve but whose parameters cannot be counted in u64
+        let mut v = tiny();
+        v["d_model"] = serde_json::json!(1u64 << 40);
+        v["mlp_hidden_size"] = serde_json::json!(1u64 << 40);
+        assert_eq!(parse(v).unwrap().parameter_count(), u64::MAX);
     }
 
     #[test]

@@ -71,6 +71,36 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The most CPU threads a run may ask for: 4 × the available parallelism (1024 when it cannot be
+/// told). The kernels split work per thread; past a few threads per core they only add
+/// scheduling and synchronisation (1000 threads on 2 cores run ~100× slower than 2).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_mul(4))
+        .unwrap_or(1024)
+}
+
+/// Checks a `threads` setting: at least 1 and at most [`max_threads`].
+pub fn check_threads(n: usize) -> Result<usize> {
+    let max = max_threads();
+    if n == 0 || n > max {
+        return Err(Error::setting(
+            "threads",
+            n,
+            format!("must be between 1 and {max} (at most 4 threads per available core)"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Sets the number of CPU threads of the kernels (candle and rayon read it once, before their
+/// first parallel operation), after [`check_threads`].
+pub fn set_threads(n: usize) -> Result<()> {
+    check_threads(n)?;
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(())
+}
+
 /// Opens a device by name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     let s = s.trim().to_ascii_lowercase();
@@ -111,4 +141,25 @@ pub fn device_name(d: &Device) -> String {
 /// Waits until the device has finished its queued work (for timing).
 pub fn sync(d: &Device) -> Result<()> {
     Ok(d.synchronize()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_are_bounded_by_the_cores() {
+        let max = max_threads();
+        let cores = std::thread::available_parallelism().map_or(256, |n| n.get());
+        assert_eq!(max, 4 * cores);
+        assert_eq!(check_threads(1).unwrap(), 1);
+        assert_eq!(check_threads(max).unwrap(), max);
+        for bad in [0, max + 1, usize::MAX] {
+            let e = check_threads(bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("invalid setting threads={bad}: must be between 1 and {max} (at most 4 threads per available core)")
+            );
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub enum Error {
 
     /// A prompt and its answer do not fit the model's context (an invalid `gen_length` for this
     /// prompt; its own variant so that the server can answer 413).
-    #[error("invalid setting gen_length={answer}: prompt ({prompt} tokens) + answer ({answer}) = {} exceeds the model's max_sequence_length={max}", .prompt + .answer)]
+    #[error("invalid setting gen_length={answer}: prompt ({prompt} tokens) + answer ({answer}) = {} exceeds the model's max_sequence_length={max}", *.prompt as u128 + *.answer as u128)]
     TooLong {
         prompt: usize,
         answer: usize,

@@ -44,6 +44,19 @@ fn is_hub_id(s: &str) -> bool {
 pub fn hub_snapshot(id: &str) -> Result<PathBuf> {
     let cache = hub_cache()
         .ok_or_else(|| Error::setting("model", id, "no Hugging Face cache folder (set HF_HOME)"))?;
+    snapshot_in(&cache, id)
+}
+
+/// Whether `rev` (the content of a `refs/` file) is a revision token: what the hub writes there is
+/// a commit hash; anything with path syntax (`/`, `..`) is not.
+fn is_revision(rev: &str) -> bool {
+    (1..=128).contains(&rev.len()) && rev.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// The snapshot of hub id `id` in the hub cache folder `cache`, confined to the repository's
+/// `snapshots` folder: `refs/main` must hold a revision token (a commit hash), and a snapshot
+/// whose real path (symlinks resolved) lies outside `snapshots` is refused.
+pub fn snapshot_in(cache: &Path, id: &str) -> Result<PathBuf> {
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
     let not_cached = || {
         Error::setting(
@@ -59,16 +72,45 @@ pub fn hub_snapshot(id: &str) -> Result<PathBuf> {
         return Err(not_cached());
     }
     let snapshots = repo.join("snapshots");
-    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
-        let p = snapshots.join(rev.trim());
+    let real_snapshots = std::fs::canonicalize(&snapshots).map_err(|_| not_cached())?;
+    let confined = |p: &Path| {
+        std::fs::canonicalize(p)
+            .is_ok_and(|r| r.starts_with(&real_snapshots) && r != real_snapshots)
+    };
+    let refs_main = repo.join("refs/main");
+    if let Ok(rev) = std::fs::read_to_string(&refs_main) {
+        let rev = rev.trim();
+        if !is_revision(rev) {
+            return Err(Error::setting(
+                "model",
+                id,
+                format!(
+                    "{} holds {:?}, which is not a revision (a commit hash of letters and digits)",
+                    refs_main.display(),
+                    rev.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        let p = snapshots.join(rev);
         if p.is_dir() {
+            if !confined(&p) {
+                return Err(Error::setting(
+                    "model",
+                    id,
+                    format!(
+                        "snapshot {} resolves outside {}",
+                        p.display(),
+                        snapshots.display()
+                    ),
+                ));
+            }
             return Ok(p);
         }
     }
     let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
         .map_err(|_| not_cached())?
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
+        .filter(|e| e.path().is_dir() && confined(&e.path()))
         .map(|e| {
             let t = e
                 .metadata()
@@ -128,5 +170,51 @@ mod tests {
         assert!(!is_hub_id("./x"));
         assert!(!is_hub_id("a/b/c"));
         assert!(!is_hub_id("plain"));
+    }
+
+    /// A cache with one repository `o/n` whose refs/main holds `rev`, one snapshot `abc123` and,
+    /// next to the cache, a folder `outside`.
+    fn cache_with(rev: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let cache = t.path().join("hub");
+        let repo = cache.join("models--o--n");
+        std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::create_dir_all(t.path().join("outside")).unwrap();
+        std::fs::write(repo.join("refs/main"), rev).unwrap();
+        (t, cache)
+    }
+
+    #[test]
+    fn refs_main_is_a_revision_confined_to_the_snapshots() {
+        let (_t, cache) = cache_with("abc123\n");
+        let p = snapshot_in(&cache, "o/n").unwrap();
+        assert!(
+            p.ends_with("models--o--n/snapshots/abc123"),
+            "{}",
+            p.display()
+        );
+        for bad in ["../../../outside", "/etc", "abc/../abc123", ".."] {
+            let (_t, cache) = cache_with(bad);
+            let e = snapshot_in(&cache, "o/n").unwrap_err().to_string();
+            assert!(
+                e.contains("refs/main") && e.contains("not a revision"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_snapshot_linking_outside_the_cache_is_refused() {
+        let (t, cache) = cache_with("evil");
+        let snaps = cache.join("models--o--n/snapshots");
+        std::os::unix::fs::symlink(t.path().join("outside"), snaps.join("evil")).unwrap();
+        let e = snapshot_in(&cache, "o/n").unwrap_err().to_string();
+        assert!(e.contains("resolves outside"), "{e}");
+        // nor is it picked as the newest snapshot when refs/main is absent
+        std::fs::remove_file(cache.join("models--o--n/refs/main")).unwrap();
+        let p = snapshot_in(&cache, "o/n").unwrap();
+        assert!(p.ends_with("snapshots/abc123"), "{}", p.display());
     }
 }

@@ -25,12 +25,27 @@ pub fn while_loading<T>(load: impl FnOnce() -> T) -> T {
     out
 }
 
+/// A command whose output is piped into a reader that stops early (`llada info | head`) ends
+/// quietly, as Unix tools do, instead of panicking on the failed write: SIGPIPE goes back to its
+/// default action (the Rust runtime ignores it, turning every later print into a panic). Not for
+/// `serve`, which writes to sockets and must outlive a client that hangs up.
+fn die_quietly_on_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: installs the default disposition of one signal; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // Never hand freed pages back to the OS: every step frees and reallocates the same large
     // buffers, and returned pages come back as page faults and zeroing.
     // SAFETY: plain option setter of the linked allocator.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args = cli::Cli::parse();
+    if !matches!(args.command, cli::Command::Serve(_)) {
+        die_quietly_on_broken_pipe();
+    }
     cli::init_logging(args.verbose);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

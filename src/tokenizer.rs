@@ -275,13 +275,16 @@ impl Tokenizer {
 
     /// Encodes an infill text: `<mask:N>` marks a span of N masked tokens (N ≥ 1) anywhere in the
     /// text; the text around the spans is encoded piece by piece. Returns the ids and the spans
-    /// (start, length) in token positions.
-    pub fn encode_infill(&self, text: &str) -> Result<(Vec<u32>, Vec<MaskSpan>)> {
+    /// (start, length) in token positions. The canvas must fit `max_len` positions (the model's
+    /// `max_sequence_length`): each span is checked before its masks are allocated. The text
+    /// itself must not contain the mask token (only `<mask:N>` places masks, so that every mask is
+    /// in a reported span).
+    pub fn encode_infill(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, Vec<MaskSpan>)> {
         let mut ids = Vec::new();
         let mut spans = Vec::new();
         let mut rest = text;
         while let Some(at) = rest.find("<mask") {
-            ids.extend(self.encode(&rest[..at])?);
+            self.encode_infill_piece(&rest[..at], &mut ids, max_len)?;
             let tail = &rest[at..];
             let close = tail.find('>').ok_or_else(|| Error::InvalidSetting {
                 name: "text".into(),
@@ -300,12 +303,47 @@ impl Tokenizer {
                     rule: "unknown mask-span syntax: write <mask:N> with N >= 1 masked tokens"
                         .into(),
                 })?;
+            crate::sampler::prompt::check_length(ids.len(), n, max_len).map_err(|_| {
+                Error::setting(
+                    "text",
+                    tag,
+                    format!(
+                        "the infill canvas ({} tokens before this span + {n} masked) exceeds the model's max_sequence_length={max_len}",
+                        ids.len()
+                    ),
+                )
+            })?;
             spans.push((ids.len(), n));
             ids.extend(std::iter::repeat_n(self.special.mask, n));
             rest = &tail[close + 1..];
         }
-        ids.extend(self.encode(rest)?);
+        self.encode_infill_piece(rest, &mut ids, max_len)?;
         Ok((ids, spans))
+    }
+
+    /// Appends the ids of a text piece of an infill text, which must not hold the mask token and
+    /// must keep the canvas inside `max_len`.
+    fn encode_infill_piece(&self, piece: &str, ids: &mut Vec<u32>, max_len: usize) -> Result<()> {
+        let enc = self.encode(piece)?;
+        if enc.contains(&self.special.mask) {
+            let name = self
+                .id_to_token(self.special.mask)
+                .unwrap_or_else(|| format!("id {}", self.special.mask));
+            return Err(Error::setting(
+                "text",
+                format!("{name:?} written literally"),
+                "the text must not contain the mask token: write <mask:N> for N masked tokens",
+            ));
+        }
+        crate::sampler::prompt::check_length(ids.len(), enc.len(), max_len).map_err(|_| {
+            Error::setting(
+                "text",
+                format!("{} tokens", ids.len() + enc.len()),
+                format!("the infill canvas exceeds the model's max_sequence_length={max_len}"),
+            )
+        })?;
+        ids.extend(enc);
+        Ok(())
     }
 
     /// The answer's text: cut at the first EOS or EOT (the paper discards what follows EOS),

@@ -60,19 +60,14 @@ impl SafetensorsFiles {
             entries: HashMap::new(),
         };
         if index_path.exists() {
+            check_regular_file(&index_path)?;
             let index: Index = read_json(&index_path)?;
             let mut shards: Vec<&String> = index.weight_map.values().collect();
             shards.sort();
             shards.dedup();
             let mut file_of = HashMap::new();
             for shard in shards {
-                let path = dir.join(shard);
-                if !path.exists() {
-                    return Err(Error::Checkpoint {
-                        path,
-                        reason: format!("shard named in {INDEX_FILE} is absent"),
-                    });
-                }
+                let path = shard_path(dir, shard)?;
                 file_of.insert(shard.clone(), out.add_file(path)?);
             }
             // Every tensor the index lists must be in the shard it names.
@@ -88,7 +83,7 @@ impl SafetensorsFiles {
                     }
                 }
             }
-        } else if single.exists() {
+        } else if std::fs::symlink_metadata(&single).is_ok() {
             out.add_file(single)?;
         } else {
             return Err(Error::Checkpoint {
@@ -116,7 +111,15 @@ impl SafetensorsFiles {
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<usize> {
+        // Checked before opening: opening a FIFO blocks, and a device is no weight file.
+        check_regular_file(&path)?;
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // and on what was opened (the path may have been replaced in between)
+        match file.metadata() {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => return Err(not_regular(&path, &m)),
+            Err(e) => return Err(Error::io(&path, e)),
+        }
         // SAFETY: the map is read-only; a checkpoint modified while mapped is a user error that can
         // at worst change the values read, which the safetensors header check below bounds.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
@@ -207,6 +210,14 @@ impl SafetensorsFiles {
             });
         }
         let bytes = &mmap[entry.range.clone()];
+        let bad = non_finite_count(bytes, entry.dtype);
+        if bad > 0 {
+            tracing::warn!(
+                "tensor {name} in {}: {bad} of {} values are not finite (NaN or ±inf); outputs computed from it will be NaN",
+                path.display(),
+                bytes.len() / entry.dtype.size_in_bytes().max(1)
+            );
+        }
         let t = Tensor::from_raw_buffer(bytes, entry.dtype, shape, &Device::Cpu)?;
         let t = if device.is_cpu() {
             t.to_dtype(dtype)?
@@ -238,6 +249,119 @@ impl SafetensorsFiles {
             [] => PathBuf::new(),
         }
     }
+}
+
+const CONFINED: &str = "shards must be files inside the checkpoint folder";
+
+/// The path of a shard named by `model.safetensors.index.json`, confined to the checkpoint folder:
+/// the name must be a relative path without `..` (or root, or drive) components, the file must
+/// exist, and its real path (symlinks resolved) must lie inside the folder's real path — or, for
+/// a Hugging Face hub snapshot (`models--o--n/snapshots/REV`), in that repository's `blobs`
+/// folder, where the hub keeps the files its snapshots link to.
+pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
+    let refuse = |path: PathBuf, why: &str| Error::Checkpoint {
+        path,
+        reason: format!("shard {shard:?} named in {INDEX_FILE} {why}: {CONFINED}"),
+    };
+    let rel = Path::new(shard);
+    let plain = !shard.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(refuse(
+            dir.join(INDEX_FILE),
+            "is not a relative path below the folder",
+        ));
+    }
+    let path = dir.join(rel);
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Err(Error::Checkpoint {
+            path,
+            reason: format!("shard named in {INDEX_FILE} is absent"),
+        });
+    }
+    let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let hub_blobs = root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .map(|repo| repo.join("blobs"));
+    let inside = real.starts_with(&root) || hub_blobs.is_some_and(|b| real.starts_with(b));
+    if !inside {
+        return Err(refuse(
+            path,
+            &format!("resolves to {}, outside the folder", real.display()),
+        ));
+    }
+    Ok(path)
+}
+
+/// A weight file must be a regular file (symlinks to one are followed): not a FIFO, a device, a
+/// socket or a folder.
+fn check_regular_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => Err(not_regular(path, &m)),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn not_regular(path: &Path, m: &std::fs::Metadata) -> Error {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        "a folder"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("is {kind}; checkpoint files must be regular files"),
+    }
+}
+
+/// How many stored values of a tensor are NaN or ±inf (exponent bits all ones), read from its
+/// little-endian bytes in one parallel pass.
+pub fn non_finite_count(bytes: &[u8], dtype: DType) -> usize {
+    use rayon::prelude::*;
+    let count = |chunk: &[u8]| -> usize {
+        match dtype {
+            DType::F32 => chunk
+                .chunks_exact(4)
+                .filter(|b| {
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+                })
+                .count(),
+            DType::BF16 => chunk
+                .chunks_exact(2)
+                .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
+                .count(),
+            DType::F16 => chunk
+                .chunks_exact(2)
+                .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+                .count(),
+            _ => 0,
+        }
+    };
+    // chunks of a multiple of every element size
+    bytes.par_chunks(1 << 20).map(count).sum()
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed

@@ -230,3 +230,201 @@ fn cli_reports_errors_without_panicking() {
         "{err}"
     );
 }
+
+/// The binary on `args`, bounded in time: killed after 60 s (a command that blocks, e.g. opening a
+/// FIFO, fails the test instead of hanging it). Returns (success, stderr).
+fn llada_bounded(args: &[&str]) -> (bool, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A sharded copy of the golden checkpoint in `dir`, whose index then names `shard` for every
+/// tensor of its first shard (the shard's file moved to `to`, relative to `dir`).
+fn sharded_with_first_shard_at(dir: &Path, shard: &str, to: &Path) {
+    let ck = model(DType::F32);
+    save_model_sharded(dir, &ck.raw, &ck.model, 200_000).unwrap();
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let first = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .min()
+        .unwrap();
+    assert!(first.starts_with("model-00001-of-"), "{first}");
+    assert!(dir.join(&first).exists());
+    std::fs::rename(dir.join(&first), to).unwrap();
+    for v in index["weight_map"].as_object_mut().unwrap().values_mut() {
+        if v.as_str() == Some(first.as_str()) {
+            *v = serde_json::json!(shard);
+        }
+    }
+    std::fs::write(&index_path, index.to_string()).unwrap();
+}
+
+#[test]
+fn shard_paths_are_confined_to_the_checkpoint_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("ck");
+    // a valid shard outside the folder, named by "../" and by an absolute path: it was loaded
+    let outside = t.path().join("outside.safetensors");
+    sharded_with_first_shard_at(&dir, "../outside.safetensors", &outside);
+    let e = load_err(&dir);
+    assert!(
+        e.contains("\"../outside.safetensors\"") && e.contains("inside the checkpoint folder"),
+        "{e}"
+    );
+    let abs = outside.to_str().unwrap().to_string();
+    let dir2 = t.path().join("ck2");
+    let outside2 = t.path().join("outside2.safetensors");
+    sharded_with_first_shard_at(&dir2, &outside2.to_string_lossy(), &outside2);
+    let e = load_err(&dir2);
+    assert!(e.contains("inside the checkpoint folder"), "{abs}: {e}");
+    // a symlink inside the folder that leads out of it
+    #[cfg(unix)]
+    {
+        let dir3 = t.path().join("ck3");
+        let outside3 = t.path().join("outside3.safetensors");
+        sharded_with_first_shard_at(&dir3, "link.safetensors", &outside3);
+        std::os::unix::fs::symlink(&outside3, dir3.join("link.safetensors")).unwrap();
+        let e = load_err(&dir3);
+        assert!(
+            e.contains("link.safetensors") && e.contains("outside the folder"),
+            "{e}"
+        );
+        // a symlink that stays inside is fine, and so is a subfolder
+        let dir4 = t.path().join("ck4");
+        std::fs::create_dir_all(dir4.join("sub")).unwrap();
+        sharded_with_first_shard_at(
+            &dir4,
+            "sub/real.safetensors",
+            &dir4.join("sub/real.safetensors"),
+        );
+        assert!(Checkpoint::load(&dir4, None, &Device::Cpu).is_ok());
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_snapshot_shards_may_link_into_the_repository_blobs() {
+    // the hub's layout: snapshots/REV/<file> are symlinks to ../../blobs/<hash>
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("models--o--n");
+    let snap = repo.join("snapshots/abc");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    sharded_with_first_shard_at(&snap, "first.safetensors", &repo.join("blobs/h1"));
+    std::os::unix::fs::symlink("../../blobs/h1", snap.join("first.safetensors")).unwrap();
+    assert!(Checkpoint::load(&snap, None, &Device::Cpu).is_ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_as_weight_files() {
+    let d = tempfile::tempdir().unwrap();
+    copy_golden(d.path());
+    let f = d.path().join("model.safetensors");
+    std::fs::remove_file(&f).unwrap();
+    // a FIFO: opening it blocked until a writer came
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+    assert!(!ok, "a FIFO loaded");
+    assert!(
+        err.contains("model.safetensors") && err.contains("FIFO") && err.contains("regular"),
+        "{err}"
+    );
+    // a device
+    std::fs::remove_file(&f).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &f).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("a device") && e.contains("regular files"), "{e}");
+}
+
+#[test]
+fn non_finite_weights_load_with_a_warning_naming_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    copy_golden(d.path());
+    let name = "model.transformer.blocks.1.q_proj.weight";
+    let t: Vec<_> = golden_tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == name {
+                let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v[3] = f32::NAN;
+                v[7] = f32::INFINITY;
+                (n, Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    assert!(t.iter().any(|(n, _)| n == name));
+    save_safetensors(d.path(), &t, u64::MAX).unwrap();
+    let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(name) && err.contains("2 of 4096 values are not finite"),
+        "{err}"
+    );
+    // the golden checkpoint itself loads without one
+    let (ok, err) = llada_bounded(&["info", golden_dir().to_str().unwrap()]);
+    assert!(ok && !err.contains("not finite"), "{err}");
+}
+
+#[test]
+fn impossible_numerics_in_config_are_named() {
+    for (key, value) in [("rope_theta", "1e-300"), ("rms_norm_eps", "1e308")] {
+        let d = tempfile::tempdir().unwrap();
+        copy_golden(d.path());
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+                .unwrap();
+        cfg[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+        let e = load_err(d.path());
+        assert!(e.starts_with(&format!("config.json: {key}=")), "{key}: {e}");
+    }
+}
+
+#[test]
+fn a_huge_context_costs_nothing_until_used() {
+    // RoPE tables were built for max_sequence_length at load: 10^7 positions took 1.28 GB,
+    // 10^8 aborted
+    let d = tempfile::tempdir().unwrap();
+    copy_golden(d.path());
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+            .unwrap();
+    cfg["max_sequence_length"] = serde_json::json!(1_000_000_000u64);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    let ck = Checkpoint::load(d.path(), None, &Device::Cpu).unwrap();
+    let m = ck.model.as_llada().unwrap();
+    assert_eq!(m.rope().table_len(), 0);
+    // the same logits as the golden model, with tables for the 7 positions used (rounded up)
+    assert_eq!(logits(&ck), logits(model(DType::F32)));
+    assert_eq!(m.rope().table_len(), 8);
+}

@@ -321,3 +321,191 @@ fn score_json_has_the_documented_fields() {
     assert!(v["log_likelihood"].as_f64().unwrap() < 0.0);
     assert!(v["stderr"].as_f64().unwrap() > 0.0);
 }
+
+/// The binary with `stdin` fed in (and closed), bounded in time: killed after 120 s.
+fn llada_with(args: &[&str], stdin: &str, env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llada"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn infill_checks_span_sizes_against_the_context_before_allocating() {
+    let g = golden_dir();
+    let m = g.to_str().unwrap();
+    // 10^9 masks were allocated (4-8 GB) before the context was checked; usize::MAX panicked
+    for n in ["1000000000", "18446744073709551615", "257"] {
+        let tag = format!("<mask:{n}>");
+        let text = format!("a {tag} b");
+        fails_with(
+            &["infill", m, "--text", &text],
+            &[&tag, &format!("+ {n} masked"), "max_sequence_length=256"],
+        );
+    }
+    // the spans together, and the text after them, count too
+    fails_with(
+        &["infill", m, "--text", "a <mask:200> b <mask:100> c"],
+        &["<mask:100>", "max_sequence_length=256"],
+    );
+    // a number past usize is no span size at all
+    fails_with(
+        &["infill", m, "--text", "a <mask:99999999999999999999999> b"],
+        &["<mask:99999999999999999999999>", "mask-span syntax"],
+    );
+}
+
+#[test]
+fn infill_rejects_a_literal_mask_token() {
+    let g = golden_dir();
+    let m = g.to_str().unwrap();
+    // it was an unreported extra mask (filled, but in no span)
+    fails_with(
+        &["infill", m, "--text", "a <|mdm_mask|> b <mask:2> c"],
+        &["<|mdm_mask|>", "must not contain the mask token"],
+    );
+    fails_with(
+        &["infill", m, "--text", "a <mask:2> b <|mdm_mask|>"],
+        &["<|mdm_mask|>", "must not contain the mask token"],
+    );
+}
+
+#[test]
+fn lengths_near_usize_max_are_errors_not_panics() {
+    let g = golden_dir();
+    let m = g.to_str().unwrap();
+    let max = "18446744073709551615";
+    let too_long = [
+        "gen_length=18446744073709551615",
+        "= 18446744073709551616 exceeds the model's max_sequence_length=256",
+    ];
+    fails_with(
+        &["generate", m, "--prompt", "a", "--gen-length", max],
+        &too_long,
+    );
+    fails_with(
+        &["generate", m, "--ar", "--prompt", "a", "--gen-length", max],
+        &too_long,
+    );
+    // chat and bench reached the sampler, which allocated the canvas before checking it
+    let (ok, err) = llada_with(&["chat", m, "--gen-length", max], "a\n", &[]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(err.contains("gen_length=18446744073709551615"), "{err}");
+    fails_with(
+        &[
+            "bench",
+            m,
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--gen-length",
+            max,
+        ],
+        &["gen_length=18446744073709551615", "max_sequence_length=256"],
+    );
+    fails_with(
+        &[
+            "bench",
+            m,
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--prompt-len",
+            max,
+        ],
+        &["max_sequence_length=256"],
+    );
+    for mode in ["forward", "train"] {
+        fails_with(
+            &["bench", m, "--mode", mode, "--runs", "1", "--len", max],
+            &["max_sequence_length=256"],
+        );
+    }
+}
+
+#[test]
+fn threads_are_bounded() {
+    let g = golden_dir();
+    let m = g.to_str().unwrap();
+    let max = 4 * std::thread::available_parallelism().unwrap().get();
+    let over = (max + 1).to_string();
+    for n in ["0", over.as_str(), "1000000"] {
+        fails_with(
+            &["info", m, "--threads", n],
+            &[
+                &format!("threads={n}"),
+                &format!("must be between 1 and {max}"),
+            ],
+        );
+    }
+    let (ok, _, err) = llada(&["info", m, "--threads", &max.to_string()]);
+    assert!(ok, "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let g = golden_dir();
+    // `llada info | head -0`: the reader is gone before the first line is written
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
+        .args(["info", g.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // before: "failed printing to stdout: Broken pipe" panic, exit 101
+    assert!(err.is_empty(), "{err}");
+    // ended by SIGPIPE (13 on Linux and macOS), as `cat` is
+    assert_eq!(out.status.signal(), Some(13), "{:?}", out.status);
+}
+
+#[test]
+fn hub_refs_main_cannot_point_outside_the_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("hub");
+    let repo = cache.join("models--o--n");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    // a valid checkpoint outside the cache, which `refs/main` = "../../../outside" reached
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny");
+        std::fs::copy(tiny.join(f), outside.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), "../../../outside").unwrap();
+    let (ok, err) = llada_with(&["info", "o/n"], "", &[("HF_HUB_CACHE", &cache)]);
+    assert!(!ok, "loaded the checkpoint outside the cache");
+    assert!(
+        err.contains("refs/main") && err.contains("not a revision") && !err.contains("panicked"),
+        "{err}"
+    );
+}

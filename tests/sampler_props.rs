@@ -266,7 +266,10 @@ fn infill_fills_only_masks_using_both_sides() {
     let ck = model(DType::F32);
     let tok = ck.tokenizer().unwrap();
     let (canvas, spans) = tok
-        .encode_infill("In the <mask:2> God created the heaven and the <mask:1>.")
+        .encode_infill(
+            "In the <mask:2> God created the heaven and the <mask:1>.",
+            ck.config.max_sequence_length,
+        )
         .unwrap();
     assert_eq!(spans.len(), 2);
     let cfg = SamplerConfig {
@@ -294,7 +297,7 @@ fn infill_fills_only_masks_using_both_sides() {
     }
     assert_eq!(g.nfe, 3);
     let e = tok
-        .encode_infill("bad <mask:0> span")
+        .encode_infill("bad <mask:0> span", ck.config.max_sequence_length)
         .unwrap_err()
         .to_string();
     assert!(e.contains("<mask:0>"), "{e}");

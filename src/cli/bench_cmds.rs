@@ -276,7 +276,7 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
 
 /// `--mode forward`: one forward pass over `--batch` × `--len` random tokens.
 fn run_forward(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
-    let len = a.len.unwrap_or(a.prompt_len + cfg.gen_length);
+    let len = a.len.unwrap_or(a.prompt_len.saturating_add(cfg.gen_length));
     let r = bench::bench_forward(
         &s.model,
         &s.special,

@@ -31,7 +31,7 @@ pub struct ReversalArgs {
     /// Print {"diffusion": {"forward", "reversal"}, "autoregressive": {...}} (accuracies in [0, 1]).
     #[arg(long)]
     pub json: bool,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: all cores; at most 4 per available core).
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -40,7 +40,7 @@ pub fn run(cmd: ExperimentCmd) -> Result<()> {
     match cmd {
         ExperimentCmd::Reversal(a) => {
             if let Some(n) = a.threads {
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+                llada::device::set_threads(n)?;
             }
             let mut cfg = if a.quick {
                 ReversalConfig::quick()

@@ -100,7 +100,7 @@ pub struct RuntimeArgs {
     /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: all cores; at most 4 per available core).
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -108,9 +108,7 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     pub fn setup(&self) -> Result<(Device, RunDType)> {
         if let Some(n) = self.threads {
-            anyhow::ensure!(n >= 1, "invalid setting threads={n}: must be at least 1");
-            // candle and rayon read this once, before their first parallel op.
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            llada::device::set_threads(n)?;
         }
         let device = llada::device::parse_device(&self.device)?;
         let dtype = match &self.dtype {

@@ -427,7 +427,7 @@ pub struct InfillArgs {
 pub fn infill(a: InfillArgs) -> Result<()> {
     let ck = a.rt.load(&a.model.resolve()?)?;
     let tok = ck.tokenizer()?;
-    let (canvas, spans) = tok.encode_infill(&a.text)?;
+    let (canvas, spans) = tok.encode_infill(&a.text, ck.config.max_sequence_length)?;
     if spans.is_empty() {
         bail!("invalid --text: no masked span (write <mask:N> where N tokens should be filled)");
     }

@@ -1,6 +1,8 @@
 //! Bidirectional multi-head attention with rotate-half RoPE in f32 and GQA (reference §2.4–2.7),
 //! in its inference and training forms, and the attention-bias builders (padding, causal).
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use candle_core::{DType, Device, Result, Tensor, D};
 use half::bf16;
 
@@ -10,19 +12,30 @@ use crate::kernels::cpu::with_slice;
 use super::layers::Linear;
 
 /// Rotary position tables (f32), rotate-half (GPT-NeoX) layout over the full head dim.
+///
+/// The tables are built for the positions actually used, not for the model's whole context: they
+/// start empty and grow on demand (to the next power of two, capped at `max_len`; past it exactly
+/// to what is asked, as the reference extends its table). A position's entry does not depend on
+/// the table's length, so a grown table holds the same values bit for bit. Clones share the
+/// tables.
 #[derive(Debug, Clone)]
 pub struct Rope {
     head_dim: usize,
     theta: f32,
-    /// [max_len, head_dim / 2]
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables on the host, for the fused CPU kernels.
-    cos_host: std::sync::Arc<Vec<f32>>,
-    sin_host: std::sync::Arc<Vec<f32>>,
+    /// The model's context: the table grows by powers of two up to it.
+    max_len: usize,
+    device: Device,
+    /// Host tables [len][hd/2], for the fused CPU kernels.
+    host: Arc<Mutex<HostTables>>,
+    /// The same on the device, [len, hd/2] each (built from the host tables when first needed).
+    dev: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
-/// Host cos/sin tables [len][hd/2] for positions 0..len.
+/// cos and sin for positions 0..len (`len · hd/2` values each).
+type HostTables = (Arc<Vec<f32>>, Arc<Vec<f32>>);
+
+/// Host cos/sin tables [len][hd/2] for positions 0..len. inv_freq[j] = 1 / θ^(2j/hd), all in f32
+/// as the reference computes it.
 fn host_tables(head_dim: usize, theta: f32, len: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
@@ -40,47 +53,49 @@ fn host_tables(head_dim: usize, theta: f32, len: usize) -> (Vec<f32>, Vec<f32>) 
     (cos, sin)
 }
 
-/// cos/sin [len, hd/2] for positions start..start+len. inv_freq[j] = 1 / θ^(2j/hd), all in f32
-/// as the reference computes it.
-fn rope_tables(
-    head_dim: usize,
-    theta: f32,
-    start: usize,
-    len: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let (cos, sin) = host_tables(head_dim, theta, start + len);
-    Ok((
-        Tensor::from_vec(cos[start * half..].to_vec(), (len, half), device)?,
-        Tensor::from_vec(sin[start * half..].to_vec(), (len, half), device)?,
-    ))
+/// Locks a table cache. A table is replaced whole, so a lock poisoned by a panic elsewhere still
+/// guards a complete table.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Rope {
+    /// RoPE of base `theta` for a model of `max_len` positions; nothing is computed yet.
     pub fn new(head_dim: usize, theta: f32, max_len: usize, device: &Device) -> Result<Self> {
-        let (ch, sh) = host_tables(head_dim, theta, max_len);
-        let half = head_dim / 2;
-        let cos = Tensor::from_slice(&ch, (max_len, half), device)?;
-        let sin = Tensor::from_slice(&sh, (max_len, half), device)?;
         Ok(Rope {
             head_dim,
             theta,
-            cos,
-            sin,
-            cos_host: std::sync::Arc::new(ch),
-            sin_host: std::sync::Arc::new(sh),
+            max_len,
+            device: device.clone(),
+            host: Default::default(),
+            dev: Default::default(),
         })
     }
 
-    /// Host tables covering positions 0..len (the precomputed ones, or fresh ones past them).
-    pub fn host(&self, len: usize) -> (std::sync::Arc<Vec<f32>>, std::sync::Arc<Vec<f32>>) {
-        if len * (self.head_dim / 2) <= self.cos_host.len() {
-            (self.cos_host.clone(), self.sin_host.clone())
-        } else {
-            let (c, s) = host_tables(self.head_dim, self.theta, len);
-            (std::sync::Arc::new(c), std::sync::Arc::new(s))
+    /// Positions the host tables cover now.
+    pub fn table_len(&self) -> usize {
+        lock(&self.host).0.len() / (self.head_dim / 2).max(1)
+    }
+
+    /// The length to grow to when `len` positions are needed: the next power of two (a canvas
+    /// growing one position at a time rebuilds the table log₂ n times), capped at the model's
+    /// context, never below `len`.
+    fn grown(&self, len: usize) -> usize {
+        len.checked_next_power_of_two()
+            .unwrap_or(len)
+            .min(self.max_len)
+            .max(len)
+    }
+
+    /// Host tables covering at least positions 0..len (grown if need be).
+    pub fn host(&self, len: usize) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
+        let half = self.head_dim / 2;
+        let mut t = lock(&self.host);
+        if t.0.len() < len.saturating_mul(half) {
+            let (c, s) = host_tables(self.head_dim, self.theta, self.grown(len));
+            *t = (Arc::new(c), Arc::new(s));
         }
+        (t.0.clone(), t.1.clone())
     }
 
     /// Head dimension.
@@ -88,17 +103,25 @@ impl Rope {
         self.head_dim
     }
 
-    /// cos/sin [len, hd/2] for absolute positions start..start+len (computed on demand past the
-    /// precomputed table, as the reference extends its table).
+    /// cos/sin [len, hd/2] for absolute positions start..start+len, on the device (grown on
+    /// demand).
     fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        if start + len <= self.cos.dim(0)? {
-            Ok((
-                self.cos.narrow(0, start, len)?,
-                self.sin.narrow(0, start, len)?,
-            ))
-        } else {
-            rope_tables(self.head_dim, self.theta, start, len, self.cos.device())
-        }
+        let mut dev = lock(&self.dev);
+        let (c, s) = match dev.as_ref() {
+            Some(t) if t.0.dim(0)? >= start + len => t.clone(),
+            _ => {
+                let (c, s) = self.host(start + len);
+                let half = self.head_dim / 2;
+                let n = c.len() / half.max(1);
+                let t = (
+                    Tensor::from_slice(&c, (n, half), &self.device)?,
+                    Tensor::from_slice(&s, (n, half), &self.device)?,
+                );
+                *dev = Some(t.clone());
+                t
+            }
+        };
+        Ok((c.narrow(0, start, len)?, s.narrow(0, start, len)?))
     }
 
     /// Rotates x [B, H, L, hd] for positions start..start+L, in f32, cast back to x's dtype
@@ -360,4 +383,34 @@ pub fn attention_bias(
         Some(p) => p.broadcast_add(&c)?.clamp(f32::MIN, 0.0)?,
         None => c,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_tables_grow_on_demand_with_the_same_values() {
+        // a context of 10^9 positions costs nothing until positions are used
+        let rope = Rope::new(16, 500000.0, 1_000_000_000, &Device::Cpu).unwrap();
+        assert_eq!(rope.table_len(), 0);
+        let (c, s) = rope.host(40);
+        assert_eq!(rope.table_len(), 64);
+        let (fc, fs) = host_tables(16, 500000.0, 300);
+        assert_eq!(c.as_slice(), &fc[..64 * 8]);
+        assert_eq!(s.as_slice(), &fs[..64 * 8]);
+        // the device tables (candle path) are the same prefix, at any start
+        let (dc, ds) = rope.tables(250, 50).unwrap();
+        assert_eq!(rope.table_len(), 512);
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(dc), &fc[250 * 8..]);
+        assert_eq!(flat(ds), &fs[250 * 8..]);
+        // growth is capped at the context, but what is asked past it is still served
+        let small = Rope::new(16, 500000.0, 100, &Device::Cpu).unwrap();
+        small.host(70);
+        assert_eq!(small.table_len(), 100);
+        small.host(300);
+        assert_eq!(small.table_len(), 300);
+        assert_eq!(small.host(300).0.as_slice(), fc.as_slice());
+    }
 }

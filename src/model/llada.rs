@@ -295,6 +295,11 @@ impl Llada {
         &self.cfg
     }
 
+    /// The rotary position tables (built for the positions used so far).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -302,7 +307,9 @@ impl Llada {
 
     /// Bytes the weights take in the compute dtype.
     pub fn weights_bytes(&self) -> u64 {
-        self.cfg.parameter_count() * self.dtype.size_in_bytes() as u64
+        self.cfg
+            .parameter_count()
+            .saturating_mul(self.dtype.size_in_bytes() as u64)
     }
 
     /// The device holding the weights.

@@ -41,17 +41,7 @@ pub fn generate_ar(
             "must be a finite number >= 0",
         ));
     }
-    let max = model.max_sequence_length();
-    if prompt.len() + max_new > max {
-        return Err(Error::setting(
-            "gen_length",
-            max_new,
-            format!(
-                "prompt ({}) + answer exceeds the model's max_sequence_length={max}",
-                prompt.len()
-            ),
-        ));
-    }
+    super::prompt::check_length(prompt.len(), max_new, model.max_sequence_length())?;
     let device = model.device();
     let mut x = prompt.to_vec();
     let mut nfe = 0;

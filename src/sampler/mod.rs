@@ -255,6 +255,8 @@ pub fn generate(
     let mask_id = special.mask;
     let p = prompts.validate(mask_id)?;
     let g = cfg.gen_length;
+    // before the canvas of p + g positions is allocated
+    prompt::check_length(p, g, model.max_sequence_length())?;
     let x: Vec<Vec<u32>> = prompts
         .ids
         .iter()
@@ -295,6 +297,7 @@ pub fn infill(
     })?;
     let masks = canvas.iter().filter(|&&t| t == mask_id).count();
     let region = canvas.len() - first;
+    prompt::check_length(first, region, model.max_sequence_length())?;
     let mut eff = cfg.clone();
     eff.gen_length = region;
     if eff.block_length == 0 || eff.block_length > region {
@@ -350,7 +353,6 @@ fn denoise(
     let mask_id = special.mask;
     let mut canvas = Canvas::new(x, p, mask_id);
     let (b, l) = (canvas.batch(), canvas.len());
-    prompt::check_length(p, l - p, model.max_sequence_length())?;
     let device = model.device();
     let guidance = cfg.guidance();
     let key_mask = match key_mask {

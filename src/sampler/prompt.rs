@@ -69,9 +69,10 @@ impl PromptRules {
 }
 
 /// A canvas of `prompt` + `answer` tokens must fit the model's `max` positions
-/// ([`Error::TooLong`] otherwise).
+/// ([`Error::TooLong`] otherwise). The one length check of a canvas: every caller runs it before
+/// allocating anything of that length, and the sum cannot overflow.
 pub fn check_length(prompt: usize, answer: usize, max: usize) -> Result<()> {
-    if prompt.saturating_add(answer) > max {
+    if prompt.checked_add(answer).is_none_or(|total| total > max) {
         return Err(Error::TooLong {
             prompt,
             answer,
@@ -117,6 +118,26 @@ mod tests {
                 max: 8
             })
         ));
+    }
+
+    #[test]
+    fn lengths_near_usize_max_are_too_long_not_an_overflow() {
+        let e = check_length(3, usize::MAX, 8).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::TooLong {
+                prompt: 3,
+                answer: usize::MAX,
+                max: 8
+            }
+        ));
+        // the message shows the true sum, not a wrapped one
+        assert_eq!(
+            e.to_string(),
+            "invalid setting gen_length=18446744073709551615: prompt (3 tokens) + answer (18446744073709551615) = 18446744073709551618 exceeds the model's max_sequence_length=8"
+        );
+        assert!(check_length(usize::MAX, usize::MAX, usize::MAX).is_err());
+        assert!(check_length(usize::MAX, 0, usize::MAX).is_ok());
     }
 
     #[test]
