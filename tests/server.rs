@@ -1,9 +1,11 @@
 //! The HTTP server through its router (no sockets): OpenAI shapes, streaming, the denoising
-//! stream, validation and the one error mapping, the bounded queue, batching.
+//! stream, validation and the one error mapping, the bounded queue, batching; the request guards
+//! (origin, content type, body size), the per-request work bounds and deadlines of scoring, the
+//! chat template off the runtime; and, on loopback sockets, the connection limits.
 
 mod common;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use common::golden_dir;
 use http_body_util::BodyExt;
 use llada::candle_core::{DType, Device, Tensor};
 use llada::model::MaskPredictor;
-use llada::server::{self, engine, openai::Defaults, AppState};
+use llada::server::{self, engine, openai::Defaults, AppState, Limits};
 use llada::{Checkpoint, Tokenizer};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -29,7 +31,14 @@ fn state_with_vocab(queue: usize, max_batch: usize, vocab: Option<usize>) -> Arc
     let max = ck.config.max_sequence_length;
     let ck_vocab = vocab.unwrap_or(ck.config.embedding_size);
     Arc::new(AppState {
-        engine: engine::start(ck, engine::EngineConfig { queue, max_batch }),
+        engine: engine::start(
+            ck,
+            engine::EngineConfig {
+                queue,
+                max_batch,
+                on_idle: None,
+            },
+        ),
         tokenizer,
         model_name: "tiny".into(),
         max_sequence_length: max,
@@ -38,7 +47,10 @@ fn state_with_vocab(queue: usize, max_batch: usize, vocab: Option<usize>) -> Arc
             max_tokens_limit: max,
             ..Defaults::default()
         },
-        request_timeout: Duration::from_secs(60),
+        limits: Limits {
+            request_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        },
         started: Instant::now(),
         served: AtomicU64::new(0),
     })
@@ -50,12 +62,29 @@ async fn call(
     path: &str,
     body: impl Into<Body>,
 ) -> (StatusCode, Vec<u8>) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body.into())
-        .unwrap();
+    call_with(
+        s,
+        method,
+        path,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
+}
+
+/// A request with exactly these headers.
+async fn call_with(
+    s: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(body.into()).unwrap();
     let resp = server::router(s.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp
@@ -69,12 +98,16 @@ async fn call(
 }
 
 /// A fake model for the engine: every logit row puts all its weight on `token`, or every call
-/// fails (an internal error, as a device failure would be).
+/// fails (an internal error, as a device failure would be, its message carrying a backtrace), or
+/// panics; each call takes `delay` and is counted in `calls`.
 struct Fake {
     special: llada::SpecialTokens,
     vocab: usize,
     token: u32,
     fail: bool,
+    panic: bool,
+    delay: Duration,
+    calls: Arc<AtomicUsize>,
 }
 
 impl engine::Predictors for Fake {
@@ -96,10 +129,18 @@ impl MaskPredictor for FakePredictor<'_> {
         rows: &[usize],
     ) -> llada::Result<Tensor> {
         let f = self.0;
+        f.calls.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(f.delay);
         if f.fail {
             return Err(llada::Error::Tensor(llada::candle_core::Error::Msg(
-                "device lost".into(),
+                format!(
+                    "device lost\n{}",
+                    std::backtrace::Backtrace::force_capture()
+                ),
             )));
+        }
+        if f.panic {
+            panic!("fake model panicked at {}:{}", file!(), line!());
         }
         let b = x.dim(0)?;
         let mut row = vec![0f32; f.vocab];
@@ -118,14 +159,29 @@ impl MaskPredictor for FakePredictor<'_> {
 
 /// A server whose engine runs `fake` (the tiny model's tokenizer for text).
 fn fake_state(fake: Fake) -> Arc<AppState> {
+    fake_state_with(fake, Limits::default(), None)
+}
+
+/// [`fake_state`] with these limits (a 60 s request timeout unless they say otherwise) and an
+/// idle hook.
+fn fake_state_with(fake: Fake, limits: Limits, on_idle: Option<fn()>) -> Arc<AppState> {
     let tokenizer = Tokenizer::from_dir(&golden_dir(), &common::model(DType::F32).config).unwrap();
     let vocab = fake.vocab;
+    let limits = if limits.request_timeout == server::DEFAULT_REQUEST_TIMEOUT {
+        Limits {
+            request_timeout: Duration::from_secs(60),
+            ..limits
+        }
+    } else {
+        limits
+    };
     Arc::new(AppState {
         engine: engine::start(
             fake,
             engine::EngineConfig {
                 queue: 4,
                 max_batch: 2,
+                on_idle,
             },
         ),
         tokenizer,
@@ -136,7 +192,7 @@ fn fake_state(fake: Fake) -> Arc<AppState> {
             max_tokens_limit: 256,
             ..Defaults::default()
         },
-        request_timeout: Duration::from_secs(60),
+        limits,
         started: Instant::now(),
         served: AtomicU64::new(0),
     })
@@ -149,6 +205,9 @@ fn fake(fail: bool) -> Fake {
         vocab: ck.config.embedding_size,
         token: 40,
         fail,
+        panic: false,
+        delay: Duration::ZERO,
+        calls: Arc::new(AtomicUsize::new(0)),
     }
 }
 
@@ -185,7 +244,17 @@ async fn the_engine_runs_any_predictor_and_internal_errors_are_500() {
         "{}",
         String::from_utf8_lossy(&b)
     );
-    assert!(!String::from_utf8_lossy(&b).contains("device lost"));
+    // the cause (with its backtrace and source paths) is logged, never sent
+    let text = String::from_utf8_lossy(&b).to_string();
+    assert_eq!(
+        json_of(&b)["error"]["message"],
+        server::error::INTERNAL,
+        "{text}"
+    );
+    assert!(
+        !text.contains("device lost") && !text.contains(".rs"),
+        "{text}"
+    );
     let (st, _) = call(&s, "GET", "/health", Body::empty()).await;
     assert_eq!(st, StatusCode::OK);
 }
@@ -448,4 +517,641 @@ async fn full_queue_is_429_and_compatible_requests_batch() {
             .any(|v| v["llada"]["batch_size"].as_u64().unwrap() > 1),
         "no batching happened"
     );
+}
+
+/// A panic inside the engine and an error carrying a backtrace are both a 500 with the fixed
+/// message (before the audit's fix, 500 bodies carried backtraces with source paths).
+#[tokio::test]
+async fn internal_failures_send_no_backtrace_or_source_path() {
+    let s = fake_state(Fake {
+        panic: true,
+        ..fake(false)
+    });
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "In the beginning", "max_tokens": 8, "cache": "none"}),
+        ),
+        (
+            "/v1/score",
+            json!({"prompt": "In the beginning", "answer": " God created", "mc_num": 2, "batch": 1}),
+        ),
+    ] {
+        let (st, b) = call(&s, "POST", path, body.to_string()).await;
+        let text = String::from_utf8_lossy(&b).to_string();
+        assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
+        assert!(
+            !text.contains(".rs") && !text.contains("panicked"),
+            "{text}"
+        );
+    }
+    let (st, _) = call(&s, "GET", "/health", Body::empty()).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+/// The work of a score request is bounded before it runs: rows × tokens of one forward pass and
+/// the number of samples (before: `batch` 256 over a long text grew the process by gigabytes).
+#[tokio::test]
+async fn score_work_is_bounded_before_it_runs() {
+    let f = fake(false);
+    let calls = f.calls.clone();
+    let limits = Limits {
+        score: llada::score::ScoreLimits {
+            max_mc_num: 64,
+            max_batch_tokens: 200,
+        },
+        ..Limits::default()
+    };
+    let s = fake_state_with(f, limits, None);
+    let prompt = "In the beginning God created the heaven and the earth";
+    let pair = |extra: Value| {
+        let mut v = json!({"prompt": prompt, "answer": " And the earth was without form"});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v.to_string()
+    };
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        pair(json!({"mc_num": 64, "batch": 64})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let v = json_of(&b);
+    assert_eq!(v["error"]["param"], "batch");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("limit of 200 tokens per pass"), "{msg}");
+    // guidance doubles the rows
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        pair(json!({"mc_num": 8, "batch": 8, "cfg_scale": 1.0})),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        pair(json!({"mc_num": 128, "batch": 1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json_of(&b)["error"]["param"], "mc_num");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "a refused request ran");
+    // within the bounds it runs: mc_num / batch passes
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        pair(json!({"mc_num": 8, "batch": 4})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["nfe"], 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A score request stops at its deadline (504) and the engine is free at once for the next
+/// request (before: the engine went on for the whole estimate, and every later request timed out
+/// too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_stops_at_its_deadline() {
+    let f = Fake {
+        delay: Duration::from_millis(50),
+        ..fake(false)
+    };
+    let calls = f.calls.clone();
+    let s = fake_state_with(
+        f,
+        Limits {
+            request_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        },
+        None,
+    );
+    // 1024 passes of 50 ms: far past the 1 s timeout
+    let body = json!({"prompt": "In the beginning", "answer": " God created the heaven", "mc_num": 1024, "batch": 1});
+    let (st, b) = call(&s, "POST", "/v1/score", body.to_string()).await;
+    assert_eq!(
+        st,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 4, "cache": "none", "threshold": null})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert!(calls.load(Ordering::SeqCst) < 200, "the estimate ran on");
+}
+
+/// A client that goes away cancels its score request between mini-batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_stops_when_the_client_goes_away() {
+    let f = Fake {
+        delay: Duration::from_millis(50),
+        ..fake(false)
+    };
+    let calls = f.calls.clone();
+    let s = fake_state(f);
+    let body = json!({"prompt": "In the beginning", "answer": " God created the heaven", "mc_num": 1024, "batch": 1});
+    let s2 = s.clone();
+    let req = tokio::spawn(async move { call(&s2, "POST", "/v1/score", body.to_string()).await });
+    for _ in 0..200 {
+        if calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    req.abort();
+    let _ = req.await;
+    // the engine stops within a pass or two: the counter settles far below 1024
+    let mut last = usize::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = calls.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last < 100,
+        "{last} passes: the estimate ran on after the client left"
+    );
+}
+
+static IDLE_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_idle() {
+    IDLE_CALLS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The engine calls its idle hook (the binary returns freed memory there) once work is done.
+#[tokio::test]
+async fn the_engine_returns_memory_when_it_goes_idle() {
+    let s = fake_state_with(fake(false), Limits::default(), Some(count_idle));
+    let before = IDLE_CALLS.load(Ordering::SeqCst);
+    let (st, _) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        json!({"prompt": "In the beginning", "answer": " God created", "mc_num": 4, "batch": 2})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let mut n = 0;
+    for _ in 0..250 {
+        n = IDLE_CALLS.load(Ordering::SeqCst) - before;
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(n, 1, "the idle hook ran {n} times after one job");
+}
+
+/// POSTs must be declared JSON (415 otherwise, OpenAI-style) and browser pages of other origins
+/// are refused (403): before, a `text/plain` POST from any page was executed.
+#[tokio::test]
+async fn cross_origin_and_non_json_posts_are_refused() {
+    let s = fake_state(fake(false));
+    let body = json!({"prompt": "In the beginning", "max_tokens": 4, "cache": "none"}).to_string();
+    for headers in [
+        vec![("content-type", "text/plain")],
+        vec![],
+        vec![("content-type", "application/x-www-form-urlencoded")],
+    ] {
+        let (st, b) = call_with(&s, "POST", "/v1/completions", &headers, body.clone()).await;
+        assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{headers:?}");
+        let v = json_of(&b);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/json"));
+    }
+    let ok = [("content-type", "Application/JSON; charset=utf-8")];
+    let (st, _) = call_with(&s, "POST", "/v1/completions", &ok, body.clone()).await;
+    assert_eq!(st, StatusCode::OK);
+    // another origin's page: refused, whatever the method
+    let evil = [
+        ("content-type", "application/json"),
+        ("origin", "http://evil.example"),
+        ("host", "127.0.0.1:8000"),
+    ];
+    for (method, path) in [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/score"),
+        ("GET", "/health"),
+    ] {
+        let (st, b) = call_with(&s, method, path, &evil, body.clone()).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}");
+        let v = json_of(&b);
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http://evil.example"));
+    }
+    // the server's own page (origin host:port = Host) is served
+    let own = [
+        ("content-type", "application/json"),
+        ("origin", "http://127.0.0.1:8000"),
+        ("host", "127.0.0.1:8000"),
+    ];
+    let (st, _) = call_with(&s, "POST", "/v1/completions", &own, body.clone()).await;
+    assert_eq!(st, StatusCode::OK);
+    // an allowed origin is served
+    let s = fake_state_with(
+        fake(false),
+        Limits {
+            allowed_origins: vec!["http://evil.example".into()],
+            ..Limits::default()
+        },
+        None,
+    );
+    let (st, _) = call_with(&s, "POST", "/v1/completions", &evil, body).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+/// A body past the limit is 413 with an OpenAI-style JSON error naming the limit (before: plain
+/// text).
+#[tokio::test]
+async fn a_body_past_the_limit_is_413_json() {
+    let s = fake_state_with(
+        fake(false),
+        Limits {
+            max_body_bytes: 1000,
+            ..Limits::default()
+        },
+        None,
+    );
+    let big = json!({"prompt": "word ".repeat(400)}).to_string();
+    for path in ["/v1/completions", "/v1/chat/completions", "/v1/score"] {
+        let (st, b) = call(&s, "POST", path, big.clone()).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        let v = json_of(&b);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1000 bytes"),
+            "{v}"
+        );
+    }
+}
+
+/// `seed` of a score request must be an integer (before: "abc" was silently 0); `logprobs`, which
+/// this server cannot return, is refused when asked for (before: silently ignored).
+#[tokio::test]
+async fn score_seed_and_logprobs_are_checked() {
+    let s = fake_state(fake(false));
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/score",
+        json!({"prompt": "In the beginning", "answer": " God", "seed": "abc"}).to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json_of(&b)["error"]["param"], "seed");
+    for (path, body, param) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 2}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
+            "top_logprobs",
+        ),
+    ] {
+        let (st, b) = call(&s, "POST", path, body.to_string()).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{path}");
+        let v = json_of(&b);
+        assert_eq!(v["error"]["param"], param);
+    }
+    // asking for none is fine
+    for lp in [json!(null), json!(false), json!(0)] {
+        let (st, _) = call(
+            &s,
+            "POST",
+            "/v1/completions",
+            json!({"prompt": "In the beginning", "max_tokens": 4, "cache": "none", "logprobs": lp})
+                .to_string(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "logprobs={lp}");
+    }
+}
+
+/// A copy of the tiny model's tokenizer files whose chat template is `template`.
+fn tokenizer_with_template(template: &str) -> (tempfile::TempDir, Tokenizer) {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "special_tokens_map.json", "config.json"] {
+        std::fs::copy(golden_dir().join(f), d.path().join(f)).unwrap();
+    }
+    let mut tc: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden_dir().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    tc["chat_template"] = json!(template);
+    std::fs::write(d.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let tok = Tokenizer::from_dir(d.path(), &common::model(DType::F32).config).unwrap();
+    (d, tok)
+}
+
+/// A template that loops without end runs out of fuel (422 naming the messages) and renders off
+/// the runtime's threads: `/health` is answered while it runs, even on a one-thread runtime
+/// (before: it hung the handler, and two such requests made `/health` time out).
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_chat_template_is_bounded_and_health_stays_responsive() {
+    let (_dir, tokenizer) = tokenizer_with_template(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}x",
+    );
+    let base = fake_state(fake(false));
+    let s = Arc::new(AppState {
+        engine: base.engine.clone(),
+        tokenizer,
+        model_name: "fake".into(),
+        max_sequence_length: 256,
+        vocab_size: base.vocab_size,
+        defaults: base.defaults.clone(),
+        limits: base.limits.clone(),
+        started: Instant::now(),
+        served: AtomicU64::new(0),
+    });
+    let s2 = s.clone();
+    let chat = tokio::spawn(async move {
+        call(
+            &s2,
+            "POST",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string(),
+        )
+        .await
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let (st, _) = call(&s, "GET", "/health", Body::empty()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        !chat.is_finished(),
+        "the template rendered on the runtime's thread: /health waited for it"
+    );
+    let (st, b) = chat.await.unwrap();
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let v = json_of(&b);
+    assert_eq!(v["error"]["param"], "messages");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("fuel"),
+        "{v}"
+    );
+}
+
+/// The live page inserts data as text only (before: an error message went in with innerHTML).
+#[test]
+fn the_live_page_inserts_no_markup() {
+    assert!(!server::PAGE.contains("innerHTML"));
+    assert!(!server::PAGE.contains("outerHTML") && !server::PAGE.contains("insertAdjacentHTML"));
+}
+
+/// Start-up settings follow the rules of requests: a zero timeout, queue or connection cap, a
+/// default answer longer than a request may ask for, a malformed origin are refused.
+#[test]
+fn start_up_settings_are_checked() {
+    let name = |e: llada::Error| match e {
+        llada::Error::InvalidSetting { name, .. } => name,
+        other => panic!("{other}"),
+    };
+    assert!(Limits::default().validate().is_ok());
+    let bad = Limits {
+        request_timeout: Duration::ZERO,
+        ..Limits::default()
+    };
+    assert_eq!(name(bad.validate().unwrap_err()), "timeout");
+    let bad = Limits {
+        request_timeout: Duration::from_secs(u64::MAX),
+        ..Limits::default()
+    };
+    assert_eq!(name(bad.validate().unwrap_err()), "timeout");
+    let bad = Limits {
+        allowed_origins: vec!["evil.example".into()],
+        ..Limits::default()
+    };
+    assert_eq!(name(bad.validate().unwrap_err()), "allow-origin");
+    let bad = Limits {
+        score: llada::score::ScoreLimits {
+            max_mc_num: 1,
+            max_batch_tokens: 0,
+        },
+        ..Limits::default()
+    };
+    assert_eq!(name(bad.validate().unwrap_err()), "score-max-batch-tokens");
+    let conn = server::listen::ConnLimits {
+        max_connections: 0,
+        ..Default::default()
+    };
+    assert_eq!(name(conn.validate().unwrap_err()), "max-connections");
+    let conn = server::listen::ConnLimits {
+        header_timeout: Duration::ZERO,
+        ..Default::default()
+    };
+    assert_eq!(name(conn.validate().unwrap_err()), "header-timeout");
+    let e = engine::EngineConfig {
+        queue: 0,
+        max_batch: 1,
+        on_idle: None,
+    };
+    assert_eq!(name(e.validate().unwrap_err()), "queue");
+    let d = Defaults {
+        max_tokens_limit: 32,
+        ..Defaults::default()
+    };
+    assert_eq!(name(d.check().unwrap_err()), "default-max-tokens");
+}
+
+/// `llada serve --timeout 0` fails at start naming the option (before: it started, then every
+/// request failed).
+#[test]
+fn serve_refuses_bad_settings_at_start() {
+    for args in [
+        ["--timeout", "0"],
+        ["--default-threshold", "5"],
+        ["--default-max-tokens", "0"],
+        ["--max-connections", "0"],
+        ["--timeout", "18446744073709551615"],
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
+            .arg("serve")
+            .arg(golden_dir())
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = status.unwrap_or_else(|| panic!("{args:?}: the server started"));
+        assert!(!status.success(), "{args:?}");
+        let flag = args[0].trim_start_matches("--");
+        let want = if flag == "default-threshold" {
+            "threshold"
+        } else {
+            flag
+        };
+        let want = if want == "default-max-tokens" {
+            "gen_length"
+        } else {
+            want
+        };
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// Serves `s` on a loopback port with these connection limits.
+async fn live(s: Arc<AppState>, conn: server::listen::ConnLimits) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::listen::serve(
+        listener,
+        server::router(s),
+        conn,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// Reads until the server closes the connection (bounded); what it sent.
+async fn read_to_close(c: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut out)).await;
+    r.ok().map(|_| out)
+}
+
+/// A client that never finishes its headers is disconnected after the header timeout (before:
+/// such connections stayed open for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_headers_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let addr = live(
+        fake_state(fake(false)),
+        server::listen::ConnLimits {
+            header_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_to_close(&mut c).await.is_some(),
+        "the connection with partial headers stayed open"
+    );
+    // a whole request on a fresh connection is served
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_to_close(&mut c).await.unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// Beyond the connection cap a client is answered 503 with a JSON error and the connection is
+/// closed; once connections close, new ones are served (before: ~20,000 idle connections ran the
+/// process out of file descriptors and nothing was served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_get_503() {
+    use tokio::io::AsyncWriteExt;
+    let addr = live(
+        fake_state(fake(false)),
+        server::listen::ConnLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await;
+    let held: Vec<_> = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ]
+    .into();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let get = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(get).await.unwrap();
+    let out = read_to_close(&mut c).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v = json_of(body.as_bytes());
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max-connections"));
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(get).await.unwrap();
+        if read_to_close(&mut c)
+            .await
+            .unwrap()
+            .starts_with(b"HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "no connection served after the held ones closed");
 }

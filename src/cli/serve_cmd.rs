@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use llada::sampler::{CacheMode, SamplerConfig, SamplerSettings};
-use llada::server::{self, engine, openai::Defaults, AppState};
+use llada::score::{ScoreLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MC_NUM};
+use llada::server::listen::{self, ConnLimits};
+use llada::server::{self, engine, openai::Defaults, AppState, Limits};
 use llada::Tokenizer;
 
 use super::{ModelArg, RuntimeArgs};
@@ -27,9 +29,34 @@ pub struct ServeArgs {
     /// Most compatible requests run together in one batch.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Per-request time limit in seconds (504 after it).
+    /// Per-request time limit in seconds, the body's upload included (504 after it; the engine
+    /// stops the request's work at it).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Largest request body in bytes (413 beyond it).
+    #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Open connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = listen::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a client may stop taking its answer before its connection is closed.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Most Monte Carlo samples (mc_num) one /v1/score request may ask for.
+    #[arg(long, default_value_t = DEFAULT_MAX_MC_NUM)]
+    pub score_max_mc_num: usize,
+    /// Most tokens in one forward pass of a /v1/score request: batch × (prompt + answer),
+    /// doubled with cfg_scale (bounds its memory).
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
+    pub score_max_batch_tokens: usize,
+    /// An origin (scheme://host:port) whose web pages may call this server, besides its own
+    /// (repeatable; "*" for any). By default only the server's own page may.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
     /// Default answer length when a request gives no max_tokens.
     #[arg(long, default_value_t = 64)]
     pub default_max_tokens: usize,
@@ -46,9 +73,47 @@ pub struct ServeArgs {
     pub rt: RuntimeArgs,
 }
 
+/// How long freed pages stay with a serving process before they go back to the OS, in ms: long
+/// enough that the buffers of one job's steps are reused, short enough that a large request's
+/// memory does not stay with the process (the one-shot commands keep them for good).
+const SERVE_PURGE_DELAY_MS: std::os::raw::c_long = 250;
+
+/// Hands the allocator's freed pages back to the OS now (the engine calls it when it goes idle).
+fn release_memory() {
+    // SAFETY: a collection call of the linked allocator.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 pub fn serve(a: ServeArgs) -> Result<()> {
+    // every setting is checked before the model loads, with the rules requests follow
+    let limits = Limits {
+        request_timeout: Duration::from_secs(a.timeout),
+        max_body_bytes: a.max_body_bytes,
+        score: ScoreLimits {
+            max_mc_num: a.score_max_mc_num,
+            max_batch_tokens: a.score_max_batch_tokens,
+        },
+        allowed_origins: a.allow_origin.clone(),
+    };
+    limits.validate().context("the server's limits")?;
+    let conn = ConnLimits {
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_secs(a.header_timeout),
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+    };
+    conn.validate().context("the server's connection limits")?;
+    let engine_cfg = engine::EngineConfig {
+        queue: a.queue,
+        max_batch: a.max_batch,
+        on_idle: Some(release_memory),
+    };
+    engine_cfg
+        .validate()
+        .context("the server's engine settings")?;
     let dir = a.model.resolve()?;
     let ck = a.rt.load(&dir)?;
+    // SAFETY: a plain option setter of the linked allocator (after loading, which sets its own).
+    unsafe { libmimalloc_sys::mi_option_set(crate::MI_OPTION_PURGE_DELAY, SERVE_PURGE_DELAY_MS) };
     let tokenizer = Tokenizer::from_dir(&dir, &ck.config)
         .context("the server needs the checkpoint's tokenizer")?;
     let name = a.name.clone().unwrap_or_else(|| {
@@ -83,13 +148,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .context("the server's default sampler settings")?;
     let vocab_size = ck.config.embedding_size;
     let max_len = ck.config.max_sequence_length;
-    let handle = engine::start(
-        ck,
-        engine::EngineConfig {
-            queue: a.queue,
-            max_batch: a.max_batch,
-        },
-    );
+    let handle = engine::start(ck, engine_cfg);
     let state = Arc::new(AppState {
         engine: handle,
         tokenizer,
@@ -97,7 +156,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_sequence_length: max_len,
         vocab_size,
         defaults,
-        request_timeout: Duration::from_secs(a.timeout),
+        limits,
         started: Instant::now(),
         served: AtomicU64::new(0),
     });
@@ -109,11 +168,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         eprintln!("llada serving {name} on http://{addr}  (page: /, API: /v1/chat/completions, /v1/completions, /v1/score, /v1/models, /health)");
-        axum::serve(listener, server::router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving")
+        listen::serve(listener, server::router(state), conn, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving")
     })
 }

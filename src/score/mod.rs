@@ -6,6 +6,8 @@ pub mod choice;
 pub mod exact;
 pub mod ppl;
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +63,93 @@ impl ScoreConfig {
                 "cfg_scale",
                 self.cfg_scale,
                 "must be a finite number >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Default of [`ScoreLimits::max_mc_num`].
+pub const DEFAULT_MAX_MC_NUM: usize = 1024;
+/// Default of [`ScoreLimits::max_batch_tokens`].
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 16384;
+
+/// Bounds on the work and memory of one estimate, checked before it runs (the server's
+/// per-request bounds). One forward pass holds `rows × (prompt + answer)` tokens of activations
+/// and `rows × answer × vocabulary` logits, so the tokens of a pass bound its memory; `mc_num`
+/// bounds the number of passes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScoreLimits {
+    /// Most Monte Carlo samples in all.
+    pub max_mc_num: usize,
+    /// Most tokens in one forward pass: rows × (prompt + answer), the rows doubled with
+    /// classifier-free guidance.
+    pub max_batch_tokens: usize,
+}
+
+impl Default for ScoreLimits {
+    fn default() -> Self {
+        ScoreLimits {
+            max_mc_num: DEFAULT_MAX_MC_NUM,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+        }
+    }
+}
+
+impl ScoreLimits {
+    /// Tokens in one forward pass of [`log_likelihood`] with `cfg` on this pair.
+    pub fn batch_tokens(cfg: &ScoreConfig, prompt_len: usize, answer_len: usize) -> usize {
+        let rows = if answer_len == 1 { 1 } else { cfg.batch };
+        let rows = if cfg.cfg_scale > 0.0 {
+            rows.saturating_mul(2)
+        } else {
+            rows
+        };
+        rows.saturating_mul(prompt_len.saturating_add(answer_len))
+    }
+
+    /// Checks the limits themselves (each at least 1).
+    pub fn validate(&self) -> Result<()> {
+        if self.max_mc_num == 0 {
+            return Err(Error::setting(
+                "score-max-mc-num",
+                self.max_mc_num,
+                "must be at least 1",
+            ));
+        }
+        if self.max_batch_tokens == 0 {
+            return Err(Error::setting(
+                "score-max-batch-tokens",
+                self.max_batch_tokens,
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks an estimate's settings and sizes against the limits, naming the setting to lower
+    /// and the rule.
+    pub fn check(&self, cfg: &ScoreConfig, prompt_len: usize, answer_len: usize) -> Result<()> {
+        cfg.validate()?;
+        if cfg.mc_num > self.max_mc_num {
+            return Err(Error::setting(
+                "mc_num",
+                cfg.mc_num,
+                format!("must be at most {} (this server's limit)", self.max_mc_num),
+            ));
+        }
+        let tokens = Self::batch_tokens(cfg, prompt_len, answer_len);
+        if tokens > self.max_batch_tokens {
+            let len = prompt_len + answer_len;
+            return Err(Error::setting(
+                "batch",
+                cfg.batch,
+                format!(
+                    "one forward pass would hold {tokens} tokens ({} rows{} × {len} prompt + answer tokens), more than this server's limit of {} tokens per pass: lower batch",
+                    tokens / len.max(1),
+                    if cfg.cfg_scale > 0.0 { ", doubled for cfg_scale," } else { "" },
+                    self.max_batch_tokens
+                ),
             ));
         }
         Ok(())
@@ -258,15 +347,37 @@ pub fn log_likelihood(
     mask_id: u32,
     rng: &mut Rng,
 ) -> Result<Estimate> {
+    log_likelihood_until(model, prompt, answer, cfg, mask_id, rng, &mut || {
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`log_likelihood`] that asks `go_on` before every mini-batch: a `Break` stops the estimate
+/// with [`Error::Cancelled`] (a client that went away, a deadline that passed).
+pub fn log_likelihood_until(
+    model: &mut dyn MaskPredictor,
+    prompt: &[u32],
+    answer: &[u32],
+    cfg: &ScoreConfig,
+    mask_id: u32,
+    rng: &mut Rng,
+    go_on: &mut dyn FnMut() -> ControlFlow<()>,
+) -> Result<Estimate> {
     cfg.validate()?;
     check_pair(prompt, answer, mask_id, model.max_sequence_length())?;
     if answer.len() == 1 {
+        if go_on().is_break() {
+            return Err(Error::Cancelled);
+        }
         let terms = batch_terms(model, prompt, answer, &[vec![true]], cfg.cfg_scale, mask_id)?;
         return Ok(finish(vec![terms], 1));
     }
     let iters = cfg.mc_num / cfg.batch;
     let mut batches = Vec::with_capacity(iters);
     for _ in 0..iters {
+        if go_on().is_break() {
+            return Err(Error::Cancelled);
+        }
         let masks = low_variance_masks(answer.len(), cfg.batch, rng);
         batches.push(batch_terms(
             model,
@@ -404,5 +515,35 @@ mod tests {
         .validate()
         .is_err());
         assert!(ScoreConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn limits_bound_each_pass_and_the_samples() {
+        let l = ScoreLimits {
+            max_mc_num: 256,
+            max_batch_tokens: 1000,
+        };
+        let cfg = |mc_num, batch, cfg_scale| ScoreConfig {
+            mc_num,
+            batch,
+            cfg_scale,
+        };
+        assert!(l.check(&cfg(128, 16, 0.0), 30, 30).is_ok()); // 16 × 60 = 960 tokens
+        let e = l.check(&cfg(128, 16, 1.0), 30, 30).unwrap_err(); // × 2 rows with guidance
+        assert!(
+            matches!(&e, Error::InvalidSetting { name, .. } if name == "batch"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("1920 tokens"), "{e}");
+        let e = l.check(&cfg(512, 16, 0.0), 1, 1).unwrap_err();
+        assert!(e.to_string().contains("mc_num=512"), "{e}");
+        // a one-token answer runs one row whatever the batch
+        assert_eq!(ScoreLimits::batch_tokens(&cfg(256, 256, 0.0), 99, 1), 100);
+        assert!(ScoreLimits {
+            max_mc_num: 0,
+            max_batch_tokens: 1
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -100,9 +100,7 @@ impl EngineHandle {
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(ApiError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ApiError::Internal("the engine has stopped".into()))
-            }
+            Err(TrySendError::Disconnected(_)) => Err(ApiError::Internal("the engine has stopped")),
         }
     }
 
@@ -119,6 +117,22 @@ pub struct EngineConfig {
     pub queue: usize,
     /// Most jobs in one batch.
     pub max_batch: usize,
+    /// Called on the engine thread when it goes idle after work (no job waiting): the binary
+    /// hands the allocator's freed pages back to the OS here, so a large request's memory does
+    /// not stay with the process.
+    pub on_idle: Option<fn()>,
+}
+
+impl EngineConfig {
+    /// Checks the settings (each count at least 1), naming the option.
+    pub fn validate(&self) -> crate::Result<()> {
+        for (name, v) in [("queue", self.queue), ("max-batch", self.max_batch)] {
+            if v == 0 {
+                return Err(crate::Error::setting(name, v, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the engine runs jobs on: a fresh mask predictor for each job, and the special tokens.
@@ -185,16 +199,29 @@ fn compatible(a: &JobKind, b: &JobKind) -> bool {
 
 fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: EngineConfig) {
     let mut pending: VecDeque<Job> = VecDeque::new();
+    let mut worked = false;
     loop {
         let first = match pending.pop_front() {
             Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => {
-                    waiting.fetch_sub(1, Ordering::SeqCst);
-                    j
+            None => {
+                let next = match rx.try_recv() {
+                    Ok(j) => Ok(j),
+                    Err(_) => {
+                        if let (true, Some(f)) = (worked, cfg.on_idle) {
+                            f();
+                        }
+                        worked = false;
+                        rx.recv()
+                    }
+                };
+                match next {
+                    Ok(j) => {
+                        waiting.fetch_sub(1, Ordering::SeqCst);
+                        j
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
-            },
+            }
         };
         let mut batch = vec![first];
         while batch.len() < cfg.max_batch {
@@ -225,6 +252,7 @@ fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cf
         if batch.is_empty() {
             continue;
         }
+        worked = true;
         // a failure inside one job must not take the engine (and every later request) down
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &batch[0].kind {
             JobKind::Score { .. } => run_score(&*ck, &batch[0]),
@@ -234,7 +262,7 @@ fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cf
             tracing::error!("a job panicked in the engine; it was answered with an error");
             for j in &batch {
                 let _ = j.events.send(Event::Done(Err(ApiError::Internal(
-                    "the engine failed on this request".into(),
+                    "the engine failed on this request",
                 ))));
             }
         }
@@ -252,17 +280,29 @@ fn run_score(ck: &dyn Predictors, job: &Job) {
         return;
     };
     let mut m = ck.predictor();
-    let r = score::log_likelihood(
+    // between mini-batches: stop for a client that went away or a deadline that passed
+    let mut go_on = || {
+        if job.cancel.load(Ordering::SeqCst) || Instant::now() > job.deadline {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let r = score::log_likelihood_until(
         &mut m,
         prompt,
         answer,
         cfg,
         ck.special().mask,
         &mut Rng::new(*seed),
+        &mut go_on,
     );
-    let _ = job
-        .events
-        .send(Event::Done(r.map(Output::Scored).map_err(ApiError::from)));
+    let out = match r {
+        Err(crate::Error::Cancelled) if job.cancel.load(Ordering::SeqCst) => return,
+        Err(crate::Error::Cancelled) => Err(ApiError::Timeout),
+        r => r.map(Output::Scored).map_err(ApiError::from),
+    };
+    let _ = job.events.send(Event::Done(out));
 }
 
 fn run_generate(ck: &dyn Predictors, jobs: &[Job]) {

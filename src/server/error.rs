@@ -23,8 +23,15 @@ pub enum ApiError {
     Overloaded,
     /// The request ran past its deadline.
     Timeout,
-    /// The engine failed (never user input).
-    Internal(String),
+    /// The engine failed (never user input). The message is a fixed text: causes (which may carry
+    /// backtraces and source paths) go to the log, never into a response.
+    Internal(&'static str),
+    /// A POST whose body is not declared `application/json`.
+    UnsupportedMediaType(String),
+    /// A request from a browser page of an origin this server does not allow.
+    ForbiddenOrigin(String),
+    /// The server holds as many connections as it may.
+    Unavailable(String),
 }
 
 #[derive(Serialize)]
@@ -59,12 +66,22 @@ impl ApiError {
             ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded_error"),
             ApiError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error")
+            }
+            ApiError::ForbiddenOrigin(_) => (StatusCode::FORBIDDEN, "permission_error"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error"),
         }
     }
 
     pub fn message(&self) -> String {
         match self {
-            ApiError::Malformed(m) | ApiError::TooLong(m) | ApiError::Internal(m) => m.clone(),
+            ApiError::Malformed(m)
+            | ApiError::TooLong(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::ForbiddenOrigin(m)
+            | ApiError::Unavailable(m) => m.clone(),
+            ApiError::Internal(m) => m.to_string(),
             ApiError::Invalid { message, .. } | ApiError::NotFound { message, .. } => {
                 message.clone()
             }
@@ -99,6 +116,9 @@ impl ApiError {
     }
 }
 
+/// The message of every internal failure.
+pub const INTERNAL: &str = "internal error: the server failed on this request";
+
 /// The one mapping of library errors to API errors, by variant: what the user sent is 422 (413
 /// when prompt + answer exceed the context); a cancelled job stays "cancelled"; anything else is
 /// the server's fault: 500 with a generic message, and the cause goes to the log.
@@ -118,7 +138,7 @@ impl From<crate::Error> for ApiError {
                 "prompt ({prompt} tokens) + max_tokens ({answer}) exceeds the model's context of {max} tokens"
             )),
             E::Template(e) => ApiError::invalid("messages", format!("chat template: {e}")),
-            E::Cancelled => ApiError::Internal("cancelled".into()),
+            E::Cancelled => ApiError::Internal("cancelled"),
             // the model's own config.json, never a request's: the server's fault
             E::Config { .. }
             | E::UnsupportedArchitecture { .. }
@@ -133,7 +153,7 @@ impl From<crate::Error> for ApiError {
             | E::OutputFolder { .. }
             | E::NonFinite { .. } => {
                 tracing::error!("request failed inside the engine: {e}");
-                ApiError::Internal("internal error: the server failed on this request".into())
+                ApiError::Internal(INTERNAL)
             }
         }
     }

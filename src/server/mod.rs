@@ -1,10 +1,13 @@
 //! `llada serve`: an OpenAI-compatible HTTP API (axum + tokio) with streaming, a denoising stream
 //! and a live page. Handlers validate requests into typed settings ([`openai`]), hand jobs to the
 //! engine thread that owns the model ([`engine`]) and stream its events back; errors map to HTTP
-//! status codes in one place ([`error`]).
+//! status codes in one place ([`error`]). Connections are accepted by [`listen::serve`] (header
+//! and idle timeouts, a connection cap); every request passes [`guard`] (allowed origin, JSON
+//! content type, the request timeout) and a body-size limit ([`Limits`]).
 
 pub mod engine;
 pub mod error;
+pub mod listen;
 pub mod openai;
 
 use std::convert::Infallible;
@@ -13,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,11 +32,76 @@ use self::engine::{EngineHandle, Event, Job, JobKind, Output};
 use self::error::ApiError;
 use self::openai::{Defaults, RequestFields, Usage, ValidGeneration};
 use crate::sampler::PromptRules;
-use crate::score::{ScoreConfig, DEFAULT_BATCH, DEFAULT_MC_NUM};
+use crate::score::{ScoreConfig, ScoreLimits, DEFAULT_BATCH, DEFAULT_MC_NUM};
 use crate::tokenizer::Tokenizer;
 
 /// The live denoising page.
 pub const PAGE: &str = include_str!("page.html");
+
+/// Default of [`Limits::max_body_bytes`].
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;
+/// Default of [`Limits::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest time limit of any kind (one day): deadlines are computed from it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// Per-request bounds of the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Time a request may take, its body's upload included (504 after it); the engine stops its
+    /// job at the deadline.
+    pub request_timeout: Duration,
+    /// Largest request body (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Bounds on one `/v1/score` request's work, checked before it runs.
+    pub score: ScoreLimits,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API besides the server's own;
+    /// `*` allows any. A request without an `Origin` header (not from a browser page) is always
+    /// allowed.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            score: ScoreLimits::default(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the limits with the rules a request's values follow, naming the option.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.request_timeout.is_zero() || self.request_timeout > MAX_TIMEOUT {
+            return Err(crate::Error::setting(
+                "timeout",
+                format!("{}s", self.request_timeout.as_secs_f64()),
+                format!("must be between 1 and {} seconds", MAX_TIMEOUT.as_secs()),
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(crate::Error::setting(
+                "max-body-bytes",
+                self.max_body_bytes,
+                "must be at least 1",
+            ));
+        }
+        for o in &self.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(crate::Error::setting(
+                    "allow-origin",
+                    o,
+                    "must be * or an origin such as http://localhost:3000",
+                ));
+            }
+        }
+        self.score.validate()
+    }
+}
 
 /// Shared state of the handlers (no tensors: the model lives in the engine thread).
 pub struct AppState {
@@ -41,12 +112,12 @@ pub struct AppState {
     /// Token ids of a prompt must be below it (the model's `embedding_size`).
     pub vocab_size: usize,
     pub defaults: Defaults,
-    pub request_timeout: Duration,
+    pub limits: Limits,
     pub started: Instant,
     pub served: AtomicU64,
 }
 
-/// All routes.
+/// All routes, behind [`guard`] and the body limit.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(page))
@@ -56,7 +127,100 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/score", post(score))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// Whether a request from a browser page may run: no `Origin` (not a page), an allowed one, or
+/// the server's own (the origin's `host:port` is the request's `Host`).
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = String::from_utf8_lossy(origin.as_bytes()).to_string();
+    let o = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(o))
+    {
+        return Ok(());
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let authority = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"));
+    if let (Some(h), Some(a)) = (host, authority) {
+        if a.eq_ignore_ascii_case(h) {
+            return Ok(());
+        }
+    }
+    Err(ApiError::ForbiddenOrigin(format!(
+        "requests from pages of origin {origin} are not allowed (this server takes its own origin only; allow it with --allow-origin {origin})"
+    )))
+}
+
+/// Whether a POST body is declared JSON (`application/json`, parameters such as `charset`
+/// allowed). A browser page can send `text/plain` anywhere without asking first; JSON it can
+/// not, so this also keeps other origins' pages from driving the server.
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string());
+    let essence = ct
+        .as_deref()
+        .map(|c| c.split(';').next().unwrap_or("").trim());
+    match essence {
+        Some(e) if e.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType(format!(
+            "the body must be JSON sent with Content-Type: application/json (got {})",
+            ct.as_deref()
+                .map_or("none".to_string(), |c| format!("{c:?}"))
+        ))),
+    }
+}
+
+/// Every request: the origin and content-type checks, then the handler within the request
+/// timeout (which also bounds a slow body upload).
+async fn guard(State(s): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    if let Err(e) = check_origin(&s.limits.allowed_origins, req.headers()) {
+        return e.into_response();
+    }
+    if req.method() == Method::POST {
+        if let Err(e) = check_json(req.headers()) {
+            return e.into_response();
+        }
+    }
+    let limit = s.limits.request_timeout + Duration::from_secs(2);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+/// The body, or the reason there is none: 413 (OpenAI-style JSON) past the size limit.
+fn body_or_error(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLong(format!(
+                "the request body exceeds this server's limit of {} bytes (--max-body-bytes)",
+                s.limits.max_body_bytes
+            ))
+        } else {
+            ApiError::Malformed(format!("the body could not be read: {}", r.body_text()))
+        }
+    })
+}
+
+/// Runs `f` (template rendering, tokenising: CPU work bounded by the body size and the template
+/// fuel) on the blocking pool, so the runtime's threads stay free for `/health` and streams.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!("request preparation failed: {e}");
+        Err(ApiError::Internal(error::INTERNAL))
+    })
 }
 
 async fn page() -> Html<&'static str> {
@@ -139,7 +303,7 @@ fn submit(
         kind,
         events: tx,
         cancel: cancel.clone(),
-        deadline: Instant::now() + s.request_timeout,
+        deadline: Instant::now() + s.limits.request_timeout,
     })?;
     Ok((rx, CancelOnDrop(cancel)))
 }
@@ -152,9 +316,9 @@ async fn wait(s: &AppState, mut rx: UnboundedReceiver<Event>) -> Result<Output, 
                 return r;
             }
         }
-        Err(ApiError::Internal("the engine dropped the request".into()))
+        Err(ApiError::Internal("the engine dropped the request"))
     };
-    match tokio::time::timeout(s.request_timeout + Duration::from_secs(1), fut).await {
+    match tokio::time::timeout(s.limits.request_timeout + Duration::from_secs(1), fut).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::Timeout),
     }
@@ -238,16 +402,27 @@ fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> 
     Ok(Request { kind, prompts, gen })
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     generate(s, body, Kind::Chat).await
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     generate(s, body, Kind::Completion).await
 }
 
-async fn generate(s: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
-    let req = match prepare(&s, &body, kind) {
+async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Response {
+    let body = match body_or_error(&s, body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let s2 = s.clone();
+    let req = match off_runtime(move || prepare(&s2, &body, kind)).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -287,7 +462,7 @@ async fn generate(s: Arc<AppState>, body: Bytes, kind: Kind) -> Response {
             seconds,
             batch_size,
         }) => (generated_ids, nfe, steps, seconds, batch_size),
-        Ok(_) => return ApiError::Internal("unexpected engine output".into()).into_response(),
+        Ok(_) => return ApiError::Internal("unexpected engine output").into_response(),
         Err(e) => return e.into_response(),
     };
     s.served.fetch_add(1, Ordering::Relaxed);
@@ -378,7 +553,7 @@ fn stream_events(
         finished: bool,
         deadline: tokio::time::Instant,
     }
-    let deadline = tokio::time::Instant::now() + s.request_timeout + Duration::from_secs(1);
+    let deadline = tokio::time::Instant::now() + s.limits.request_timeout + Duration::from_secs(1);
     let st = St {
         s,
         req,
@@ -403,7 +578,7 @@ fn stream_events(
         }
         let ev = match tokio::time::timeout_at(st.deadline, st.rx.recv()).await {
             Ok(Some(e)) => e,
-            Ok(None) => Event::Done(Err(ApiError::Internal("the engine dropped the request".into()))),
+            Ok(None) => Event::Done(Err(ApiError::Internal("the engine dropped the request"))),
             Err(_) => Event::Done(Err(ApiError::Timeout)),
         };
         match ev {
@@ -461,68 +636,13 @@ fn stream_events(
     .flatten()
 }
 
-async fn score(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let r = (|| -> Result<JobKind, ApiError> {
-        let v = parse_body(&body)?;
-        let fields: RequestFields = serde_json::from_value(v.clone())
-            .map_err(|e| ApiError::invalid("body", e.to_string()))?;
-        check_model(&s, &fields)?;
-        let text = |k: &str| -> Result<String, ApiError> {
-            v.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| ApiError::invalid(k, format!("{k} must be a string")))
-        };
-        let (prompt, answer) = (text("prompt")?, text("answer")?);
-        if answer.is_empty() {
-            return Err(ApiError::invalid("answer", "the answer must not be empty"));
-        }
-        let (p, a) = crate::score::choice::encode_pair(&s.tokenizer, &prompt, &answer)
-            .map_err(ApiError::from)?;
-        if p.len() + a.len() > s.max_sequence_length {
-            return Err(ApiError::TooLong(format!(
-                "prompt + answer ({} tokens) exceed the model's context of {}",
-                p.len() + a.len(),
-                s.max_sequence_length
-            )));
-        }
-        let num = |k: &str, d: usize, max: usize| -> Result<usize, ApiError> {
-            match v.get(k) {
-                None | Some(Value::Null) => Ok(d),
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n >= 1 && n as usize <= max)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        ApiError::invalid(k, format!("{k} must be an integer between 1 and {max}"))
-                    }),
-            }
-        };
-        let cfg = ScoreConfig {
-            mc_num: num("mc_num", DEFAULT_MC_NUM, 4096)?,
-            batch: num("batch", DEFAULT_BATCH, 256)?,
-            cfg_scale: match v.get("cfg_scale") {
-                None | Some(Value::Null) => 0.0,
-                Some(x) => x
-                    .as_f64()
-                    .filter(|c| c.is_finite() && *c >= 0.0 && *c <= 100.0)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "cfg_scale",
-                            "cfg_scale must be a number between 0 and 100",
-                        )
-                    })?,
-            },
-        };
-        cfg.validate().map_err(ApiError::from)?;
-        let seed = v.get("seed").and_then(Value::as_u64).unwrap_or(0);
-        Ok(JobKind::Score {
-            prompt: p,
-            answer: a,
-            cfg,
-            seed,
-        })
-    })();
+async fn score(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body_or_error(&s, body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let s2 = s.clone();
+    let r = off_runtime(move || score_job(&s2, &body)).await;
     let kind = match r {
         Ok(k) => k,
         Err(e) => return e.into_response(),
@@ -546,7 +666,71 @@ async fn score(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             }))
             .into_response()
         }
-        Ok(_) => ApiError::Internal("unexpected engine output".into()).into_response(),
+        Ok(_) => ApiError::Internal("unexpected engine output").into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// A `/v1/score` body checked into a job: the texts, the settings, the seed, and the work bounds
+/// of [`Limits::score`] (before anything runs).
+fn score_job(s: &AppState, body: &Bytes) -> Result<JobKind, ApiError> {
+    let v = parse_body(body)?;
+    let fields: RequestFields =
+        serde_json::from_value(v.clone()).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    check_model(s, &fields)?;
+    let text = |k: &str| -> Result<String, ApiError> {
+        v.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::invalid(k, format!("{k} must be a string")))
+    };
+    let (prompt, answer) = (text("prompt")?, text("answer")?);
+    if answer.is_empty() {
+        return Err(ApiError::invalid("answer", "the answer must not be empty"));
+    }
+    let (p, a) = crate::score::choice::encode_pair(&s.tokenizer, &prompt, &answer)
+        .map_err(ApiError::from)?;
+    if p.len() + a.len() > s.max_sequence_length {
+        return Err(ApiError::TooLong(format!(
+            "prompt + answer ({} tokens) exceed the model's context of {}",
+            p.len() + a.len(),
+            s.max_sequence_length
+        )));
+    }
+    let num = |k: &str, d: usize| -> Result<usize, ApiError> {
+        match v.get(k) {
+            None | Some(Value::Null) => Ok(d),
+            Some(x) => x
+                .as_u64()
+                .filter(|&n| n >= 1 && n <= u32::MAX as u64)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    ApiError::invalid(k, format!("{k} must be a positive integer, got {x}"))
+                }),
+        }
+    };
+    let cfg = ScoreConfig {
+        mc_num: num("mc_num", DEFAULT_MC_NUM)?,
+        batch: num("batch", DEFAULT_BATCH)?,
+        cfg_scale: match v.get("cfg_scale") {
+            None | Some(Value::Null) => 0.0,
+            Some(x) => x
+                .as_f64()
+                .filter(|c| c.is_finite() && *c >= 0.0 && *c <= 100.0)
+                .ok_or_else(|| {
+                    ApiError::invalid("cfg_scale", "cfg_scale must be a number between 0 and 100")
+                })?,
+        },
+    };
+    s.limits
+        .score
+        .check(&cfg, p.len(), a.len())
+        .map_err(ApiError::from)?;
+    let seed = openai::parse_seed(v.get("seed"))?;
+    Ok(JobKind::Score {
+        prompt: p,
+        answer: a,
+        cfg,
+        seed,
+    })
 }

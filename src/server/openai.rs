@@ -35,6 +35,43 @@ pub struct RequestFields {
     pub stop: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     pub model: Option<Value>,
+    /// Not supported: asking for them is refused rather than silently ignored.
+    #[serde(default, deserialize_with = "present")]
+    pub logprobs: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    pub top_logprobs: Option<Value>,
+}
+
+/// A request's `seed`: absent or `null` is 0; otherwise an integer (a negative one wraps, as
+/// OpenAI's clients send signed seeds); anything else names the field.
+pub fn parse_seed(v: Option<&Value>) -> Result<u64, ApiError> {
+    match v {
+        Some(Value::Null) | None => Ok(0),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_i64().map(|x| x as u64))
+            .ok_or_else(|| ApiError::invalid("seed", format!("seed must be an integer, got {v}"))),
+    }
+}
+
+/// Refuses `logprobs` / `top_logprobs` when they ask for anything (`null`, `false` and `0` ask
+/// for nothing): this server returns no log-probabilities, and an answer without the asked-for
+/// field would look like a bug in the client.
+pub fn refuse_logprobs(f: &RequestFields) -> Result<(), ApiError> {
+    for (name, v) in [("logprobs", &f.logprobs), ("top_logprobs", &f.top_logprobs)] {
+        let asks = match v {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(_) => true,
+        };
+        if asks {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} is not supported by this server (it returns no log-probabilities; use POST /v1/score for likelihoods)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The server's default answer length (`max_tokens`).
@@ -86,8 +123,19 @@ impl Defaults {
         settings.resolve(&self.sampler)
     }
 
-    /// Checks the defaults themselves: a request that gives nothing must be valid.
+    /// Checks the defaults themselves with the rules of a request: a request that gives nothing
+    /// must be valid, and the default answer length must be one a request may ask for.
     pub fn check(&self) -> LibResult<()> {
+        if self.sampler.gen_length > self.max_tokens_limit {
+            return Err(crate::Error::setting(
+                "default-max-tokens",
+                self.sampler.gen_length,
+                format!(
+                    "must be at most the longest answer a request may ask for ({}, the model's context)",
+                    self.max_tokens_limit
+                ),
+            ));
+        }
         self.resolve(SamplerSettings::default(), None).map(drop)
     }
 }
@@ -160,18 +208,11 @@ pub fn validate_generation(body: &Value, d: &Defaults) -> Result<ValidGeneration
         (None, Some(v)) => Some(as_usize(v, "max_tokens", 1, d.max_tokens_limit)?),
         (None, None) => None,
     };
+    refuse_logprobs(&f)?;
     let settings = SamplerSettings::from_json(body)?;
     check_limits(&settings)?;
     let cfg = d.resolve(settings, max_tokens)?;
-    let seed = match &f.seed {
-        Some(Value::Null) | None => 0,
-        Some(v) => v
-            .as_u64()
-            .or_else(|| v.as_i64().map(|x| x as u64))
-            .ok_or_else(|| {
-                ApiError::invalid("seed", format!("seed must be an integer, got {v}"))
-            })?,
-    };
+    let seed = parse_seed(f.seed.as_ref())?;
     let stream = match &f.stream {
         Some(Value::Null) | None => false,
         Some(v) => as_bool(v, "stream")?,
@@ -350,6 +391,10 @@ mod tests {
             (serde_json::json!({"steps": null}), "steps"),
             (serde_json::json!({"remasking": "lowest"}), "remasking"),
             (serde_json::json!({"factor": 1e7}), "factor"),
+            (serde_json::json!({"logprobs": true}), "logprobs"),
+            (serde_json::json!({"logprobs": 5}), "logprobs"),
+            (serde_json::json!({"top_logprobs": 2}), "top_logprobs"),
+            (serde_json::json!({"seed": "abc"}), "seed"),
         ] {
             match validate_generation(&v, &d) {
                 Err(ApiError::Invalid { param, .. }) => assert_eq!(param, field, "{v}"),

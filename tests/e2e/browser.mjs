@@ -27,6 +27,15 @@ try {
   if (tokens === 0) throw new Error("no token appeared on the canvas");
   if (/err/.test(await page.innerHTML("#answer"))) throw new Error("page error: " + answer);
   await page.screenshot({ path: shot, fullPage: true });
+  // an error message carrying markup (a checkpoint's template error, say) is shown as text
+  await page.route("**/v1/chat/completions", (route) => route.fulfill({
+    status: 422, contentType: "application/json",
+    body: JSON.stringify({ error: { message: '<img id="injected" src="x">template says no', type: "invalid_request_error", param: "messages", code: null } }),
+  }));
+  await page.click("#go");
+  await page.waitForFunction(() => /template says no/.test(document.querySelector("#answer").textContent), null, { timeout: 30000 });
+  if (await page.$("#answer img, #injected")) throw new Error("an error message was inserted as HTML");
+  if (!(await page.textContent("#answer")).includes('<img id="injected"')) throw new Error("the error text was not shown as is");
   console.log(JSON.stringify({ stats, tokens, answer }));
   console.log("browser: ok");
 } finally {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end tests of `llada serve` on loopback with real clients: the official openai package,
-# a load test (32 clients, 200 requests), a fuzz test (500 malformed requests) and the live page
+# a load test (32 clients, 200 requests), a fuzz test (500 malformed requests, then the hostile
+# shapes: content type, origin, body size, score bounds, partial headers, the connection cap) and the live page
 # in headless Chromium. Needs: a release build, python3 (a venv with `openai` is made here),
 # Debian's chromium, node/npm. Screenshot: out/e2e/page.png (git-ignored).
 set -euo pipefail
@@ -19,7 +20,8 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   (cd tests/e2e && npm install --silent --no-audit --no-fund)
 fi
 
-target/release/llada serve "$MODEL" --port "$PORT" --queue 48 --max-batch 8 > out/e2e/server.log 2>&1 &
+target/release/llada serve "$MODEL" --port "$PORT" --queue 48 --max-batch 8 \
+  --header-timeout 3 --max-connections 64 > out/e2e/server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
@@ -36,6 +38,6 @@ curl -sfN "$BASE/v1/completions" -H 'Content-Type: application/json' \
 
 "$VENV/bin/python" tests/e2e/openai_client.py "$BASE"
 python3 tests/e2e/load.py "$BASE" --concurrency 32 --total 200 --max-tokens 16
-python3 tests/e2e/fuzz.py "$BASE" 500
+python3 tests/e2e/fuzz.py "$BASE" 500 --max-connections 64
 node tests/e2e/browser.mjs "$BASE" out/e2e/page.png
 echo "e2e: ok"
