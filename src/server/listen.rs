@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +30,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Refusals being written at once; connections beyond it are closed without an answer.
 const REFUSALS: usize = 64;
+/// On shutdown, the longest wait for the requests in flight to finish (a second Ctrl-C is not
+/// needed: past it the server ends anyway).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Bounds on connections.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,7 +86,9 @@ impl ConnLimits {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes.
+/// Serves `app` on `listener` until `shutdown` completes; then stops accepting, lets the requests
+/// in flight finish (idle keep-alive connections are closed) for up to [`SHUTDOWN_GRACE`], and
+/// returns.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -92,6 +98,7 @@ pub async fn serve(
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSALS));
     let mut shutdown = pin!(shutdown);
+    let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -103,7 +110,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
             if let Ok(p) = refusing.clone().try_acquire_owned() {
@@ -115,17 +122,29 @@ pub async fn serve(
             continue;
         };
         let svc = TowerToHyperService::new(app.clone());
+        let io = TokioIo::new(Stalling::new(stream, limits.idle_timeout));
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let conn = graceful.watch(b.serve_connection(io, svc));
         tokio::spawn(async move {
-            let io = TokioIo::new(Stalling::new(stream, limits.idle_timeout));
-            let mut b = http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            if let Err(e) = b.serve_connection(io, svc).await {
+            if let Err(e) = conn.await {
                 tracing::debug!("connection closed: {e}");
             }
             drop(permit);
         });
     }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!(
+                "requests still in flight after {}s; stopping anyway",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Answers a connection beyond the cap with a 503 and closes it, all within a few seconds.
@@ -250,6 +269,56 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stalling<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shutdown stops accepting but lets a request in flight finish with its answer before
+    /// `serve` returns (it used to return at once, and the binary then dropped such requests).
+    #[tokio::test]
+    async fn shutdown_lets_requests_in_flight_finish() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let finished = Arc::new(AtomicBool::new(false));
+        let f = finished.clone();
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::get(move || async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                f.store(true, Ordering::SeqCst);
+                "done"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, ConnLimits::default(), async {
+            let _ = stopped.await;
+        }));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve did not return after shutdown")
+            .unwrap()
+            .unwrap();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "serve returned with a request in flight"
+        );
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("done"), "{text}");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after shutdown"
+        );
+    }
 
     /// A peer that stops reading makes a write fail after the idle limit (the connection then
     /// closes) instead of holding it forever; a peer that reads keeps it going.
