@@ -273,6 +273,7 @@ fn sharded_with_first_shard_at(dir: &Path, shard: &str, to: &Path) {
         .unwrap();
     assert!(first.starts_with("model-00001-of-"), "{first}");
     assert!(dir.join(&first).exists());
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
     std::fs::rename(dir.join(&first), to).unwrap();
     for v in index["weight_map"].as_object_mut().unwrap().values_mut() {
         if v.as_str() == Some(first.as_str()) {
@@ -314,7 +315,6 @@ fn shard_paths_are_confined_to_the_checkpoint_folder() {
         );
         // a symlink that stays inside is fine, and so is a subfolder
         let dir4 = t.path().join("ck4");
-        std::fs::create_dir_all(dir4.join("sub")).unwrap();
         sharded_with_first_shard_at(
             &dir4,
             "sub/real.safetensors",
