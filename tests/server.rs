@@ -776,6 +776,24 @@ async fn cross_origin_and_non_json_posts_are_refused() {
     ];
     let (st, _) = call_with(&s, "POST", "/v1/completions", &own, body.clone()).await;
     assert_eq!(st, StatusCode::OK);
+    for host in ["localhost:8000", "[::1]:8000"] {
+        let own = [
+            ("content-type", "application/json"),
+            ("origin", &*format!("http://{host}")),
+            ("host", host),
+        ];
+        let (st, _) = call_with(&s, "POST", "/v1/completions", &own, body.clone()).await;
+        assert_eq!(st, StatusCode::OK, "{host}");
+    }
+    // DNS rebinding: a foreign domain resolving to this server looks same-origin; a domain name
+    // must be allowed by name
+    let rebound = [
+        ("content-type", "application/json"),
+        ("origin", "http://rebind.example:8000"),
+        ("host", "rebind.example:8000"),
+    ];
+    let (st, _) = call_with(&s, "POST", "/v1/completions", &rebound, body.clone()).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
     // an allowed origin is served
     let s = fake_state_with(
         fake(false),

@@ -133,7 +133,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Whether a request from a browser page may run: no `Origin` (not a page), an allowed one, or
-/// the server's own (the origin's `host:port` is the request's `Host`).
+/// the server's own (the origin's `host:port` is the request's `Host`) when that host is an IP
+/// address or `localhost`. A page of a domain name needs `--allow-origin`: under DNS rebinding a
+/// foreign page's domain resolves to this server and its requests look same-origin.
 fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
@@ -151,13 +153,30 @@ fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError>
         .strip_prefix("http://")
         .or_else(|| o.strip_prefix("https://"));
     if let (Some(h), Some(a)) = (host, authority) {
-        if a.eq_ignore_ascii_case(h) {
+        if a.eq_ignore_ascii_case(h) && is_address_or_localhost(h) {
             return Ok(());
         }
     }
     Err(ApiError::ForbiddenOrigin(format!(
         "requests from pages of origin {origin} are not allowed (this server takes its own origin only; allow it with --allow-origin {origin})"
     )))
+}
+
+/// Whether the host of a `Host` header (`host[:port]`) is an IP address or `localhost`: names no
+/// other site can take over by DNS rebinding.
+fn is_address_or_localhost(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
 }
 
 /// Whether a POST body is declared JSON (`application/json`, parameters such as `charset`
