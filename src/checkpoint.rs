@@ -216,8 +216,8 @@ pub struct Info {
 pub enum Existing {
     /// Only a missing or empty folder (`llada init` without `--force`).
     Refuse,
-    /// A missing or empty folder, or one holding a llada checkpoint (`config.json` and
-    /// `model.safetensors` or its index), which is replaced (`llada export`, [`save_model`]).
+    /// A missing or empty folder, or one holding a llada checkpoint (see
+    /// [`is_checkpoint_folder`]), which is replaced (`llada export`, [`save_model`]).
     ReplaceCheckpoint,
     /// Any folder (`--force`).
     Any,
@@ -274,10 +274,16 @@ fn output_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Whether `dir` holds a llada checkpoint: `config.json` and `model.safetensors` or its index.
+/// Whether `dir` holds a llada checkpoint: a `config.json` that parses as a model config naming a
+/// supported architecture, and `model.safetensors` or its index. (Another model's Hugging Face
+/// folder, e.g. a BERT, is not one.)
 pub fn is_checkpoint_folder(dir: &Path) -> bool {
-    dir.join("config.json").is_file()
-        && (dir.join(SINGLE_FILE).is_file() || dir.join(INDEX_FILE).is_file())
+    (dir.join(SINGLE_FILE).is_file() || dir.join(INDEX_FILE).is_file())
+        && dir.join("config.json").is_file()
+        && read_config(dir).is_ok_and(|(raw, _)| {
+            raw.architecture()
+                .is_ok_and(|a| Architecture::from_name(&a).is_ok())
+        })
 }
 
 /// The folder a writer targets: `out` itself, or, when `out` is a symbolic link to a folder, that
@@ -314,12 +320,16 @@ fn check_output(out: &Path, existing: Existing) -> Result<bool> {
     if !meta.is_dir() {
         return Err(output_error(out, "is a file, not a folder"));
     }
-    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
-    if entries.next().is_none() {
+    // the temporary folders of an earlier (killed) write do not make a folder non-empty
+    let empty = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+        .all(|e| temp_folder_pid(&e.file_name().to_string_lossy()).is_some());
+    if empty {
         return Ok(true);
     }
     let checkpoint = is_checkpoint_folder(out);
-    let kept = "its other files are kept; config.json and weights are replaced";
+    let kept = "its other files are kept; config.json, weights and tokenizer files are replaced";
     match existing {
         Existing::Any => Ok(true),
         Existing::ReplaceCheckpoint if checkpoint => Ok(true),
@@ -330,125 +340,317 @@ fn check_output(out: &Path, existing: Existing) -> Result<bool> {
         _ => Err(output_error(
             out,
             format!(
-                "is not empty and holds no llada checkpoint (config.json and {SINGLE_FILE} or {INDEX_FILE}); refusing to write into it without --force ({kept})"
+                "is not empty and holds no llada checkpoint (config.json naming a supported architecture, and {SINGLE_FILE} or {INDEX_FILE}); refusing to write into it without --force ({kept})"
             ),
         )),
     }
 }
 
-/// A sibling of `path` named `.NAME.TAG-PID-N` that does not exist yet.
-fn fresh_sibling(path: &Path, tag: &str) -> Result<PathBuf> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+/// Whether the process `pid` (not this one) is running. This process's own id counts as not
+/// running: a leftover under its id is from an earlier process that had the same id (a container
+/// restarted), since writers clean up before they return. Where it cannot be told (not unix),
+/// every other process counts as running, so nothing of theirs is removed.
+pub(crate) fn other_process_running(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        match libc::pid_t::try_from(pid) {
+            // 0 or negative would name a process group
+            Ok(p) if p > 0 => {
+                // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+                let r = unsafe { libc::kill(p, 0) };
+                r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+            }
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// The temporary folders a write into an existing folder makes there: `.llada-new-PID-N` (the
+/// checkpoint being written) and `.llada-old-PID-N` (the entries it supersedes, until removed).
+const NEW_PREFIX: &str = ".llada-new-";
+const OLD_PREFIX: &str = ".llada-old-";
+
+/// The writer's process id in a temporary folder name `.llada-{new,old}-PID-N`.
+fn temp_folder_pid(name: &str) -> Option<u32> {
+    let rest = name
+        .strip_prefix(NEW_PREFIX)
+        .or_else(|| name.strip_prefix(OLD_PREFIX))?;
+    let (pid, n) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    (digits(pid) && digits(n)).then(|| pid.parse().ok())?
+}
+
+/// A name `PREFIX-PID-N` (or, for a sibling, `.NAME.TAG-PID-N`) in `dir` that does not exist yet.
+fn fresh_name(dir: &Path, stem: &str) -> Result<PathBuf> {
     for n in 0..10_000 {
-        let p = parent.join(format!(".{name}.{tag}-{}-{n}", std::process::id()));
+        let p = dir.join(format!("{stem}{}-{n}", std::process::id()));
         if std::fs::symlink_metadata(&p).is_err() {
             return Ok(p);
         }
     }
-    Err(output_error(path, "no free temporary name next to it"))
+    Err(output_error(
+        dir,
+        format!("no free temporary name {stem}* in it"),
+    ))
 }
 
-/// Writes a checkpoint folder `out`: `write` fills a fresh, empty folder it is given, which then
-/// takes the place of `out`.
+/// Removes a temporary folder this writer made: its plain files and symbolic links (never
+/// followed), then the folder. A subfolder (which a writer never makes) is left, and so is the
+/// folder then, with a warning.
+fn remove_temp_folder(dir: &Path) {
+    let mut ok = true;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            ok &= !is_dir && std::fs::remove_file(e.path()).is_ok();
+        }
+    }
+    if !ok || std::fs::remove_dir(dir).is_err() {
+        tracing::warn!(
+            "{}: a temporary folder of a checkpoint write could not be removed; delete it by hand",
+            dir.display()
+        );
+    }
+}
+
+/// Removes the temporary folders of writes into `out` by processes no longer running, whose
+/// name starts with `prefix` (`.llada-new-`/`.llada-old-`).
+fn clean_stale_temp_folders(out: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        let stale = name.starts_with(prefix)
+            && temp_folder_pid(&name).is_some_and(|pid| !other_process_running(pid));
+        if stale && e.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::warn!(
+                "removing {} (left by an interrupted write)",
+                e.path().display()
+            );
+            remove_temp_folder(&e.path());
+        }
+    }
+}
+
+/// Removes the hidden siblings `.NAME.new-PID-N` that writes of a not-yet-existing `out` killed
+/// mid-write left, by processes no longer running.
+fn clean_stale_siblings(out: &Path) {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let stem = format!(".{}.new-", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let entry = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = entry.strip_prefix(&stem) else {
+            continue;
+        };
+        let pid = rest
+            .split_once('-')
+            .filter(|(p, n)| {
+                [p, n]
+                    .iter()
+                    .all(|s| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            })
+            .and_then(|(p, _)| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !other_process_running(p)) && e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            tracing::warn!(
+                "removing {} (left by an interrupted write)",
+                e.path().display()
+            );
+            remove_temp_folder(&e.path());
+        }
+    }
+}
+
+/// `std::fs::rename`; in unit tests, it can be made to fail from the N-th call on.
+fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::rename_fails() {
+        return Err(std::io::Error::other("injected rename failure"));
+    }
+    std::fs::rename(from, to)
+}
+
+/// Writes a checkpoint folder `out`: `write` fills a fresh, empty folder it is given, whose
+/// entries then take their place in `out`.
 ///
-/// 1. The new checkpoint is written into a hidden sibling `.NAME.new-PID-N`.
-/// 2. An existing `out` (allowed by `existing`) is renamed aside to `.NAME.old-PID-N`; those of
-///    its entries the new checkpoint does not supersede are moved into the new folder (superseded:
-///    `config.json`, weight files, temporary files of an interrupted write, and names the new
-///    checkpoint has), and the new folder is renamed to `out`.
-/// 3. The old folder, holding only superseded files, is removed.
+/// - `out` does not exist: the checkpoint is written into a hidden sibling `.NAME.new-PID-N`,
+///   renamed to `out` when complete (a kill leaves no `out`; the sibling is removed by the next
+///   write of `out`).
+/// - `out` exists (empty, a checkpoint, or anything with [`Existing::Any`]): `out` itself is
+///   never renamed (it may be a mount point or the working folder). The checkpoint is written into
+///   `out/.llada-new-PID-N`; the entries of `out` it supersedes (`config.json`, weight files,
+///   temporary files of `atomic_write`s there, and names the new checkpoint has) are moved into
+///   `out/.llada-old-PID-N`, the new entries are moved in, and both temporary folders are removed.
+///   The user's other files never move. A failure moves everything back; if even that fails, both
+///   temporary folders are left as they are (nothing is deleted) and the error says so. The next
+///   write into `out` removes the temporary folders of writes by processes no longer running.
 ///
 /// Nothing outside `out` is read for deletion or deleted: whatever an old index names, only
-/// entries of `out` itself are removed, and symbolic links are moved or removed, never followed.
-/// A failure puts `out` back as it was and removes the new folder; a kill during step 2 leaves
-/// both folders under those names, with nothing deleted.
+/// entries of `out` itself are moved, symbolic links are moved or removed, never followed, and a
+/// folder is never removed with what is in it.
 pub fn write_checkpoint_folder(
     out: &Path,
     existing: Existing,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let out = resolve_output(out)?;
-    let exists = check_output(&out, existing)?;
+    if check_output(&out, existing)? {
+        return install_in_place(&out, write);
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let new = fresh_sibling(&out, "new")?;
+    clean_stale_siblings(&out);
+    let stem = format!(
+        ".{}.new-",
+        out.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    );
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let new = fresh_name(parent, &stem)?;
     std::fs::create_dir(&new).map_err(|e| Error::io(&new, e))?;
-    if let Err(e) = write(&new) {
-        let _ = std::fs::remove_dir_all(&new);
-        return Err(e);
+    let written = write(&new).and_then(|()| rename(&new, &out).map_err(|e| Error::io(&out, e)));
+    if written.is_err() {
+        // it holds only what `write` wrote
+        remove_temp_folder(&new);
     }
-    let installed = if exists {
-        install_folder(&new, &out, true)
-    } else {
-        std::fs::rename(&new, &out).map_err(|e| Error::io(&out, e))
-    };
-    if installed.is_err() {
-        let _ = std::fs::remove_dir_all(&new);
-    }
-    installed
+    written
 }
 
-/// Puts the complete folder `new` in the place of the existing folder `out` (see
-/// [`write_checkpoint_folder`]); with `carry_over`, entries of `out` that `new` does not supersede
-/// move into it. On failure `out` is as it was and `new` is left to the caller.
-pub(crate) fn install_folder(new: &Path, out: &Path, carry_over: bool) -> Result<()> {
-    let old = fresh_sibling(out, "old")?;
-    std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-    let mut moved: Vec<std::ffi::OsString> = Vec::new();
-    let undo = |moved: &[std::ffi::OsString]| {
-        for name in moved {
-            let _ = std::fs::rename(new.join(name), old.join(name));
-        }
-        let _ = std::fs::rename(&old, out);
+/// The part of [`write_checkpoint_folder`] for an existing `out`.
+fn install_in_place(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    clean_stale_temp_folders(out, NEW_PREFIX);
+    let new = fresh_name(out, NEW_PREFIX)?;
+    std::fs::create_dir(&new).map_err(|e| Error::io(&new, e))?;
+    let names = |dir: &Path| -> Result<Vec<std::ffi::OsString>> {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
     };
-    if carry_over {
-        let entries = match std::fs::read_dir(&old) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect(),
-            Err(e) => {
-                undo(&moved);
-                return Err(Error::io(&old, e));
-            }
-        };
-        let entries: Vec<std::ffi::OsString> = entries;
-        for name in entries {
-            if superseded(&name, new) {
-                continue;
-            }
-            if let Err(e) = std::fs::rename(old.join(&name), new.join(&name)) {
-                undo(&moved);
-                return Err(Error::io(old.join(&name), e));
-            }
-            moved.push(name);
+    let prepared = write(&new).and_then(|()| {
+        let incoming = names(&new)?;
+        let aside: Vec<std::ffi::OsString> = names(out)?
+            .into_iter()
+            .filter(|n| temp_folder_pid(&n.to_string_lossy()).is_none())
+            .filter(|n| superseded(n, &incoming))
+            .collect();
+        // a folder is never moved aside (to be removed): it cannot be a file the writer supersedes
+        if let Some(d) = aside
+            .iter()
+            .find(|n| std::fs::symlink_metadata(out.join(n)).is_ok_and(|m| m.is_dir()))
+        {
+            return Err(output_error(
+                out,
+                format!(
+                    "holds a folder named {} where the checkpoint has a file; move it away",
+                    d.to_string_lossy()
+                ),
+            ));
         }
+        Ok((incoming, aside))
+    });
+    let (incoming, aside) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            remove_temp_folder(&new);
+            return Err(e);
+        }
+    };
+    let old = match fresh_name(out, OLD_PREFIX).and_then(|p| {
+        std::fs::create_dir(&p)
+            .map(|()| p.clone())
+            .map_err(|e| Error::io(&p, e))
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            remove_temp_folder(&new);
+            return Err(e);
+        }
+    };
+    let mut moved_aside = Vec::new();
+    let mut moved_in = Vec::new();
+    let mut swap = || -> Result<()> {
+        for n in &aside {
+            rename(&out.join(n), &old.join(n)).map_err(|e| Error::io(out.join(n), e))?;
+            moved_aside.push(n);
+        }
+        for n in &incoming {
+            rename(&new.join(n), &out.join(n)).map_err(|e| Error::io(out.join(n), e))?;
+            moved_in.push(n);
+        }
+        Ok(())
+    };
+    if let Err(e) = swap() {
+        let mut undone = true;
+        for n in moved_in.iter().rev() {
+            undone &= rename(&out.join(n), &new.join(n)).is_ok();
+        }
+        for n in moved_aside.iter().rev() {
+            undone &= rename(&old.join(n), &out.join(n)).is_ok();
+        }
+        if !undone {
+            return Err(output_error(
+                out,
+                format!(
+                    "installing the checkpoint failed ({e}) and could not be undone: the files it replaced are in {}, the new ones in {} and {}; nothing was deleted",
+                    old.display(),
+                    new.display(),
+                    out.display()
+                ),
+            ));
+        }
+        remove_temp_folder(&new);
+        remove_temp_folder(&old);
+        return Err(e);
     }
-    if let Err(e) = std::fs::rename(new, out) {
-        undo(&moved);
-        return Err(Error::io(out, e));
-    }
-    if let Err(e) = std::fs::remove_dir_all(&old) {
-        tracing::warn!(
-            "{}: the replaced checkpoint could not be removed ({e}); delete it by hand",
-            old.display()
-        );
+    remove_temp_folder(&new);
+    remove_temp_folder(&old);
+    clean_stale_temp_folders(out, OLD_PREFIX);
+    if let Ok(d) = std::fs::File::open(out) {
+        let _ = d.sync_all();
     }
     Ok(())
 }
 
-/// Whether an entry of a replaced folder goes with it (instead of moving into the new folder).
-fn superseded(name: &std::ffi::OsStr, new: &Path) -> bool {
+/// Whether an entry of an existing folder is replaced by a checkpoint written into it (moved
+/// aside and removed): `config.json`, weight files, the temporary files of an `atomic_write` of
+/// these or of tokenizer files (`.NAME.PID.tmp`), and names the new checkpoint has.
+fn superseded(name: &std::ffi::OsStr, incoming: &[std::ffi::OsString]) -> bool {
     let s = name.to_string_lossy();
+    let own =
+        |f: &str| f == "config.json" || is_weight_file_name(f) || TOKENIZER_FILES.contains(&f);
+    let atomic_temp = s
+        .strip_prefix('.')
+        .and_then(|r| r.strip_suffix(".tmp"))
+        .and_then(|r| r.rsplit_once('.'))
+        .is_some_and(|(f, pid)| {
+            own(f) && !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit())
+        });
     s == "config.json"
         || is_weight_file_name(&s)
-        || (s.starts_with('.') && s.ends_with(".tmp"))
-        || std::fs::symlink_metadata(new.join(name)).is_ok()
+        || atomic_temp
+        || incoming.iter().any(|n| n == name)
 }
 
 /// Writes `config.json` atomically.
@@ -460,14 +662,206 @@ pub fn write_config(dir: &Path, raw: &LladaConfig) -> Result<()> {
     atomic_write(&dir.join("config.json"), text.as_bytes())
 }
 
-/// Copies the tokenizer files that exist in `from` into `to`.
-pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+/// The tokenizer files ([`TOKENIZER_FILES`]) of the first of `dirs` that has a `tokenizer.json`,
+/// read into memory (name, bytes); none when no folder has one.
+pub fn read_tokenizer_files(dirs: &[&Path]) -> Result<Vec<(String, Vec<u8>)>> {
+    let Some(dir) = dirs.iter().find(|d| d.join("tokenizer.json").exists()) else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
     for f in TOKENIZER_FILES {
-        let src = from.join(f);
-        if src.exists() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            atomic_write(&to.join(f), &bytes)?;
+        let p = dir.join(f);
+        if p.exists() {
+            files.push((
+                f.to_string(),
+                std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+            ));
         }
     }
+    Ok(files)
+}
+
+/// Copies the tokenizer files that exist in `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for (name, bytes) in read_tokenizer_files(&[from])? {
+        atomic_write(&to.join(name), &bytes)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    thread_local! {
+        /// (the index of the first rename that fails, whether every later one fails too)
+        static FAIL: Cell<Option<(usize, bool)>> = const { Cell::new(None) };
+        static CALLS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(super) fn rename_fails() -> bool {
+        let n = CALLS.with(|c| {
+            let n = c.get();
+            c.set(n + 1);
+            n
+        });
+        FAIL.with(|f| f.get())
+            .is_some_and(|(at, after)| n == at || (after && n > at))
+    }
+
+    fn inject(fail: Option<(usize, bool)>) {
+        CALLS.with(|c| c.set(0));
+        FAIL.with(|f| f.set(fail));
+    }
+
+    /// Every file under `dir` (relative path → content).
+    fn tree(dir: &Path) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if e.file_type().unwrap().is_dir() {
+                for (k, v) in tree(&e.path()) {
+                    m.insert(format!("{name}/{k}"), v);
+                }
+            } else {
+                m.insert(name, std::fs::read_to_string(e.path()).unwrap());
+            }
+        }
+        m
+    }
+
+    const NEW: &[(&str, &str)] = &[
+        ("config.json", "new config"),
+        ("model-00001-of-00002.safetensors", "new 1"),
+        ("model-00002-of-00002.safetensors", "new 2"),
+        ("model.safetensors.index.json", "new index"),
+        ("tokenizer.json", "new tokenizer"),
+    ];
+
+    fn write_new(dir: &Path) -> Result<()> {
+        for (n, c) in NEW {
+            atomic_write(&dir.join(n), c.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn old_checkpoint(root: &Path) -> PathBuf {
+        let out = root.join("out");
+        std::fs::create_dir_all(out.join("sub")).unwrap();
+        for (n, c) in [
+            ("config.json", "old config"),
+            ("model.safetensors", "old weights"),
+            ("README.md", "mine"),
+            ("sub/data.txt", "keep"),
+            (".notes.tmp", "a user's temporary file"),
+            (".model.safetensors.123.tmp", "an interrupted atomic write"),
+        ] {
+            std::fs::write(out.join(n), c).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn a_failed_install_is_undone_and_a_failed_undo_deletes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let out = old_checkpoint(d.path());
+        let before = tree(&out);
+        // 3 entries superseded (config, weights, the atomic write's temporary file) + 5 new ones
+        let renames = 3 + NEW.len();
+        for at in 0..renames {
+            inject(Some((at, false)));
+            let e = write_checkpoint_folder(&out, Existing::Any, write_new);
+            inject(None);
+            assert!(e.is_err(), "rename {at}");
+            assert_eq!(tree(&out), before, "undone after a failure at rename {at}");
+        }
+        let mut expect: BTreeMap<String, String> = NEW
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.to_string()))
+            .collect();
+        for k in ["README.md", "sub/data.txt", ".notes.tmp"] {
+            expect.insert(k.into(), before[k].clone());
+        }
+        for at in 0..renames {
+            let d = tempfile::tempdir().unwrap();
+            let out = old_checkpoint(d.path());
+            inject(Some((at, true)));
+            let e = write_checkpoint_folder(&out, Existing::Any, write_new)
+                .unwrap_err()
+                .to_string();
+            inject(None);
+            let now = tree(&out);
+            if at > 0 {
+                assert!(e.contains("nothing was deleted"), "{e}");
+            }
+            // every old file is still there, in place or in the temporary folder
+            for (k, v) in &before {
+                let name = k.rsplit('/').next().unwrap();
+                assert!(
+                    now.iter().any(|(k2, v2)| v2 == v && k2.ends_with(name)),
+                    "{k} lost after a failed undo at rename {at}: {now:?}"
+                );
+            }
+            assert_eq!(now["README.md"], "mine");
+            assert_eq!(now["sub/data.txt"], "keep");
+            // the next write (this process's id counts as gone) installs and cleans the leftovers
+            write_checkpoint_folder(&out, Existing::Any, write_new).unwrap();
+            assert_eq!(tree(&out), expect, "after a failed undo at rename {at}");
+        }
+    }
+
+    #[test]
+    fn a_folder_where_the_checkpoint_has_a_file_is_refused_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let out = old_checkpoint(d.path());
+        std::fs::create_dir_all(out.join("tokenizer.json")).unwrap();
+        std::fs::write(out.join("tokenizer.json/x"), "user").unwrap();
+        let before = tree(&out);
+        let e = write_checkpoint_folder(&out, Existing::Any, write_new)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("folder named tokenizer.json"), "{e}");
+        assert_eq!(tree(&out), before);
+    }
+
+    #[test]
+    fn temporary_names_and_superseded_entries() {
+        assert_eq!(temp_folder_pid(".llada-new-123-0"), Some(123));
+        assert_eq!(temp_folder_pid(".llada-old-7-12"), Some(7));
+        for n in [
+            ".llada-new-",
+            ".llada-new-12",
+            ".llada-new-x-1",
+            ".llada-newer-1-1",
+            "x",
+        ] {
+            assert_eq!(temp_folder_pid(n), None, "{n}");
+        }
+        let none: &[std::ffi::OsString] = &[];
+        let s = |n: &str| superseded(std::ffi::OsStr::new(n), none);
+        for n in [
+            "config.json",
+            "model.safetensors",
+            "model-00003-of-00009.safetensors",
+            ".config.json.42.tmp",
+            ".tokenizer.json.1.tmp",
+        ] {
+            assert!(s(n), "{n}");
+        }
+        for n in [
+            "notes.tmp",
+            ".notes.tmp",
+            ".config.json.tmp",
+            ".x.1.tmp",
+            "README.md",
+        ] {
+            assert!(!s(n), "{n}");
+        }
+        assert!(other_process_running(1) || cfg!(not(unix)));
+        assert!(!other_process_running(std::process::id()));
+        assert!(!other_process_running(0));
+    }
 }

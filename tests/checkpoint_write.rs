@@ -218,4 +218,163 @@ fn a_failed_write_leaves_the_old_checkpoint_and_no_temporary_folder() {
     assert!(!o.join("model.safetensors.index.json").exists());
     let siblings = std::fs::read_dir(d.path()).unwrap().count();
     assert_eq!(siblings, 2, "only ck and badtok");
+    let inside: Vec<String> = std::fs::read_dir(&o)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        inside.iter().all(|n| !n.starts_with(".llada-")),
+        "{inside:?}"
+    );
+}
+
+/// The id of a process that has exited (and been reaped).
+#[cfg(unix)]
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[cfg(unix)]
+fn inode(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+}
+
+#[cfg(unix)]
+#[test]
+fn an_existing_empty_out_is_written_in_place_never_renamed() {
+    // `out` may be a mount point (`docker -v …:/out`) or the working folder: it is never renamed,
+    // so the folder is the same one (same inode) before and after
+    let d = tempfile::tempdir().unwrap();
+    let o = d.path().join("mounted");
+    std::fs::create_dir(&o).unwrap();
+    let ino = inode(&o);
+    let cfg = golden_dir().join("config.json");
+    let (ok, err) = llada(&[
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(inode(&o), ino);
+    assert!(Checkpoint::load(&o, None, &Device::Cpu).is_ok());
+    let names: Vec<String> = std::fs::read_dir(&o)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_checkpoint_out_is_replaced_with_the_users_files_kept_in_place() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = model(DType::F32);
+    let o = d.path().join("ck");
+    save_model_sharded(&o, &ck.raw, &ck.model, 200_000).unwrap();
+    std::fs::create_dir_all(o.join("notes")).unwrap();
+    std::fs::write(o.join("notes/run.txt"), "keep").unwrap();
+    std::fs::write(o.join("README.md"), "mine").unwrap();
+    let (ino, readme, notes) = (
+        inode(&o),
+        inode(&o.join("README.md")),
+        inode(&o.join("notes")),
+    );
+    let (ok, err) = llada(&[
+        "export",
+        golden_dir().to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(inode(&o), ino, "the folder itself is never renamed");
+    assert_eq!(inode(&o.join("README.md")), readme);
+    assert_eq!(inode(&o.join("notes")), notes);
+    assert_eq!(
+        std::fs::read_to_string(o.join("notes/run.txt")).unwrap(),
+        "keep"
+    );
+    assert!(!o.join("model.safetensors.index.json").exists());
+    assert!(!o.join("model-00001-of-00002.safetensors").exists());
+    assert!(Checkpoint::load(&o, None, &Device::Cpu)
+        .unwrap()
+        .tokenizer
+        .is_some());
+}
+
+#[cfg(unix)]
+#[test]
+fn leftovers_of_a_killed_write_are_cleaned_by_the_next_one() {
+    let d = tempfile::tempdir().unwrap();
+    let dead = dead_pid();
+    let golden = golden_dir();
+    let cfg = golden.join("config.json");
+    // an existing folder: the killed write's temporary folders inside it
+    let o = d.path().join("o");
+    let new = o.join(format!(".llada-new-{dead}-0"));
+    let old = o.join(format!(".llada-old-{dead}-0"));
+    for t in [&new, &old] {
+        std::fs::create_dir_all(t).unwrap();
+        std::fs::write(t.join("model.safetensors"), "partial").unwrap();
+    }
+    // a running writer's folder is kept (this test process stands for it: the command is another)
+    let live = o.join(format!(".llada-new-{}-0", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    // only leftovers: still an empty folder for `init` without --force
+    let (ok, err) = llada(&[
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(!new.exists() && !old.exists());
+    assert!(live.exists(), "a running writer's folder is kept");
+    assert!(Checkpoint::load(&o, None, &Device::Cpu).is_ok());
+    // a folder not there yet: the killed write's hidden sibling
+    let o2 = d.path().join("o2");
+    let sibling = d.path().join(format!(".o2.new-{dead}-0"));
+    std::fs::create_dir_all(&sibling).unwrap();
+    std::fs::write(sibling.join("model.safetensors"), "partial").unwrap();
+    let (ok, err) = llada(&[
+        "export",
+        golden.to_str().unwrap(),
+        "--out",
+        o2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(!sibling.exists());
+    assert!(Checkpoint::load(&o2, None, &Device::Cpu).is_ok());
+}
+
+#[test]
+fn another_models_folder_is_not_a_checkpoint_to_replace() {
+    // a Hugging Face folder of another architecture (BERT): refused without --force
+    let d = tempfile::tempdir().unwrap();
+    let o = d.path().join("bert");
+    std::fs::create_dir_all(&o).unwrap();
+    let cfg = r#"{"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 30522}"#;
+    std::fs::write(o.join("config.json"), cfg).unwrap();
+    std::fs::write(o.join("model.safetensors"), "bert weights").unwrap();
+    let (ok, err) = llada(&[
+        "export",
+        golden_dir().to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--force") && err.contains("no llada checkpoint"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(o.join("config.json")).unwrap(), cfg);
+    assert_eq!(
+        std::fs::read_to_string(o.join("model.safetensors")).unwrap(),
+        "bert weights"
+    );
 }

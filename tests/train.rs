@@ -372,12 +372,20 @@ fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
     let run = d.path().join("run");
     let ckd = run.join("checkpoints");
     // leftovers of saves killed mid-write
+    let dead = dead_pid();
     let leftovers = [
-        ckd.join(".tmp-step-0000003-4242"),
-        ckd.join(".latest.4242.tmp"),
-        run.join(".train_config.json.4242.tmp"),
-        ckd.join(".step-0000002.old-4242-0"),
+        ckd.join(format!(".tmp-step-0000003-{dead}")),
+        ckd.join(format!(".latest.{dead}.tmp")),
+        run.join(format!(".train_config.json.{dead}.tmp")),
+        ckd.join(format!(".step-0000002.old-{dead}-0")),
     ];
+    // a save in progress by a running trainer (this test process stands for one) is kept
+    let mut running = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let live = ckd.join(format!(".tmp-step-0000009-{}", running.id()));
+    std::fs::create_dir_all(&live).unwrap();
     std::fs::create_dir_all(&leftovers[0]).unwrap();
     std::fs::write(leftovers[0].join("model.safetensors"), b"partial").unwrap();
     std::fs::write(&leftovers[1], b"step-").unwrap();
@@ -394,19 +402,35 @@ fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
         assert!(!p.exists(), "{} left", p.display());
     }
     assert!(run.join("notes.tmp").exists());
-    // the run goes on from step 1: step 2 is written again (replacing the corrupt one), then 3
+    assert!(live.exists(), "a running trainer's save is not a leftover");
+    running.kill().unwrap();
+    running.wait().unwrap();
+    std::fs::remove_dir(&live).unwrap();
+    // the passed-over checkpoint is set aside, never overwritten
+    let unusable = ckd.join("step-0000002.unusable");
+    let poisoned = std::fs::read(unusable.join("optimizer.safetensors")).unwrap();
+    // the run goes on from step 1: step 2 is written anew, then 3
     r.run(&mut |_| {}).unwrap();
     assert_eq!(
         step_names(&run),
-        vec!["step-0000001", "step-0000002", "step-0000003"]
+        vec![
+            "step-0000001",
+            "step-0000002",
+            "step-0000002.unusable",
+            "step-0000003"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(unusable.join("optimizer.safetensors")).unwrap(),
+        poisoned
     );
     assert_eq!(latest_checkpoint(&run), Some(ckd.join("step-0000003")));
     let again = Trainer::resume(&run, Some(3), &Device::Cpu).unwrap();
     assert_eq!(again.resumed_from, Some(ckd.join("step-0000003")));
     assert_eq!(
         std::fs::read_dir(&ckd).unwrap().count(),
-        4,
-        "3 steps + latest"
+        5,
+        "3 steps + the unusable one + latest"
     );
 
     // none usable: the error names each checkpoint and why
@@ -424,6 +448,100 @@ fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
             && e.contains("non-finite"),
         "{e}"
     );
+    // with none usable, none is renamed
+    assert_eq!(step_names(&run).len(), 4);
+}
+
+/// The id of a process that has exited (and been reaped).
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_fresh_run_into_an_earlier_runs_folder_needs_resume_or_force() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Pretrain);
+    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 0;
+    cfg.eval_every = 0;
+    Trainer::new(cfg.clone(), &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let run = d.path().join("run");
+    let weights = run.join("checkpoints/step-0000002/model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    // a new run (another seed) without --resume: refused, the earlier run untouched
+    cfg.seed = 7;
+    cfg.steps = 1;
+    let e = Trainer::new(cfg.clone(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&run.display().to_string()) && e.contains("--resume") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    assert_eq!(step_names(&run), vec!["step-0000001", "step-0000002"]);
+    assert_eq!(
+        latest_checkpoint(&run),
+        Some(run.join("checkpoints/step-0000002"))
+    );
+    // with force: the earlier run's checkpoints and metrics go, the user's file stays
+    let last = Trainer::start(cfg, &Device::Cpu, true)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    assert_eq!(last, run.join("checkpoints/step-0000001"));
+    assert_eq!(step_names(&run), vec!["step-0000001"]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    assert_eq!(
+        std::fs::read_to_string(run.join("notes.txt")).unwrap(),
+        "mine"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn resume_takes_the_newest_complete_step_and_passes_io_errors_up() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Pretrain);
+    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 0;
+    cfg.eval_every = 0;
+    Trainer::new(cfg, &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let run = d.path().join("run");
+    let ckd = run.join("checkpoints");
+    // killed after step 2 was renamed into place, before `latest` was rewritten
+    std::fs::write(ckd.join("latest"), "step-0000001").unwrap();
+    let r = Trainer::resume(&run, Some(3), &Device::Cpu).unwrap();
+    assert_eq!(r.resumed_from, Some(ckd.join("step-0000002")));
+    drop(r);
+    // an I/O error reading step 2 (here: a symbolic-link loop) is not a corrupt checkpoint:
+    // no fallback to step 1, and step 2 is not set aside
+    let state = ckd.join("step-0000002/trainer_state.json");
+    std::fs::remove_file(&state).unwrap();
+    std::os::unix::fs::symlink("trainer_state.json", &state).unwrap();
+    let e = Trainer::resume(&run, Some(3), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("trainer_state.json") && !e.contains("no usable checkpoint"),
+        "{e}"
+    );
+    assert_eq!(step_names(&run), vec!["step-0000001", "step-0000002"]);
 }
 
 #[test]
@@ -478,6 +596,19 @@ fn a_corrupt_trainer_state_is_an_error_naming_the_file_and_field() {
             "cursor.index",
         ),
         ("adam_t", serde_json::json!(99), "adam_t"),
+        // values that would overflow counters once the run goes on
+        (
+            "cursor",
+            serde_json::json!({"epoch": u64::MAX, "index": 0}),
+            "cursor.epoch",
+        ),
+        ("tokens_seen", serde_json::json!(u64::MAX), "tokens_seen"),
+        ("skipped_steps", serde_json::json!(99), "skipped_steps"),
+        (
+            "elapsed_seconds",
+            serde_json::json!(-1.0),
+            "elapsed_seconds",
+        ),
     ] {
         let mut v = good.clone();
         v[field] = value;

@@ -60,6 +60,11 @@ pub struct TrainArgs {
     /// A non-finite state is never saved.
     #[arg(long, value_parser = ["stop", "skip"])]
     pub on_nonfinite: Option<String>,
+    /// Start a new run in a --out that holds an earlier run's checkpoints: they (step-*, latest)
+    /// and its metrics.jsonl are removed first; other files are kept. Without it such a folder is
+    /// refused (continue it with --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// One JSON line per step on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -112,7 +117,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, a.steps, &device)
             .with_context(|| format!("resuming {}", dir.display()))?,
-        None => Trainer::new(a.config()?, &device)?,
+        None => Trainer::start(a.config()?, &device, a.force)?,
     };
     if let (Some(_), Some(o)) = (&a.resume, &a.on_nonfinite) {
         // the one setting a resumed run may change besides --steps

@@ -92,14 +92,14 @@ pub(super) fn train(
     crate::weights::atomic_write(&cfg_path, text.as_bytes())?;
     let parameters = model_cfg.resolve()?.parameter_count();
     let run_dir = prepared.dir.join(label);
-    let _ = std::fs::remove_dir_all(&run_dir);
     let tc = train_config(cfg, prepared, objective, cfg_path, run_dir);
     log(&format!(
         "training the {label} model ({parameters} parameters, {} steps, {threads_note})",
         cfg.steps
     ));
     let t = std::time::Instant::now();
-    let mut trainer = Trainer::new(tc, &candle_core::Device::Cpu)?;
+    // a rerun replaces the earlier run's checkpoints; nothing else in the folder is removed
+    let mut trainer = Trainer::start(tc, &candle_core::Device::Cpu, true)?;
     let mut last = 0.0;
     let ck_dir = trainer.run(&mut |r| {
         last = r.loss;

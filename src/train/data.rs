@@ -472,7 +472,7 @@ impl<'a> Reader<'a> {
             self.cursor.index += 1;
             if self.cursor.index as usize >= self.units() {
                 self.cursor.index = 0;
-                self.cursor.epoch += 1;
+                self.cursor.epoch = self.cursor.epoch.saturating_add(1);
             }
         }
         if self.kind == DataKind::Sft {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::with_slice;
+use crate::weights::non_finite_count;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -144,45 +145,52 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr` (gradients already clipped/scaled). Returns the index
-    /// of the first variable whose updated weights or moments are not finite (a diverging run: the
-    /// caller must not keep or save this state), `None` when all are finite.
+    /// of the first variable whose updated weights or moments would not be finite (a diverging
+    /// run), `None` when all are finite. The update is applied only when all are: otherwise the
+    /// weights, moments and step count stay as they were, so the state in memory is the last good
+    /// one. (The new values of all variables exist together before they are applied: a transient
+    /// second copy of the weights and moments.)
     pub fn step(
         &mut self,
         vars: &[(String, Var)],
         grads: &[Tensor],
         lr: f64,
     ) -> Result<Option<usize>> {
-        let mut nonfinite = None;
-        self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let t = self.t + 1;
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        let mut pending: Vec<(Tensor, Tensor, Tensor)> = Vec::with_capacity(vars.len());
+        let mut nonfinite = None;
         for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
             let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            let h = Hyper {
-                lr: lr as f32,
-                beta1: c.beta1 as f32,
-                beta2: c.beta2 as f32,
-                eps: c.eps as f32,
-                decay: decay as f32,
-                bc1: bc1 as f32,
-                bc2: bc2 as f32,
-            };
             if matches!(var.device(), Device::Cpu) {
+                let h = Hyper {
+                    lr: lr as f32,
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    eps: c.eps as f32,
+                    decay: decay as f32,
+                    bc1: bc1 as f32,
+                    bc2: bc2 as f32,
+                };
                 let shape = var.shape().clone();
                 let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                 let mut m = self.m[i].flatten_all()?.to_vec1::<f32>()?;
                 let mut v = self.v[i].flatten_all()?.to_vec1::<f32>()?;
-                with_slice::<f32, _>(&g.to_dtype(DType::F32)?, |gs| {
+                let finite = with_slice::<f32, _>(&g.to_dtype(DType::F32)?, |gs| {
                     adamw_update(&mut w, gs, &mut m, &mut v, h)
                 })?;
-                let finite = |x: &[f32]| x.iter().all(|e| e.is_finite());
-                if nonfinite.is_none() && !(finite(&w) && finite(&m) && finite(&v)) {
+                if !finite {
+                    // the first one is all the caller needs; nothing is applied
                     nonfinite = Some(i);
+                    break;
                 }
-                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu)?)?;
-                self.m[i] = Tensor::from_vec(m, shape.clone(), &Device::Cpu)?;
-                self.v[i] = Tensor::from_vec(v, shape, &Device::Cpu)?;
+                pending.push((
+                    Tensor::from_vec(w, shape.clone(), &Device::Cpu)?,
+                    Tensor::from_vec(m, shape.clone(), &Device::Cpu)?,
+                    Tensor::from_vec(v, shape, &Device::Cpu)?,
+                ));
             } else {
                 let g = g.to_dtype(DType::F32)?;
                 let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -190,29 +198,72 @@ impl AdamW {
                 let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
                 let w = var.as_tensor();
                 let w = ((w * (1.0 - lr * decay))? - (upd * lr)?)?;
-                if nonfinite.is_none() && !all_finite(&[&w, &m, &v])? {
-                    nonfinite = Some(i);
-                }
-                var.set(&w)?;
-                self.m[i] = m;
-                self.v[i] = v;
+                pending.push((w, m, v));
             }
         }
-        Ok(nonfinite)
+        if nonfinite.is_none() {
+            // one device read for all the variables on a device (CPU ones were checked above)
+            let on_device: Vec<&Tensor> = pending
+                .iter()
+                .filter(|(w, _, _)| !w.device().is_cpu())
+                .flat_map(|(w, m, v)| [w, m, v])
+                .collect();
+            if !all_finite(&on_device)? {
+                for (i, (w, m, v)) in pending.iter().enumerate() {
+                    if !all_finite(&[w, m, v])? {
+                        nonfinite = Some(i);
+                        break;
+                    }
+                }
+            }
+        }
+        if nonfinite.is_some() {
+            return Ok(nonfinite);
+        }
+        for (i, ((_, var), (w, m, v))) in vars.iter().zip(pending).enumerate() {
+            var.set(&w)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        self.t = t;
+        Ok(None)
     }
 }
 
-/// Whether every element of `tensors` is finite: x − x is 0 for finite x and NaN for NaN and ±∞,
-/// so the sum is exactly 0 unless some element is not finite.
+/// Whether every element of `tensors` is finite. CPU tensors: a scan of their bytes
+/// ([`non_finite_count`]). Tensors on a device: x − x is 0 for finite x and NaN for NaN and ±∞,
+/// so the sum over all of them is exactly 0 unless some element is not finite; it is read once.
 pub fn all_finite(tensors: &[&Tensor]) -> Result<bool> {
+    let mut device_sum: Option<Tensor> = None;
     for t in tensors {
         let t = t.to_dtype(DType::F32)?;
-        let s = t.sub(&t)?.sum_all()?.to_scalar::<f32>()?;
-        if s != 0.0 {
-            return Ok(false);
+        if t.device().is_cpu() && cfg!(target_endian = "little") {
+            let bad = with_slice::<f32, _>(&t, |s| {
+                // SAFETY: the bytes of an f32 slice: u8 has no alignment or validity requirement,
+                // and the length is the slice's size in bytes.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s))
+                };
+                non_finite_count(bytes, DType::F32)
+            })?;
+            if bad > 0 {
+                return Ok(false);
+            }
+        } else {
+            let s = t.sub(&t)?.sum_all()?;
+            device_sum = Some(match device_sum {
+                None => s,
+                Some(acc) => {
+                    let s = s.to_device(acc.device())?;
+                    (acc + s)?
+                }
+            });
         }
     }
-    Ok(true)
+    match device_sum {
+        Some(s) => Ok(s.to_scalar::<f32>()? == 0.0),
+        None => Ok(true),
+    }
 }
 
 /// Per-tensor AdamW constants.
@@ -228,14 +279,19 @@ struct Hyper {
 }
 
 crate::kernels::simd_fn! {
-    fn adamw_update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: Hyper) {
+    /// The update in place; whether every new weight and moment is finite (checked in the same
+    /// pass).
+    fn adamw_update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: Hyper) -> bool {
+        let mut finite = true;
         for i in 0..w.len() {
             let gi = g[i];
             m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
             v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
             let upd = (m[i] / h.bc1) / ((v[i] / h.bc2).sqrt() + h.eps);
             w[i] = w[i] * (1.0 - h.lr * h.decay) - h.lr * upd;
+            finite &= w[i].is_finite() & m[i].is_finite() & v[i].is_finite();
         }
+        finite
     }
 }
 
@@ -317,17 +373,41 @@ mod tests {
         );
         // NaN moments (a corrupt optimizer state) make the update NaN
         opt.m[0] = Tensor::new(&[[f32::NAN, 0.0]], &Device::Cpu).unwrap();
+        let w1: Vec<Vec<f32>> = var.as_tensor().to_vec2().unwrap();
         assert_eq!(
             opt.step(&vars, std::slice::from_ref(&g), 0.1).unwrap(),
             Some(0)
         );
+        // nothing was applied: the weights and the step count are those of the last good update
+        assert_eq!(var.as_tensor().to_vec2::<f32>().unwrap(), w1);
+        assert_eq!(opt.t, 1);
         // a learning rate of 1e30 overflows the weights (f32) within two steps
         let var = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
         let vars = vec![("w".to_string(), var.clone())];
         let mut opt = AdamW::new(AdamWConfig::default(), &vars).unwrap();
         let first = opt.step(&vars, std::slice::from_ref(&g), 1e30).unwrap();
-        let second = opt.step(&vars, &[g], 1e30).unwrap();
+        let second = opt.step(&vars, std::slice::from_ref(&g), 1e30).unwrap();
         assert_eq!((first, second), (None, Some(0)));
+        // the second variable diverging leaves the first (finite) one untouched too
+        let mk =
+            |x: f32| Var::from_tensor(&Tensor::new(&[[x, -2.0]], &Device::Cpu).unwrap()).unwrap();
+        let (a, b) = (mk(1.0), mk(3.0));
+        let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        let mut opt = AdamW::new(AdamWConfig::default(), &vars).unwrap();
+        let grads = [g.clone(), g.clone()];
+        assert_eq!(opt.step(&vars, &grads, 0.1).unwrap(), None);
+        let good: Vec<Vec<Vec<f32>>> = [&a, &b]
+            .iter()
+            .map(|v| v.as_tensor().to_vec2().unwrap())
+            .collect();
+        opt.v[1] = Tensor::new(&[[f32::NAN, 0.0]], &Device::Cpu).unwrap();
+        assert_eq!(opt.step(&vars, &grads, 0.1).unwrap(), Some(1));
+        let now: Vec<Vec<Vec<f32>>> = [&a, &b]
+            .iter()
+            .map(|v| v.as_tensor().to_vec2().unwrap())
+            .collect();
+        assert_eq!(now, good);
+        assert_eq!(opt.t, 1);
         let t = Tensor::new(&[1.0f32, f32::INFINITY], &Device::Cpu).unwrap();
         let ok = Tensor::new(&[1.0f32, -3e38], &Device::Cpu).unwrap();
         assert!(!all_finite(&[&ok, &t]).unwrap());

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{Cursor, DataKind, Dataset, Reader};
 use super::optim::{all_finite, clip_grad_norm, AdamW, AdamWConfig, Schedule};
 use super::params::Trainable;
-use crate::checkpoint::{install_folder, read_config, write_config, TOKENIZER_FILES};
+use crate::checkpoint::{other_process_running, read_config, read_tokenizer_files, write_config};
 use crate::config::LladaConfig;
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
@@ -295,42 +295,62 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
+/// The writer's process id in the name of a leftover of an interrupted save, `None` for any
+/// other name: `.tmp-step-NNNNNNN-PID` and `.step-NNNNNNN.{new,old}-PID-N` folders in
+/// `checkpoints/` (`dir` true), `.latest.PID.tmp` there and `.train_config.json.PID.tmp` in the
+/// run folder (`dir` false; `in_checkpoints` says which folder).
+fn leftover_pid(name: &str, dir: bool, in_checkpoints: bool) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let pid = |s: &str| digits(s).then(|| s.parse().ok()).flatten();
+    match (dir, in_checkpoints) {
+        (true, true) => {
+            if let Some(rest) = name.strip_prefix(".tmp-step-") {
+                let (step, p) = rest.split_once('-')?;
+                return digits(step).then(|| pid(p)).flatten();
+            }
+            let rest = name.strip_prefix(".step-")?;
+            let (step, tail) = rest.split_once('.')?;
+            let tail = tail
+                .strip_prefix("new-")
+                .or_else(|| tail.strip_prefix("old-"))?;
+            let (p, n) = tail.split_once('-')?;
+            (digits(step) && digits(n)).then(|| pid(p)).flatten()
+        }
+        (false, true) => pid(name
+            .strip_prefix(&format!(".{LATEST}."))?
+            .strip_suffix(".tmp")?),
+        (false, false) => pid(name
+            .strip_prefix(&format!(".{RUN_CONFIG}."))?
+            .strip_suffix(".tmp")?),
+        (true, false) => None,
+    }
+}
+
 /// Removes what saves killed mid-write left in the run folder `out`: `checkpoints/.tmp-step-*`
 /// folders, `.step-*.{new,old}-*` folders of a replaced checkpoint, and the temporary files of
 /// atomic writes (`checkpoints/.latest.*.tmp`, `.train_config.json.*.tmp`). Only these names
-/// are touched. Returns what was removed. (A second trainer writing into the same run folder at
-/// the same time is not supported.)
+/// are touched, and only those of processes no longer running (a trainer writing into the folder
+/// now keeps its own). Returns what was removed.
 pub fn clean_interrupted_saves(out: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let ck = out.join(CHECKPOINTS);
-    let leftovers = |dir: &Path, is_ours: &dyn Fn(&str, bool) -> bool| -> Vec<(PathBuf, bool)> {
+    let leftovers = |dir: &Path, in_checkpoints: bool| -> Vec<(PathBuf, bool)> {
         std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .filter_map(|e| {
                         let is_dir = e.file_type().ok()?.is_dir();
-                        is_ours(&e.file_name().to_string_lossy(), is_dir)
-                            .then(|| (e.path(), is_dir))
+                        let pid =
+                            leftover_pid(&e.file_name().to_string_lossy(), is_dir, in_checkpoints)?;
+                        (!other_process_running(pid)).then(|| (e.path(), is_dir))
                     })
                     .collect()
             })
             .unwrap_or_default()
     };
-    let in_checkpoints = |name: &str, is_dir: bool| {
-        if is_dir {
-            name.starts_with(".tmp-step-")
-                || (name.starts_with(".step-")
-                    && (name.contains(".new-") || name.contains(".old-")))
-        } else {
-            name.starts_with(&format!(".{LATEST}.")) && name.ends_with(".tmp")
-        }
-    };
-    let in_run = |name: &str, is_dir: bool| {
-        !is_dir && name.starts_with(&format!(".{RUN_CONFIG}.")) && name.ends_with(".tmp")
-    };
-    for (path, is_dir) in leftovers(&ck, &in_checkpoints)
+    for (path, is_dir) in leftovers(&ck, true)
         .into_iter()
-        .chain(leftovers(out, &in_run))
+        .chain(leftovers(out, false))
     {
         let r = if is_dir {
             std::fs::remove_dir_all(&path)
@@ -352,22 +372,71 @@ pub fn clean_interrupted_saves(out: &Path) -> Vec<PathBuf> {
     removed
 }
 
-/// Reads the tokenizer files present in the first of `dirs` that has a `tokenizer.json`.
-fn read_tokenizer_files(dirs: &[&Path]) -> Result<Vec<(String, Vec<u8>)>> {
-    let Some(dir) = dirs.iter().find(|d| d.join("tokenizer.json").is_file()) else {
-        return Ok(Vec::new());
-    };
-    let mut files = Vec::new();
-    for f in TOKENIZER_FILES {
-        let p = dir.join(f);
-        if p.is_file() {
-            files.push((
-                f.to_string(),
-                std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
-            ));
+/// Whether an error from resuming from the checkpoint `ck` is about what that checkpoint holds
+/// (a file missing, truncated or corrupt, non-finite values, an invalid trainer state): then an
+/// older checkpoint may be used. Any other error (an I/O error such as EIO, EACCES or EMFILE,
+/// out of memory, a dataset or setting problem) is not the checkpoint's and is passed up.
+fn is_content_error(e: &Error, ck: &Path) -> bool {
+    match e {
+        Error::Io { path, source } => {
+            source.kind() == std::io::ErrorKind::NotFound && path.starts_with(ck)
+        }
+        Error::Json { path, .. }
+        | Error::Checkpoint { path, .. }
+        | Error::MissingTensor { path, .. }
+        | Error::TensorShape { path, .. } => path.starts_with(ck),
+        // from the checkpoint's config.json (the run's settings are checked as the state's)
+        Error::Config { .. } | Error::UnsupportedArchitecture { .. } => true,
+        _ => false,
+    }
+}
+
+/// Renames a checkpoint that resume passed over to `step-NNNNNNN.unusable` (or `.unusable-N`),
+/// which no step listing counts, so that it is kept for inspection and never overwritten.
+fn set_aside_unusable(ck: &Path) -> Option<PathBuf> {
+    let name = ck.file_name()?.to_string_lossy().to_string();
+    let parent = ck.parent()?;
+    let target = (0..1000)
+        .map(|n| {
+            parent.join(if n == 0 {
+                format!("{name}.unusable")
+            } else {
+                format!("{name}.unusable-{n}")
+            })
+        })
+        .find(|p| std::fs::symlink_metadata(p).is_err())?;
+    match std::fs::rename(ck, &target) {
+        Ok(()) => Some(target),
+        Err(e) => {
+            tracing::warn!("{}: could not set it aside ({e})", ck.display());
+            None
         }
     }
-    Ok(files)
+}
+
+/// Whether the run folder `out` holds an earlier run's checkpoints (`checkpoints/latest` or a
+/// `step-*` folder).
+pub fn has_checkpoints(out: &Path) -> bool {
+    std::fs::symlink_metadata(out.join(CHECKPOINTS).join(LATEST)).is_ok()
+        || !step_dirs(out).is_empty()
+}
+
+/// Removes an earlier run's checkpoints (`step-*` folders, `latest`) and `metrics.jsonl` from the
+/// run folder `out`, for a new run that replaces it. Nothing else is touched.
+fn remove_earlier_run(out: &Path) -> Result<()> {
+    for (_, p) in step_dirs(out) {
+        std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    for p in [
+        out.join(CHECKPOINTS).join(LATEST),
+        out.join("metrics.jsonl"),
+    ] {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn load_dense(dir: &Path, device: &Device) -> Result<(LladaConfig, Llada)> {
@@ -386,9 +455,24 @@ fn load_dense(dir: &Path, device: &Device) -> Result<(LladaConfig, Llada)> {
 
 impl Trainer {
     /// A new run: checks the settings, data and model against each other, creates the run folder
-    /// and writes the run config before step 0.
+    /// and writes the run config before step 0. A run folder that holds an earlier run's
+    /// checkpoints is refused (see [`Trainer::start`]).
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        Self::start(cfg, device, false)
+    }
+
+    /// [`Trainer::new`]; with `replace_earlier_run`, a run folder holding an earlier run's
+    /// checkpoints is accepted and those checkpoints (`step-*`, `latest`) and its `metrics.jsonl`
+    /// are removed before the new run's first step (its other files are kept). Without it such a
+    /// folder is an error naming it, `--resume` and `--force`.
+    pub fn start(cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
         cfg.validate()?;
+        if !replace_earlier_run && has_checkpoints(&cfg.out) {
+            return Err(Error::OutputFolder {
+                path: cfg.out.clone(),
+                reason: "holds an earlier run's checkpoints; continue it with --resume, or replace it with --force (its checkpoints and metrics.jsonl are removed)".into(),
+            });
+        }
         let data = Dataset::open(&cfg.data)?;
         let (raw, model, tokenizer_dir) = if let Some(dir) = &cfg.init_from {
             let (raw, m) = load_dense(dir, device)?;
@@ -410,6 +494,9 @@ impl Trainer {
         )?;
         std::fs::create_dir_all(cfg.out.join(CHECKPOINTS)).map_err(|e| Error::io(&cfg.out, e))?;
         clean_interrupted_saves(&cfg.out);
+        if replace_earlier_run {
+            remove_earlier_run(&cfg.out)?;
+        }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
             path: cfg.out.join(RUN_CONFIG),
             source: e,
@@ -441,18 +528,25 @@ impl Trainer {
         })
     }
 
-    /// Resumes the run in `out` from its last complete checkpoint. `steps` may extend the run.
+    /// Resumes the run in `out` from its newest complete checkpoint (the highest `step-*`, which
+    /// is the one `latest` names unless a kill came between the two). `steps` may extend the run.
     ///
-    /// Leftovers of interrupted saves are removed first. When the latest checkpoint is unusable
-    /// (a file truncated or corrupt, non-finite weights or moments, an invalid trainer state), the
-    /// run resumes from the newest usable one, with a warning naming the one passed over and why;
-    /// with none usable the error lists each checkpoint and its reason.
+    /// Leftovers of interrupted saves are removed first. When the newest checkpoint is unusable
+    /// (a file missing, truncated or corrupt, non-finite weights or moments, an invalid trainer
+    /// state), the run resumes from the newest usable one, with a warning naming each one passed
+    /// over and why; those are renamed `step-NNNNNNN.unusable` (kept, never overwritten). With
+    /// none usable the error lists each checkpoint and its reason, and nothing is renamed. Any
+    /// other error (I/O, memory, the dataset) stops the resume as it is.
     pub fn resume(out: &Path, steps: Option<usize>, device: &Device) -> Result<Self> {
         clean_interrupted_saves(out);
-        let mut candidates: Vec<PathBuf> = latest_checkpoint(out).into_iter().collect();
-        for (_, p) in step_dirs(out).into_iter().rev() {
-            if !candidates.contains(&p) {
-                candidates.push(p);
+        let candidates: Vec<PathBuf> = step_dirs(out).into_iter().rev().map(|(_, p)| p).collect();
+        if let (Some(latest), Some(newest)) = (latest_checkpoint(out), candidates.first()) {
+            if &latest != newest {
+                tracing::warn!(
+                    "{} is newer than the one checkpoints/latest names ({}): resuming from it",
+                    newest.display(),
+                    latest.display()
+                );
             }
         }
         if candidates.is_empty() {
@@ -461,32 +555,46 @@ impl Trainer {
                 reason: "no complete checkpoint to resume from".into(),
             });
         }
-        let mut failed: Vec<String> = Vec::new();
+        let mut failed: Vec<(&PathBuf, String)> = Vec::new();
         for ck in &candidates {
             match Self::resume_from(ck, out, steps, device) {
                 Ok(t) => {
+                    for (bad, why) in &failed {
+                        let aside = set_aside_unusable(bad);
+                        tracing::warn!(
+                            "checkpoint {} is unusable ({why}); {}",
+                            bad.display(),
+                            match aside {
+                                Some(p) => format!("renamed to {}", p.display()),
+                                None => "left as it is".into(),
+                            }
+                        );
+                    }
                     if !failed.is_empty() {
                         tracing::warn!(
-                            "resuming from {}, the newest usable checkpoint; passed over: {}",
-                            ck.display(),
-                            failed.join("; ")
+                            "resuming from {}, the newest usable checkpoint",
+                            ck.display()
                         );
                     }
                     return Ok(t);
                 }
-                Err(e) => {
-                    let name = ck
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default();
+                Err(e) if is_content_error(&e, ck) => {
                     tracing::warn!("checkpoint {} is unusable: {e}", ck.display());
-                    failed.push(format!("{name} ({e})"));
+                    failed.push((ck, e.to_string()));
                 }
+                Err(e) => return Err(e),
             }
         }
+        let list: Vec<String> = failed
+            .iter()
+            .map(|(p, e)| {
+                let name = p.file_name().map(|n| n.to_string_lossy().to_string());
+                format!("{} ({e})", name.unwrap_or_default())
+            })
+            .collect();
         Err(Error::Checkpoint {
             path: out.join(CHECKPOINTS),
-            reason: format!("no usable checkpoint to resume from: {}", failed.join("; ")),
+            reason: format!("no usable checkpoint to resume from: {}", list.join("; ")),
         })
     }
 
@@ -504,12 +612,40 @@ impl Trainer {
                 state.adam_t, state.step
             )));
         }
+        if state.skipped_steps > state.step {
+            return Err(bad_state(format!(
+                "field skipped_steps = {} exceeds field step = {} (corrupt)",
+                state.skipped_steps, state.step
+            )));
+        }
+        if !(state.elapsed_seconds.is_finite() && state.elapsed_seconds >= 0.0) {
+            return Err(bad_state(format!(
+                "field elapsed_seconds = {} must be a non-negative number",
+                state.elapsed_seconds
+            )));
+        }
         let mut cfg = state.config.clone();
         cfg.out = out.to_path_buf();
+        cfg.validate()
+            .map_err(|e| bad_state(format!("field config: {e}")))?;
         if let Some(s) = steps {
             cfg.steps = s;
         }
         cfg.validate()?;
+        // what `step` sequences of batch × grad_accum sequences of seq_len can have consumed
+        let sequences = state.step as u128 * cfg.batch_size as u128 * cfg.grad_accum as u128;
+        if state.tokens_seen as u128 > sequences * cfg.seq_len as u128 {
+            return Err(bad_state(format!(
+                "field tokens_seen = {} exceeds what {} steps of {}×{}×{} tokens can have seen (corrupt)",
+                state.tokens_seen, state.step, cfg.batch_size, cfg.grad_accum, cfg.seq_len
+            )));
+        }
+        if state.cursor.epoch as u128 > sequences {
+            return Err(bad_state(format!(
+                "field cursor.epoch = {} exceeds the {sequences} sequences {} steps read (corrupt)",
+                state.cursor.epoch, state.step
+            )));
+        }
         let data = Dataset::open(&cfg.data)?;
         // the data cursor must point into the training split
         Reader::new(&data, &data.train, cfg.seq_len, cfg.seed, state.cursor)
@@ -679,7 +815,14 @@ impl Trainer {
         let grads = grads.unwrap_or_default();
         let (norm, grads) = clip_grad_norm(&grads, self.cfg.grad_clip)?;
         let lr = self.cfg.lr * self.cfg.schedule.factor(self.state.step, self.cfg.steps);
-        let step = self.state.step + 1;
+        let step = self
+            .state
+            .step
+            .checked_add(1)
+            .ok_or_else(|| Error::Checkpoint {
+                path: self.cfg.out.clone(),
+                reason: format!("the step count {} cannot grow", self.state.step),
+            })?;
         let bad = if !loss_sum.is_finite() {
             Some(("the loss", loss_sum))
         } else if !norm.is_finite() {
@@ -712,7 +855,7 @@ impl Trainer {
         self.state.adam_t = self.opt.t;
         self.state.rng = rng;
         self.state.cursor = cursor;
-        self.state.tokens_seen += tokens;
+        self.state.tokens_seen = self.state.tokens_seen.saturating_add(tokens);
         Ok(StepStats {
             loss: loss_sum,
             grad_norm: norm,
@@ -801,12 +944,7 @@ impl Trainer {
                 source: e,
             })?;
             atomic_write(&tmp.join(STATE), text.as_bytes())?;
-            if std::fs::symlink_metadata(&final_dir).is_ok() {
-                // e.g. a corrupt checkpoint of this step that resume passed over
-                install_folder(&tmp, &final_dir, false)?;
-            } else {
-                std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-            }
+            install_step(&tmp, &final_dir)?;
             let name = final_dir
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
@@ -916,6 +1054,28 @@ impl Trainer {
             None => self.save_checkpoint(),
         }
     }
+}
+
+/// Renames the complete checkpoint folder `tmp` to `final_dir`. A folder already there (which
+/// only a second trainer in the same run folder makes) is moved aside to
+/// `.step-NNNNNNN.old-PID-0` first and removed after.
+fn install_step(tmp: &Path, final_dir: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(final_dir).is_err() {
+        return std::fs::rename(tmp, final_dir).map_err(|e| Error::io(final_dir, e));
+    }
+    let name = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let old = final_dir.with_file_name(format!(".{name}.old-{}-0", std::process::id()));
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::rename(final_dir, &old).map_err(|e| Error::io(final_dir, e))?;
+    if let Err(e) = std::fs::rename(tmp, final_dir) {
+        let _ = std::fs::rename(&old, final_dir);
+        return Err(Error::io(final_dir, e));
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// The first of `tensors` holding a non-finite value, with its name.
