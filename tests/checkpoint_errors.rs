@@ -219,12 +219,8 @@ fn cli_reports_errors_without_panicking() {
         .unwrap()
         .set_len(len - 10)
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(["info", d.path().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+    assert!(!ok);
     assert!(
         err.contains("truncated") && !err.contains("panicked"),
         "{err}"
@@ -232,28 +228,26 @@ fn cli_reports_errors_without_panicking() {
 }
 
 /// The binary on `args`, bounded in time: killed after 60 s (a command that blocks, e.g. opening a
-/// FIFO, fails the test instead of hanging it). Returns (success, stderr).
+/// FIFO, fails the test instead of hanging it; see `common::Llada`). Returns (success, stderr).
 fn llada_bounded(args: &[&str]) -> (bool, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} still running after 60 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let r = llada_cmd(args)
+        .limit(std::time::Duration::from_secs(60))
+        .run();
+    (r.ok(), r.stderr)
+}
+
+#[test]
+fn a_long_error_does_not_block_the_bounded_runner() {
+    // stderr was piped but not read while polling: a child writing more than a pipe holds
+    // (64 KiB) blocked until the limit, and the test failed as if the command had hung
+    let long = "x".repeat(100_000);
+    let (ok, err) = llada_bounded(&["info", &long]);
+    assert!(!ok);
+    assert!(
+        err.contains(&long) && !err.contains("panicked"),
+        "{}",
+        err.len()
+    );
 }
 
 /// A sharded copy of the golden checkpoint in `dir`, whose index then names `shard` for every
@@ -273,6 +267,9 @@ fn sharded_with_first_shard_at(dir: &Path, shard: &str, to: &Path) {
         .unwrap();
     assert!(first.starts_with("model-00001-of-"), "{first}");
     assert!(dir.join(&first).exists());
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
     std::fs::rename(dir.join(&first), to).unwrap();
     for v in index["weight_map"].as_object_mut().unwrap().values_mut() {
         if v.as_str() == Some(first.as_str()) {
@@ -314,7 +311,6 @@ fn shard_paths_are_confined_to_the_checkpoint_folder() {
         );
         // a symlink that stays inside is fine, and so is a subfolder
         let dir4 = t.path().join("ck4");
-        std::fs::create_dir_all(dir4.join("sub")).unwrap();
         sharded_with_first_shard_at(
             &dir4,
             "sub/real.safetensors",
