@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{check_regular_file, not_regular, read_json, Error, Result};
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -296,45 +296,6 @@ pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
         ));
     }
     Ok(path)
-}
-
-/// A weight file must be a regular file (symlinks to one are followed): not a FIFO, a device, a
-/// socket or a folder.
-fn check_regular_file(path: &Path) -> Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(m) => Err(not_regular(path, &m)),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-fn not_regular(path: &Path, m: &std::fs::Metadata) -> Error {
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        "a folder"
-    } else {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if ft.is_fifo() {
-                "a FIFO (named pipe)"
-            } else if ft.is_char_device() || ft.is_block_device() {
-                "a device"
-            } else if ft.is_socket() {
-                "a socket"
-            } else {
-                "not a regular file"
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            "not a regular file"
-        }
-    };
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: format!("is {kind}; checkpoint files must be regular files"),
-    }
 }
 
 /// How many stored values of a tensor are NaN or ±inf (exponent bits all ones), read from its

@@ -360,6 +360,65 @@ fn fifos_and_devices_are_refused_as_weight_files() {
     assert!(e.contains("a device") && e.contains("regular files"), "{e}");
 }
 
+/// Replaces `dir/name` by a FIFO.
+#[cfg(unix)]
+fn fifo_at(dir: &Path, name: &str) {
+    let f = dir.join(name);
+    std::fs::remove_file(&f).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_as_json_and_tokenizer_files() {
+    // a FIFO config.json or tokenizer.json hung `llada info` (opened and read with no check); a
+    // symlink to /dev/zero as tokenizer.json grew the process until it ran out of memory
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let d = tempfile::tempdir().unwrap();
+        copy_golden(d.path());
+        fifo_at(d.path(), name);
+        let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+        assert!(!ok, "{name}: a FIFO loaded");
+        assert!(
+            err.contains(name) && err.contains("a FIFO") && err.contains("regular files"),
+            "{name}: {err}"
+        );
+        std::fs::remove_file(d.path().join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.path().join(name)).unwrap();
+        let e = load_err(d.path());
+        assert!(
+            e.contains(name) && e.contains("a device") && e.contains("regular files"),
+            "{name}: {e}"
+        );
+    }
+}
+
+#[test]
+fn oversized_json_and_tokenizer_files_are_refused_by_their_size() {
+    // sparse files: the size costs no disk; they were read whole into memory
+    for (name, size, limit) in [
+        ("config.json", 65 << 20, "67108864 bytes (64 MiB)"),
+        ("tokenizer.json", 257 << 20, "268435456 bytes (256 MiB)"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        copy_golden(d.path());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(name))
+            .unwrap();
+        f.set_len(size).unwrap();
+        let e = load_err(d.path());
+        assert!(
+            e.contains(name) && e.contains(&format!("is {size} bytes, larger than the {limit}")),
+            "{name}: {e}"
+        );
+    }
+}
+
 #[test]
 fn non_finite_weights_load_with_a_warning_naming_the_tensor() {
     let d = tempfile::tempdir().unwrap();

@@ -493,3 +493,25 @@ fn the_runner_kills_a_command_past_its_limit_and_names_it() {
     // what it wrote before it was killed is shown
     assert!(msg.contains("llada serving"), "{msg}");
 }
+
+#[cfg(unix)]
+#[test]
+fn hub_refs_main_must_be_a_small_regular_file() {
+    // a FIFO as refs/main hung `llada info o/n` (read with no check)
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("hub");
+    let repo = cache.join("models--o--n");
+    std::fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(repo.join("refs/main"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (ok, err) = llada_with(&["info", "o/n"], "", &[("HF_HUB_CACHE", &cache)]);
+    assert!(!ok);
+    assert!(
+        err.contains("refs/main") && err.contains("a FIFO") && !err.contains("panicked"),
+        "{err}"
+    );
+}
