@@ -84,7 +84,7 @@ impl SafetensorsFiles {
                 }
             }
         } else if std::fs::symlink_metadata(&single).is_ok() {
-            out.add_file(single)?;
+            out.add_file(single_file_path(dir)?)?;
         } else {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -253,21 +253,40 @@ impl SafetensorsFiles {
 
 const CONFINED: &str = "shards must be files inside the checkpoint folder";
 
-/// The path of a shard named by `model.safetensors.index.json`, confined to the checkpoint folder:
-/// the name must be a relative path without `..` (or root, or drive) components, the file must
-/// exist, and its real path (symlinks resolved) must lie inside the folder's real path — or, for
-/// a Hugging Face hub snapshot (`models--o--n/snapshots/REV`), in that repository's `blobs`
-/// folder, where the hub keeps the files its snapshots link to.
+/// The `blobs` folder of the Hugging Face hub repository whose snapshot `root` (a canonical path)
+/// is: `root` is `…/models--o--n/snapshots/REV`; `None` for any other folder.
+fn hub_blobs(root: &Path) -> Option<PathBuf> {
+    let repo = root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .filter(|r| {
+            r.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("models--"))
+        })?;
+    std::fs::canonicalize(repo.join("blobs")).ok()
+}
+
+/// The real path (symlinks resolved) of the shard named by `model.safetensors.index.json`,
+/// confined to the checkpoint folder: the name must be a relative path of plain components (`.`
+/// allowed; no `..`, root or drive), the file must exist, and its real path must lie inside the
+/// folder's real path — or, for a Hugging Face hub snapshot (`models--o--n/snapshots/REV`), in
+/// that repository's `blobs` folder (its real path), where the hub keeps the files its snapshots
+/// link to. The path returned is the one checked.
 pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
     let refuse = |path: PathBuf, why: &str| Error::Checkpoint {
         path,
         reason: format!("shard {shard:?} named in {INDEX_FILE} {why}: {CONFINED}"),
     };
     let rel = Path::new(shard);
-    let plain = !shard.is_empty()
-        && rel
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let plain = rel.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) && rel
+        .components()
+        .any(|c| matches!(c, std::path::Component::Normal(_)));
     if !plain {
         return Err(refuse(
             dir.join(INDEX_FILE),
@@ -283,19 +302,39 @@ pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
     }
     let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
     let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
-    let hub_blobs = root
-        .parent()
-        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
-        .and_then(Path::parent)
-        .map(|repo| repo.join("blobs"));
-    let inside = real.starts_with(&root) || hub_blobs.is_some_and(|b| real.starts_with(b));
+    let inside = real.starts_with(&root) || hub_blobs(&root).is_some_and(|b| real.starts_with(b));
     if !inside {
         return Err(refuse(
             path,
             &format!("resolves to {}, outside the folder", real.display()),
         ));
     }
-    Ok(path)
+    Ok(real)
+}
+
+/// The `model.safetensors` of a checkpoint folder to open. In a hub snapshot it is confined as
+/// shards are (to the snapshot or the repository's `blobs`): a tampered cache cannot point it at
+/// another file. In a local folder the user made, a symlinked `model.safetensors` may point
+/// anywhere (e.g. another disk); either way it must be a regular file ([`check_regular_file`]).
+fn single_file_path(dir: &Path) -> Result<PathBuf> {
+    let single = dir.join(SINGLE_FILE);
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let Some(blobs) = hub_blobs(&root) else {
+        return Ok(single);
+    };
+    let real = std::fs::canonicalize(&single).map_err(|e| Error::io(&single, e))?;
+    if real.starts_with(&root) || real.starts_with(&blobs) {
+        Ok(real)
+    } else {
+        Err(Error::Checkpoint {
+            path: single,
+            reason: format!(
+                "resolves to {}, outside this hub snapshot and its repository's blobs {}",
+                real.display(),
+                blobs.display()
+            ),
+        })
+    }
 }
 
 /// How many stored values of a tensor are NaN or ±inf (exponent bits all ones), read from its

@@ -336,6 +336,59 @@ fn hub_snapshot_shards_may_link_into_the_repository_blobs() {
 
 #[cfg(unix)]
 #[test]
+fn hub_snapshot_single_file_and_shards_are_confined_to_the_repository() {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    // the repository's blobs folder is itself a symlink (to another disk, say): it was refused
+    let repo = t.path().join("models--o--n");
+    let snap = repo.join("snapshots/abc");
+    copy_golden(&snap);
+    std::fs::create_dir_all(t.path().join("real-blobs")).unwrap();
+    symlink(t.path().join("real-blobs"), repo.join("blobs")).unwrap();
+    std::fs::rename(snap.join("model.safetensors"), repo.join("blobs/h1")).unwrap();
+    symlink("../../blobs/h1", snap.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::load(&snap, None, &Device::Cpu).unwrap();
+    assert_eq!(logits(&ck), logits(model(DType::F32)));
+    // a tampered snapshot whose model.safetensors links to a valid file elsewhere: it was loaded
+    let outside = t.path().join("outside.safetensors");
+    std::fs::rename(repo.join("blobs/h1"), &outside).unwrap();
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    symlink(&outside, snap.join("model.safetensors")).unwrap();
+    let e = load_err(&snap);
+    assert!(
+        e.contains("model.safetensors") && e.contains("outside this hub snapshot"),
+        "{e}"
+    );
+    // a local folder (no hub layout) may link its model.safetensors anywhere the user chose
+    let local = t.path().join("local");
+    copy_golden(&local);
+    std::fs::remove_file(local.join("model.safetensors")).unwrap();
+    symlink(&outside, local.join("model.safetensors")).unwrap();
+    assert!(Checkpoint::load(&local, None, &Device::Cpu).is_ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn shard_path_returns_the_real_path_it_checked_and_allows_dot() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("ck");
+    // "./x" was refused as not a plain relative path
+    sharded_with_first_shard_at(
+        &dir,
+        "./sub/first.safetensors",
+        &dir.join("sub/first.safetensors"),
+    );
+    assert!(Checkpoint::load(&dir, None, &Device::Cpu).is_ok());
+    // a link inside the folder: the path checked (its target) is the one returned and opened
+    std::os::unix::fs::symlink("sub/first.safetensors", dir.join("link")).unwrap();
+    let real = std::fs::canonicalize(dir.join("sub/first.safetensors")).unwrap();
+    assert_eq!(llada::weights::shard_path(&dir, "link").unwrap(), real);
+    assert_eq!(llada::weights::shard_path(&dir, "./link").unwrap(), real);
+    assert!(llada::weights::shard_path(&dir, ".").is_err());
+}
+
+#[cfg(unix)]
+#[test]
 fn fifos_and_devices_are_refused_as_weight_files() {
     let d = tempfile::tempdir().unwrap();
     copy_golden(d.path());
