@@ -449,20 +449,37 @@ pub fn save_safetensors_with(
     max_shard_bytes: u64,
     produce: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
 ) -> Result<()> {
+    // every tensor's bytes, checked: a shape from an absurd config must not wrap to a small size
+    let mut sizes = Vec::with_capacity(specs.len());
+    for (name, shape, dt) in specs {
+        let bytes = shape
+            .iter()
+            .try_fold(dt.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+            .and_then(|b| u64::try_from(b).ok());
+        sizes.push(bytes.ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "tensor {name} of shape {shape:?} ({dt:?}) has more bytes than this machine can address"
+            ),
+        })?);
+    }
+    let total = sizes
+        .iter()
+        .try_fold(0u64, |acc, &b| acc.checked_add(b))
+        .ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "the tensors together have more than 2^64 bytes".into(),
+        })?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let size = |(_, shape, dt): &(String, Vec<usize>, candle_core::DType)| {
-        (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64
-    };
-    let total: u64 = specs.iter().map(size).sum();
     // the sharding plan, from the sizes alone
     let mut plan: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
-    for (i, s) in specs.iter().enumerate() {
-        if current > 0 && current + size(s) > max_shard_bytes {
+    for (i, &size) in sizes.iter().enumerate() {
+        if current > 0 && current + size > max_shard_bytes {
             plan.push(Vec::new());
             current = 0;
         }
-        current += size(s);
+        current += size;
         if let Some(last) = plan.last_mut() {
             last.push(i);
         }
@@ -532,5 +549,35 @@ fn remove_stale_shards(dir: &Path) {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_sizes_are_checked_before_anything_is_produced() {
+        // 2^40 × 2^40 × 4 bytes wrapped to 0: the plan was made and the tensor produced
+        let d = tempfile::tempdir().unwrap();
+        let specs = vec![("w".to_string(), vec![1usize << 40, 1 << 40], DType::F32)];
+        let e = save_safetensors_with(d.path(), &specs, u64::MAX, &mut |_, _| {
+            panic!("produced a tensor of a size that does not fit")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tensor w of shape [1099511627776, 1099511627776]")
+                && e.contains("more bytes than this machine can address"),
+            "{e}"
+        );
+        let specs = vec![
+            ("a".to_string(), vec![1usize << 61], DType::F32),
+            ("b".to_string(), vec![1usize << 61], DType::F32),
+        ];
+        let e = save_safetensors_with(d.path(), &specs, u64::MAX, &mut |_, _| unreachable!())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("together have more than 2^64 bytes"), "{e}");
     }
 }

@@ -515,3 +515,28 @@ fn hub_refs_main_must_be_a_small_regular_file() {
         "{err}"
     );
 }
+
+#[test]
+fn init_refuses_a_config_whose_parameters_do_not_fit() {
+    // the count saturated, tensor sizes wrapped, and `llada init` allocated from them
+    let t = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("config.json")).unwrap())
+            .unwrap();
+    cfg["d_model"] = serde_json::json!(1u64 << 40);
+    cfg["mlp_hidden_size"] = serde_json::json!(1u64 << 40);
+    let c = t.path().join("huge.json");
+    std::fs::write(&c, cfg.to_string()).unwrap();
+    let out = t.path().join("out");
+    fails_with(
+        &[
+            "init",
+            "--config",
+            c.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["d_model=1099511627776", "address space"],
+    );
+    assert!(!out.exists());
+}
