@@ -234,7 +234,7 @@ impl LladaConfig {
         let (mlp_hidden_size, embedding_size) = self.resolve_sizes()?;
         self.check_token_ids(embedding_size)?;
         self.check_numerics()?;
-        Ok(ModelConfig {
+        let cfg = ModelConfig {
             d_model: self.d_model,
             n_layers: self.n_layers,
             n_heads: self.n_heads,
@@ -253,7 +253,32 @@ impl LladaConfig {
             pad_token_id: self.pad_token_id,
             init_std: self.init_std,
             causal: self.causal_attention,
-        })
+        };
+        // The sizes multiply to the parameter count (saturating at u64::MAX): one whose f32 bytes
+        // do not fit this machine's address space can be neither loaded nor initialised, and is
+        // refused before anything sizes an allocation from it (`llada init`, training from a
+        // config).
+        let count = cfg.parameter_count();
+        if count
+            .checked_mul(4)
+            .is_none_or(|bytes| usize::try_from(bytes).is_err())
+        {
+            let shown = if count == u64::MAX {
+                format!("at least {count}")
+            } else {
+                count.to_string()
+            };
+            return Err(Error::config(
+                "d_model",
+                self.d_model,
+                format!(
+                    "with n_layers={}, mlp_hidden_size={mlp_hidden_size} and embedding_size={embedding_size} the model has {shown} parameters, whose f32 bytes exceed this machine's address space ({} bits)",
+                    self.n_layers,
+                    usize::BITS
+                ),
+            ));
+        }
+        Ok(cfg)
     }
 
     /// The architecture, if this engine implements it: which model implements the file is
@@ -546,6 +571,21 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_count_past_the_address_space_is_refused() {
+        // it saturated at u64::MAX and `llada init` sized tensors from it
+        let mut v = tiny();
+        v["d_model"] = serde_json::json!(1u64 << 40);
+        v["mlp_hidden_size"] = serde_json::json!(1u64 << 40);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config.json: d_model=1099511627776:")
+                && e.contains("at least 18446744073709551615 parameters")
+                && e.contains("address space"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn llada_8b_parameter_count() {
         let c = LladaConfig {
             mlp_hidden_size: Some(12288),
@@ -634,11 +674,12 @@ mod tests {
         v["mlp_hidden_size"] = serde_json::Value::Null;
         v["mlp_ratio"] = serde_json::json!(3);
         assert_eq!(parse(v).unwrap().mlp_hidden_size, 192);
-        // sizes that resolve but whose parameters cannot be counted in u64
-        let mut v = tiny();
-        v["d_model"] = serde_json::json!(1u64 << 40);
-        v["mlp_hidden_size"] = serde_json::json!(1u64 << 40);
-        assert_eq!(parse(v).unwrap().parameter_count(), u64::MAX);
+        // sizes whose parameters cannot be counted in u64 saturate (and `resolve` refuses them:
+        // a_parameter_count_past_the_address_space_is_refused)
+        let mut c = parse(tiny()).unwrap();
+        c.d_model = 1 << 40;
+        c.mlp_hidden_size = 1 << 40;
+        assert_eq!(c.parameter_count(), u64::MAX);
     }
 
     #[test]

@@ -139,15 +139,107 @@ impl Error {
     }
 }
 
-/// Reads a whole file, naming the file on failure.
+/// Reads a whole file, naming the file on failure. For input the user names that may be a pipe
+/// (data files, `ppl` texts, `<(…)`): no file-type check and no size cap. Files of a checkpoint or
+/// a run folder go through [`read_regular_file`] instead.
 pub fn read_to_string(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-/// Reads and parses a JSON file, naming the file on failure.
+/// Largest JSON file [`read_json`] reads (config.json, tokenizer_config.json, the shard index,
+/// trainer_state.json, dataset headers): 64 MiB, far above any real one (kilobytes).
+pub const JSON_FILE_LIMIT: u64 = 64 << 20;
+
+/// Largest `tokenizer.json` a tokenizer is loaded from: 256 MiB (large vocabularies take tens of
+/// MiB).
+pub const TOKENIZER_FILE_LIMIT: u64 = 256 << 20;
+
+/// Reads a whole file of a checkpoint or run folder: it must be a regular file (symlinks to one are
+/// followed; a FIFO, a device, a socket or a folder is refused before anything blocks or grows) of
+/// at most `limit` bytes. The type is checked before opening (opening a FIFO blocks until a writer
+/// comes; opening a device may act on it), and again on what was opened, which is opened
+/// non-blocking so that a FIFO swapped in between cannot hang the caller; the read stops at the
+/// limit whatever the file's size claimed.
+pub fn read_regular_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    check_regular_file(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
+    let too_big = |size: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!(
+            "is {size} bytes, larger than the {limit} bytes ({} MiB) llada reads for this file",
+            limit >> 20
+        ),
+    };
+    if meta.len() > limit {
+        return Err(too_big(meta.len().to_string()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big("more than that".into()));
+    }
+    Ok(bytes)
+}
+
+/// A file llada reads whole or maps must be a regular file (symlinks to one are followed): not a
+/// FIFO, a device, a socket or a folder.
+pub fn check_regular_file(path: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => Err(not_regular(path, &m)),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// The error for a path that is not a regular file, naming what it is.
+pub fn not_regular(path: &std::path::Path, m: &std::fs::Metadata) -> Error {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        "a folder"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("is {kind}; checkpoint files must be regular files"),
+    }
+}
+
+/// Reads and parses a JSON file of a checkpoint or run folder (a regular file of at most
+/// [`JSON_FILE_LIMIT`] bytes, see [`read_regular_file`]), naming the file on failure.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let bytes = read_regular_file(path, JSON_FILE_LIMIT)?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
     })

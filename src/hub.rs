@@ -78,7 +78,10 @@ pub fn snapshot_in(cache: &Path, id: &str) -> Result<PathBuf> {
             .is_ok_and(|r| r.starts_with(&real_snapshots) && r != real_snapshots)
     };
     let refs_main = repo.join("refs/main");
-    if let Ok(rev) = std::fs::read_to_string(&refs_main) {
+    // absent: the newest snapshot below; present, it must be a small regular file (a FIFO hung)
+    if std::fs::symlink_metadata(&refs_main).is_ok() {
+        let bytes = crate::error::read_regular_file(&refs_main, 4096)?;
+        let rev = String::from_utf8_lossy(&bytes);
         let rev = rev.trim();
         if !is_revision(rev) {
             return Err(Error::setting(

@@ -135,7 +135,8 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::Tokenizer(format!("{} not found", path.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let bytes = crate::error::read_regular_file(&path, crate::error::TOKENIZER_FILE_LIMIT)?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = if tc_path.exists() {

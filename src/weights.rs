@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{check_regular_file, not_regular, read_json, Error, Result};
 
 /// File name of a single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -84,7 +84,7 @@ impl SafetensorsFiles {
                 }
             }
         } else if std::fs::symlink_metadata(&single).is_ok() {
-            out.add_file(single)?;
+            out.add_file(single_file_path(dir)?)?;
         } else {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -253,21 +253,40 @@ impl SafetensorsFiles {
 
 const CONFINED: &str = "shards must be files inside the checkpoint folder";
 
-/// The path of a shard named by `model.safetensors.index.json`, confined to the checkpoint folder:
-/// the name must be a relative path without `..` (or root, or drive) components, the file must
-/// exist, and its real path (symlinks resolved) must lie inside the folder's real path — or, for
-/// a Hugging Face hub snapshot (`models--o--n/snapshots/REV`), in that repository's `blobs`
-/// folder, where the hub keeps the files its snapshots link to.
+/// The `blobs` folder of the Hugging Face hub repository whose snapshot `root` (a canonical path)
+/// is: `root` is `…/models--o--n/snapshots/REV`; `None` for any other folder.
+fn hub_blobs(root: &Path) -> Option<PathBuf> {
+    let repo = root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .filter(|r| {
+            r.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("models--"))
+        })?;
+    std::fs::canonicalize(repo.join("blobs")).ok()
+}
+
+/// The real path (symlinks resolved) of the shard named by `model.safetensors.index.json`,
+/// confined to the checkpoint folder: the name must be a relative path of plain components (`.`
+/// allowed; no `..`, root or drive), the file must exist, and its real path must lie inside the
+/// folder's real path — or, for a Hugging Face hub snapshot (`models--o--n/snapshots/REV`), in
+/// that repository's `blobs` folder (its real path), where the hub keeps the files its snapshots
+/// link to. The path returned is the one checked.
 pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
     let refuse = |path: PathBuf, why: &str| Error::Checkpoint {
         path,
         reason: format!("shard {shard:?} named in {INDEX_FILE} {why}: {CONFINED}"),
     };
     let rel = Path::new(shard);
-    let plain = !shard.is_empty()
-        && rel
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let plain = rel.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) && rel
+        .components()
+        .any(|c| matches!(c, std::path::Component::Normal(_)));
     if !plain {
         return Err(refuse(
             dir.join(INDEX_FILE),
@@ -283,57 +302,38 @@ pub fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf> {
     }
     let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
     let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
-    let hub_blobs = root
-        .parent()
-        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
-        .and_then(Path::parent)
-        .map(|repo| repo.join("blobs"));
-    let inside = real.starts_with(&root) || hub_blobs.is_some_and(|b| real.starts_with(b));
+    let inside = real.starts_with(&root) || hub_blobs(&root).is_some_and(|b| real.starts_with(b));
     if !inside {
         return Err(refuse(
             path,
             &format!("resolves to {}, outside the folder", real.display()),
         ));
     }
-    Ok(path)
+    Ok(real)
 }
 
-/// A weight file must be a regular file (symlinks to one are followed): not a FIFO, a device, a
-/// socket or a folder.
-fn check_regular_file(path: &Path) -> Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(m) => Err(not_regular(path, &m)),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-fn not_regular(path: &Path, m: &std::fs::Metadata) -> Error {
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        "a folder"
-    } else {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if ft.is_fifo() {
-                "a FIFO (named pipe)"
-            } else if ft.is_char_device() || ft.is_block_device() {
-                "a device"
-            } else if ft.is_socket() {
-                "a socket"
-            } else {
-                "not a regular file"
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            "not a regular file"
-        }
+/// The `model.safetensors` of a checkpoint folder to open. In a hub snapshot it is confined as
+/// shards are (to the snapshot or the repository's `blobs`): a tampered cache cannot point it at
+/// another file. In a local folder the user made, a symlinked `model.safetensors` may point
+/// anywhere (e.g. another disk); either way it must be a regular file ([`check_regular_file`]).
+fn single_file_path(dir: &Path) -> Result<PathBuf> {
+    let single = dir.join(SINGLE_FILE);
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let Some(blobs) = hub_blobs(&root) else {
+        return Ok(single);
     };
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: format!("is {kind}; checkpoint files must be regular files"),
+    let real = std::fs::canonicalize(&single).map_err(|e| Error::io(&single, e))?;
+    if real.starts_with(&root) || real.starts_with(&blobs) {
+        Ok(real)
+    } else {
+        Err(Error::Checkpoint {
+            path: single,
+            reason: format!(
+                "resolves to {}, outside this hub snapshot and its repository's blobs {}",
+                real.display(),
+                blobs.display()
+            ),
+        })
     }
 }
 
@@ -449,20 +449,37 @@ pub fn save_safetensors_with(
     max_shard_bytes: u64,
     produce: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
 ) -> Result<()> {
+    // every tensor's bytes, checked: a shape from an absurd config must not wrap to a small size
+    let mut sizes = Vec::with_capacity(specs.len());
+    for (name, shape, dt) in specs {
+        let bytes = shape
+            .iter()
+            .try_fold(dt.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+            .and_then(|b| u64::try_from(b).ok());
+        sizes.push(bytes.ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "tensor {name} of shape {shape:?} ({dt:?}) has more bytes than this machine can address"
+            ),
+        })?);
+    }
+    let total = sizes
+        .iter()
+        .try_fold(0u64, |acc, &b| acc.checked_add(b))
+        .ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "the tensors together have more than 2^64 bytes".into(),
+        })?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let size = |(_, shape, dt): &(String, Vec<usize>, candle_core::DType)| {
-        (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64
-    };
-    let total: u64 = specs.iter().map(size).sum();
     // the sharding plan, from the sizes alone
     let mut plan: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
-    for (i, s) in specs.iter().enumerate() {
-        if current > 0 && current + size(s) > max_shard_bytes {
+    for (i, &size) in sizes.iter().enumerate() {
+        if current > 0 && current + size > max_shard_bytes {
             plan.push(Vec::new());
             current = 0;
         }
-        current += size(s);
+        current += size;
         if let Some(last) = plan.last_mut() {
             last.push(i);
         }
@@ -532,5 +549,35 @@ fn remove_stale_shards(dir: &Path) {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_sizes_are_checked_before_anything_is_produced() {
+        // 2^40 × 2^40 × 4 bytes wrapped to 0: the plan was made and the tensor produced
+        let d = tempfile::tempdir().unwrap();
+        let specs = vec![("w".to_string(), vec![1usize << 40, 1 << 40], DType::F32)];
+        let e = save_safetensors_with(d.path(), &specs, u64::MAX, &mut |_, _| {
+            panic!("produced a tensor of a size that does not fit")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tensor w of shape [1099511627776, 1099511627776]")
+                && e.contains("more bytes than this machine can address"),
+            "{e}"
+        );
+        let specs = vec![
+            ("a".to_string(), vec![1usize << 61], DType::F32),
+            ("b".to_string(), vec![1usize << 61], DType::F32),
+        ];
+        let e = save_safetensors_with(d.path(), &specs, u64::MAX, &mut |_, _| unreachable!())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("together have more than 2^64 bytes"), "{e}");
     }
 }

@@ -219,12 +219,8 @@ fn cli_reports_errors_without_panicking() {
         .unwrap()
         .set_len(len - 10)
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(["info", d.path().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+    assert!(!ok);
     assert!(
         err.contains("truncated") && !err.contains("panicked"),
         "{err}"
@@ -232,28 +228,26 @@ fn cli_reports_errors_without_panicking() {
 }
 
 /// The binary on `args`, bounded in time: killed after 60 s (a command that blocks, e.g. opening a
-/// FIFO, fails the test instead of hanging it). Returns (success, stderr).
+/// FIFO, fails the test instead of hanging it; see `common::Llada`). Returns (success, stderr).
 fn llada_bounded(args: &[&str]) -> (bool, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} still running after 60 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let r = llada_cmd(args)
+        .limit(std::time::Duration::from_secs(60))
+        .run();
+    (r.ok(), r.stderr)
+}
+
+#[test]
+fn a_long_error_does_not_block_the_bounded_runner() {
+    // stderr was piped but not read while polling: a child writing more than a pipe holds
+    // (64 KiB) blocked until the limit, and the test failed as if the command had hung
+    let long = "x".repeat(100_000);
+    let (ok, err) = llada_bounded(&["info", &long]);
+    assert!(!ok);
+    assert!(
+        err.contains(&long) && !err.contains("panicked"),
+        "{}",
+        err.len()
+    );
 }
 
 /// A sharded copy of the golden checkpoint in `dir`, whose index then names `shard` for every
@@ -273,7 +267,9 @@ fn sharded_with_first_shard_at(dir: &Path, shard: &str, to: &Path) {
         .unwrap();
     assert!(first.starts_with("model-00001-of-"), "{first}");
     assert!(dir.join(&first).exists());
-    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
     std::fs::rename(dir.join(&first), to).unwrap();
     for v in index["weight_map"].as_object_mut().unwrap().values_mut() {
         if v.as_str() == Some(first.as_str()) {
@@ -340,6 +336,59 @@ fn hub_snapshot_shards_may_link_into_the_repository_blobs() {
 
 #[cfg(unix)]
 #[test]
+fn hub_snapshot_single_file_and_shards_are_confined_to_the_repository() {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    // the repository's blobs folder is itself a symlink (to another disk, say): it was refused
+    let repo = t.path().join("models--o--n");
+    let snap = repo.join("snapshots/abc");
+    copy_golden(&snap);
+    std::fs::create_dir_all(t.path().join("real-blobs")).unwrap();
+    symlink(t.path().join("real-blobs"), repo.join("blobs")).unwrap();
+    std::fs::rename(snap.join("model.safetensors"), repo.join("blobs/h1")).unwrap();
+    symlink("../../blobs/h1", snap.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::load(&snap, None, &Device::Cpu).unwrap();
+    assert_eq!(logits(&ck), logits(model(DType::F32)));
+    // a tampered snapshot whose model.safetensors links to a valid file elsewhere: it was loaded
+    let outside = t.path().join("outside.safetensors");
+    std::fs::rename(repo.join("blobs/h1"), &outside).unwrap();
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    symlink(&outside, snap.join("model.safetensors")).unwrap();
+    let e = load_err(&snap);
+    assert!(
+        e.contains("model.safetensors") && e.contains("outside this hub snapshot"),
+        "{e}"
+    );
+    // a local folder (no hub layout) may link its model.safetensors anywhere the user chose
+    let local = t.path().join("local");
+    copy_golden(&local);
+    std::fs::remove_file(local.join("model.safetensors")).unwrap();
+    symlink(&outside, local.join("model.safetensors")).unwrap();
+    assert!(Checkpoint::load(&local, None, &Device::Cpu).is_ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn shard_path_returns_the_real_path_it_checked_and_allows_dot() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("ck");
+    // "./x" was refused as not a plain relative path
+    sharded_with_first_shard_at(
+        &dir,
+        "./sub/first.safetensors",
+        &dir.join("sub/first.safetensors"),
+    );
+    assert!(Checkpoint::load(&dir, None, &Device::Cpu).is_ok());
+    // a link inside the folder: the path checked (its target) is the one returned and opened
+    std::os::unix::fs::symlink("sub/first.safetensors", dir.join("link")).unwrap();
+    let real = std::fs::canonicalize(dir.join("sub/first.safetensors")).unwrap();
+    assert_eq!(llada::weights::shard_path(&dir, "link").unwrap(), real);
+    assert_eq!(llada::weights::shard_path(&dir, "./link").unwrap(), real);
+    assert!(llada::weights::shard_path(&dir, ".").is_err());
+}
+
+#[cfg(unix)]
+#[test]
 fn fifos_and_devices_are_refused_as_weight_files() {
     let d = tempfile::tempdir().unwrap();
     copy_golden(d.path());
@@ -362,6 +411,65 @@ fn fifos_and_devices_are_refused_as_weight_files() {
     std::os::unix::fs::symlink("/dev/zero", &f).unwrap();
     let e = load_err(d.path());
     assert!(e.contains("a device") && e.contains("regular files"), "{e}");
+}
+
+/// Replaces `dir/name` by a FIFO.
+#[cfg(unix)]
+fn fifo_at(dir: &Path, name: &str) {
+    let f = dir.join(name);
+    std::fs::remove_file(&f).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_as_json_and_tokenizer_files() {
+    // a FIFO config.json or tokenizer.json hung `llada info` (opened and read with no check); a
+    // symlink to /dev/zero as tokenizer.json grew the process until it ran out of memory
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let d = tempfile::tempdir().unwrap();
+        copy_golden(d.path());
+        fifo_at(d.path(), name);
+        let (ok, err) = llada_bounded(&["info", d.path().to_str().unwrap()]);
+        assert!(!ok, "{name}: a FIFO loaded");
+        assert!(
+            err.contains(name) && err.contains("a FIFO") && err.contains("regular files"),
+            "{name}: {err}"
+        );
+        std::fs::remove_file(d.path().join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.path().join(name)).unwrap();
+        let e = load_err(d.path());
+        assert!(
+            e.contains(name) && e.contains("a device") && e.contains("regular files"),
+            "{name}: {e}"
+        );
+    }
+}
+
+#[test]
+fn oversized_json_and_tokenizer_files_are_refused_by_their_size() {
+    // sparse files: the size costs no disk; they were read whole into memory
+    for (name, size, limit) in [
+        ("config.json", 65 << 20, "67108864 bytes (64 MiB)"),
+        ("tokenizer.json", 257 << 20, "268435456 bytes (256 MiB)"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        copy_golden(d.path());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(name))
+            .unwrap();
+        f.set_len(size).unwrap();
+        let e = load_err(d.path());
+        assert!(
+            e.contains(name) && e.contains(&format!("is {size} bytes, larger than the {limit}")),
+            "{name}: {e}"
+        );
+    }
 }
 
 #[test]

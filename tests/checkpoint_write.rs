@@ -27,15 +27,8 @@ fn hostile_out(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn llada(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .env_remove("LLADA_MODEL")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let r = llada_cmd(args).run();
+    (r.ok(), r.stderr)
 }
 
 #[test]

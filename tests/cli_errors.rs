@@ -6,15 +6,8 @@ mod common;
 use common::golden_dir;
 
 fn llada(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let r = common::llada_cmd(args).run();
+    (r.ok(), r.stdout, r.stderr)
 }
 
 fn fails_with(args: &[&str], needles: &[&str]) {
@@ -238,38 +231,22 @@ fn generate_json_has_the_documented_fields() {
 
 #[test]
 fn chat_keeps_history_over_turns() {
-    use std::io::Write;
     let g = golden_dir();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args([
-            "chat",
-            g.to_str().unwrap(),
-            "--gen-length",
-            "16",
-            "--steps",
-            "16",
-            "--block-length",
-            "8",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"Who is my shepherd?\nAnd then?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let r = common::llada_cmd(&[
+        "chat",
+        g.to_str().unwrap(),
+        "--gen-length",
+        "16",
+        "--steps",
+        "16",
+        "--block-length",
+        "8",
+    ])
+    .stdin("Who is my shepherd?\nAnd then?\n")
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
     // one answer line per turn
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert_eq!(r.stdout.lines().count(), 2);
 }
 
 #[test]
@@ -322,29 +299,15 @@ fn score_json_has_the_documented_fields() {
     assert!(v["stderr"].as_f64().unwrap() > 0.0);
 }
 
-/// The binary with `stdin` fed in (and closed), bounded in time: killed after 120 s.
+/// The binary with `stdin` fed in (and closed) and `env` set, bounded in time (see
+/// `common::Llada`). Returns (success, stderr).
 fn llada_with(args: &[&str], stdin: &str, env: &[(&str, &std::path::Path)]) -> (bool, String) {
-    use std::io::Write;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llada"));
-    cmd.args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = common::llada_cmd(args).stdin(stdin);
     for (k, v) in env {
-        cmd.env(k, v);
+        cmd = cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let r = cmd.run();
+    (r.ok(), r.stderr)
 }
 
 #[test]
@@ -469,13 +432,10 @@ fn output_into_a_closed_pipe_ends_quietly() {
     // `llada info | head -0`: the reader is gone before the first line is written
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(["info", g.to_str().unwrap()])
-        .stdout(writer)
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = common::llada_cmd(&["info", g.to_str().unwrap()])
+        .stdout_to(writer)
+        .run();
+    let err = &out.stderr;
     // before: "failed printing to stdout: Broken pipe" panic, exit 101
     assert!(err.is_empty(), "{err}");
     // ended by SIGPIPE (13 on Linux and macOS), as `cat` is
@@ -508,4 +468,75 @@ fn hub_refs_main_cannot_point_outside_the_cache() {
         err.contains("refs/main") && err.contains("not a revision") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+#[test]
+fn the_runner_kills_a_command_past_its_limit_and_names_it() {
+    // `llada_with` waited without a limit: a command that never ends (here a server on a free
+    // loopback port) hung the test run
+    let g = golden_dir();
+    let m = g.to_str().unwrap().to_string();
+    let caught = std::panic::catch_unwind(move || {
+        common::llada_cmd(&["serve", &m, "--host", "127.0.0.1", "--port", "0"])
+            .limit(std::time::Duration::from_secs(3))
+            .run()
+    });
+    let payload = caught.expect_err("the server ended on its own");
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("`llada serve ") && msg.contains("still running after 3 s: killed"),
+        "{msg}"
+    );
+    // what it wrote before it was killed is shown
+    assert!(msg.contains("llada serving"), "{msg}");
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_refs_main_must_be_a_small_regular_file() {
+    // a FIFO as refs/main hung `llada info o/n` (read with no check)
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("hub");
+    let repo = cache.join("models--o--n");
+    std::fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(repo.join("refs/main"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (ok, err) = llada_with(&["info", "o/n"], "", &[("HF_HUB_CACHE", &cache)]);
+    assert!(!ok);
+    assert!(
+        err.contains("refs/main") && err.contains("a FIFO") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn init_refuses_a_config_whose_parameters_do_not_fit() {
+    // the count saturated, tensor sizes wrapped, and `llada init` allocated from them
+    let t = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("config.json")).unwrap())
+            .unwrap();
+    cfg["d_model"] = serde_json::json!(1u64 << 40);
+    cfg["mlp_hidden_size"] = serde_json::json!(1u64 << 40);
+    let c = t.path().join("huge.json");
+    std::fs::write(&c, cfg.to_string()).unwrap();
+    let out = t.path().join("out");
+    fails_with(
+        &[
+            "init",
+            "--config",
+            c.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["d_model=1099511627776", "address space"],
+    );
+    assert!(!out.exists());
 }

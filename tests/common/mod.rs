@@ -105,3 +105,151 @@ pub fn devices() -> Vec<Device> {
     }
     v
 }
+
+/// What a run of the `llada` binary gave: its exit status and everything it wrote.
+#[derive(Debug)]
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Whether the binary exited with status 0.
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+/// A run of the `llada` binary bounded in time, the one way the tests start it: stdout and stderr
+/// are drained on their own threads (a child writing more than a pipe holds never blocks), stdin
+/// is fed on a thread and closed (or is empty), and a child still running after the time limit
+/// (120 s unless set) is killed and fails the test naming the command. `RUST_LOG`,
+/// `RUST_BACKTRACE` and `LLADA_MODEL` are removed from its environment so that the caller's
+/// settings change neither its output nor the model it picks.
+pub struct Llada {
+    cmd: std::process::Command,
+    shown: String,
+    stdin: Vec<u8>,
+    stdout: Option<std::process::Stdio>,
+    limit: std::time::Duration,
+}
+
+/// The `llada` binary on `args` (see [`Llada`]).
+pub fn llada_cmd<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Llada {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llada"));
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("LLADA_MODEL");
+    let shown = std::iter::once("llada".to_string())
+        .chain(
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().to_string()),
+        )
+        .collect::<Vec<_>>()
+        .join(" ");
+    Llada {
+        cmd,
+        shown,
+        stdin: Vec::new(),
+        stdout: None,
+        limit: std::time::Duration::from_secs(120),
+    }
+}
+
+impl Llada {
+    /// Feeds `text` on stdin (then closes it).
+    pub fn stdin(mut self, text: &str) -> Self {
+        self.stdin = text.as_bytes().to_vec();
+        self
+    }
+
+    /// Sets an environment variable of the child.
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
+    /// Sends stdout there instead of capturing it (`Run::stdout` is then empty).
+    pub fn stdout_to(mut self, to: impl Into<std::process::Stdio>) -> Self {
+        self.stdout = Some(to.into());
+        self
+    }
+
+    /// The time limit after which the child is killed and the test fails.
+    pub fn limit(mut self, limit: std::time::Duration) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Runs the binary to its end, or kills it at the time limit and panics naming the command
+    /// (with what it had written to stderr).
+    pub fn run(mut self) -> Run {
+        use std::io::{Read, Write};
+        use std::process::Stdio;
+        self.cmd
+            .stdin(Stdio::piped())
+            .stdout(self.stdout.take().unwrap_or_else(Stdio::piped))
+            .stderr(Stdio::piped());
+        let mut child = self
+            .cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting `{}`: {e}", self.shown));
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                String::from_utf8_lossy(&buf).to_string()
+            })
+        };
+        let out = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let err = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let mut stdin = child.stdin.take().unwrap();
+        let input = std::mem::take(&mut self.stdin);
+        // a child that exits without reading its input makes this write fail: that is no error
+        let feed = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if t0.elapsed() < self.limit => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let err = err.join().unwrap_or_default();
+                    panic!(
+                        "`{}` still running after {} s: killed. Its stderr:\n{err}",
+                        self.shown,
+                        self.limit.as_secs()
+                    );
+                }
+                Err(e) => panic!("waiting for `{}`: {e}", self.shown),
+            }
+        };
+        let _ = feed.join();
+        let stdout = out.join().unwrap();
+        let stderr = err.join().unwrap();
+        Run {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
