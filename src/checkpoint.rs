@@ -674,7 +674,7 @@ pub fn read_tokenizer_files(dirs: &[&Path]) -> Result<Vec<(String, Vec<u8>)>> {
         if p.exists() {
             files.push((
                 f.to_string(),
-                std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+                crate::error::read_regular_file(&p, crate::error::TOKENIZER_FILE_LIMIT)?,
             ));
         }
     }
@@ -699,6 +699,22 @@ mod tests {
         /// (the index of the first rename that fails, whether every later one fails too)
         static FAIL: Cell<Option<(usize, bool)>> = const { Cell::new(None) };
         static CALLS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A FIFO among the tokenizer files a checkpoint carries is an error at once (reading it
+    /// blocked until a writer came, hanging a training run at its start).
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_tokenizer_file_is_refused_not_waited_for() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("tokenizer.json"), "{}").unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(t.path().join("tokenizer_config.json"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = read_tokenizer_files(&[t.path()]).unwrap_err().to_string();
+        assert!(e.contains("tokenizer_config.json"), "{e}");
     }
 
     pub(super) fn rename_fails() -> bool {

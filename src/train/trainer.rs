@@ -288,7 +288,9 @@ fn step_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
 
 /// The last complete checkpoint of a run, if any.
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(out.join(CHECKPOINTS).join(LATEST)).ok()?;
+    // a pointer of a few bytes: a FIFO or a huge file there is not one
+    let name = crate::error::read_regular_file(&out.join(CHECKPOINTS).join(LATEST), 4096).ok()?;
+    let name = String::from_utf8(name).ok()?;
     let name = name.trim();
     step_of(name)?;
     let p = out.join(CHECKPOINTS).join(name);
