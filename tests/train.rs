@@ -43,6 +43,21 @@ fn dataset(dir: &Path, kind: DataKind) -> PathBuf {
     out
 }
 
+/// A pretraining run of two steps in `dir/run` that keeps a checkpoint of each (no evaluation):
+/// its config and folder.
+fn two_saved_steps(dir: &Path) -> (TrainConfig, PathBuf) {
+    let data = dataset(dir, DataKind::Pretrain);
+    let mut cfg = config(dir, data, "run", 2, DataKind::Pretrain);
+    cfg.save_every = 1;
+    cfg.keep_checkpoints = 0;
+    cfg.eval_every = 0;
+    Trainer::new(cfg.clone(), &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    (cfg, dir.join("run"))
+}
+
 fn config(dir: &Path, data: PathBuf, out: &str, steps: usize, kind: DataKind) -> TrainConfig {
     TrainConfig {
         mode: kind,
@@ -361,15 +376,7 @@ fn poison_optimizer(ck: &Path) {
 #[test]
 fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
     let d = tempfile::tempdir().unwrap();
-    let data = dataset(d.path(), DataKind::Pretrain);
-    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
-    cfg.save_every = 1;
-    cfg.keep_checkpoints = 0;
-    Trainer::new(cfg, &Device::Cpu)
-        .unwrap()
-        .run(&mut |_| {})
-        .unwrap();
-    let run = d.path().join("run");
+    let (_, run) = two_saved_steps(d.path());
     let ckd = run.join("checkpoints");
     // leftovers of saves killed mid-write
     let dead = dead_pid();
@@ -463,16 +470,7 @@ fn dead_pid() -> u32 {
 #[test]
 fn a_fresh_run_into_an_earlier_runs_folder_needs_resume_or_force() {
     let d = tempfile::tempdir().unwrap();
-    let data = dataset(d.path(), DataKind::Pretrain);
-    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
-    cfg.save_every = 1;
-    cfg.keep_checkpoints = 0;
-    cfg.eval_every = 0;
-    Trainer::new(cfg.clone(), &Device::Cpu)
-        .unwrap()
-        .run(&mut |_| {})
-        .unwrap();
-    let run = d.path().join("run");
+    let (mut cfg, run) = two_saved_steps(d.path());
     let weights = run.join("checkpoints/step-0000002/model.safetensors");
     let before = std::fs::read(&weights).unwrap();
     std::fs::write(run.join("notes.txt"), "mine").unwrap();
@@ -512,16 +510,7 @@ fn a_fresh_run_into_an_earlier_runs_folder_needs_resume_or_force() {
 #[test]
 fn resume_takes_the_newest_complete_step_and_passes_io_errors_up() {
     let d = tempfile::tempdir().unwrap();
-    let data = dataset(d.path(), DataKind::Pretrain);
-    let mut cfg = config(d.path(), data, "run", 2, DataKind::Pretrain);
-    cfg.save_every = 1;
-    cfg.keep_checkpoints = 0;
-    cfg.eval_every = 0;
-    Trainer::new(cfg, &Device::Cpu)
-        .unwrap()
-        .run(&mut |_| {})
-        .unwrap();
-    let run = d.path().join("run");
+    let (_, run) = two_saved_steps(d.path());
     let ckd = run.join("checkpoints");
     // killed after step 2 was renamed into place, before `latest` was rewritten
     std::fs::write(ckd.join("latest"), "step-0000001").unwrap();
