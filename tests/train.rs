@@ -612,3 +612,36 @@ fn a_corrupt_trainer_state_is_an_error_naming_the_file_and_field() {
         );
     }
 }
+
+/// A corrupt `.examples` file of an SFT dataset (an example past the token stream, a prompt
+/// longer than its example) is an error naming the file when the dataset opens; it used to pass
+/// and panic (index out of bounds) at the first batch that drew that example.
+#[test]
+fn a_corrupt_examples_file_is_an_error_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Sft);
+    assert!(data::Dataset::open(&data).is_ok());
+    let f = data.join("train.examples");
+    let good = std::fs::read(&f).unwrap();
+    let corrupt = |at: usize, bytes: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&f, b).unwrap();
+        match data::Dataset::open(&data) {
+            Ok(_) => panic!("a corrupt examples file opened"),
+            Err(e) => e.to_string(),
+        }
+    };
+    // the first example's offset far past the stream
+    let e = corrupt(0, &(1u64 << 40).to_le_bytes());
+    assert!(
+        e.contains("train.examples") && e.contains("example 0"),
+        "{e}"
+    );
+    // an offset that overflows with the length
+    let e = corrupt(16, &u64::MAX.to_le_bytes());
+    assert!(e.contains("example 1"), "{e}");
+    // the prompt longer than the example
+    let e = corrupt(12, &u32::MAX.to_le_bytes());
+    assert!(e.contains("prompt 4294967295"), "{e}");
+}

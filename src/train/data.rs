@@ -93,6 +93,34 @@ impl Split {
         (start..start + len).map(|i| self.token(i)).collect()
     }
 
+    /// Checks that every example lies within the token stream and its prompt within it (a
+    /// corrupt `.examples` file made [`Split::example`] index past the stream and panic).
+    fn check_examples(&self, path: &Path) -> Result<()> {
+        let Some(m) = &self.examples else {
+            return Ok(());
+        };
+        for (i, r) in m.chunks_exact(16).enumerate() {
+            let field = |a: usize, b: usize| {
+                let mut v = [0u8; 8];
+                v[..b - a].copy_from_slice(&r[a..b]);
+                u64::from_le_bytes(v)
+            };
+            let (off, len, pl) = (field(0, 8), field(8, 12), field(12, 16));
+            let end = off.checked_add(len);
+            if end.is_none_or(|e| e > self.n_tokens as u64) || pl > len {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "example {i} (offset {off}, length {len}, prompt {pl}) lies outside the \
+                         {} tokens of the stream or its prompt outside the example: corrupt",
+                        self.n_tokens
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Example i: (tokens, prompt length).
     pub fn example(&self, i: usize) -> (Vec<u32>, usize) {
         let Some(m) = &self.examples else {
@@ -131,17 +159,31 @@ impl Dataset {
                 reason: format!("format {:?}, expected {FORMAT:?}", header.format),
             });
         }
+        let bytes = |n: u64, each: u64, field: &str| {
+            n.checked_mul(each).ok_or_else(|| Error::Checkpoint {
+                path: hp.clone(),
+                reason: format!("{field} = {n} is not a size any file can have"),
+            })
+        };
         let split = |name: &str, info: SplitInfo| -> Result<Split> {
-            Ok(Split {
-                tokens: map(&dir.join(format!("{name}.tokens")), info.tokens * 4)?,
+            let split = Split {
+                tokens: map(
+                    &dir.join(format!("{name}.tokens")),
+                    bytes(info.tokens, 4, &format!("{name}.tokens"))?,
+                )?,
                 examples: if header.kind == DataKind::Sft {
-                    map(&dir.join(format!("{name}.examples")), info.examples * 16)?
+                    map(
+                        &dir.join(format!("{name}.examples")),
+                        bytes(info.examples, 16, &format!("{name}.examples"))?,
+                    )?
                 } else {
                     None
                 },
                 n_tokens: info.tokens as usize,
                 n_examples: info.examples as usize,
-            })
+            };
+            split.check_examples(&dir.join(format!("{name}.examples")))?;
+            Ok(split)
         };
         Ok(Dataset {
             dir: dir.to_path_buf(),
