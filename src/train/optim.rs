@@ -148,86 +148,123 @@ impl AdamW {
     /// of the first variable whose updated weights or moments would not be finite (a diverging
     /// run), `None` when all are finite. The update is applied only when all are: otherwise the
     /// weights, moments and step count stay as they were, so the state in memory is the last good
-    /// one. (The new values of all variables exist together before they are applied: a transient
-    /// second copy of the weights and moments.)
+    /// one. Two passes, so that no second copy of all the weights and moments is ever held: the
+    /// first computes every new value and only checks it (on a device: one summed scalar, read
+    /// once), the second applies the update one variable at a time, as before the check existed.
     pub fn step(
         &mut self,
         vars: &[(String, Var)],
         grads: &[Tensor],
         lr: f64,
     ) -> Result<Option<usize>> {
-        let c = self.cfg;
         let t = self.t + 1;
-        let bc1 = 1.0 - c.beta1.powi(t as i32);
-        let bc2 = 1.0 - c.beta2.powi(t as i32);
-        let mut pending: Vec<(Tensor, Tensor, Tensor)> = Vec::with_capacity(vars.len());
-        let mut nonfinite = None;
+        // pass 1: would every new value be finite?
+        let mut on_device: Option<Tensor> = None;
         for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
-            let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            if matches!(var.device(), Device::Cpu) {
-                let h = Hyper {
-                    lr: lr as f32,
-                    beta1: c.beta1 as f32,
-                    beta2: c.beta2 as f32,
-                    eps: c.eps as f32,
-                    decay: decay as f32,
-                    bc1: bc1 as f32,
-                    bc2: bc2 as f32,
-                };
-                let shape = var.shape().clone();
-                let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                let mut m = self.m[i].flatten_all()?.to_vec1::<f32>()?;
-                let mut v = self.v[i].flatten_all()?.to_vec1::<f32>()?;
-                let finite = with_slice::<f32, _>(&g.to_dtype(DType::F32)?, |gs| {
-                    adamw_update(&mut w, gs, &mut m, &mut v, h)
-                })?;
-                if !finite {
-                    // the first one is all the caller needs; nothing is applied
-                    nonfinite = Some(i);
-                    break;
-                }
-                pending.push((
-                    Tensor::from_vec(w, shape.clone(), &Device::Cpu)?,
-                    Tensor::from_vec(m, shape.clone(), &Device::Cpu)?,
-                    Tensor::from_vec(v, shape, &Device::Cpu)?,
-                ));
-            } else {
+            if var.device().is_cpu() {
+                let h = self.hyper(var, lr, t);
                 let g = g.to_dtype(DType::F32)?;
-                let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-                let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-                let w = var.as_tensor();
-                let w = ((w * (1.0 - lr * decay))? - (upd * lr)?)?;
-                pending.push((w, m, v));
+                let finite = with_slice::<f32, _>(var.as_tensor(), |w| {
+                    with_slice::<f32, _>(&self.m[i], |m| {
+                        with_slice::<f32, _>(&self.v[i], |v| {
+                            with_slice::<f32, _>(&g, |gs| adamw_finite(w, gs, m, v, h))
+                        })
+                    })
+                })????;
+                if !finite {
+                    return Ok(Some(i));
+                }
+            } else {
+                let bad = finite_sum(&self.device_update(var, g, i, lr, t)?)?;
+                on_device = Some(match on_device {
+                    None => bad,
+                    Some(acc) => {
+                        let bad = bad.to_device(acc.device())?;
+                        (acc + bad)?
+                    }
+                });
             }
         }
-        if nonfinite.is_none() {
-            // one device read for all the variables on a device (CPU ones were checked above)
-            let on_device: Vec<&Tensor> = pending
-                .iter()
-                .filter(|(w, _, _)| !w.device().is_cpu())
-                .flat_map(|(w, m, v)| [w, m, v])
-                .collect();
-            if !all_finite(&on_device)? {
-                for (i, (w, m, v)) in pending.iter().enumerate() {
-                    if !all_finite(&[w, m, v])? {
-                        nonfinite = Some(i);
-                        break;
+        if let Some(sum) = on_device {
+            if sum.to_scalar::<f32>()? != 0.0 {
+                // rare (a diverging run): find the first one, one read per variable
+                for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
+                    if !var.device().is_cpu() {
+                        let new = self.device_update(var, g, i, lr, t)?;
+                        if finite_sum(&new)?.to_scalar::<f32>()? != 0.0 {
+                            return Ok(Some(i));
+                        }
                     }
                 }
             }
         }
-        if nonfinite.is_some() {
-            return Ok(nonfinite);
-        }
-        for (i, ((_, var), (w, m, v))) in vars.iter().zip(pending).enumerate() {
-            var.set(&w)?;
-            self.m[i] = m;
-            self.v[i] = v;
+        // pass 2: apply, one variable at a time
+        for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
+            if var.device().is_cpu() {
+                let h = self.hyper(var, lr, t);
+                let shape = var.shape().clone();
+                let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                let mut m = self.m[i].flatten_all()?.to_vec1::<f32>()?;
+                let mut v = self.v[i].flatten_all()?.to_vec1::<f32>()?;
+                with_slice::<f32, _>(&g.to_dtype(DType::F32)?, |gs| {
+                    adamw_update(&mut w, gs, &mut m, &mut v, h)
+                })?;
+                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu)?)?;
+                self.m[i] = Tensor::from_vec(m, shape.clone(), &Device::Cpu)?;
+                self.v[i] = Tensor::from_vec(v, shape, &Device::Cpu)?;
+            } else {
+                let (w, m, v) = self.device_update(var, g, i, lr, t)?;
+                var.set(&w)?;
+                self.m[i] = m;
+                self.v[i] = v;
+            }
         }
         self.t = t;
         Ok(None)
     }
+
+    /// The CPU kernel's hyperparameters for `var` at step `t`.
+    fn hyper(&self, var: &Var, lr: f64, t: u64) -> Hyper {
+        let c = self.cfg;
+        let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
+        Hyper {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            decay: decay as f32,
+            bc1: (1.0 - c.beta1.powi(t as i32)) as f32,
+            bc2: (1.0 - c.beta2.powi(t as i32)) as f32,
+        }
+    }
+
+    /// The new weights and moments of variable `i` on a device (tensor ops).
+    fn device_update(
+        &self,
+        var: &Var,
+        g: &Tensor,
+        i: usize,
+        lr: f64,
+        t: u64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = self.cfg;
+        let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        let g = g.to_dtype(DType::F32)?;
+        let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+        let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+        let w = ((var.as_tensor() * (1.0 - lr * decay))? - (upd * lr)?)?;
+        Ok((w, m, v))
+    }
+}
+
+/// Σ (x − x) over the new weights and moments, a scalar on their device: exactly 0 when every
+/// element is finite, NaN otherwise.
+fn finite_sum((w, m, v): &(Tensor, Tensor, Tensor)) -> Result<Tensor> {
+    let bad = |t: &Tensor| t.sub(t)?.sum_all();
+    Ok(((bad(w)? + bad(m)?)? + bad(v)?)?)
 }
 
 /// Whether every element of `tensors` is finite. CPU tensors: a scan of their bytes
@@ -276,6 +313,23 @@ struct Hyper {
     decay: f32,
     bc1: f32,
     bc2: f32,
+}
+
+crate::kernels::simd_fn! {
+    /// Whether every new weight and moment of the update would be finite (nothing written: the
+    /// same arithmetic as [`adamw_update`]).
+    fn adamw_finite(w: &[f32], g: &[f32], m: &[f32], v: &[f32], h: Hyper) -> bool {
+        let mut finite = true;
+        for i in 0..w.len() {
+            let gi = g[i];
+            let mi = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+            let vi = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+            let upd = (mi / h.bc1) / ((vi / h.bc2).sqrt() + h.eps);
+            let wi = w[i] * (1.0 - h.lr * h.decay) - h.lr * upd;
+            finite &= wi.is_finite() & mi.is_finite() & vi.is_finite();
+        }
+        finite
+    }
 }
 
 crate::kernels::simd_fn! {
