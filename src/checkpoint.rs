@@ -713,6 +713,12 @@ mod tests {
             .status()
             .unwrap();
         assert!(made.success());
+        // should the read block again, a writer comes after 10 s: the test then fails, not hangs
+        let fifo = t.path().join("tokenizer_config.json");
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            let _ = std::fs::OpenOptions::new().write(true).open(fifo);
+        });
         let e = read_tokenizer_files(&[t.path()]).unwrap_err().to_string();
         assert!(e.contains("tokenizer_config.json"), "{e}");
     }

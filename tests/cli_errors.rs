@@ -478,7 +478,7 @@ fn the_runner_kills_a_command_past_its_limit_and_names_it() {
     let m = g.to_str().unwrap().to_string();
     let caught = std::panic::catch_unwind(move || {
         common::llada_cmd(&["serve", &m, "--host", "127.0.0.1", "--port", "0"])
-            .limit(std::time::Duration::from_secs(3))
+            .limit(std::time::Duration::from_secs(10))
             .run()
     });
     let payload = caught.expect_err("the server ended on its own");
@@ -487,7 +487,7 @@ fn the_runner_kills_a_command_past_its_limit_and_names_it() {
         .cloned()
         .unwrap_or_default();
     assert!(
-        msg.contains("`llada serve ") && msg.contains("still running after 3 s: killed"),
+        msg.contains("`llada serve ") && msg.contains("still running after 10 s: killed"),
         "{msg}"
     );
     // what it wrote before it was killed is shown

@@ -43,6 +43,17 @@ fn dataset(dir: &Path, kind: DataKind) -> PathBuf {
     out
 }
 
+/// A child process that stands for a running writer, killed however the test ends (a failed
+/// assertion left it running, holding the test's output pipes).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A pretraining run of two steps in `dir/run` that keeps a checkpoint of each (no evaluation):
 /// its config and folder.
 fn two_saved_steps(dir: &Path) -> (TrainConfig, PathBuf) {
@@ -387,11 +398,16 @@ fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
         ckd.join(format!(".step-0000002.old-{dead}-0")),
     ];
     // a save in progress by a running trainer (this test process stands for one) is kept
-    let mut running = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let live = ckd.join(format!(".tmp-step-0000009-{}", running.id()));
+    let running = Running(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let live = ckd.join(format!(".tmp-step-0000009-{}", running.0.id()));
     std::fs::create_dir_all(&live).unwrap();
     std::fs::create_dir_all(&leftovers[0]).unwrap();
     std::fs::write(leftovers[0].join("model.safetensors"), b"partial").unwrap();
@@ -410,8 +426,7 @@ fn a_corrupt_latest_checkpoint_falls_back_and_interrupted_saves_are_cleaned() {
     }
     assert!(run.join("notes.tmp").exists());
     assert!(live.exists(), "a running trainer's save is not a leftover");
-    running.kill().unwrap();
-    running.wait().unwrap();
+    drop(running);
     std::fs::remove_dir(&live).unwrap();
     // the passed-over checkpoint is set aside, never overwritten
     let unusable = ckd.join("step-0000002.unusable");
@@ -491,6 +506,16 @@ fn a_fresh_run_into_an_earlier_runs_folder_needs_resume_or_force() {
         latest_checkpoint(&run),
         Some(run.join("checkpoints/step-0000002"))
     );
+    // force, starting from one of the checkpoints it would remove: refused, nothing removed
+    let mut from_own = cfg.clone();
+    from_own.init_from = Some(run.join("checkpoints/step-0000001"));
+    from_own.model_config = None;
+    let e = Trainer::start(from_own, &Device::Cpu, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("init_from") && e.contains("step-0000001"), "{e}");
+    assert_eq!(step_names(&run), vec!["step-0000001", "step-0000002"]);
     // with force: the earlier run's checkpoints and metrics go, the user's file stays
     let last = Trainer::start(cfg, &Device::Cpu, true)
         .unwrap()

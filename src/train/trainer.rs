@@ -475,6 +475,23 @@ impl Trainer {
                 reason: "holds an earlier run's checkpoints; continue it with --resume, or replace it with --force (its checkpoints and metrics.jsonl are removed)".into(),
             });
         }
+        if replace_earlier_run && has_checkpoints(&cfg.out) {
+            // --force removes the earlier run's checkpoints: never the one this run starts from
+            if let Some(dir) = &cfg.init_from {
+                let inside = |p: &Path| std::fs::canonicalize(p).ok();
+                if let (Some(from), Some(ck)) = (inside(dir), inside(&cfg.out.join(CHECKPOINTS))) {
+                    if from.starts_with(&ck) {
+                        return Err(Error::OutputFolder {
+                            path: cfg.out.clone(),
+                            reason: format!(
+                                "--force would remove the earlier run's checkpoints, and init_from {} is one of them: copy it elsewhere first, or continue the run with --resume",
+                                dir.display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         let data = Dataset::open(&cfg.data)?;
         let (raw, model, tokenizer_dir) = if let Some(dir) = &cfg.init_from {
             let (raw, m) = load_dense(dir, device)?;
@@ -496,7 +513,7 @@ impl Trainer {
         )?;
         std::fs::create_dir_all(cfg.out.join(CHECKPOINTS)).map_err(|e| Error::io(&cfg.out, e))?;
         clean_interrupted_saves(&cfg.out);
-        if replace_earlier_run {
+        if replace_earlier_run && has_checkpoints(&cfg.out) {
             remove_earlier_run(&cfg.out)?;
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
@@ -635,8 +652,18 @@ impl Trainer {
         }
         cfg.validate()?;
         // what `step` sequences of batch × grad_accum sequences of seq_len can have consumed
-        let sequences = state.step as u128 * cfg.batch_size as u128 * cfg.grad_accum as u128;
-        if state.tokens_seen as u128 > sequences * cfg.seq_len as u128 {
+        // (checked: the step comes from the file, and a wrapped product would pass the check)
+        let sequences = (state.step as u128)
+            .checked_mul(cfg.batch_size as u128)
+            .and_then(|n| n.checked_mul(cfg.grad_accum as u128));
+        let tokens = sequences.and_then(|n| n.checked_mul(cfg.seq_len as u128));
+        let (Some(sequences), Some(tokens)) = (sequences, tokens) else {
+            return Err(bad_state(format!(
+                "field step = {} is not a step count any run can reach (corrupt)",
+                state.step
+            )));
+        };
+        if state.tokens_seen as u128 > tokens {
             return Err(bad_state(format!(
                 "field tokens_seen = {} exceeds what {} steps of {}×{}×{} tokens can have seen (corrupt)",
                 state.tokens_seen, state.step, cfg.batch_size, cfg.grad_accum, cfg.seq_len
