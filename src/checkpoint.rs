@@ -328,7 +328,17 @@ fn check_output(out: &Path, existing: Existing) -> Result<bool> {
     if empty {
         return Ok(true);
     }
-    let checkpoint = is_checkpoint_folder(out);
+    // a write killed while it moved files leaves a mixed folder and its `.llada-old-*` folder:
+    // still a checkpoint (being replaced), so the next write may finish the job
+    let interrupted = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.starts_with(OLD_PREFIX)
+                && temp_folder_pid(&name).is_some_and(|p| !other_process_running(p))
+        });
+    let checkpoint = interrupted || is_checkpoint_folder(out);
     let kept = "its other files are kept; config.json, weights and tokenizer files are replaced";
     match existing {
         Existing::Any => Ok(true),

@@ -344,6 +344,28 @@ fn leftovers_of_a_killed_write_are_cleaned_by_the_next_one() {
     assert!(ok, "{err}");
     assert!(!sibling.exists());
     assert!(Checkpoint::load(&o2, None, &Device::Cpu).is_ok());
+    // killed while it moved files: config.json already set aside, the new one not yet in (a
+    // mixed folder with no config.json); the next export without --force finishes the job
+    std::fs::write(o2.join("notes.txt"), "mine").unwrap();
+    let old2 = o2.join(format!(".llada-old-{dead}-0"));
+    let new2 = o2.join(format!(".llada-new-{dead}-0"));
+    std::fs::create_dir_all(&old2).unwrap();
+    std::fs::create_dir_all(&new2).unwrap();
+    std::fs::rename(o2.join("config.json"), old2.join("config.json")).unwrap();
+    std::fs::copy(golden.join("config.json"), new2.join("config.json")).unwrap();
+    let (ok, err) = llada(&[
+        "export",
+        golden.to_str().unwrap(),
+        "--out",
+        o2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(!old2.exists() && !new2.exists());
+    assert!(Checkpoint::load(&o2, None, &Device::Cpu).is_ok());
+    assert_eq!(
+        std::fs::read_to_string(o2.join("notes.txt")).unwrap(),
+        "mine"
+    );
 }
 
 #[test]

@@ -670,3 +670,21 @@ fn a_corrupt_examples_file_is_an_error_naming_it() {
     let e = corrupt(12, &u32::MAX.to_le_bytes());
     assert!(e.contains("prompt 4294967295"), "{e}");
 }
+
+/// A save killed after it set the existing `step-N` aside (to replace it) and before it renamed
+/// the new one in: the next start puts the set-aside one back (it was removed as a leftover,
+/// losing the checkpoint).
+#[test]
+fn a_checkpoint_set_aside_by_an_interrupted_replace_is_put_back() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, run) = two_saved_steps(d.path());
+    let ckd = run.join("checkpoints");
+    let dead = dead_pid();
+    let aside = ckd.join(format!(".step-0000002.old-{dead}-0"));
+    std::fs::rename(ckd.join("step-0000002"), &aside).unwrap();
+    let partial = ckd.join(format!(".tmp-step-0000002-{dead}"));
+    std::fs::create_dir_all(&partial).unwrap();
+    let r = Trainer::resume(&run, Some(3), &Device::Cpu).unwrap();
+    assert_eq!(r.resumed_from, Some(ckd.join("step-0000002")));
+    assert!(!aside.exists() && !partial.exists());
+}

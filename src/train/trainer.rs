@@ -333,6 +333,13 @@ fn leftover_pid(name: &str, dir: bool, in_checkpoints: bool) -> Option<u32> {
 /// atomic writes (`checkpoints/.latest.*.tmp`, `.train_config.json.*.tmp`). Only these names
 /// are touched, and only those of processes no longer running (a trainer writing into the folder
 /// now keeps its own). Returns what was removed.
+/// `step-N` for a set-aside name `.step-N.old-PID-N`.
+fn set_aside_step(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix('.')?;
+    let (step, tag) = rest.split_once('.')?;
+    (tag.starts_with("old-") && step_of(step).is_some()).then_some(step)
+}
+
 pub fn clean_interrupted_saves(out: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let ck = out.join(CHECKPOINTS);
@@ -354,6 +361,21 @@ pub fn clean_interrupted_saves(out: &Path) -> Vec<PathBuf> {
         .into_iter()
         .chain(leftovers(out, false))
     {
+        // `.step-N.old-PID-N` is a complete earlier `step-N` set aside just before the new one
+        // was renamed in: when the kill came between the two, no `step-N` is there, and the old
+        // one goes back instead of being removed
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+        if let Some(step) = name.as_deref().and_then(set_aside_step) {
+            let back = ck.join(step);
+            if is_dir && !back.exists() && std::fs::rename(&path, &back).is_ok() {
+                tracing::warn!(
+                    "{}: put back as {} (a save was interrupted while replacing it)",
+                    path.display(),
+                    back.display()
+                );
+                continue;
+            }
+        }
         let r = if is_dir {
             std::fs::remove_dir_all(&path)
         } else {
@@ -677,8 +699,18 @@ impl Trainer {
         }
         let data = Dataset::open(&cfg.data)?;
         // the data cursor must point into the training split
-        Reader::new(&data, &data.train, cfg.seq_len, cfg.seed, state.cursor)
-            .map_err(|e| bad_state(format!("field cursor: {e}")))?;
+        // (named against the dataset, not the checkpoint: a dataset rebuilt smaller makes every
+        // checkpoint's cursor fall outside it, and resume must then stop, not fall back to an
+        // older checkpoint whose cursor happens to fit)
+        Reader::new(&data, &data.train, cfg.seq_len, cfg.seed, state.cursor).map_err(|e| {
+            Error::Checkpoint {
+                path: cfg.data.clone(),
+                reason: format!(
+                    "field cursor of {} does not fit this dataset ({e}): the dataset changed since the checkpoint, or the state is corrupt",
+                    state_path.display()
+                ),
+            }
+        })?;
         let (raw, model) = load_dense(ck, device)?;
         check_compat(&cfg, &data, &model)?;
         let trainable = Trainable::from_llada(&model)?;
