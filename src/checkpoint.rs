@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use crate::config::{LladaConfig, ModelConfig};
+use crate::config::{ModelConfig, RawConfig};
 use crate::device::dtype_name;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, FileWeights, Model, WeightLayout};
@@ -28,7 +28,7 @@ pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 /// A loaded checkpoint: config, model and (when present) tokenizer.
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub raw: LladaConfig,
+    pub raw: RawConfig,
     pub config: ModelConfig,
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
@@ -39,7 +39,7 @@ pub struct Checkpoint {
 }
 
 /// Reads and checks `dir/config.json`.
-pub fn read_config(dir: &Path) -> Result<(LladaConfig, ModelConfig)> {
+pub fn read_config(dir: &Path) -> Result<(RawConfig, ModelConfig)> {
     let path = dir.join("config.json");
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
@@ -54,7 +54,7 @@ pub fn read_config(dir: &Path) -> Result<(LladaConfig, ModelConfig)> {
             reason: "config.json not found".into(),
         });
     }
-    let raw = LladaConfig::from_file(&path)?;
+    let raw = RawConfig::from_file(&path)?;
     let cfg = raw.resolve()?;
     Ok((raw, cfg))
 }
@@ -226,14 +226,14 @@ pub enum Existing {
 /// Writes `model` into `dir` in Hugging Face form: `config.json` (from `raw`) and safetensors in
 /// the model's dtype (sharded above [`DEFAULT_SHARD_BYTES`]), through [`write_checkpoint_folder`]
 /// (an existing checkpoint in `dir` is replaced; a folder of other files is refused).
-pub fn save_model(dir: &Path, raw: &LladaConfig, model: &Model) -> Result<()> {
+pub fn save_model(dir: &Path, raw: &RawConfig, model: &Model) -> Result<()> {
     save_model_sharded(dir, raw, model, DEFAULT_SHARD_BYTES)
 }
 
 /// [`save_model`] with a chosen shard size.
 pub fn save_model_sharded(
     dir: &Path,
-    raw: &LladaConfig,
+    raw: &RawConfig,
     model: &Model,
     max_shard_bytes: u64,
 ) -> Result<()> {
@@ -251,7 +251,7 @@ pub fn save_model_sharded(
 /// what may already be in `dir`.
 pub fn save_model_into(
     dir: &Path,
-    raw: &LladaConfig,
+    raw: &RawConfig,
     model: &Model,
     max_shard_bytes: u64,
     tokenizer_from: Option<&Path>,
@@ -664,7 +664,7 @@ fn superseded(name: &std::ffi::OsStr, incoming: &[std::ffi::OsString]) -> bool {
 }
 
 /// Writes `config.json` atomically.
-pub fn write_config(dir: &Path, raw: &LladaConfig) -> Result<()> {
+pub fn write_config(dir: &Path, raw: &RawConfig) -> Result<()> {
     let text = serde_json::to_string_pretty(raw).map_err(|e| Error::Checkpoint {
         path: dir.join("config.json"),
         reason: e.to_string(),

@@ -31,7 +31,7 @@ pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
 pub use checkpoint::Checkpoint;
-pub use config::{LladaConfig, ModelConfig};
+pub use config::{LladaConfig, LladaMoeConfig, ModelConfig, RawConfig};
 pub use device::RunDType;
 pub use error::{Error, Result};
 pub use model::{Llada, MaskPredictor, Model};

@@ -7,80 +7,6 @@ use common::*;
 use llada::candle_core::{DType, Device, Tensor};
 use llada::Checkpoint;
 
-fn check_forward(ck: &Checkpoint, device: &Device, dtype: DType) {
-    let Some(doc) = case_file("forward.json") else {
-        return;
-    };
-    let logits_path = golden_dir().join("cases/forward_logits.safetensors");
-    let refs = llada::candle_core::safetensors::load(&logits_path, &Device::Cpu).unwrap();
-    let (abs, rel) = logits_tolerance(dtype);
-    let cases = doc["cases"].as_array().unwrap();
-    assert!(!cases.is_empty());
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let rows = ids2(&case["input_ids"]);
-        let (b, l) = (rows.len(), rows[0].len());
-        let ids = Tensor::from_vec(rows.concat(), (b, l), device).unwrap();
-        let mask = if case["attention_mask"].is_null() {
-            None
-        } else {
-            let m = ids2(&case["attention_mask"]);
-            Some(Tensor::from_vec(m.concat(), (b, l), device).unwrap())
-        };
-        let ours = ck.model.forward(&ids, mask.as_ref()).unwrap();
-        let ours: Vec<f32> = ours
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let key = case["logits_key"].as_str().unwrap();
-        let reference = refs
-            .get(key)
-            .unwrap_or_else(|| panic!("{name}: no tensor {key}"));
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(
-            reference.dims(),
-            shape.as_slice(),
-            "{name}: reference shape"
-        );
-        let reference: Vec<f32> = reference
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(ours.len(), reference.len(), "{name}: logits size");
-        let scale = reference.iter().fold(0f32, |m, r| m.max(r.abs()));
-        let tol = abs + rel * scale;
-        let (mut max_abs, mut worst) = (0f32, 0usize);
-        for (i, (o, r)) in ours.iter().zip(&reference).enumerate() {
-            let d = (o - r).abs();
-            assert!(d.is_finite(), "{name}: non-finite logit at {i}");
-            if d > max_abs {
-                (max_abs, worst) = (d, i);
-            }
-        }
-        eprintln!(
-            "{name} [{:?}, {:?}]: max |Δ| = {max_abs:.3e} (tolerance {tol:.3e})",
-            device.location(),
-            dtype
-        );
-        assert!(
-            max_abs <= tol,
-            "{name}: logit {worst} differs by {max_abs:.3e} (ours {}, reference {}); tolerance {abs} + {rel}·{scale}",
-            ours[worst], reference[worst]
-        );
-    }
-}
-
 #[test]
 fn forward_logits_match_reference() {
     let Some(doc) = case_file("forward.json") else {
@@ -95,7 +21,7 @@ fn forward_logits_match_reference() {
                 Checkpoint::load(&golden_dir(), Some(dtype), &device).unwrap(),
             ))
         };
-        check_forward(ck, &device, dtype);
+        golden::check_forward(&golden_dir(), ck, &device, dtype);
     }
 }
 
@@ -109,7 +35,7 @@ fn forward_bf16_within_tolerance() {
     if compute_dtype(&doc["meta"]) != DType::F32 {
         return;
     }
-    check_forward(model(DType::BF16), &Device::Cpu, DType::BF16);
+    golden::check_forward(&golden_dir(), model(DType::BF16), &Device::Cpu, DType::BF16);
 }
 
 /// The argmax of every position matches the reference's wherever the top-2 gap is clear.

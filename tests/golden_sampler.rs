@@ -6,228 +6,26 @@ mod common;
 
 use common::*;
 use llada::candle_core::DType;
-use llada::sampler::{self, CacheMode, Commit, PromptBatch, Remasking, SamplerConfig};
-use llada::{Rng, SpecialTokens};
-use serde_json::Value;
-
-fn special_for(case: &Value, base: &SpecialTokens) -> SpecialTokens {
-    let id = |k: &str, d: u32| case[k].as_u64().map(|v| v as u32).unwrap_or(d);
-    SpecialTokens {
-        mask: id("mask_id", base.mask),
-        eos: id("eos_id_used", base.eos),
-        eot: Some(id("eot_id_used", base.eot.unwrap_or(u32::MAX))),
-        ..*base
-    }
-}
-
-fn run_case(case: &Value, commit: Commit, cache: CacheMode) -> llada::Generation {
-    let doc_dtype = DType::F32;
-    let ck = model(doc_dtype);
-    let ids = ids2(&case["prompt_ids"]);
-    let key_mask = case
-        .get("attention_mask")
-        .filter(|m| !m.is_null())
-        .map(ids2);
-    let cfg = SamplerConfig {
-        gen_length: case["gen_length"].as_u64().unwrap() as usize,
-        steps: case["steps"].as_u64().unwrap() as usize,
-        block_length: case["block_length"].as_u64().unwrap() as usize,
-        temperature: case["temperature"].as_f64().unwrap(),
-        remasking: case["remasking"]
-            .as_str()
-            .unwrap()
-            .parse::<Remasking>()
-            .unwrap(),
-        commit,
-        cfg_scale: case["cfg_scale"].as_f64().unwrap_or(0.0),
-        logits_eos_inf: case["logits_eos_inf"].as_bool().unwrap_or(false),
-        confidence_eos_eot_inf: case["confidence_eos_eot_inf"].as_bool().unwrap_or(false),
-        cache,
-        early_stop: false,
-    };
-    let special = special_for(case, &ck.special);
-    let mut m = ck.model.predictor();
-    sampler::generate(
-        &mut m,
-        &PromptBatch { ids, key_mask },
-        &cfg,
-        &special,
-        &mut Rng::new(0),
-        &mut sampler::no_progress,
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", case["name"]))
-}
 
 #[test]
 fn generate_cases_match_reference() {
-    let Some(doc) = case_file("generate.json") else {
-        return;
-    };
-    assert_eq!(
-        compute_dtype(&doc["meta"]),
-        DType::F32,
-        "generation goldens are checked at f32"
-    );
-    let (mut ran, mut skipped) = (0, 0);
-    for case in doc["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        if fragile(case) {
-            skipped += 1;
-            continue;
-        }
-        let g = run_case(case, Commit::TopK, CacheMode::None);
-        assert_eq!(
-            g.output_ids,
-            ids2(&case["output_ids"]),
-            "{name}: output_ids"
-        );
-        assert_eq!(g.nfe as u64, case["nfe"].as_u64().unwrap(), "{name}: nfe");
-        if let Some(us) = case.get("unmask_step").filter(|v| !v.is_null()) {
-            let ours: Vec<Vec<u32>> = g
-                .unmask_step
-                .iter()
-                .map(|r| r.iter().map(|s| s.unwrap() as u32).collect())
-                .collect();
-            assert_eq!(ours, ids2(us), "{name}: unmask_step trajectory");
-        }
-        ran += 1;
-    }
-    eprintln!("generate.json: {ran} cases matched, {skipped} fragile skipped");
-    assert!(ran > 0);
-}
-
-fn fd_commit(case: &Value) -> Commit {
-    match case["threshold"].as_f64() {
-        Some(tau) => Commit::Threshold { tau },
-        None => match case.get("factor").and_then(|f| f.as_f64()) {
-            Some(f) => Commit::Factor { f },
-            None => Commit::TopK,
-        },
-    }
-}
-
-fn fd_cache(case: &Value) -> CacheMode {
-    match case["function"].as_str().unwrap() {
-        "generate" => CacheMode::None,
-        "generate_with_prefix_cache" => CacheMode::Prefix,
-        "generate_with_dual_cache" => CacheMode::Dual,
-        other => panic!("unknown Fast-dLLM function {other}"),
-    }
+    golden::check_generate_cases(&golden_dir(), model(DType::F32));
 }
 
 #[test]
 fn fastdllm_cases_match_reference() {
-    let Some(doc) = case_file("fastdllm.json") else {
-        return;
-    };
-    let mut ran = 0;
-    for case in doc["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        if fragile(case) {
-            continue;
-        }
-        let g = run_case(case, fd_commit(case), fd_cache(case));
-        assert_eq!(
-            g.output_ids,
-            ids2(&case["output_ids"]),
-            "{name}: output_ids"
-        );
-        assert_eq!(g.nfe as u64, case["nfe"].as_u64().unwrap(), "{name}: nfe");
-        ran += 1;
-    }
-    eprintln!("fastdllm.json: {ran} cases matched");
-    assert!(ran > 0);
+    golden::check_fastdllm_cases(&golden_dir(), model(DType::F32));
 }
 
 /// Where the reference says cached and uncached must agree: when every block is one step long,
 /// each step is a block-start full forward, so prefix and dual caches change nothing.
 #[test]
 fn cached_and_uncached_agree_where_they_must() {
-    let ck = model(DType::F32);
-    let prompt = ck
-        .tokenizer()
-        .unwrap()
-        .encode("And God said, Let there be light")
-        .unwrap();
-    let run = |cfg: &SamplerConfig| {
-        let mut m = ck.model.predictor();
-        sampler::generate(
-            &mut m,
-            &PromptBatch::single(prompt.clone()),
-            cfg,
-            &ck.special,
-            &mut Rng::new(0),
-            &mut sampler::no_progress,
-        )
-        .unwrap()
-    };
-    let one = SamplerConfig {
-        gen_length: 32,
-        steps: 32,
-        block_length: 1,
-        ..Default::default()
-    };
-    let reference = run(&one);
-    for cache in [CacheMode::Prefix, CacheMode::Dual] {
-        let g = run(&SamplerConfig {
-            cache,
-            ..one.clone()
-        });
-        assert_eq!(g.output_ids, reference.output_ids, "{cache:?}");
-        // the reference cached loops make one more (no-op) forward after a block completed by its
-        // block-start step: with one-token blocks, every block
-        assert_eq!(g.nfe, 2 * reference.nfe);
-    }
+    golden::check_cached_and_uncached_agree(model(DType::F32));
 }
 
 /// Early stop keeps the decoded answer and saves forward passes.
 #[test]
 fn early_stop_keeps_the_answer() {
-    let ck = model(DType::F32);
-    let tok = ck.tokenizer().unwrap();
-    let mut saved = 0;
-    for q in [
-        "The LORD is my shepherd; I shall not want.",
-        "And Moses said unto the people, Fear ye not.",
-        "Blessed are the meek",
-    ] {
-        let prompt = tok.encode_chat(&[llada::Message::user(q)]).unwrap();
-        for cache in [CacheMode::None, CacheMode::Dual] {
-            for commit in [Commit::TopK, Commit::Threshold { tau: 0.9 }] {
-                let cfg = SamplerConfig {
-                    gen_length: 64,
-                    steps: 64,
-                    block_length: 8,
-                    commit,
-                    cache,
-                    ..Default::default()
-                };
-                let run = |early_stop| {
-                    let mut m = ck.model.predictor();
-                    let c = SamplerConfig {
-                        early_stop,
-                        ..cfg.clone()
-                    };
-                    sampler::generate(
-                        &mut m,
-                        &PromptBatch::single(prompt.clone()),
-                        &c,
-                        &ck.special,
-                        &mut Rng::new(0),
-                        &mut sampler::no_progress,
-                    )
-                    .unwrap()
-                };
-                let (full, early) = (run(false), run(true));
-                let (a, e) = (
-                    tok.decode_answer(&full.generated_ids[0]).unwrap(),
-                    tok.decode_answer(&early.generated_ids[0]).unwrap(),
-                );
-                assert_eq!(a, e, "{q} {cache:?} {commit:?}");
-                assert!(early.nfe <= full.nfe);
-                saved += full.nfe - early.nfe;
-            }
-        }
-    }
-    assert!(saved > 0, "early stop never triggered");
+    golden::check_early_stop_keeps_the_answer(model(DType::F32));
 }

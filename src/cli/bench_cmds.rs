@@ -10,7 +10,7 @@ use llada::candle_core::Device;
 use llada::device::{device_name, dtype_name};
 use llada::model::{Architecture, Model};
 use llada::sampler::SamplerConfig;
-use llada::{LladaConfig, RunDType, SpecialTokens};
+use llada::{RawConfig, RunDType, SpecialTokens};
 
 use super::sample_cmds::SamplerArgs;
 use super::{print_json, ModelArg, RuntimeArgs};
@@ -121,7 +121,7 @@ impl Subject {
     fn load(a: &BenchArgs, device: &Device, dtype: RunDType) -> Result<Subject> {
         let (model, special, source): (Model, SpecialTokens, String) = match &a.random_weights {
             Some(path) => {
-                let raw = LladaConfig::from_file(path)?;
+                let raw = RawConfig::from_file(path)?;
                 let mc = raw.resolve()?;
                 let arch = Architecture::from_name(&raw.architecture()?)?;
                 let m = arch.init_random(&mc, 0, dtype.dtype(), device)?;

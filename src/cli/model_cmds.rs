@@ -10,7 +10,7 @@ use llada::checkpoint::{
     check_output_folder, copy_tokenizer_files, save_model_into, write_checkpoint_folder, Existing,
     DEFAULT_SHARD_BYTES,
 };
-use llada::LladaConfig;
+use llada::RawConfig;
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
 
@@ -150,7 +150,7 @@ pub struct InitArgs {
 }
 
 pub fn init(a: InitArgs) -> Result<()> {
-    let raw = LladaConfig::from_file(&a.config)?;
+    let raw = RawConfig::from_file(&a.config)?;
     let cfg = raw.resolve()?;
     let dtype: llada::RunDType = a.dtype.parse()?;
     let existing = if a.force {
@@ -176,8 +176,9 @@ pub fn init(a: InitArgs) -> Result<()> {
             tmp,
             &specs,
             a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
-            &mut |_, shape| {
-                llada::model::random_tensor(
+            &mut |name, shape| {
+                llada::model::initial_tensor(
+                    name,
                     shape,
                     cfg.init_std,
                     dtype.dtype(),

@@ -9,7 +9,7 @@ use half::bf16;
 use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
 use crate::kernels::cpu::with_slice;
 
-use super::layers::Linear;
+use super::layers::{Linear, RmsNorm};
 
 /// Rotary position tables (f32), rotate-half (GPT-NeoX) layout over the full head dim.
 ///
@@ -157,6 +157,29 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// RMSNorm of every query and key head before RoPE (LLaDA-MoE's `qk_layernorm`).
+    pub qk_norm: Option<QkNorm>,
+}
+
+/// The query and key norms: one `[head_dim]` weight each, shared by all heads, applied to every
+/// head of the projections' output before RoPE.
+#[derive(Debug, Clone)]
+pub struct QkNorm {
+    pub q: RmsNorm,
+    pub k: RmsNorm,
+}
+
+/// `norm` over each `hd`-wide head of x [N, heads·hd] (inference, or differentiable ops with
+/// `diff`).
+fn norm_heads(norm: &RmsNorm, x: &Tensor, hd: usize, diff: bool) -> Result<Tensor> {
+    let (n, w) = x.dims2()?;
+    let heads = x.reshape((n * w / hd, hd))?;
+    let y = if diff {
+        norm.forward_diff(&heads)?
+    } else {
+        candle_core::Module::forward(norm, &heads)?
+    };
+    y.reshape((n, w))
 }
 
 /// Runs `f` on the host RoPE tables for positions 0..len.
@@ -175,6 +198,23 @@ fn split_heads(x: &Tensor, b: usize, l: usize, heads: usize, hd: usize) -> Resul
 }
 
 impl Attention {
+    /// Queries [N, H·hd] and keys [N, Hkv·hd] of `x` [N, D] before RoPE: the projections, then the
+    /// per-head QK norms when the model has them (with `diff`: differentiable ops only).
+    fn project_qk(&self, x: &Tensor, diff: bool) -> Result<(Tensor, Tensor)> {
+        let (q, k) = if diff {
+            (self.q_proj.forward_diff(x)?, self.k_proj.forward_diff(x)?)
+        } else {
+            (self.q_proj.forward(x)?, self.k_proj.forward(x)?)
+        };
+        match &self.qk_norm {
+            None => Ok((q, k)),
+            Some(n) => Ok((
+                norm_heads(&n.q, &q, self.head_dim, diff)?,
+                norm_heads(&n.k, &k, self.head_dim, diff)?,
+            )),
+        }
+    }
+
     /// Projects `x` [B·L, D] into rotated queries [B, H, L, hd] and rotated keys and values
     /// [B, Hkv, L, hd]; the queries and keys sit at positions start..start+L (inference).
     pub fn qkv(
@@ -186,8 +226,7 @@ impl Attention {
         start: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
+        let (q, k) = self.project_qk(x, false)?;
         let v = self.v_proj.forward(x)?;
         let q = rope.apply(&split_heads(&q, b, l, h, hd)?, start)?; // [B, H, L, hd]
         let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start)?; // [B, Hkv, L, hd]
@@ -212,8 +251,7 @@ impl Attention {
         mask: &KeyMask<'_>,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?; // [B·L, H·hd]
-        let k = self.k_proj.forward(x)?; // [B·L, Hkv·hd]
+        let (q, k) = self.project_qk(x, false)?; // [B·L, H·hd], [B·L, Hkv·hd]
         let v = self.v_proj.forward(x)?;
         let total = store_shape.len;
         let o = with_rope_host(rope, total.max(start + l), |tables| -> Result<Tensor> {
@@ -274,8 +312,7 @@ impl Attention {
     ) -> Result<Tensor> {
         use crate::kernels::matmul_op::matmul;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward_diff(x)?;
-        let k = self.k_proj.forward_diff(x)?;
+        let (q, k) = self.project_qk(x, true)?;
         let v = self.v_proj.forward_diff(x)?;
         let q = rope.apply_diff(&split_heads(&q, b, l, h, hd)?)?; // [B, H, L, hd]
         let k = rope.apply_diff(&split_heads(&k, b, l, hkv, hd)?)?; // [B, Hkv, L, hd]

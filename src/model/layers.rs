@@ -294,6 +294,11 @@ impl Mlp {
         crate::kernels::silu_mul(&g, &u)
     }
 
+    /// mlp(x) (inference).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.ff_out.forward(&self.hidden(x)?)
+    }
+
     /// res + mlp(x), the residual add fused into the down projection where it can be.
     pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
         self.ff_out.forward_add(&self.hidden(x)?, res)

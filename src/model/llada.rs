@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use super::attention::{attention_bias, Attention, Rope};
 use super::cache::KvCache;
 use super::layers::{Linear, Mlp, RmsNorm};
-use super::{CacheMode, MaskPredictor, WeightLayout, WeightSource};
+use super::moe::Ffn;
+use super::{Architecture, CacheMode, MaskPredictor, WeightLayout, WeightSource};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::KvShape;
@@ -78,8 +79,17 @@ fn block_specs(cfg: &ModelConfig) -> [(&'static str, Vec<usize>); 9] {
     out
 }
 
-/// The tensors of a checkpoint for `cfg`: names (checkpoint keys) and shapes, in a stable order.
+/// The tensors of a checkpoint for `cfg` (of any architecture of this family): names
+/// (checkpoint keys) and shapes, in a stable order.
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    match cfg.architecture {
+        Architecture::Llada => llada_tensor_specs(cfg),
+        Architecture::LladaMoe => super::llada_moe::tensor_specs(cfg),
+    }
+}
+
+/// LLaDA-8B's tensors.
+fn llada_tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, v) = (cfg.d_model, cfg.embedding_size);
     let mut out = vec![(names::wte(), vec![v, d])];
     for i in 0..cfg.n_layers {
@@ -96,13 +106,14 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// One Transformer block.
+/// One Transformer block: attention, then a feed-forward part (dense SwiGLU, or a mixture of
+/// experts), each after an RMSNorm and with a residual connection.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub attn_norm: RmsNorm,
     pub attn: Attention,
     pub ff_norm: RmsNorm,
-    pub mlp: Mlp,
+    pub ffn: Ffn,
 }
 
 impl Block {
@@ -137,19 +148,27 @@ impl Block {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
+            qk_norm: None,
         };
         let ff_norm = norm("ff_norm")?;
         Ok(Block {
             attn_norm,
             attn,
             ff_norm,
-            mlp,
+            ffn: Ffn::Dense(mlp),
         })
     }
 
     /// The block's tensors with their checkpoint names, in [`BLOCK_PARTS`] order.
     fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-        let (a, m) = (&self.attn, &self.mlp);
+        let Ffn::Dense(m) = &self.ffn else {
+            return Err(Error::setting(
+                "block",
+                i,
+                "a LLaDA-8B block has a dense feed-forward part",
+            ));
+        };
+        let a = &self.attn;
         for part in BLOCK_PARTS {
             let t = match part {
                 "attn_norm" => self.attn_norm.weight.clone(),
@@ -197,10 +216,11 @@ impl Block {
             x = select_rows(&x, b, n, r)?;
         }
         let f = self.ff_norm.forward(&x)?;
-        self.mlp.forward_add(&f, &x)
+        self.ffn.forward_add(&f, &x)
     }
 
-    /// Training: h + attn(norm(h)), then + mlp(norm(·)), differentiable ops only. `x` is [B·L, D].
+    /// Training: h + attn(norm(h)), then + ffn(norm(·)), differentiable ops only. `x` is
+    /// [B·L, D]. Also returns a mixture-of-experts layer's router logits [B·L, E].
     fn forward_train(
         &self,
         x: &Tensor,
@@ -208,11 +228,12 @@ impl Block {
         l: usize,
         rope: &Rope,
         bias: Option<&Tensor>,
-    ) -> CResult<Tensor> {
+    ) -> CResult<(Tensor, Option<Tensor>)> {
         let a = self.attn_norm.forward_diff(x)?;
         let x = (x + self.attn.forward_train(&a, b, l, rope, bias)?)?;
         let f = self.ff_norm.forward_diff(&x)?;
-        x + self.mlp.forward_diff(&f)?
+        let (y, router) = self.ffn.forward_diff(&f)?;
+        Ok(((x + y)?, router))
     }
 }
 
@@ -230,7 +251,9 @@ fn select_rows(x: &Tensor, b: usize, n: usize, r: &[usize]) -> CResult<Tensor> {
     picked.reshape((b * r.len(), d))
 }
 
-/// The mask predictor of LLaDA-8B.
+/// The mask predictor of the LLaDA family: LLaDA-8B's blocks, or LLaDA-MoE's (QK norms, mixture
+/// of experts), which share everything else (embedding, bidirectional attention, caches, head).
+/// Each architecture's file loads its checkpoint names into this struct.
 #[derive(Debug, Clone)]
 pub struct Llada {
     cfg: ModelConfig,
@@ -259,6 +282,9 @@ impl Llada {
         src: &dyn WeightSource,
         layout: WeightLayout,
     ) -> Result<Self> {
+        if cfg.architecture == Architecture::LladaMoe {
+            return super::llada_moe::load(cfg, src, layout);
+        }
         let (d, v) = (cfg.d_model, cfg.embedding_size);
         let wte = src.get(&names::wte(), &[v, d])?;
         let blocks = (0..cfg.n_layers)
@@ -270,6 +296,17 @@ impl Llada {
         } else {
             layout.linear(src.get(&names::head(), &[v, d])?)?
         };
+        Self::from_parts(cfg, wte, blocks, ln_f, head)
+    }
+
+    /// The model of these parts (an architecture's loader calls it once its tensors are read).
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        wte: Tensor,
+        blocks: Vec<Block>,
+        ln_f: RmsNorm,
+        head: Linear,
+    ) -> Result<Self> {
         let device = wte.device().clone();
         let rope = Rope::new(
             cfg.head_dim,
@@ -320,6 +357,9 @@ impl Llada {
     /// Every tensor with its checkpoint name, in [`tensor_specs`] order (packed weights are
     /// unpacked).
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.cfg.architecture == Architecture::LladaMoe {
+            return super::llada_moe::named_tensors(self);
+        }
         let mut out = vec![(names::wte(), self.wte.clone())];
         for (i, b) in self.blocks.iter().enumerate() {
             b.named(i, &mut out)?;
@@ -399,6 +439,9 @@ impl Llada {
         key_mask: Option<&Tensor>,
         one_pass: bool,
     ) -> Result<KvCache> {
+        // a model whose official forward ignores padding (LLaDA-MoE) ignores it here too, unless
+        // its config opts in (`mask_padding`)
+        let key_mask = key_mask.filter(|_| self.cfg.mask_padding);
         let shape = KvShape {
             batch,
             kv_heads: self.cfg.n_kv_heads,
@@ -475,11 +518,25 @@ impl Llada {
     /// B·L) only, made of differentiable ops. The output head (the largest matrix for small
     /// models) runs only on the positions the loss reads.
     pub fn forward_train_positions(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train_aux(ids, positions)?.0)
+    }
+
+    /// [`Llada::forward_train_positions`] with, for a mixture-of-experts model, the router's
+    /// load-balancing loss over every layer's tokens (unweighted; the trainer applies
+    /// `router_aux_loss_coef`).
+    pub fn forward_train_aux(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, l) = self.check_ids(ids)?;
         let bias = attention_bias(None, self.cfg.causal, 0, l, l, &self.device)?;
         let mut h = self.embed(ids)?; // [B·L, D]
+        let mut routers = Vec::new();
         for block in &self.blocks {
-            h = block.forward_train(&h, b, l, &self.rope, bias.as_ref())?;
+            let (next, router) = block.forward_train(&h, b, l, &self.rope, bias.as_ref())?;
+            h = next;
+            routers.extend(router);
         }
         let h = h.index_select(positions, 0)?; // [N, D]
         let head = if self.cfg.weight_tying {
@@ -488,7 +545,11 @@ impl Llada {
             self.head.dense_tensor()?
         };
         let logits = crate::kernels::matmul_op::matmul(&self.ln_f.forward_diff(&h)?, &head.t()?)?; // [N, V]
-        Ok(logits.to_dtype(DType::F32)?)
+        let aux = match (&self.cfg.moe, routers.is_empty()) {
+            (Some(m), false) => Some(super::moe::load_balancing_loss(&routers, m.top_k)?),
+            _ => None,
+        };
+        Ok((logits.to_dtype(DType::F32)?, aux))
     }
 
     /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded. On a GPU
@@ -506,11 +567,27 @@ impl Llada {
         }
         let mut map = HashMap::new();
         for (name, shape) in tensor_specs(cfg) {
-            let t = random_tensor(&shape, cfg.init_std, dtype, device, &mut rng)?;
+            let t = initial_tensor(&name, &shape, cfg.init_std, dtype, device, &mut rng)?;
             map.insert(name, t);
         }
         Llada::load(cfg, &map)
     }
+}
+
+/// The initial value of tensor `name`: zeros for a router's expert bias, otherwise as
+/// [`random_tensor`].
+pub fn initial_tensor(
+    name: &str,
+    shape: &[usize],
+    std: f64,
+    dtype: DType,
+    device: &Device,
+    rng: &mut crate::rng::Rng,
+) -> Result<Tensor> {
+    if super::llada_moe::starts_at_zero(name) {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    random_tensor(shape, std, dtype, device, rng)
 }
 
 /// One initial tensor: ones for norm weights (1-D), N(0, std²) otherwise.

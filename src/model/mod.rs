@@ -3,16 +3,20 @@
 //! - [`MaskPredictor`]: the only trait the sampler, the scorer, the server and the bench use to
 //!   reach a model: logits of chosen canvas positions, with the cache modes ([`CacheMode`]).
 //! - [`Architecture`]: config.json `architectures[0]` → the model that implements it, decided
-//!   here and nowhere else. An architecture is one file (today [`llada`], LLaDA-8B's) with its
-//!   weights loaded through [`WeightSource`] and one [`MaskPredictor`] implementation.
+//!   here and nowhere else. An architecture is one file ([`llada`], LLaDA-8B's; [`llada_moe`],
+//!   LLaDA-MoE's) with its weights loaded through [`WeightSource`] and one [`MaskPredictor`]
+//!   implementation (the LLaDA family shares [`llada::Llada`]'s forward and caches).
 //! - The parts the architectures share: [`attention`] (RoPE, attention, the attention-bias
-//!   builders), [`layers`] (linear maps over any weight format, RMSNorm, SwiGLU), [`cache`]
+//!   builders), [`layers`] (linear maps over any weight format, RMSNorm, SwiGLU), [`moe`] (the
+//!   mixture-of-experts layer, its expert-grouped kernel and load-balancing loss), [`cache`]
 //!   (keys/values kept across denoising steps).
 
 pub mod attention;
 pub mod cache;
 pub mod layers;
 pub mod llada;
+pub mod llada_moe;
+pub mod moe;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,7 +31,9 @@ use crate::weights::SafetensorsFiles;
 pub use attention::{Attention, Rope};
 pub use cache::KvCache;
 pub use layers::{Linear, LinearWeight, Mlp, RmsNorm};
-pub use llada::{random_tensor, tensor_specs, Block, Llada, LladaPredictor, PREFIX};
+pub use llada::{
+    initial_tensor, random_tensor, tensor_specs, Block, Llada, LladaPredictor, PREFIX,
+};
 
 /// The model seam: logits of a canvas. Implemented once per architecture (with its cache modes)
 /// and by test fakes.
@@ -209,10 +215,17 @@ impl WeightLayout {
 pub enum Architecture {
     /// LLaDA-8B-Base/-Instruct, LLaDA 1.5 ([`llada`]).
     Llada,
+    /// LLaDA-MoE-7B-A1B-Base/-Instruct ([`llada_moe`]).
+    LladaMoe,
 }
 
 /// config.json `architectures[0]` → architecture. The one place that decides.
-pub const ARCHITECTURES: &[(&str, Architecture)] = &[("LLaDAModelLM", Architecture::Llada)];
+pub const ARCHITECTURES: &[(&str, Architecture)] = &[
+    ("LLaDAModelLM", Architecture::Llada),
+    ("LLaDAMoEModelLM", Architecture::LladaMoe),
+    // the name llama.cpp's converter also registers for it
+    ("LLaDAMoEModel", Architecture::LladaMoe),
+];
 
 impl Architecture {
     /// The architecture named `name` (config.json `architectures[0]`).
@@ -220,13 +233,8 @@ impl Architecture {
         if let Some((_, a)) = ARCHITECTURES.iter().find(|(n, _)| *n == name) {
             return Ok(*a);
         }
-        let hint = if name.contains("MoE") {
-            " (LLaDA-MoE also says model_type \"llada\" but is a mixture-of-experts model)"
-        } else {
-            ""
-        };
         Err(Error::UnsupportedArchitecture {
-            found: format!("{name}{hint}"),
+            found: name.to_string(),
             supported: ARCHITECTURES
                 .iter()
                 .map(|(n, _)| *n)
@@ -243,7 +251,9 @@ impl Architecture {
         layout: WeightLayout,
     ) -> Result<Model> {
         Ok(match self {
-            Architecture::Llada => Model::Llada(Llada::load_with(cfg, src, layout)?),
+            Architecture::Llada | Architecture::LladaMoe => {
+                Model::Llada(Llada::load_with(cfg, src, layout)?)
+            }
         })
     }
 
@@ -256,7 +266,9 @@ impl Architecture {
         device: &Device,
     ) -> Result<Model> {
         Ok(match self {
-            Architecture::Llada => Model::Llada(Llada::init_random(cfg, seed, dtype, device)?),
+            Architecture::Llada | Architecture::LladaMoe => {
+                Model::Llada(Llada::init_random(cfg, seed, dtype, device)?)
+            }
         })
     }
 }
@@ -264,6 +276,7 @@ impl Architecture {
 /// A loaded model of any architecture.
 #[derive(Debug, Clone)]
 pub enum Model {
+    /// The LLaDA family: LLaDA-8B and LLaDA-MoE (see [`Llada`]).
     Llada(Llada),
 }
 
@@ -284,9 +297,7 @@ impl Model {
 
     /// The architecture.
     pub fn architecture(&self) -> Architecture {
-        match self {
-            Model::Llada(_) => Architecture::Llada,
-        }
+        self.config().architecture
     }
 
     /// The resolved configuration.
@@ -320,7 +331,7 @@ impl Model {
         each_model!(self, m => m.forward(ids, key_mask))
     }
 
-    /// The LLaDA-8B model inside, for what only that architecture implements so far (training,
+    /// The LLaDA-family model inside, for what only that family implements so far (training,
     /// the per-layer profile); an error naming the architecture otherwise.
     pub fn as_llada(&self) -> Result<&Llada> {
         match self {

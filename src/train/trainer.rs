@@ -19,7 +19,7 @@ use super::data::{Cursor, DataKind, Dataset, Reader};
 use super::optim::{all_finite, clip_grad_norm, AdamW, AdamWConfig, Schedule};
 use super::params::Trainable;
 use crate::checkpoint::{other_process_running, read_config, read_tokenizer_files, write_config};
-use crate::config::LladaConfig;
+use crate::config::RawConfig;
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
 use crate::model::{FileWeights, Llada};
@@ -241,7 +241,7 @@ pub struct StepStats {
 /// A training run.
 pub struct Trainer {
     pub cfg: TrainConfig,
-    pub raw_config: LladaConfig,
+    pub raw_config: RawConfig,
     pub trainable: Trainable,
     pub opt: AdamW,
     pub state: TrainerState,
@@ -463,7 +463,7 @@ fn remove_earlier_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_dense(dir: &Path, device: &Device) -> Result<(LladaConfig, Llada)> {
+fn load_dense(dir: &Path, device: &Device) -> Result<(RawConfig, Llada)> {
     let (raw, cfg) = read_config(dir)?;
     let files = SafetensorsFiles::open(dir)?;
     let m = Llada::load(
@@ -521,7 +521,7 @@ impl Trainer {
         } else {
             // validate() guarantees a model_config when there is no init_from
             let path = cfg.model_config.clone().unwrap_or_default();
-            let raw = LladaConfig::from_file(&path)?;
+            let raw = RawConfig::from_file(&path)?;
             let mc = raw.resolve()?;
             let m = Llada::init_random(&mc, cfg.seed, DType::F32, device)?;
             (raw, m, cfg.tokenizer.clone())

@@ -10,6 +10,8 @@ use llada::candle_core::{DType, Device};
 use llada::Checkpoint;
 use serde_json::Value;
 
+pub mod golden;
+
 /// The golden folder: `LLADA_GOLDEN_DIR` or the copy shipped in the repository.
 pub fn golden_dir() -> PathBuf {
     match std::env::var_os("LLADA_GOLDEN_DIR") {
@@ -20,7 +22,12 @@ pub fn golden_dir() -> PathBuf {
 
 /// A case file of `cases/`, or `None` when this golden folder has none (reported on stderr).
 pub fn case_file(name: &str) -> Option<Value> {
-    let path = golden_dir().join("cases").join(name);
+    case_file_in(&golden_dir(), name)
+}
+
+/// A case file of `dir/cases/`, or `None` when that golden folder has none.
+pub fn case_file_in(dir: &Path, name: &str) -> Option<Value> {
+    let path = dir.join("cases").join(name);
     if !path.exists() {
         eprintln!(
             "note: {} absent: no cases of this kind in this golden folder",
@@ -57,6 +64,26 @@ pub fn logits_tolerance(dtype: DType) -> (f32, f32) {
         DType::F16 => (0.0, 0.01),
         _ => panic!("unsupported dtype"),
     }
+}
+
+/// The checkpoint of golden folder `dir`, loaded once per test binary per folder and dtype on the
+/// CPU.
+pub fn model_in(dir: &Path, dtype: DType) -> &'static Checkpoint {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static LOADED: OnceLock<Mutex<HashMap<(PathBuf, String), &'static Checkpoint>>> =
+        OnceLock::new();
+    let mut map = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    map.entry((dir.to_path_buf(), format!("{dtype:?}")))
+        .or_insert_with(|| {
+            Box::leak(Box::new(
+                Checkpoint::load(dir, Some(dtype), &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display())),
+            ))
+        })
 }
 
 /// The golden checkpoint, loaded once per test binary in the given dtype on the CPU.

@@ -8,6 +8,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, Error, Result};
+use crate::model::Architecture;
+
+pub mod llada_moe;
+
+pub use llada_moe::LladaMoeConfig;
 
 /// `config.json` as written by Hugging Face for GSAI-ML/LLaDA-8B-Base/-Instruct. Every key of
 /// reference §2.1; `None` where the file may hold `null` or omit the key.
@@ -136,9 +141,29 @@ pub enum NormKind {
     GemmaRms,
 }
 
+/// The mixture-of-experts part of a configuration (LLaDA-MoE).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    pub num_experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Inner size of each expert's SwiGLU.
+    pub expert_size: usize,
+    /// Per layer: true = mixture of experts, false = a dense SwiGLU of `mlp_hidden_size`.
+    pub layers: Vec<bool>,
+    /// Inner size of the shared expert every token also goes through, if any.
+    pub shared_expert_size: Option<usize>,
+    /// A per-expert bias added to the router probabilities (`mlp.expert_bias` tensors).
+    pub expert_bias: bool,
+    /// Weight of the load-balancing loss in training (`router_aux_loss_coef`).
+    pub aux_loss_coef: f64,
+}
+
 /// The checked, resolved model configuration (no `Option`s where the model needs a value).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// Which model file implements it.
+    pub architecture: Architecture,
     pub d_model: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -159,22 +184,70 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     pub init_std: f64,
     pub causal: bool,
+    /// RMSNorm over each query and key head (one `[head_dim]` weight shared by the heads) before
+    /// RoPE (LLaDA-MoE's `qk_layernorm`).
+    pub qk_norm: bool,
+    /// Whether a key-padding mask is honoured. LLaDA-8B's forward does; LLaDA-MoE's official one
+    /// ignores it (pads are ordinary tokens), so there it is an opt-in.
+    pub mask_padding: bool,
+    /// Mixture-of-experts layers (LLaDA-MoE); `None` for dense models.
+    pub moe: Option<MoeSpec>,
 }
 
 impl ModelConfig {
     /// Number of parameters (embedding, blocks, final norm, untied head); `u64::MAX` for a
     /// config too large to count (computed in u128, so no size of a resolved config overflows).
     pub fn parameter_count(&self) -> u64 {
-        let (d, f, v) = (
-            self.d_model as u128,
-            self.mlp_hidden_size as u128,
-            self.embedding_size as u128,
-        );
+        self.count(false)
+    }
+
+    /// Parameters one token's forward multiplies with: the blocks with only `top_k` experts per
+    /// mixture-of-experts layer, the final norm and the head (the embedding is a lookup). For a
+    /// dense model: every parameter but the embedding.
+    pub fn active_parameter_count(&self) -> u64 {
+        self.count(true)
+    }
+
+    fn count(&self, active: bool) -> u64 {
+        let (d, v) = (self.d_model as u128, self.embedding_size as u128);
+        let blocks: u128 = (0..self.n_layers)
+            .map(|i| self.attention_params() + self.ffn_params(i, active) + 2 * d)
+            .sum();
+        let head = if self.weight_tying && !active {
+            0
+        } else {
+            v * d
+        };
+        let embedding = if active { 0 } else { v * d };
+        u64::try_from(embedding + blocks + d + head).unwrap_or(u64::MAX)
+    }
+
+    /// Parameters of one attention (projections and QK norms).
+    fn attention_params(&self) -> u128 {
+        let d = self.d_model as u128;
+        let q = self.n_heads as u128 * self.head_dim as u128;
         let kv = self.n_kv_heads as u128 * self.head_dim as u128;
-        let block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d;
-        let head = if self.weight_tying { 0 } else { v * d };
-        let total = v * d + self.n_layers as u128 * block + d + head;
-        u64::try_from(total).unwrap_or(u64::MAX)
+        let norms = if self.qk_norm {
+            2 * self.head_dim as u128
+        } else {
+            0
+        };
+        2 * d * q + 2 * d * kv + norms
+    }
+
+    /// Parameters of layer `i`'s feed-forward part (with `active`: the ones a token uses).
+    fn ffn_params(&self, i: usize, active: bool) -> u128 {
+        let d = self.d_model as u128;
+        let swiglu = |f: usize| 3 * d * f as u128;
+        match &self.moe {
+            Some(m) if m.layers.get(i).copied().unwrap_or(false) => {
+                let e = m.num_experts as u128;
+                let used = if active { m.top_k as u128 } else { e };
+                let bias = if m.expert_bias { e } else { 0 };
+                e * d + bias + used * swiglu(m.expert_size) + m.shared_expert_size.map_or(0, swiglu)
+            }
+            _ => swiglu(self.mlp_hidden_size),
+        }
     }
 
     /// Multiply-accumulate FLOPs (2 per MAC) of one forward pass over `batch` sequences of `len`
@@ -185,22 +258,161 @@ impl ModelConfig {
 
     /// Matrix-product FLOPs of an inference forward that recomputes `chunk` positions of a canvas
     /// of `total` (the others' keys and values cached) and reads the logits of `rows` of them:
-    /// the last block's MLP and the head run only on those rows, as the engine does.
+    /// the last block's feed-forward part and the head run only on those rows, as the engine
+    /// does. Mixture-of-experts layers count the experts a token uses.
     pub fn chunk_flops(&self, batch: usize, chunk: usize, total: usize, rows: usize) -> f64 {
-        let (d, f, v) = (
-            self.d_model as f64,
-            self.mlp_hidden_size as f64,
-            self.embedding_size as f64,
-        );
+        let (d, v) = (self.d_model as f64, self.embedding_size as f64);
+        let q = (self.n_heads * self.head_dim) as f64;
         let kv = (self.n_kv_heads * self.head_dim) as f64;
         let b = batch as f64;
         let (n, r) = (chunk as f64, rows.min(chunk) as f64);
         let attn =
-            2.0 * b * n * (2.0 * d * d + 2.0 * d * kv) + 2.0 * 2.0 * b * n * total as f64 * d;
-        let mlp = |tokens: f64| 2.0 * b * tokens * 3.0 * d * f;
-        let layers = self.n_layers as f64;
-        layers * attn + (layers - 1.0).max(0.0) * mlp(n) + mlp(r) + 2.0 * b * r * d * v
+            2.0 * b * n * (2.0 * d * q + 2.0 * d * kv) + 2.0 * 2.0 * b * n * total as f64 * q;
+        let ffn = |i: usize, tokens: f64| 2.0 * b * tokens * self.ffn_params(i, true) as f64;
+        let last = self.n_layers.saturating_sub(1);
+        let layers: f64 = (0..self.n_layers)
+            .map(|i| attn + ffn(i, if i == last { r } else { n }))
+            .sum();
+        layers + 2.0 * b * r * d * v
     }
+}
+
+/// A `config.json` of any architecture this engine implements, as the file says it (written back
+/// as read: keys this engine does not model are not kept).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RawConfig {
+    /// LLaDA-8B-Base/-Instruct, LLaDA 1.5.
+    Llada(LladaConfig),
+    /// LLaDA-MoE-7B-A1B.
+    LladaMoe(LladaMoeConfig),
+}
+
+impl From<LladaConfig> for RawConfig {
+    fn from(c: LladaConfig) -> Self {
+        RawConfig::Llada(c)
+    }
+}
+
+impl RawConfig {
+    /// Reads `config.json`, choosing its schema from `architectures[0]` (see
+    /// [`Architecture::from_name`], the one place that decides), without checking it (see
+    /// [`RawConfig::resolve`]).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_value(read_json(path)?, path)
+    }
+
+    /// [`RawConfig::from_file`] of JSON read from `path`.
+    pub fn from_value(v: serde_json::Value, path: &Path) -> Result<Self> {
+        let parse_err = |source: serde_json::Error| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        };
+        let arch = match v.get("architectures").and_then(|a| a.get(0)) {
+            Some(serde_json::Value::String(n)) => Some(Architecture::from_name(n)?),
+            _ => None,
+        };
+        Ok(match arch {
+            Some(Architecture::LladaMoe) => {
+                RawConfig::LladaMoe(serde_json::from_value(v).map_err(parse_err)?)
+            }
+            Some(Architecture::Llada) | None => {
+                RawConfig::Llada(serde_json::from_value(v).map_err(parse_err)?)
+            }
+        })
+    }
+
+    /// The architecture name the file gives (`architectures[0]`).
+    pub fn architecture(&self) -> Result<String> {
+        match self {
+            RawConfig::Llada(c) => c.architecture(),
+            RawConfig::LladaMoe(c) => Ok(c
+                .architectures
+                .as_ref()
+                .and_then(|a| a.first().cloned())
+                .unwrap_or_else(|| "LLaDAMoEModelLM".into())),
+        }
+    }
+
+    /// Checks every key that changes semantics and resolves defaults.
+    pub fn resolve(&self) -> Result<ModelConfig> {
+        match self {
+            RawConfig::Llada(c) => c.resolve(),
+            RawConfig::LladaMoe(c) => c.resolve(),
+        }
+    }
+
+    /// The LLaDA-8B config inside (what only that architecture's tools take).
+    pub fn as_llada(&self) -> Option<&LladaConfig> {
+        match self {
+            RawConfig::Llada(c) => Some(c),
+            RawConfig::LladaMoe(_) => None,
+        }
+    }
+}
+
+/// Refuses a configuration whose f32 weights cannot be addressed on this machine (`key`=`value`
+/// is named in the error). The sizes multiply to the parameter count (saturating at u64::MAX):
+/// one that does not fit can be neither loaded nor initialised, and is refused before anything
+/// sizes an allocation from it (`llada init`, training from a config).
+pub(crate) fn check_addressable(cfg: &ModelConfig, key: &str, value: usize) -> Result<()> {
+    let count = cfg.parameter_count();
+    if count
+        .checked_mul(4)
+        .is_none_or(|bytes| usize::try_from(bytes).is_err())
+    {
+        let shown = if count == u64::MAX {
+            format!("at least {count}")
+        } else {
+            count.to_string()
+        };
+        return Err(Error::config(
+            key,
+            value,
+            format!(
+                "with n_layers={}, mlp_hidden_size={} and embedding_size={} the model has {shown} parameters, whose f32 bytes exceed this machine's address space ({} bits)",
+                cfg.n_layers,
+                cfg.mlp_hidden_size,
+                cfg.embedding_size,
+                usize::BITS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A RoPE base and a norm epsilon the model can compute with: impossible values are errors,
+/// suspicious ones a warning (see [`RMS_NORM_EPS_MAX`], [`RMS_NORM_EPS_SUSPICIOUS`]). `usual`
+/// completes the RoPE error (e.g. "LLaDA uses 500000").
+pub(crate) fn check_eps_and_theta(eps: f64, rope_theta: f64, usual: &str) -> Result<()> {
+    // The base is used in f32: θ^(2j/hd) with θ ≤ 1 gives frequencies ≥ 1 (no positional
+    // resolution, and 0 or underflow gives infinities); past f32's range it is infinite.
+    let theta32 = rope_theta as f32;
+    if !(rope_theta.is_finite() && theta32.is_finite() && rope_theta > 1.0) {
+        return Err(Error::config(
+            "rope_theta",
+            rope_theta,
+            format!("must be a finite number > 1 that fits f32 (the RoPE base; {usual})"),
+        ));
+    }
+    if !(eps.is_finite() && (0.0..=RMS_NORM_EPS_MAX).contains(&eps)) {
+        return Err(Error::config(
+            "rms_norm_eps",
+            eps,
+            format!("must be a finite number in [0, {RMS_NORM_EPS_MAX}] (LLaDA uses 1e-5)"),
+        ));
+    }
+    if eps > RMS_NORM_EPS_SUSPICIOUS {
+        tracing::warn!(
+            "config.json: rms_norm_eps={eps} is unusually large (models use about 1e-6..1e-5): it dominates the mean square of small activations and flattens the normalisation"
+        );
+    }
+    if rope_theta < ROPE_THETA_SUSPICIOUS {
+        tracing::warn!(
+            "config.json: rope_theta={rope_theta} is unusually small (models use 1e4..1e6): positions far apart get near-identical rotations"
+        );
+    }
+    Ok(())
 }
 
 impl LladaConfig {
@@ -235,6 +447,7 @@ impl LladaConfig {
         self.check_token_ids(embedding_size)?;
         self.check_numerics()?;
         let cfg = ModelConfig {
+            architecture: Architecture::Llada,
             d_model: self.d_model,
             n_layers: self.n_layers,
             n_heads: self.n_heads,
@@ -253,39 +466,28 @@ impl LladaConfig {
             pad_token_id: self.pad_token_id,
             init_std: self.init_std,
             causal: self.causal_attention,
+            qk_norm: false,
+            mask_padding: true,
+            moe: None,
         };
-        // The sizes multiply to the parameter count (saturating at u64::MAX): one whose f32 bytes
-        // do not fit this machine's address space can be neither loaded nor initialised, and is
-        // refused before anything sizes an allocation from it (`llada init`, training from a
-        // config).
-        let count = cfg.parameter_count();
-        if count
-            .checked_mul(4)
-            .is_none_or(|bytes| usize::try_from(bytes).is_err())
-        {
-            let shown = if count == u64::MAX {
-                format!("at least {count}")
-            } else {
-                count.to_string()
-            };
-            return Err(Error::config(
-                "d_model",
-                self.d_model,
-                format!(
-                    "with n_layers={}, mlp_hidden_size={mlp_hidden_size} and embedding_size={embedding_size} the model has {shown} parameters, whose f32 bytes exceed this machine's address space ({} bits)",
-                    self.n_layers,
-                    usize::BITS
-                ),
-            ));
-        }
+        check_addressable(&cfg, "d_model", self.d_model)?;
         Ok(cfg)
     }
 
     /// The architecture, if this engine implements it: which model implements the file is
     /// decided in one place, `model::ARCHITECTURES`.
     fn check_architecture(&self) -> Result<()> {
-        crate::model::Architecture::from_name(&self.architecture()?)?;
-        Ok(())
+        let name = self.architecture()?;
+        match Architecture::from_name(&name)? {
+            Architecture::Llada => Ok(()),
+            other => Err(Error::config(
+                "architectures",
+                format!("[{name:?}]"),
+                format!(
+                    "names {other:?}, whose config.json has other keys: read it with RawConfig"
+                ),
+            )),
+        }
     }
 
     /// Rejects the values of semantic keys this engine does not implement (the block's keys, then
@@ -493,36 +695,7 @@ impl LladaConfig {
     /// A RoPE base and a norm epsilon the model can compute with: impossible values are errors,
     /// suspicious ones a warning (see [`RMS_NORM_EPS_MAX`], [`RMS_NORM_EPS_SUSPICIOUS`]).
     fn check_numerics(&self) -> Result<()> {
-        // The base is used in f32: θ^(2j/hd) with θ ≤ 1 gives frequencies ≥ 1 (no positional
-        // resolution, and 0 or underflow gives infinities); past f32's range it is infinite.
-        let theta32 = self.rope_theta as f32;
-        if !(self.rope_theta.is_finite() && theta32.is_finite() && self.rope_theta > 1.0) {
-            return Err(Error::config(
-                "rope_theta",
-                self.rope_theta,
-                "must be a finite number > 1 that fits f32 (the RoPE base; LLaDA uses 500000)",
-            ));
-        }
-        let eps = self.rms_norm_eps;
-        if !(eps.is_finite() && (0.0..=RMS_NORM_EPS_MAX).contains(&eps)) {
-            return Err(Error::config(
-                "rms_norm_eps",
-                eps,
-                format!("must be a finite number in [0, {RMS_NORM_EPS_MAX}] (LLaDA uses 1e-5)"),
-            ));
-        }
-        if eps > RMS_NORM_EPS_SUSPICIOUS {
-            tracing::warn!(
-                "config.json: rms_norm_eps={eps} is unusually large (models use about 1e-6..1e-5): it dominates the mean square of small activations and flattens the normalisation"
-            );
-        }
-        if self.rope_theta < ROPE_THETA_SUSPICIOUS {
-            tracing::warn!(
-                "config.json: rope_theta={} is unusually small (models use 1e4..1e6): positions far apart get near-identical rotations",
-                self.rope_theta
-            );
-        }
-        Ok(())
+        check_eps_and_theta(self.rms_norm_eps, self.rope_theta, "LLaDA uses 500000")
     }
 }
 

@@ -1,0 +1,276 @@
+//! LLaDA-MoE's architecture (`LLaDAMoEModelLM`, inclusionAI/LLaDA-MoE-7B-A1B): LLaDA's
+//! bidirectional Transformer with per-head QK RMSNorm before RoPE and, where `moe_layer_freq` says
+//! so, a sparse mixture of experts in place of the dense SwiGLU ([`super::moe`]). Read top-down:
+//! tensor names (the OLMoE-style names of the Hugging Face checkpoint) → tensor list → loader →
+//! the tensors back under their names. The forward, the caches and the predictor are the family's
+//! ([`super::llada::Llada`]), as the official code shares them with LLaDA-8B.
+//!
+//! As the official forward (`modeling_lladamoe.py`): positions are `0..L-1` on every row and the
+//! attention mask is **ignored** (pads attend and are attended to) unless the config opts in with
+//! `mask_padding: true` (a llada extension); the router's top-k weights are not renormalised.
+
+use super::attention::{Attention, QkNorm};
+use super::layers::{Linear, Mlp, RmsNorm};
+use super::llada::{Block, Llada};
+use super::moe::{Ffn, SparseMoe};
+use super::{WeightLayout, WeightSource};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+
+/// The checkpoint keys: every tensor name is written here and nowhere else.
+mod names {
+    pub fn embed() -> String {
+        "model.embed_tokens.weight".into()
+    }
+    pub fn norm() -> String {
+        "model.norm.weight".into()
+    }
+    pub fn head() -> String {
+        "lm_head.weight".into()
+    }
+    /// `part` (e.g. `self_attn.q_proj`) of layer `i`.
+    pub fn layer(i: usize, part: &str) -> String {
+        format!("model.layers.{i}.{part}.weight")
+    }
+    /// The router's expert bias of layer `i` (a buffer: no `.weight`).
+    pub fn expert_bias(i: usize) -> String {
+        format!("model.layers.{i}.mlp.expert_bias")
+    }
+}
+
+/// The tensors of layer `i`: name and shape, in checkpoint order.
+fn layer_specs(cfg: &ModelConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.d_model;
+    let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    let l = |part: &str, shape: Vec<usize>| (names::layer(i, part), shape);
+    let mut out = vec![l("input_layernorm", vec![d])];
+    out.push(l("self_attn.q_proj", vec![qd, d]));
+    out.push(l("self_attn.k_proj", vec![kvd, d]));
+    out.push(l("self_attn.v_proj", vec![kvd, d]));
+    out.push(l("self_attn.o_proj", vec![d, qd]));
+    if cfg.qk_norm {
+        out.push(l("self_attn.q_norm", vec![cfg.head_dim]));
+        out.push(l("self_attn.k_norm", vec![cfg.head_dim]));
+    }
+    out.push(l("post_attention_layernorm", vec![d]));
+    let swiglu = |out: &mut Vec<_>, prefix: &str, f: usize| {
+        out.push(l(&format!("{prefix}.gate_proj"), vec![f, d]));
+        out.push(l(&format!("{prefix}.up_proj"), vec![f, d]));
+        out.push(l(&format!("{prefix}.down_proj"), vec![d, f]));
+    };
+    match moe_layer(cfg, i) {
+        Some(m) => {
+            out.push(l("mlp.gate", vec![m.num_experts, d]));
+            if m.expert_bias {
+                out.push((names::expert_bias(i), vec![m.num_experts]));
+            }
+            for e in 0..m.num_experts {
+                swiglu(&mut out, &format!("mlp.experts.{e}"), m.expert_size);
+            }
+            if let Some(f) = m.shared_expert_size {
+                swiglu(&mut out, "shared_expert", f);
+            }
+        }
+        None => swiglu(&mut out, "mlp", cfg.mlp_hidden_size),
+    }
+    out
+}
+
+/// The mixture-of-experts settings when layer `i` is one.
+fn moe_layer(cfg: &ModelConfig, i: usize) -> Option<&crate::config::MoeSpec> {
+    cfg.moe
+        .as_ref()
+        .filter(|m| m.layers.get(i).copied().unwrap_or(false))
+}
+
+/// The tensors of a checkpoint for `cfg`: names and shapes, in a stable order.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, v) = (cfg.d_model, cfg.embedding_size);
+    let mut out = vec![(names::embed(), vec![v, d])];
+    for i in 0..cfg.n_layers {
+        out.extend(layer_specs(cfg, i));
+    }
+    out.push((names::norm(), vec![d]));
+    if !cfg.weight_tying {
+        out.push((names::head(), vec![v, d]));
+    }
+    out
+}
+
+/// Layer `i`'s block read from `src`.
+fn load_block(
+    src: &dyn WeightSource,
+    cfg: &ModelConfig,
+    i: usize,
+    layout: WeightLayout,
+) -> Result<Block> {
+    let d = cfg.d_model;
+    let get = |part: &str, shape: &[usize]| src.get(&names::layer(i, part), shape);
+    let norm = |part: &str, n: usize| -> Result<RmsNorm> {
+        Ok(RmsNorm::new(get(part, &[n])?, cfg.rms_norm_eps, cfg.norm))
+    };
+    let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    let w = |part: &str, shape: &[usize]| -> Result<Linear> { layout.linear(get(part, shape)?) };
+    let attn_norm = norm("input_layernorm", d)?;
+    let qk_norm = if cfg.qk_norm {
+        Some(QkNorm {
+            q: norm("self_attn.q_norm", cfg.head_dim)?,
+            k: norm("self_attn.k_norm", cfg.head_dim)?,
+        })
+    } else {
+        None
+    };
+    let attn = Attention {
+        q_proj: w("self_attn.q_proj", &[qd, d])?,
+        k_proj: w("self_attn.k_proj", &[kvd, d])?,
+        v_proj: w("self_attn.v_proj", &[kvd, d])?,
+        attn_out: w("self_attn.o_proj", &[d, qd])?,
+        n_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        qk_norm,
+    };
+    let ff_norm = norm("post_attention_layernorm", d)?;
+    let swiglu = |prefix: &str, f: usize| -> Result<Mlp> {
+        Ok(Mlp::new(
+            w(&format!("{prefix}.gate_proj"), &[f, d])?,
+            w(&format!("{prefix}.up_proj"), &[f, d])?,
+            w(&format!("{prefix}.down_proj"), &[d, f])?,
+        ))
+    };
+    let ffn = match moe_layer(cfg, i) {
+        None => Ffn::Dense(swiglu("mlp", cfg.mlp_hidden_size)?),
+        Some(m) => {
+            // the router runs in f32 for its logits; it stays dense (E rows are few)
+            let gate = Linear::dense(get("mlp.gate", &[m.num_experts, d])?);
+            let expert_bias = if m.expert_bias {
+                let b = src.get(&names::expert_bias(i), &[m.num_experts])?;
+                Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+            } else {
+                None
+            };
+            let experts = (0..m.num_experts)
+                .map(|e| swiglu(&format!("mlp.experts.{e}"), m.expert_size))
+                .collect::<Result<Vec<_>>>()?;
+            let shared = match m.shared_expert_size {
+                Some(f) => Some(swiglu("shared_expert", f)?),
+                None => None,
+            };
+            Ffn::Moe(SparseMoe {
+                gate,
+                experts,
+                shared,
+                expert_bias,
+                top_k: m.top_k,
+            })
+        }
+    };
+    Ok(Block {
+        attn_norm,
+        attn,
+        ff_norm,
+        ffn,
+    })
+}
+
+/// The model read from `src`, checking every tensor's name and shape.
+pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, layout: WeightLayout) -> Result<Llada> {
+    let (d, v) = (cfg.d_model, cfg.embedding_size);
+    let wte = src.get(&names::embed(), &[v, d])?;
+    let blocks = (0..cfg.n_layers)
+        .map(|i| load_block(src, cfg, i, layout))
+        .collect::<Result<Vec<_>>>()?;
+    let ln_f = RmsNorm::new(src.get(&names::norm(), &[d])?, cfg.rms_norm_eps, cfg.norm);
+    let head = if cfg.weight_tying {
+        layout.linear(wte.clone())?
+    } else {
+        layout.linear(src.get(&names::head(), &[v, d])?)?
+    };
+    Llada::from_parts(cfg, wte, blocks, ln_f, head)
+}
+
+/// Every tensor of `m` with its checkpoint name, in [`tensor_specs`] order.
+pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
+    let mut out = vec![(names::embed(), m.wte.clone())];
+    for (i, b) in m.blocks.iter().enumerate() {
+        let mut push = |part: &str, t: Tensor| out.push((names::layer(i, part), t));
+        push("input_layernorm", b.attn_norm.weight.clone());
+        let a = &b.attn;
+        push("self_attn.q_proj", a.q_proj.tensor()?);
+        push("self_attn.k_proj", a.k_proj.tensor()?);
+        push("self_attn.v_proj", a.v_proj.tensor()?);
+        push("self_attn.o_proj", a.attn_out.tensor()?);
+        if let Some(n) = &a.qk_norm {
+            push("self_attn.q_norm", n.q.weight.clone());
+            push("self_attn.k_norm", n.k.weight.clone());
+        }
+        push("post_attention_layernorm", b.ff_norm.weight.clone());
+        let mlp = |out: &mut Vec<(String, Tensor)>, prefix: &str, mlp: &Mlp| -> Result<()> {
+            for (proj, w) in [
+                ("gate_proj", &mlp.ff_proj),
+                ("up_proj", &mlp.up_proj),
+                ("down_proj", &mlp.ff_out),
+            ] {
+                out.push((names::layer(i, &format!("{prefix}.{proj}")), w.tensor()?));
+            }
+            Ok(())
+        };
+        match &b.ffn {
+            Ffn::Dense(d) => mlp(&mut out, "mlp", d)?,
+            Ffn::Moe(moe) => {
+                out.push((names::layer(i, "mlp.gate"), moe.gate.tensor()?));
+                if let Some(bias) = &moe.expert_bias {
+                    let t =
+                        Tensor::from_slice(bias, bias.len(), m.device())?.to_dtype(m.dtype())?;
+                    out.push((names::expert_bias(i), t));
+                }
+                for (e, x) in moe.experts.iter().enumerate() {
+                    mlp(&mut out, &format!("mlp.experts.{e}"), x)?;
+                }
+                if let Some(s) = &moe.shared {
+                    mlp(&mut out, "shared_expert", s)?;
+                }
+            }
+        }
+    }
+    out.push((names::norm(), m.ln_f.weight.clone()));
+    if !m.config().weight_tying {
+        out.push((names::head(), m.head.tensor()?));
+    }
+    Ok(out)
+}
+
+/// Whether `name` is a tensor that starts at zero (the router's expert bias), not N(0, σ²) or ones.
+pub fn starts_at_zero(name: &str) -> bool {
+    name.ends_with(".mlp.expert_bias")
+}
+
+/// The routing of every layer for `ids` [B, L] (inference forward): per mixture-of-experts layer
+/// (dense layers are skipped), per sequence and position, the chosen experts in descending
+/// probability. For tests and `llada info`-style diagnostics.
+pub fn routing(m: &Llada, ids: &Tensor) -> Result<Vec<Vec<Vec<Vec<u32>>>>> {
+    let (b, l) = ids.dims2()?;
+    let mut cache = m.new_cache(b, l, None)?;
+    let mut out = Vec::new();
+    let mut h = m.wte.embedding(&ids.flatten_all()?)?;
+    let rope = m.rope().clone();
+    for (i, block) in m.blocks.iter().enumerate() {
+        let a = candle_core::Module::forward(&block.attn_norm, &h)?;
+        let x = cache.attend(i, &block.attn, &a, &h, b, l, 0, &rope)?;
+        let f = candle_core::Module::forward(&block.ff_norm, &x)?;
+        if let Ffn::Moe(moe) = &block.ffn {
+            let r = moe.route(&f)?;
+            out.push(r.experts.chunks(l).map(|c| c.to_vec()).collect());
+        }
+        h = block.ffn.forward_add(&f, &x)?;
+    }
+    if out.is_empty() {
+        return Err(Error::setting(
+            "model",
+            "dense",
+            "has no mixture-of-experts layer to route",
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,347 @@
+//! A sparse mixture-of-experts feed-forward layer (LLaDA-MoE's `LLaDAMoESparseMoeBlock`): a
+//! router (`gate`, no bias) scores every expert per token, softmax in f32, the `top_k` best are
+//! kept **without renormalising their weights** (the official block hard-codes
+//! `norm_topk_prob = False`), and the token's output is the weighted sum of those experts'
+//! SwiGLU outputs (plus a shared expert's, if the model has one).
+//!
+//! Inference is grouped by expert: a denoising step routes every token of the window at once, so
+//! the tokens of each expert are gathered and the expert runs as one matrix product over them
+//! (its weights are read once per step, in the packed layout of the dense weights), then the
+//! weighted outputs are added back per token in expert order, as the official `index_add_` loop.
+//! Training uses the same grouping with differentiable ops, and returns the router logits for the
+//! load-balancing loss ([`load_balancing_loss`]).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::layers::{Linear, Mlp};
+
+/// The feed-forward part of a block: a dense SwiGLU, or a mixture of experts.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(SparseMoe),
+}
+
+impl Ffn {
+    /// res + ffn(x) (inference).
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward_add(x, res),
+            Ffn::Moe(m) => m.forward_add(x, res),
+        }
+    }
+
+    /// ffn(x) made of differentiable ops (training), with a mixture's router logits [N, E].
+    pub fn forward_diff(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Ffn::Dense(m) => Ok((m.forward_diff(x)?, None)),
+            Ffn::Moe(m) => {
+                let (y, logits) = m.forward_diff(x)?;
+                Ok((y, Some(logits)))
+            }
+        }
+    }
+}
+
+/// The mixture-of-experts layer of one block.
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    /// The router [E, D].
+    pub gate: Linear,
+    pub experts: Vec<Mlp>,
+    /// A shared expert every token also goes through (`shared_expert_intermediate_size`).
+    pub shared: Option<Mlp>,
+    /// A per-expert bias [E] (f32) added to the probabilities before top-k; the biased values
+    /// weight the experts (`moe_router_enable_expert_bias`).
+    pub expert_bias: Option<Vec<f32>>,
+    pub top_k: usize,
+}
+
+/// The experts chosen for each of N tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// [N][k]: expert indices, in descending probability (as `torch.topk`; ties: lower index
+    /// first).
+    pub experts: Vec<Vec<u32>>,
+    /// [N][k]: the weights of those experts (softmax probabilities, not renormalised).
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// Softmax over each row of `logits` ([N·E] row-major), in f32, as `F.softmax(dtype=float)`.
+fn softmax_rows(logits: &mut [f32], e: usize) {
+    for row in logits.chunks_mut(e) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+}
+
+/// The `k` largest entries of `p` (indices, values), descending; ties go to the lower index.
+fn top_k(p: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut idx: Vec<u32> = (0..p.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        p[b as usize]
+            .partial_cmp(&p[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    let vals = idx.iter().map(|&i| p[i as usize]).collect();
+    (idx, vals)
+}
+
+/// The pairs (token, expert slot) of a routing grouped by expert: `tokens` lists the token of
+/// each pair in expert order (tokens increasing within an expert), `weights` its weight,
+/// `counts[e]` how many pairs expert `e` has.
+struct Groups {
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+    counts: Vec<usize>,
+}
+
+impl Routing {
+    fn groups(&self, num_experts: usize) -> Groups {
+        let mut per: Vec<Vec<(u32, f32)>> = vec![Vec::new(); num_experts];
+        for (t, (es, ws)) in self.experts.iter().zip(&self.weights).enumerate() {
+            for (&e, &w) in es.iter().zip(ws) {
+                per[e as usize].push((t as u32, w));
+            }
+        }
+        let counts = per.iter().map(Vec::len).collect();
+        let (tokens, weights) = per.into_iter().flatten().unzip();
+        Groups {
+            tokens,
+            weights,
+            counts,
+        }
+    }
+}
+
+impl SparseMoe {
+    /// Number of experts.
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Router logits [N, E] in f32 of `x` [N, D].
+    fn router_logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.gate.forward_f32(x)?.to_dtype(DType::F32)
+    }
+
+    /// The routing of router logits [N, E] (f32): softmax, expert bias, top-k.
+    pub fn route_logits(&self, logits: &Tensor) -> Result<Routing> {
+        let (n, e) = logits.dims2()?;
+        let mut p = logits.flatten_all()?.to_vec1::<f32>()?;
+        softmax_rows(&mut p, e);
+        if let Some(bias) = &self.expert_bias {
+            for row in p.chunks_mut(e) {
+                for (x, b) in row.iter_mut().zip(bias) {
+                    *x += b;
+                }
+            }
+        }
+        let (mut experts, mut weights) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for row in p.chunks(e) {
+            let (i, v) = top_k(row, self.top_k);
+            experts.push(i);
+            weights.push(v);
+        }
+        Ok(Routing { experts, weights })
+    }
+
+    /// The experts each token of `x` [N, D] goes to.
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        self.route_logits(&self.router_logits(x)?)
+    }
+
+    /// The weighted sum of the routed experts' outputs for `x` [N, D] (inference, grouped by
+    /// expert), [N, D] in x's dtype.
+    fn experts_out(&self, x: &Tensor, routing: &Routing, diff: bool) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let g = routing.groups(self.num_experts());
+        let dev = x.device();
+        let idx = Tensor::from_slice(&g.tokens, g.tokens.len(), dev)?;
+        let xs = x.index_select(&idx, 0)?; // [N·k, D], grouped by expert
+        let mut outs = Vec::new();
+        let mut at = 0;
+        for (e, &c) in g.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let xe = xs.narrow(0, at, c)?;
+            let mlp = &self.experts[e];
+            outs.push(if diff {
+                mlp.forward_diff(&xe)?
+            } else {
+                mlp.forward(&xe)?
+            });
+            at += c;
+        }
+        let y = Tensor::cat(&outs, 0)?; // [N·k, D]
+                                        // the weights are cast to the hidden dtype before the product, as the official block
+        let w = Tensor::from_slice(&g.weights, (g.weights.len(), 1), dev)?.to_dtype(y.dtype())?;
+        let y = y.broadcast_mul(&w)?;
+        Tensor::zeros((n, d), y.dtype(), dev)?.index_add(&idx, &y, 0)
+    }
+
+    /// res + moe(x) for `x` [N, D] (inference).
+    pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        let routing = self.route(x)?;
+        let mut out = self.experts_out(x, &routing, false)?;
+        if let Some(s) = &self.shared {
+            out = crate::kernels::add(&out, &s.forward(x)?)?;
+        }
+        crate::kernels::add(res, &out.to_dtype(res.dtype())?)
+    }
+
+    /// moe(x) made of differentiable ops (training), with the router logits [N, E] (f32) for the
+    /// load-balancing loss. The routing itself (a top-k) carries no gradient; the weights do.
+    pub fn forward_diff(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let logits = self.gate.forward_diff(x)?.to_dtype(DType::F32)?; // [N, E]
+        let routing = self.route_logits(&logits.detach())?;
+        let g = routing.groups(self.num_experts());
+        let dev = x.device();
+        let idx = Tensor::from_slice(&g.tokens, g.tokens.len(), dev)?;
+        // the weights of the pairs, gathered from the differentiable probabilities
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let probs = match &self.expert_bias {
+            Some(b) => probs.broadcast_add(&Tensor::from_slice(b, b.len(), dev)?)?,
+            None => probs,
+        };
+        let e = self.num_experts();
+        let flat: Vec<u32> = {
+            let mut f = Vec::with_capacity(g.tokens.len());
+            let mut at = 0;
+            for (ex, &c) in g.counts.iter().enumerate() {
+                for &t in &g.tokens[at..at + c] {
+                    f.push(t * e as u32 + ex as u32);
+                }
+                at += c;
+            }
+            f
+        };
+        let w = probs
+            .flatten_all()?
+            .index_select(&Tensor::from_slice(&flat, flat.len(), dev)?, 0)?
+            .reshape((flat.len(), 1))?;
+        let xs = x.index_select(&idx, 0)?;
+        let mut outs = Vec::new();
+        let mut at = 0;
+        for (ex, &c) in g.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            outs.push(self.experts[ex].forward_diff(&xs.narrow(0, at, c)?)?);
+            at += c;
+        }
+        let y = Tensor::cat(&outs, 0)?;
+        let y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
+        let (n, d) = x.dims2()?;
+        let mut out = Tensor::zeros((n, d), y.dtype(), dev)?.index_add(&idx, &y, 0)?;
+        if let Some(s) = &self.shared {
+            out = (out + s.forward_diff(x)?)?;
+        }
+        Ok((out, logits))
+    }
+
+    /// The weighted expert outputs without the grouping (one expert at a time over every token,
+    /// dense): the slow reference the grouped path is tested against.
+    #[doc(hidden)]
+    pub fn forward_ungrouped(&self, x: &Tensor) -> Result<Tensor> {
+        let routing = self.route(x)?;
+        let (n, d) = x.dims2()?;
+        let mut acc = vec![0f32; n * d];
+        for (ex, mlp) in self.experts.iter().enumerate() {
+            let y = mlp
+                .forward(x)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for t in 0..n {
+                if let Some(j) = routing.experts[t].iter().position(|&e| e as usize == ex) {
+                    let w = routing.weights[t][j];
+                    for c in 0..d {
+                        acc[t * d + c] += w * y[t * d + c];
+                    }
+                }
+            }
+        }
+        let mut out = Tensor::from_vec(acc, (n, d), &Device::Cpu)?;
+        if let Some(s) = &self.shared {
+            out = (out
+                + s.forward(x)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?)?;
+        }
+        out.to_device(x.device())
+    }
+}
+
+/// The Switch-Transformer load-balancing loss of the official code
+/// (`load_balancing_loss_func`): over the router logits of every layer's tokens concatenated
+/// ([N_total, E] f32), `E · Σ_{j<k, e} f[j, e] · P[e]`, where `f[j, e]` is the fraction of tokens
+/// whose j-th choice is expert e and `P[e]` the mean router probability of e. A uniform router
+/// gives exactly k. The gradient flows through `P` only (the choices are discrete).
+pub fn load_balancing_loss(router_logits: &[Tensor], k: usize) -> Result<Tensor> {
+    let logits = Tensor::cat(router_logits, 0)?; // [N, E]
+    let (n, e) = logits.dims2()?;
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let p = probs.detach().flatten_all()?.to_vec1::<f32>()?;
+    // f summed over the k slots: the counts of each expert among the tokens' choices / N
+    let mut f = vec![0f32; e];
+    for row in p.chunks(e) {
+        let (idx, _) = top_k(row, k);
+        for i in idx {
+            f[i as usize] += 1.0;
+        }
+    }
+    for x in f.iter_mut() {
+        *x /= n as f32;
+    }
+    let f = Tensor::from_vec(f, (1, e), logits.device())?;
+    let mean_p = probs.mean_keepdim(0)?; // [1, E]
+    ((f * mean_p)?.sum_all()? * e as f64)?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_is_descending_and_breaks_ties_by_index() {
+        let (i, v) = top_k(&[0.1, 0.4, 0.1, 0.4], 3);
+        assert_eq!(i, vec![1, 3, 0]);
+        assert_eq!(v, vec![0.4, 0.4, 0.1]);
+    }
+
+    #[test]
+    fn the_aux_loss_of_a_uniform_router_is_k() {
+        // every probability 1/E: Σ_e f_e · (1/E) · E = Σ_e f_e = k, whatever the tie-breaking
+        for (e, k) in [(8, 2), (64, 8), (4, 1)] {
+            let logits = Tensor::zeros((37, e), DType::F32, &Device::Cpu).unwrap();
+            let l = load_balancing_loss(&[logits.clone(), logits], k)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!((l - k as f32).abs() < 1e-5, "E={e} k={k}: {l}");
+        }
+        // a router that sends every token to the same experts with certainty: E·(k·1)·(1/k)…
+        // here top-1 of 4 experts always expert 0 with p≈1: f = [1,0,0,0], P ≈ [1,0,0,0] → 4
+        let mut v = vec![-30f32; 10 * 4];
+        for r in 0..10 {
+            v[r * 4] = 30.0;
+        }
+        let logits = Tensor::from_vec(v, (10, 4), &Device::Cpu).unwrap();
+        let l = load_balancing_loss(&[logits], 1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - 4.0).abs() < 1e-4, "{l}");
+    }
+}
