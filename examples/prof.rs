@@ -97,9 +97,12 @@ fn main() {
             }
             let f = b.ff_norm.forward(&h).unwrap();
             lap(6, &mut t);
-            let mm = b.mlp.hidden(&f).unwrap();
+            let llada::model::moe::Ffn::Dense(mlp) = &b.ffn else {
+                panic!("this profile is of a dense model");
+            };
+            let mm = mlp.hidden(&f).unwrap();
             lap(7, &mut t);
-            h = b.mlp.ff_out.forward_add(&mm, &h).unwrap();
+            h = mlp.ff_out.forward_add(&mm, &h).unwrap();
             lap(8, &mut t);
         }
     }

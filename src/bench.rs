@@ -343,6 +343,63 @@ pub fn bench_forward(
     })
 }
 
+/// Times one cached denoising step: a canvas of `batch` × `len` random tokens whose block
+/// `block` is being denoised with cache `mode`. The block-start forward (which fills the caches)
+/// runs once, untimed; each timed run is one later step of the block (logits of the block's
+/// rows, recomputing only what the mode says).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_step(
+    model: &Model,
+    special: &SpecialTokens,
+    batch: usize,
+    len: usize,
+    block: std::ops::Range<usize>,
+    mode: crate::model::CacheMode,
+    warmup: usize,
+    runs: usize,
+    seed: u64,
+) -> Result<ForwardReport> {
+    check_shape(model, batch, len, 0)?;
+    if block.is_empty() || block.end > len {
+        return Err(crate::error::Error::setting(
+            "block",
+            format!("{}..{}", block.start, block.end),
+            format!("must be a non-empty range of the {len}-token canvas"),
+        ));
+    }
+    let vocab = model.config().vocab_size;
+    let ids: Vec<u32> = (0..batch)
+        .flat_map(|i| random_prompt(len, vocab, special, seed + i as u64))
+        .collect();
+    let x = candle_core::Tensor::from_vec(ids, (batch, len), model.device())?;
+    let mut p = model.predictor();
+    p.begin_block(block.clone(), mode)?;
+    drop(p.logits(&x, None, block.clone())?);
+    let mut ms = Vec::new();
+    for r in 0..warmup + runs {
+        crate::device::sync(model.device())?;
+        let t0 = Instant::now();
+        let y = p.logits(&x, None, block.clone())?;
+        crate::device::sync(model.device())?;
+        drop(y);
+        if r >= warmup {
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = Stat::of(&ms);
+    let chunk = mode.recomputed(block.clone(), len);
+    let flops = model
+        .config()
+        .chunk_flops(batch, chunk.len(), len, block.len());
+    Ok(ForwardReport {
+        runs,
+        batch,
+        len,
+        gflops: flops / (ms.mean / 1e3) / 1e9,
+        ms,
+    })
+}
+
 /// Result of a scoring benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoreReport {

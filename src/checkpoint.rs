@@ -132,6 +132,16 @@ impl Checkpoint {
             path: self.dir.clone(),
             architecture: self.raw.architecture().unwrap_or_default(),
             parameters: params,
+            active_parameters: self.config.active_parameter_count(),
+            experts: self.config.moe.as_ref().map(|m| ExpertInfo {
+                num_experts: m.num_experts,
+                top_k: m.top_k,
+                expert_size: m.expert_size,
+                moe_layers: m.layers.iter().filter(|&&x| x).count(),
+                shared_expert_size: m.shared_expert_size,
+            }),
+            qk_norm: self.config.qk_norm,
+            mask_padding: self.config.mask_padding,
             stored_dtype: self.stored_dtype.clone(),
             run_dtype: dtype_name(self.model.dtype()).to_string(),
             device: crate::device::device_name(self.model.device()),
@@ -183,12 +193,30 @@ pub struct SpecialSet {
     pub end_header: Option<SpecialInfo>,
 }
 
+/// The mixture-of-experts shape of a model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertInfo {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub expert_size: usize,
+    /// Layers that are mixtures of experts (the others are dense).
+    pub moe_layers: usize,
+    pub shared_expert_size: Option<usize>,
+}
+
 /// What `llada info` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Info {
     pub path: PathBuf,
     pub architecture: String,
     pub parameters: u64,
+    /// Parameters one token's forward multiplies with (the routed experts only; no embedding).
+    pub active_parameters: u64,
+    pub experts: Option<ExpertInfo>,
+    /// RMSNorm of each query and key head before RoPE.
+    pub qk_norm: bool,
+    /// Whether key-padding masks are honoured (LLaDA-MoE: off, as its official forward).
+    pub mask_padding: bool,
     pub stored_dtype: String,
     pub run_dtype: String,
     pub device: String,

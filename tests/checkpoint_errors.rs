@@ -129,13 +129,19 @@ fn unsupported_architecture_is_an_error() {
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
             .unwrap();
-    cfg["architectures"] = serde_json::json!(["LLaDAMoEModelLM"]);
+    cfg["architectures"] = serde_json::json!(["BertForMaskedLM"]);
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
     let e = load_err(d.path());
     assert!(
-        e.contains("LLaDAMoEModelLM") && e.contains("unsupported architecture"),
+        e.contains("BertForMaskedLM") && e.contains("unsupported architecture"),
         "{e}"
     );
+    // LLaDA-MoE is chosen by `architectures` and read with its own keys: LLaDA-8B's keys under
+    // its name are an error naming the first key it needs
+    cfg["architectures"] = serde_json::json!(["LLaDAMoEModelLM"]);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("hidden_size") && e.contains("absent"), "{e}");
 }
 
 #[test]

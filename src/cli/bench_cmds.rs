@@ -23,8 +23,10 @@ pub struct BenchArgs {
     /// on the device: an 8B-shaped benchmark needs no 16 GB file).
     #[arg(long, conflicts_with = "model")]
     pub random_weights: Option<PathBuf>,
-    /// What to time: generate (the sampler), forward (one forward pass), score (the likelihood
-    /// estimator) or train (pretraining steps: loss, backward, AdamW; --batch, --len = seq len).
+    /// What to time: generate (the sampler), forward (one forward pass), step (one cached
+    /// denoising step of the answer's first block: --cache, default dual; the block-start forward
+    /// untimed), score (the likelihood estimator) or train (pretraining steps: loss, backward,
+    /// AdamW; --batch, --len = seq len).
     #[arg(long, default_value = "generate")]
     pub mode: String,
     /// Length of the seeded random prompt.
@@ -215,9 +217,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     match a.mode.as_str() {
         "generate" => run_generate(&a, &s, &cfg),
         "forward" => run_forward(&a, &s, &cfg),
+        "step" => run_step(&a, &s, &cfg),
         "score" => run_score(&a, &s, &cfg),
         "train" => run_train(&a, &s),
-        other => bail!("invalid setting mode={other}: must be generate, forward, score or train"),
+        other => {
+            bail!("invalid setting mode={other}: must be generate, forward, step, score or train")
+        }
     }
 }
 
@@ -301,6 +306,43 @@ fn run_forward(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         s.model.config().forward_flops(a.batch, len) / 1e9
     );
     println!("ms per forward  {}", pm(r.ms, 2));
+    println!("GFLOP/s         {}", s.rate(r.gflops));
+    print_peak(peak_rss, &s.base);
+    Ok(())
+}
+
+/// `--mode step`: one cached denoising step (`--cache`, default dual) of the answer's first
+/// block (`--block-length`) on a canvas of `--prompt-len` + `--gen-length` random tokens.
+fn run_step(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
+    let len = a.prompt_len.saturating_add(cfg.gen_length);
+    let block = a.prompt_len..a.prompt_len.saturating_add(cfg.block_length);
+    let mode = a.sampler.cache.unwrap_or(llada::sampler::CacheMode::Dual);
+    let r = bench::bench_step(
+        &s.model,
+        &s.special,
+        a.batch,
+        len,
+        block.clone(),
+        mode,
+        a.warmup,
+        a.runs,
+        a.sampler.seed,
+    )?;
+    let peak_rss = bench::peak_rss_bytes();
+    if a.json {
+        let mut v = s.json("step", &r)?;
+        v["ms"] = r.ms.mean.into();
+        v["cache"] = mode.to_string().into();
+        v["block"] = serde_json::json!([block.start, block.end]);
+        s.rates(&mut v, r.gflops, peak_rss);
+        return print_json(&v);
+    }
+    s.title("step");
+    println!(
+        "shape           batch {} × {} tokens · block {}..{} · cache {}",
+        a.batch, len, block.start, block.end, mode
+    );
+    println!("ms per step     {}", pm(r.ms, 2));
     println!("GFLOP/s         {}", s.rate(r.gflops));
     print_peak(peak_rss, &s.base);
     Ok(())

@@ -72,9 +72,32 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "shape           d_model {} · layers {} · heads {} (kv {}, head dim {}) · mlp {} · vocab {} (logits {})",
         i.d_model, i.n_layers, i.n_heads, i.n_kv_heads, i.head_dim, i.mlp_hidden_size, i.vocab_size, i.embedding_size
     );
+    if let Some(e) = &i.experts {
+        println!(
+            "experts         {} per layer, top {} · expert size {} · {} of {} layers{}{} · {} active parameters ({})",
+            e.num_experts,
+            e.top_k,
+            e.expert_size,
+            e.moe_layers,
+            i.n_layers,
+            e.shared_expert_size
+                .map(|f| format!(" · shared expert {f}"))
+                .unwrap_or_default(),
+            if i.qk_norm { " · QK norm" } else { "" },
+            i.active_parameters,
+            human_count(i.active_parameters)
+        );
+    }
     println!(
-        "context         {} tokens · rope θ {} · tied head {}",
-        i.max_sequence_length, i.rope_theta, i.weight_tying
+        "context         {} tokens · rope θ {} · tied head {}{}",
+        i.max_sequence_length,
+        i.rope_theta,
+        i.weight_tying,
+        if i.mask_padding {
+            ""
+        } else {
+            " · padding not masked (as the official forward)"
+        }
     );
     println!("stored dtype    {}", i.stored_dtype);
     println!(

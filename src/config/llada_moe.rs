@@ -405,7 +405,7 @@ mod tests {
         ] {
             v[k] = serde_json::json!(x);
         }
-        v["moe_layer_freq"] = serde_json::json!([1; 16]);
+        v["moe_layer_freq"] = serde_json::json!(vec![1; 16]);
         let c = parse(v).unwrap();
         let (total, active) = (c.parameter_count(), c.active_parameter_count());
         assert!((7.2e9..7.4e9).contains(&(total as f64)), "{total}");

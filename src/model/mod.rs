@@ -173,6 +173,27 @@ impl WeightSource for FileWeights<'_> {
     }
 }
 
+/// Seeded random weights made on demand, tensor by tensor (benchmarks: an 8B-shaped model is
+/// never held twice, and is packed as a loaded checkpoint would be). Each tensor's stream is
+/// seeded by `seed` and its name, so the values do not depend on the order the loader asks.
+pub struct RandomWeights<'a> {
+    pub seed: u64,
+    pub std: f64,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl WeightSource for RandomWeights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        // FNV-1a of the name
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = crate::rng::Rng::new(self.seed ^ h);
+        initial_tensor(name, shape, self.std, self.dtype, self.device, &mut rng)
+    }
+}
+
 impl WeightSource for HashMap<String, Tensor> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get(name).ok_or_else(|| Error::MissingTensor {
@@ -257,7 +278,8 @@ impl Architecture {
         })
     }
 
-    /// This architecture's model with seeded random weights (benchmarks, pretraining from scratch).
+    /// This architecture's model with seeded random weights for inference (benchmarks): made
+    /// tensor by tensor ([`RandomWeights`]) and packed as a loaded checkpoint's.
     pub fn init_random(
         self,
         cfg: &ModelConfig,
@@ -265,11 +287,16 @@ impl Architecture {
         dtype: DType,
         device: &Device,
     ) -> Result<Model> {
-        Ok(match self {
-            Architecture::Llada | Architecture::LladaMoe => {
-                Model::Llada(Llada::init_random(cfg, seed, dtype, device)?)
-            }
-        })
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let src = RandomWeights {
+            seed,
+            std: cfg.init_std,
+            dtype,
+            device,
+        };
+        self.load(cfg, &src, WeightLayout::PackedForInference)
     }
 }
 

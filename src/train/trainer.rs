@@ -775,12 +775,15 @@ impl Trainer {
         }
     }
 
-    /// The loss of one (noised) batch: Σ w·CE over its masked positions.
+    /// The loss of one (noised) batch: Σ w·CE over its masked positions; with `aux`, plus a
+    /// mixture-of-experts model's load-balancing loss × `router_aux_loss_coef` (training steps;
+    /// the held-out bound leaves it out).
     fn batch_loss(
         &self,
         x0: &[Vec<u32>],
         objective: &Objective,
         rng: &mut Rng,
+        aux: bool,
     ) -> Result<(Tensor, usize)> {
         let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
         let pl = match objective {
@@ -801,8 +804,20 @@ impl Trainer {
         }
         let ids = Tensor::from_vec(input.concat(), (b, l), &self.device)?;
         let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
-        let logits = self.trainable.model.forward_train_positions(&ids, &pos)?;
-        Ok((diffusion::masked_diffusion_loss(&logits, &w)?, b * l))
+        let (logits, balance) = self.trainable.model.forward_train_aux(&ids, &pos)?;
+        let loss = diffusion::masked_diffusion_loss(&logits, &w)?;
+        let coef = self
+            .trainable
+            .model
+            .config()
+            .moe
+            .as_ref()
+            .map_or(0.0, |m| m.aux_loss_coef);
+        let loss = match balance {
+            Some(bl) if aux && coef > 0.0 => (loss + (bl * coef)?)?,
+            _ => loss,
+        };
+        Ok((loss, b * l))
     }
 
     /// The held-out bound: the objective on `eval_batches` batches of the validation split, with
@@ -826,7 +841,7 @@ impl Trainer {
         for _ in 0..self.cfg.eval_batches {
             let batch = reader.next_batch(self.cfg.batch_size);
             let obj = self.objective(&batch);
-            let (loss, _) = self.batch_loss(&batch.x0, &obj, &mut rng)?;
+            let (loss, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false)?;
             total += loss.to_scalar::<f32>()? as f64;
         }
         Ok(Some(total / self.cfg.eval_batches as f64))
@@ -857,7 +872,7 @@ impl Trainer {
                 }
             }
             let obj = self.objective(&batch);
-            let (loss, n) = self.batch_loss(&batch.x0, &obj, &mut rng)?;
+            let (loss, n) = self.batch_loss(&batch.x0, &obj, &mut rng, true)?;
             let loss = (loss / self.cfg.grad_accum as f64)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             tokens += n as u64;
@@ -1198,7 +1213,7 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
         return Err(Error::config(
             "mask_token_id",
             "absent",
-            "training needs the mask id in config.json",
+            "training needs the mask id in config.json (LLaDA-MoE's names none: add \"mask_token_id\": 156895 for its tokenizer)",
         ));
     }
     Ok(())
