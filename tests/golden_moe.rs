@@ -69,6 +69,16 @@ fn forward_logits_match_reference() {
     }
 }
 
+/// Running the golden checkpoint in bf16 stays within the stated bf16 tolerance of the f32
+/// reference logits (weights rounded to bf16 included; an expert choice may flip near a tie).
+#[test]
+fn forward_bf16_within_tolerance() {
+    if forward_dtype() != DType::F32 {
+        return;
+    }
+    golden::check_forward(&moe_dir(), moe(DType::BF16), &Device::Cpu, DType::BF16);
+}
+
 /// The router picks the reference's experts, in the reference's order, for every token of every
 /// layer of every forward case whose router margin is not fragile.
 #[test]
