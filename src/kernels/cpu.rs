@@ -144,7 +144,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Option<Resul
     }
     match a.dtype() {
         DType::F32 if f.avx512f => Some(batched_f32(a, b, transpose_b)),
-        DType::BF16 if f.avx512bf16 => Some(batched_bf16(a, b, transpose_b)),
+        DType::BF16 if f.avx512f => Some(batched_bf16(a, b, transpose_b)),
         _ => None,
     }
 }

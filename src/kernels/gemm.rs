@@ -1,6 +1,7 @@
 //! CPU matrix multiplication: an AVX-512 outer-product GEMM (f32 FMA, and bf16 pairs through
-//! `vdpbf16ps` with f32 accumulation), chosen at run time by CPU feature detection, with a
-//! portable fallback (the `gemm` crate through candle, or plain loops).
+//! `vdpbf16ps` with f32 accumulation, or, on AVX-512 CPUs without AVX512-BF16, the same bf16
+//! pairs widened to f32 in registers and multiplied with FMAs), chosen at run time by CPU feature
+//! detection, with a portable fallback (the `gemm` crate through candle, or plain loops).
 //!
 //! C[m×n] = A[m×k]·B[k×n]. A is read element by element with any strides (so Aᵀ costs nothing);
 //! B is read 32 columns at a time, either from rows contiguous along n or from panels packed once
@@ -425,7 +426,8 @@ fn sink_row(sink: Sink, n: usize, i: usize, j0: usize, row: &[f32], cols: usize)
 }
 
 /// C = A·B, A bf16 row-major with rows of `k` values at stride `lda` (even), B packed bf16; f32
-/// accumulation and output. Needs AVX512-BF16 (see [`cpu_features`]); portable otherwise.
+/// accumulation and output. AVX-512 kernels (with `vdpbf16ps` where the CPU has AVX512-BF16, f32
+/// FMAs on the widened pairs otherwise, see [`cpu_features`]); portable code elsewhere.
 pub fn bf16gemm(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, c: &mut [f32], ldc: usize) {
     let n = b.n;
     if m == 0 || n == 0 {
@@ -488,13 +490,27 @@ pub fn bf16gemm_vec(
 
 /// Runs the tiles of C = A·B into `sink` (bounds checked by the callers).
 fn bf16gemm_sink(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, sink: Sink) {
+    bf16gemm_sink_with(m, a, lda, b, sink, cpu_features().avx512bf16)
+}
+
+/// [`bf16gemm_sink`] with the bf16 dot-product instruction allowed (`dp`, where the CPU has it)
+/// or not (the f32-FMA kernel on any AVX-512 CPU: tests run it everywhere).
+fn bf16gemm_sink_with(m: usize, a: &[bf16], lda: usize, b: &PackedBf16, sink: Sink, dp: bool) {
+    let dp = dp && cpu_features().avx512bf16;
     let (n, k) = (b.n, b.k);
     #[cfg(target_arch = "x86_64")]
     // (k = 0 goes the portable way, which writes the zeros: the tiles would write nothing)
-    if cpu_features().avx512bf16 && k > 0 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
+    if cpu_features().avx512f && k > 0 && k.is_multiple_of(2) && lda.is_multiple_of(2) {
         for_tiles(m, n, k, |jp, mc| {
-            // SAFETY: disjoint tiles; A and C bounds asserted above; k and lda even.
-            unsafe { avx512::bf16gemm_tile(m, a, lda, b, sink, jp, mc) };
+            // SAFETY: disjoint tiles; A and C bounds asserted above; k and lda even; each tile
+            // function needs only the features checked here.
+            unsafe {
+                if dp {
+                    avx512::bf16gemm_tile(m, a, lda, b, sink, jp, mc)
+                } else {
+                    avx512::bf16gemm_tile_fma(m, a, lda, b, sink, jp, mc)
+                }
+            };
         });
         return;
     }
@@ -528,9 +544,10 @@ mod avx512 {
     use super::{AOperand, BOperand, PackedBf16, Sink, KC, MC, MR, NR};
     use half::bf16;
     use std::arch::x86_64::{
-        __m512, __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
-        _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm_prefetch, _MM_HINT_T0,
+        __m512, __m512bh, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_dpbf16_ps,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_sllv_epi32, _mm512_storeu_ps, _mm_prefetch, _MM_HINT_T0,
     };
 
     /// Prefetch distance of the weight stream, in k steps (pairs for bf16).
@@ -688,6 +705,18 @@ mod avx512 {
                 acc_i[1] = _mm512_dpbf16_ps(acc_i[1], ai, b1);
             }
         }
+        finish_bf16::<R>(&acc, prev, partial, (sink, n, i0, j0, cols));
+    }
+
+    /// The end of a bf16 micro-tile: the partial sums at `prev` added, then written as partial
+    /// sums to `partial` or, finished, through the sink.
+    #[inline(always)]
+    unsafe fn finish_bf16<const R: usize>(
+        acc: &[[__m512; 2]; R],
+        prev: Option<*const f32>,
+        partial: Option<*mut f32>,
+        (sink, n, i0, j0, cols): (Sink, usize, usize, usize, usize),
+    ) {
         let mut row = [0f32; NR];
         for (i, acc_i) in acc.iter().enumerate() {
             let (mut o0, mut o1) = (acc_i[0], acc_i[1]);
@@ -709,6 +738,53 @@ mod avx512 {
         }
     }
 
+    /// [`kernel_bf16`] for CPUs with AVX-512F but not AVX512-BF16: each 32-bit lane of a panel
+    /// holds a bf16 pair (even k low, odd k high); the low half shifted up and the high half
+    /// masked are those values in f32 (exactly), so each pair is two FMA steps. A comes widened
+    /// to f32 (`af`, rows at stride `afs`, by the tile), so its broadcasts are loads, not shuffles
+    /// that would take the FMA ports. Same products (exact in f32), f32 accumulation; the weights
+    /// stay bf16 in memory. (Measured, one thread, Ice Lake: about 80% of the f32 kernel's rate
+    /// at the model's shapes; a loop over pairs with both halves in one body spilled the
+    /// accumulators and ran at 40%.)
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_bf16_fma<const R: usize>(
+        kl2: usize,
+        af: *const f32,
+        afs: usize,
+        b: *const u32,
+        prev: Option<*const f32>,
+        partial: Option<*mut f32>,
+        to: (Sink, usize, usize, usize, usize),
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // k step q of a pair: even q = the low halves shifted up, odd q = the high halves
+        // masked; one uniform loop over the k steps (as the f32 kernel's), so the compiler keeps
+        // the accumulators in registers
+        let shift = [_mm512_set1_epi32(16), _mm512_set1_epi32(0)];
+        let keep = [
+            _mm512_set1_epi32(-1),
+            _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+        ];
+        for q in 0..2 * kl2 {
+            let bp = b.add((q / 2) * NR);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * NR) as *const i8);
+            let (sh, kp) = (shift[q & 1], keep[q & 1]);
+            let b0 = _mm512_loadu_si512(bp as *const _);
+            let b1 = _mm512_loadu_si512(bp.add(16) as *const _);
+            let b0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_sllv_epi32(b0, sh), kp));
+            let b1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_sllv_epi32(b1, sh), kp));
+            let ap = af.add(q);
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i * afs));
+                acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+                acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+            }
+        }
+        finish_bf16::<R>(&acc, prev, partial, to);
+    }
+
+    /// One task of a bf16 GEMM: column panel `jp`, rows of chunk `mc` (AVX512-BF16).
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn bf16gemm_tile(
@@ -747,6 +823,64 @@ mod avx512 {
             }
             kb += kl;
         }
+    }
+
+    /// [`bf16gemm_tile`] for AVX-512 CPUs without AVX512-BF16: each depth block of the chunk's A
+    /// rows is widened to f32 once, then every micro-tile multiplies with [`kernel_bf16_fma`].
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn bf16gemm_tile_fma(
+        m: usize,
+        a: &[bf16],
+        lda: usize,
+        b: &PackedBf16,
+        sink: Sink,
+        jp: usize,
+        mc: usize,
+    ) {
+        let (n, k) = (b.n, b.k);
+        let k2 = k / 2;
+        let j0 = jp * NR;
+        let cols = NR.min(n - j0);
+        let (i0, i1) = (mc * MC, (mc * MC + MC).min(m));
+        let mut scratch = [0f32; MC * NR];
+        let sp = scratch.as_mut_ptr();
+        // the chunk's A rows of one depth block, in f32: [rows][2·KC], in a buffer each thread
+        // keeps (a fresh allocation per tile would fault its pages in every time)
+        thread_local! {
+            static AF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let afs = 2 * KC;
+        AF.with(|buf| {
+            let mut af = buf.borrow_mut();
+            if af.len() < (i1 - i0) * afs {
+                af.resize((i1 - i0) * afs, 0.0);
+            }
+            let mut kb = 0;
+            while kb < k2 {
+                let kl = KC.min(k2 - kb);
+                let last = kb + kl == k2;
+                for (r, dst) in af[..(i1 - i0) * afs].chunks_mut(afs).enumerate() {
+                    let src = &a[(i0 + r) * lda + 2 * kb..(i0 + r) * lda + 2 * (kb + kl)];
+                    for (d, x) in dst.iter_mut().zip(src) {
+                        *d = f32::from_bits((x.to_bits() as u32) << 16);
+                    }
+                }
+                let bp = b.data.as_ptr().add(jp * k2 * NR + kb * NR);
+                let mut i = i0;
+                while i < i1 {
+                    let r = MR.min(i1 - i);
+                    let ap = af.as_ptr().add((i - i0) * afs);
+                    let here = sp.add((i - i0) * NR);
+                    let prev = (kb > 0).then_some(here as *const f32);
+                    let partial = (!last).then_some(here);
+                    let to = (sink, n, i, j0, cols);
+                    dispatch_rows!(r, kernel_bf16_fma, kl, ap, afs, bp, prev, partial, to);
+                    i += r;
+                }
+                kb += kl;
+            }
+        });
     }
 }
 
@@ -944,6 +1078,10 @@ mod tests {
             let mut c = vec![0f32; m * n];
             bf16gemm(m, &a, k, &pk, &mut c, n);
             check(&c, &want, 1e-4, "bf16");
+            // the f32-FMA kernel of CPUs without AVX512-BF16, on any CPU
+            let mut c = vec![0f32; m * n];
+            bf16gemm_sink_with(m, &a, k, &pk, Sink::F32(SendPtr(c.as_mut_ptr()), n), false);
+            check(&c, &want, 1e-4, "bf16 via f32 FMAs");
         }
     }
 }

@@ -70,7 +70,8 @@ pub fn plain_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The AVX-512 CPU kernels: packed GEMM weights, fused attention over packed key/value
-    /// stores (f32 with AVX-512F, bf16 with AVX512-BF16).
+    /// stores (f32 and bf16 with AVX-512F; bf16 products by `vdpbf16ps` where the CPU has
+    /// AVX512-BF16, by f32 FMAs on the widened pairs otherwise).
     FusedCpu,
     /// candle's tensor ops (GPUs, other CPUs and dtypes); on the CPU the element-wise ops
     /// still use this module's portable kernels.
@@ -84,7 +85,7 @@ impl Backend {
         let fused = matches!(device, Device::Cpu)
             && match dtype {
                 DType::F32 => f.avx512f,
-                DType::BF16 => f.avx512bf16,
+                DType::BF16 => f.avx512f,
                 _ => false,
             };
         if fused {

@@ -7,17 +7,16 @@ use candle_core::DType;
 use std::time::{Duration, Instant};
 
 /// Peak GFLOP/s of the CPU kernels' instruction for `dtype` on all of rayon's threads, over about
-/// `ms` milliseconds; `None` where the kernels have no SIMD path (no AVX-512 / AVX512-BF16).
+/// `ms` milliseconds; `None` where the kernels have no SIMD path (no AVX-512). On AVX-512 CPUs
+/// without AVX512-BF16 the bf16 kernels multiply with f32 FMAs: their peak is f32's.
 pub fn peak_gflops(dtype: DType, ms: u64) -> Option<f64> {
     let f = super::gemm::cpu_features();
-    let ok = match dtype {
-        DType::F32 => f.avx512f,
-        DType::BF16 => f.avx512bf16,
-        _ => false,
+    let dtype = match dtype {
+        DType::F32 if f.avx512f => DType::F32,
+        DType::BF16 if f.avx512bf16 => DType::BF16,
+        DType::BF16 if f.avx512f => DType::F32,
+        _ => return None,
     };
-    if !ok {
-        return None;
-    }
     let budget = Duration::from_millis(ms);
     let rates: Vec<f64> = rayon::broadcast(|_| {
         let t0 = Instant::now();

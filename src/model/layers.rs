@@ -152,7 +152,8 @@ impl Linear {
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
                 Ok(Linear::from_weight(PackedF32::from_weight(&data, n, k)))
             }
-            DType::BF16 if f.avx512bf16 && k.is_multiple_of(2) => {
+            // AVX512-BF16 multiplies the pairs directly; plain AVX-512 widens them in registers
+            DType::BF16 if f.avx512f && k.is_multiple_of(2) => {
                 let data = w.flatten_all()?.to_vec1::<bf16>()?;
                 Ok(Linear::from_weight(PackedBf16::from_weight(&data, n, k)))
             }
