@@ -511,7 +511,8 @@ pub fn bench_train(
         }
     }
     let tokens = (batch * seq_len) as f64;
-    let n = (cfg.parameter_count() - (cfg.embedding_size * cfg.d_model) as u64) as f64;
+    // the parameters a token's forward multiplies with (a mixture's routed experts only)
+    let n = cfg.active_parameter_count() as f64;
     let st = Stat::of(&secs);
     Ok(TrainReport {
         steps,

@@ -156,19 +156,78 @@ fn cached_steps_agree_with_the_full_forward() {
 }
 
 /// `mask_padding: true` (a llada extension) makes padded keys invisible: the real tokens' logits
-/// then equal those of the unpadded sequence; by default padding is attended, as the official
-/// forward.
+/// then equal those of the unpadded sequence (RoPE scores depend on relative positions only); by
+/// default padding is attended, as the official forward, and the mask changes nothing.
 #[test]
 fn mask_padding_is_an_opt_in() {
     let x: Vec<u32> = vec![5, 9, 13, 95, 95, 40];
     let padded: Vec<u32> = [vec![1u32, 1, 1], x.clone()].concat();
     let mask = Tensor::from_vec(vec![0u32, 0, 0, 1, 1, 1, 1, 1, 1], (1, 9), &Device::Cpu).unwrap();
     let p = Tensor::from_vec(padded, (1, 9), &Device::Cpu).unwrap();
+    let alone = Tensor::from_vec(x, (1, 6), &Device::Cpu).unwrap();
     for opt_in in [false, true] {
         let (_, m) = build(&config(serde_json::json!({"mask_padding": opt_in})));
         let with = m.forward(&p, Some(&mask)).unwrap();
         let without = m.forward(&p, None).unwrap();
-        assert_eq!(max_diff(&with, &without) == 0.0, !opt_in, "opt_in={opt_in}");
+        let unpadded = m.forward(&alone, None).unwrap();
+        let real = with.narrow(1, 3, 6).unwrap();
+        if opt_in {
+            assert!(max_diff(&real, &unpadded) < 1e-4, "the pads were seen");
+        } else {
+            assert_eq!(max_diff(&with, &without), 0.0, "the mask was not ignored");
+            assert!(
+                max_diff(&real, &unpadded) > 1e-3,
+                "the pads changed nothing"
+            );
+        }
+    }
+}
+
+/// With a non-zero expert bias (read from the checkpoint) the inference forward and the training
+/// forward agree, and the bias changes the routing.
+#[test]
+fn a_nonzero_expert_bias_routes_and_trains_consistently() {
+    let v = config(
+        serde_json::json!({"moe_router_enable_expert_bias": true, "moe_layer_freq": [1, 1, 1]}),
+    );
+    let (raw, m) = build(&v);
+    let cfg = raw.resolve().unwrap();
+    let mut map: std::collections::HashMap<String, Tensor> =
+        m.named_tensors().unwrap().into_iter().collect();
+    for i in 0..3 {
+        let name = format!("model.layers.{i}.mlp.expert_bias");
+        let b = Tensor::from_vec(vec![0.0f32, 0.3, -0.2, 0.0, 0.5, 0.1], 6, &Device::Cpu).unwrap();
+        map.insert(name, b);
+    }
+    let biased = llada::Llada::load(&cfg, &map).unwrap();
+    let x = ids(10);
+    let Model::Llada(plain) = &m;
+    let route = |l: &llada::Llada| llada::model::llada_moe::routing(l, &x).unwrap();
+    assert_ne!(
+        route(plain),
+        route(&biased),
+        "the bias changed no expert choice"
+    );
+    let tr = llada::train::Trainable::from_llada(&biased).unwrap();
+    let pos = Tensor::from_vec((0..10u32).collect::<Vec<_>>(), 10, &Device::Cpu).unwrap();
+    let one = x.narrow(0, 0, 1).unwrap();
+    let (train, _) = tr.model.forward_train_aux(&one, &pos).unwrap();
+    let infer = biased.forward(&one, None).unwrap().squeeze(0).unwrap();
+    assert!(max_diff(&train, &infer) < 1e-4);
+    // the grouped kernel with the bias equals the per-expert loop
+    let h = Tensor::from_vec(
+        (0..9 * 32)
+            .map(|i| ((i % 11) as f32 - 5.0) / 4.0)
+            .collect::<Vec<_>>(),
+        (9, 32),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for b in &biased.blocks {
+        if let Ffn::Moe(moe) = &b.ffn {
+            let g = moe.forward_add(&h, &h.zeros_like().unwrap()).unwrap();
+            assert!(max_diff(&g, &moe.forward_ungrouped(&h).unwrap()) < 1e-5);
+        }
     }
 }
 

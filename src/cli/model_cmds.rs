@@ -201,9 +201,9 @@ pub fn init(a: InitArgs) -> Result<()> {
             a.max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
             &mut |name, shape| {
                 llada::model::initial_tensor(
+                    &cfg,
                     name,
                     shape,
-                    cfg.init_std,
                     dtype.dtype(),
                     &Device::Cpu,
                     &mut rng,

@@ -33,44 +33,71 @@ use crate::model::Architecture;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LladaMoeConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
     pub attention_bias: bool,
     pub attention_dropout: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_map: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_qkv: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dense_intermediate_size: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub expert_intermediate_size: Option<i64>,
     pub hidden_act: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden_size: Option<i64>,
     pub initializer_range: f64,
     pub max_position_embeddings: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
     pub moe_layer_freq: Vec<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub moe_router_enable_expert_bias: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub moe_router_score_function: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_topk_prob: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_attention_heads: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_experts: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_experts_per_tok: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_hidden_layers: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<i64>,
     pub output_router_logits: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub qk_layernorm: Option<bool>,
     pub rms_norm_eps: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub routed_scaling_factor: Option<serde_json::Value>,
     pub router_aux_loss_coef: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub router_num_group: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub router_topk_group: Option<serde_json::Value>,
     pub shared_expert_intermediate_size: Option<i64>,
     pub tie_word_embeddings: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
     pub use_cache: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<i64>,
     /// llada extension (absent from published checkpoints): the mask id, for a folder without a
     /// tokenizer (the official samplers hard-code it: 156895 for the real model).
@@ -80,6 +107,9 @@ pub struct LladaMoeConfig {
     /// and are attended to). Off by default, as the official code.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub mask_padding: bool,
+    /// Keys this engine does not model, kept as they are when the config is written back.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for LladaMoeConfig {
@@ -93,7 +123,9 @@ impl Default for LladaMoeConfig {
             auto_map: None,
             clip_qkv: None,
             dense_intermediate_size: None,
-            eos_token_id: Some(50279),
+            // the official defaults (eos 50279, pad 1) are OLMoE's placeholders: a config that
+            // names no special ids leaves them to the tokenizer
+            eos_token_id: None,
             expert_intermediate_size: None,
             hidden_act: "silu".into(),
             hidden_size: None,
@@ -110,7 +142,7 @@ impl Default for LladaMoeConfig {
             num_hidden_layers: None,
             num_key_value_heads: None,
             output_router_logits: false,
-            pad_token_id: Some(1),
+            pad_token_id: None,
             partial_rotary_factor: None,
             qk_layernorm: None,
             rms_norm_eps: 1e-5,
@@ -128,9 +160,13 @@ impl Default for LladaMoeConfig {
             vocab_size: None,
             mask_token_id: None,
             mask_padding: false,
+            extra: serde_json::Map::new(),
         }
     }
 }
+
+/// The most experts a layer may have (a sanity bound: each is a separate set of weights).
+pub const MAX_EXPERTS: usize = 1 << 14;
 
 /// A size key that must be present and at least `min`.
 fn size(key: &str, v: Option<i64>, min: i64) -> Result<usize> {
@@ -183,6 +219,13 @@ impl LladaMoeConfig {
         let vocab = size("vocab_size", self.vocab_size, 1)?;
         let layers = self.moe_layers(n_layers)?;
         let num_experts = size("num_experts", self.num_experts, 1)?;
+        if num_experts > MAX_EXPERTS {
+            return Err(Error::config(
+                "num_experts",
+                num_experts,
+                format!("must be at most {MAX_EXPERTS} (LLaDA-MoE-7B-A1B has 64)"),
+            ));
+        }
         let top_k = size("num_experts_per_tok", self.num_experts_per_tok, 1)?;
         if top_k > num_experts {
             return Err(Error::config(
@@ -331,6 +374,22 @@ impl LladaMoeConfig {
             if f != "softmax" {
                 tracing::warn!(
                     "config.json: moe_router_score_function={f:?} is ignored, as by the official LLaDA-MoE code (softmax is hard-coded)"
+                );
+            }
+        }
+        let number = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v.as_f64());
+        if let Some(f) = number(&self.routed_scaling_factor).filter(|&f| f != 1.0) {
+            tracing::warn!(
+                "config.json: routed_scaling_factor={f} is ignored, as by the official LLaDA-MoE code (the expert weights are not scaled)"
+            );
+        }
+        for (key, v) in [
+            ("router_num_group", &self.router_num_group),
+            ("router_topk_group", &self.router_topk_group),
+        ] {
+            if let Some(g) = number(v).filter(|&g| g > 0.0) {
+                tracing::warn!(
+                    "config.json: {key}={g} is ignored, as by the official LLaDA-MoE code (no group-limited routing)"
                 );
             }
         }

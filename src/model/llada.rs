@@ -567,19 +567,20 @@ impl Llada {
         }
         let mut map = HashMap::new();
         for (name, shape) in tensor_specs(cfg) {
-            let t = initial_tensor(&name, &shape, cfg.init_std, dtype, device, &mut rng)?;
+            let t = initial_tensor(cfg, &name, &shape, dtype, device, &mut rng)?;
             map.insert(name, t);
         }
         Llada::load(cfg, &map)
     }
 }
 
-/// The initial value of tensor `name`: zeros for a router's expert bias, otherwise as
-/// [`random_tensor`].
+/// The initial value of tensor `name` of a model of `cfg`: zeros for a router's expert bias,
+/// otherwise as [`random_tensor`] (N(0, `init_std`²), norms 1), with LLaDA-MoE's padding
+/// embedding row at zero (the official `nn.Embedding(padding_idx)`).
 pub fn initial_tensor(
+    cfg: &ModelConfig,
     name: &str,
     shape: &[usize],
-    std: f64,
     dtype: DType,
     device: &Device,
     rng: &mut crate::rng::Rng,
@@ -587,7 +588,11 @@ pub fn initial_tensor(
     if super::llada_moe::starts_at_zero(name) {
         return Ok(Tensor::zeros(shape, dtype, device)?);
     }
-    random_tensor(shape, std, dtype, device, rng)
+    let t = random_tensor(shape, cfg.init_std, dtype, device, rng)?;
+    match super::llada_moe::padding_row(cfg) {
+        Some((n, row)) if n == name && shape.len() == 2 => Ok(super::llada_moe::zero_row(&t, row)?),
+        _ => Ok(t),
+    }
 }
 
 /// One initial tensor: ones for norm weights (1-D), N(0, std²) otherwise.

@@ -142,11 +142,21 @@ fn load_block(
     let ffn = match moe_layer(cfg, i) {
         None => Ffn::Dense(swiglu("mlp", cfg.mlp_hidden_size)?),
         Some(m) => {
-            // the router runs in f32 for its logits; it stays dense (E rows are few)
+            // the router stays dense (E rows are few); its logits are computed in the hidden
+            // dtype and the softmax in f32, as the official block
             let gate = Linear::dense(get("mlp.gate", &[m.num_experts, d])?);
             let expert_bias = if m.expert_bias {
-                let b = src.get(&names::expert_bias(i), &[m.num_experts])?;
-                Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                let name = names::expert_bias(i);
+                let b = src.get(&name, &[m.num_experts])?;
+                let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                if let Some(x) = b.iter().find(|x| !x.is_finite()) {
+                    return Err(Error::setting(
+                        &name,
+                        x,
+                        "the router's expert bias must be finite (it decides which experts run)",
+                    ));
+                }
+                Some(b)
             } else {
                 None
             };
@@ -246,11 +256,36 @@ pub fn starts_at_zero(name: &str) -> bool {
     name.ends_with(".mlp.expert_bias")
 }
 
+/// The embedding row the official model keeps at zero and never trains: `nn.Embedding`'s
+/// `padding_idx` = `pad_token_id` (tensor name, row), for a LLaDA-MoE config that names a pad id
+/// within the vocabulary.
+pub fn padding_row(cfg: &ModelConfig) -> Option<(String, usize)> {
+    if cfg.architecture != super::Architecture::LladaMoe {
+        return None;
+    }
+    let p = cfg.pad_token_id? as usize;
+    (p < cfg.embedding_size).then(|| (names::embed(), p))
+}
+
+/// `t` [V, D] with row `row` set to zero.
+pub fn zero_row(t: &Tensor, row: usize) -> candle_core::Result<Tensor> {
+    let d = t.dim(1)?;
+    let z = Tensor::zeros((1, d), t.dtype(), t.device())?;
+    t.slice_assign(&[row..row + 1, 0..d], &z)
+}
+
 /// The routing of every layer for `ids` [B, L] (inference forward): per mixture-of-experts layer
 /// (dense layers are skipped), per sequence and position, the chosen experts in descending
 /// probability. For tests and `llada info`-style diagnostics.
 pub fn routing(m: &Llada, ids: &Tensor) -> Result<Vec<Vec<Vec<Vec<u32>>>>> {
     let (b, l) = ids.dims2()?;
+    if b == 0 || l == 0 {
+        return Err(Error::setting(
+            "input",
+            format!("{b}x{l}"),
+            "needs at least one token",
+        ));
+    }
     let mut cache = m.new_cache(b, l, None)?;
     let mut out = Vec::new();
     let mut h = m.wte.embedding(&ids.flatten_all()?)?;

@@ -174,11 +174,12 @@ impl WeightSource for FileWeights<'_> {
 }
 
 /// Seeded random weights made on demand, tensor by tensor (benchmarks: an 8B-shaped model is
-/// never held twice, and is packed as a loaded checkpoint would be). Each tensor's stream is
-/// seeded by `seed` and its name, so the values do not depend on the order the loader asks.
+/// never held twice, and is packed as a loaded checkpoint would be). On the CPU each tensor's
+/// stream is seeded by `seed` and its name, so the values do not depend on the order the loader
+/// asks; on a GPU they come from the device's seeded generator.
 pub struct RandomWeights<'a> {
+    pub cfg: &'a ModelConfig,
     pub seed: u64,
-    pub std: f64,
     pub dtype: DType,
     pub device: &'a Device,
 }
@@ -190,7 +191,7 @@ impl WeightSource for RandomWeights<'_> {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
         let mut rng = crate::rng::Rng::new(self.seed ^ h);
-        initial_tensor(name, shape, self.std, self.dtype, self.device, &mut rng)
+        initial_tensor(self.cfg, name, shape, self.dtype, self.device, &mut rng)
     }
 }
 
@@ -291,8 +292,8 @@ impl Architecture {
             device.set_seed(seed)?;
         }
         let src = RandomWeights {
+            cfg,
             seed,
-            std: cfg.init_std,
             dtype,
             device,
         };

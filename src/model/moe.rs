@@ -82,15 +82,11 @@ fn softmax_rows(logits: &mut [f32], e: usize) {
     }
 }
 
-/// The `k` largest entries of `p` (indices, values), descending; ties go to the lower index.
+/// The `k` largest entries of `p` (indices, values), descending; ties go to the lower index. A
+/// total order (NaN above every number, as `torch.topk` ranks it), so no input can break the sort.
 fn top_k(p: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
     let mut idx: Vec<u32> = (0..p.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
-        p[b as usize]
-            .partial_cmp(&p[a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    idx.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
     idx.truncate(k);
     let vals = idx.iter().map(|&i| p[i as usize]).collect();
     (idx, vals)
@@ -162,7 +158,7 @@ impl SparseMoe {
 
     /// The weighted sum of the routed experts' outputs for `x` [N, D] (inference, grouped by
     /// expert), [N, D] in x's dtype.
-    fn experts_out(&self, x: &Tensor, routing: &Routing, diff: bool) -> Result<Tensor> {
+    fn experts_out(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let g = routing.groups(self.num_experts());
         let dev = x.device();
@@ -174,13 +170,7 @@ impl SparseMoe {
             if c == 0 {
                 continue;
             }
-            let xe = xs.narrow(0, at, c)?;
-            let mlp = &self.experts[e];
-            outs.push(if diff {
-                mlp.forward_diff(&xe)?
-            } else {
-                mlp.forward(&xe)?
-            });
+            outs.push(self.experts[e].forward(&xs.narrow(0, at, c)?)?);
             at += c;
         }
         let y = Tensor::cat(&outs, 0)?; // [N·k, D]
@@ -193,7 +183,7 @@ impl SparseMoe {
     /// res + moe(x) for `x` [N, D] (inference).
     pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
         let routing = self.route(x)?;
-        let mut out = self.experts_out(x, &routing, false)?;
+        let mut out = self.experts_out(x, &routing)?;
         if let Some(s) = &self.shared {
             out = crate::kernels::add(&out, &s.forward(x)?)?;
         }
@@ -318,6 +308,64 @@ mod tests {
         let (i, v) = top_k(&[0.1, 0.4, 0.1, 0.4], 3);
         assert_eq!(i, vec![1, 3, 0]);
         assert_eq!(v, vec![0.4, 0.4, 0.1]);
+    }
+
+    #[test]
+    fn the_aux_loss_of_a_skewed_router_is_its_hand_computed_value() {
+        // p = [0.5, 0.3, 0.2] and [0.1, 0.6, 0.3], top 2: {0, 1} and {1, 2}; the choice counts
+        // over N = 2 tokens are f = [1/2, 1, 1/2], the mean probabilities P = [0.3, 0.45, 0.25]:
+        // E · Σ f·P = 3 · (0.15 + 0.45 + 0.125) = 2.175
+        let p = [0.5f32, 0.3, 0.2, 0.1, 0.6, 0.3];
+        let logits: Vec<f32> = p.iter().map(|x| x.ln()).collect();
+        let logits = Tensor::from_vec(logits, (2, 3), &Device::Cpu).unwrap();
+        let l = load_balancing_loss(&[logits], 2)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - 2.175).abs() < 1e-5, "{l}");
+    }
+
+    #[test]
+    fn the_expert_bias_shifts_the_choice_and_is_the_weight() {
+        use crate::model::layers::Linear;
+        // two tokens, three experts; the bias makes expert 2 win for the first token
+        let gate = Linear::dense(
+            Tensor::from_vec(vec![1f32, 0., 0., 1., 0., 0.], (3, 2), &Device::Cpu).unwrap(),
+        );
+        let moe = SparseMoe {
+            gate,
+            experts: Vec::new(),
+            shared: None,
+            expert_bias: Some(vec![0.0, 0.0, 0.5]),
+            top_k: 1,
+        };
+        let x = Tensor::from_vec(vec![2f32, 0., 0., 3.], (2, 2), &Device::Cpu).unwrap();
+        let r = moe.route(&x).unwrap();
+        // token 0: logits [2, 0, 0] → p ≈ [0.787, 0.107, 0.107], + bias → [0.787, 0.107, 0.607]
+        let p0 = 2f32.exp() / (2f32.exp() + 2.0);
+        assert_eq!(r.experts[0], vec![0]);
+        assert!((r.weights[0][0] - p0).abs() < 1e-6);
+        // token 1: logits [0, 3, 0] → p ≈ [0.045, 0.910, 0.045], + bias → [0.045, 0.910, 0.545]
+        assert_eq!(r.experts[1], vec![1]);
+        let moe = SparseMoe {
+            expert_bias: Some(vec![0.0, 0.0, 0.7]),
+            ..moe
+        };
+        let r = moe.route(&x).unwrap();
+        // token 0 now: expert 2 (0.107 + 0.7 = 0.807 > 0.787), weighted by the biased value
+        assert_eq!(r.experts[0], vec![2]);
+        let q = 1.0 / (2f32.exp() + 2.0);
+        assert!(
+            (r.weights[0][0] - (q + 0.7)).abs() < 1e-6,
+            "{:?}",
+            r.weights
+        );
+    }
+
+    #[test]
+    fn top_k_never_panics_on_nan() {
+        let (i, _) = top_k(&[0.1, f32::NAN, 0.5, f32::NAN], 2);
+        assert_eq!(i, vec![1, 3]);
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub struct Trainable {
     pub model: Llada,
     /// (checkpoint name, variable), in [`crate::model::tensor_specs`] order.
     pub vars: Vec<(String, Var)>,
+    /// A row that gets no gradient (LLaDA-MoE's `padding_idx` embedding row): (variable, row).
+    frozen_row: Option<(usize, usize)>,
 }
 
 impl Trainable {
@@ -29,13 +31,21 @@ impl Trainable {
             vars.push((name, v));
         }
         let model = Llada::load(m.config(), &map)?;
-        Ok(Trainable { model, vars })
+        let frozen_row = crate::model::llada_moe::padding_row(m.config())
+            .and_then(|(name, row)| vars.iter().position(|(n, _)| *n == name).map(|i| (i, row)));
+        Ok(Trainable {
+            model,
+            vars,
+            frozen_row,
+        })
     }
 
     /// Backpropagates `loss` and returns each variable's gradient (zeros where none flowed).
+    /// LLaDA-MoE's padding embedding row (`padding_idx`) gets none, as in the official model.
     pub fn gradients(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
         let store = loss.backward()?;
-        self.vars
+        let mut grads = self
+            .vars
             .iter()
             .map(|(name, v)| match store.get(v.as_tensor()) {
                 Some(g) => Ok(g.clone()),
@@ -44,7 +54,11 @@ impl Trainable {
                     Ok(v.as_tensor().zeros_like()?)
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((i, row)) = self.frozen_row {
+            grads[i] = crate::model::llada_moe::zero_row(&grads[i], row)?;
+        }
+        Ok(grads)
     }
 
     /// The variable of a checkpoint name.

@@ -225,12 +225,20 @@ pub struct StepReport {
     pub checkpoint: Option<PathBuf>,
     /// The step was skipped (non-finite loss or gradient; `on_nonfinite = "skip"`): no update.
     pub skipped: bool,
+    /// A mixture-of-experts model's load-balancing loss (unweighted); the step minimised
+    /// `loss + router_aux_loss_coef · aux_loss`. `loss` is the masked-diffusion loss alone,
+    /// comparable with `eval_loss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
 }
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
+    /// The masked-diffusion loss (without the load-balancing term).
     pub loss: f64,
+    /// The load-balancing loss of a mixture-of-experts model (unweighted).
+    pub aux_loss: Option<f64>,
     pub grad_norm: f64,
     pub lr: f64,
     pub tokens: u64,
@@ -784,7 +792,7 @@ impl Trainer {
         objective: &Objective,
         rng: &mut Rng,
         aux: bool,
-    ) -> Result<(Tensor, usize)> {
+    ) -> Result<(Tensor, usize, Option<f64>)> {
         let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
         let pl = match objective {
             Objective::Sft { prompt_lengths } => Some(prompt_lengths.as_slice()),
@@ -800,7 +808,7 @@ impl Trainer {
         };
         let (b, l) = (x0.len(), x0[0].len());
         if w.positions.is_empty() {
-            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0, None));
         }
         let ids = Tensor::from_vec(input.concat(), (b, l), &self.device)?;
         let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
@@ -813,11 +821,18 @@ impl Trainer {
             .moe
             .as_ref()
             .map_or(0.0, |m| m.aux_loss_coef);
-        let loss = match balance {
-            Some(bl) if aux && coef > 0.0 => (loss + (bl * coef)?)?,
-            _ => loss,
-        };
-        Ok((loss, b * l))
+        match balance {
+            Some(bl) if aux => {
+                let value = bl.to_scalar::<f32>()? as f64;
+                let loss = if coef > 0.0 {
+                    (loss + (bl * coef)?)?
+                } else {
+                    loss
+                };
+                Ok((loss, b * l, Some(value)))
+            }
+            _ => Ok((loss, b * l, None)),
+        }
     }
 
     /// The held-out bound: the objective on `eval_batches` batches of the validation split, with
@@ -841,7 +856,7 @@ impl Trainer {
         for _ in 0..self.cfg.eval_batches {
             let batch = reader.next_batch(self.cfg.batch_size);
             let obj = self.objective(&batch);
-            let (loss, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false)?;
+            let (loss, _, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false)?;
             total += loss.to_scalar::<f32>()? as f64;
         }
         Ok(Some(total / self.cfg.eval_batches as f64))
@@ -861,6 +876,14 @@ impl Trainer {
         )?;
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
+        let mut aux_sum: Option<f64> = None;
+        let coef = self
+            .trainable
+            .model
+            .config()
+            .moe
+            .as_ref()
+            .map_or(0.0, |m| m.aux_loss_coef);
         let mut tokens = 0u64;
         for _ in 0..self.cfg.grad_accum {
             let mut batch = reader.next_batch(self.cfg.batch_size);
@@ -872,9 +895,18 @@ impl Trainer {
                 }
             }
             let obj = self.objective(&batch);
-            let (loss, n) = self.batch_loss(&batch.x0, &obj, &mut rng, true)?;
-            let loss = (loss / self.cfg.grad_accum as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let (loss, n, balance) = self.batch_loss(&batch.x0, &obj, &mut rng, true)?;
+            let accum = self.cfg.grad_accum as f64;
+            let loss = (loss / accum)?;
+            // the logged loss is the masked-diffusion part; the balance term is logged apart
+            let total = loss.to_scalar::<f32>()? as f64;
+            match balance {
+                Some(bl) => {
+                    loss_sum += total - coef * bl / accum;
+                    *aux_sum.get_or_insert(0.0) += bl / accum;
+                }
+                None => loss_sum += total,
+            }
             tokens += n as u64;
             let g = self.trainable.gradients(&loss)?;
             grads = Some(match grads {
@@ -899,8 +931,9 @@ impl Trainer {
                 path: self.cfg.out.clone(),
                 reason: format!("the step count {} cannot grow", self.state.step),
             })?;
-        let bad = if !loss_sum.is_finite() {
-            Some(("the loss", loss_sum))
+        let whole = loss_sum + coef * aux_sum.unwrap_or(0.0);
+        let bad = if !whole.is_finite() {
+            Some(("the loss", whole))
         } else if !norm.is_finite() {
             Some(("the gradient norm", norm))
         } else {
@@ -934,6 +967,7 @@ impl Trainer {
         self.state.tokens_seen = self.state.tokens_seen.saturating_add(tokens);
         Ok(StepStats {
             loss: loss_sum,
+            aux_loss: aux_sum,
             grad_norm: norm,
             lr,
             tokens,
@@ -1081,6 +1115,7 @@ impl Trainer {
             let ts = Instant::now();
             let StepStats {
                 loss,
+                aux_loss,
                 grad_norm: norm,
                 lr,
                 tokens,
@@ -1118,6 +1153,7 @@ impl Trainer {
                 eval_loss,
                 checkpoint,
                 skipped,
+                aux_loss,
             };
             self.append_metrics(&serde_json::to_value(&report).map_err(|e| Error::Json {
                 path: self.cfg.out.join("metrics.jsonl"),
