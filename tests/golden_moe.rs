@@ -338,3 +338,67 @@ fn dual_cache_first_step_equals_the_full_forward() {
     let d = max_diff(&first, &second);
     assert!(d < 1e-4, "cached step: {d}");
 }
+
+/// Every command runs on LLaDA-MoE: info (experts, active parameters), infill, score, and the
+/// bench's cached step.
+#[test]
+fn the_commands_run_on_llada_moe() {
+    let dir = moe_dir();
+    let d = dir.to_str().unwrap();
+    let r = llada_cmd(&["info", d, "--json"]).run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["architecture"], "LLaDAMoEModelLM");
+    assert!(v["experts"]["num_experts"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["active_parameters"].as_u64() < v["parameters"].as_u64(),
+        "{v}"
+    );
+    assert_eq!(v["mask_padding"], false);
+    let r = llada_cmd(&[
+        "infill",
+        d,
+        "--text",
+        "In the beginning God created the <mask:4> and the earth.",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["fills"].as_array().unwrap().len(), 1, "{v}");
+    assert!(
+        v["text"].as_str().unwrap().ends_with(" and the earth."),
+        "{v}"
+    );
+    let r = llada_cmd(&[
+        "score",
+        d,
+        "--prompt",
+        "In the beginning God",
+        "--answer",
+        " created the heaven",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let ll = v["log_likelihood"].as_f64().unwrap();
+    assert!(ll.is_finite() && ll < 0.0 && v["answer_tokens"] == 7, "{v}");
+    let r = llada_cmd(&[
+        "bench",
+        d,
+        "--mode",
+        "step",
+        "--prompt-len",
+        "16",
+        "--gen-length",
+        "16",
+        "--block-length",
+        "8",
+        "--runs",
+        "1",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+}

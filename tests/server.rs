@@ -26,8 +26,18 @@ fn state(queue: usize, max_batch: usize) -> Arc<AppState> {
 
 /// The tiny model's server; `vocab` pretends the model has fewer token ids than its tokenizer.
 fn state_with_vocab(queue: usize, max_batch: usize, vocab: Option<usize>) -> Arc<AppState> {
-    let ck = Checkpoint::load(&golden_dir(), Some(DType::F32), &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::from_dir(&golden_dir(), &ck.config).unwrap();
+    state_of(&golden_dir(), queue, max_batch, vocab)
+}
+
+/// The server of the checkpoint in `dir`.
+fn state_of(
+    dir: &std::path::Path,
+    queue: usize,
+    max_batch: usize,
+    vocab: Option<usize>,
+) -> Arc<AppState> {
+    let ck = Checkpoint::load(dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::from_dir(dir, &ck.config).unwrap();
     let max = ck.config.max_sequence_length;
     let ck_vocab = vocab.unwrap_or(ck.config.embedding_size);
     Arc::new(AppState {
@@ -296,14 +306,32 @@ async fn chat_and_completion_follow_openai_shapes() {
 /// Greedy generation through the server equals the library's.
 #[tokio::test]
 async fn server_output_equals_the_library() {
-    let s = state(8, 4);
+    server_output_equals_the_library_for(&golden_dir()).await;
+}
+
+/// The same on LLaDA-MoE (the golden llada-moe checkpoint), with the scores of `/v1/score`.
+#[tokio::test]
+async fn llada_moe_is_served_as_the_library_runs_it() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llada-moe");
+    server_output_equals_the_library_for(&dir).await;
+    let s = state_of(&dir, 8, 4, None);
+    let (st, b) = call(&s, "POST", "/v1/score", json!({"prompt": "In the beginning God", "answer": " created the heaven", "mc_num": 8, "batch": 8}).to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json_of(&b);
+    let ll = v["log_likelihood"].as_f64().unwrap();
+    assert!(ll.is_finite() && ll < 0.0, "{v}");
+    assert_eq!(v["answer_tokens"], 7, "{v}");
+}
+
+async fn server_output_equals_the_library_for(dir: &std::path::Path) {
+    let s = state_of(dir, 8, 4, None);
     let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": "In the beginning God created the heaven", "max_tokens": 16, "steps": 16, "block_length": 8, "threshold": null, "cache": "none", "early_stop": false}).to_string()).await;
     assert_eq!(st, StatusCode::OK);
     let text = json_of(&b)["choices"][0]["text"]
         .as_str()
         .unwrap()
         .to_string();
-    let ck = common::model(DType::F32);
+    let ck = common::model_in(dir, DType::F32);
     let tok = ck.tokenizer().unwrap();
     let cfg = llada::SamplerConfig {
         gen_length: 16,
