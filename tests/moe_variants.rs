@@ -332,22 +332,7 @@ fn training_llada_moe_resumes_exactly_and_saves_its_own_format() {
     v["mask_token_id"] = serde_json::json!(508);
     std::fs::write(&path, v.to_string()).unwrap();
 
-    let weights = |t: &Trainer| -> Vec<Vec<u32>> {
-        t.model()
-            .named_tensors()
-            .unwrap()
-            .into_iter()
-            .map(|(_, w)| {
-                w.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect()
-            })
-            .collect()
-    };
+    let weights = common::weight_bits;
     let mut full = Trainer::new(cfg("full", 3), &Device::Cpu).unwrap();
     full.run(&mut |_| {}).unwrap();
     let mut first = Trainer::new(cfg("split", 2), &Device::Cpu).unwrap();

@@ -89,20 +89,7 @@ fn config(dir: &Path, data: PathBuf, out: &str, steps: usize, kind: DataKind) ->
 }
 
 fn weights(t: &Trainer) -> Vec<Vec<u32>> {
-    t.model()
-        .named_tensors()
-        .unwrap()
-        .into_iter()
-        .map(|(_, w)| {
-            w.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
-        .collect()
+    weight_bits(t)
 }
 
 #[test]

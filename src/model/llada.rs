@@ -106,6 +106,14 @@ fn llada_tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The checkpoint names of the tensors outside the blocks.
+pub(super) struct OuterNames<'a> {
+    pub embedding: &'a str,
+    pub final_norm: &'a str,
+    /// The untied output head (unread when the head is tied).
+    pub head: &'a str,
+}
+
 /// One Transformer block: attention, then a feed-forward part (dense SwiGLU, or a mixture of
 /// experts), each after an RMSNorm and with a residual connection.
 #[derive(Debug, Clone)]
@@ -285,16 +293,33 @@ impl Llada {
         if cfg.architecture == Architecture::LladaMoe {
             return super::llada_moe::load(cfg, src, layout);
         }
+        let outer = OuterNames {
+            embedding: &names::wte(),
+            final_norm: &names::ln_f(),
+            head: &names::head(),
+        };
+        Self::load_outer(cfg, src, layout, &outer, |i| {
+            Block::load(src, cfg, i, layout)
+        })
+    }
+
+    /// The model from `src` given the names of its outer tensors and a loader of block `i`
+    /// (each architecture's file names its tensors; the rest is the family's).
+    pub(super) fn load_outer(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        layout: WeightLayout,
+        names: &OuterNames<'_>,
+        block: impl Fn(usize) -> Result<Block>,
+    ) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.embedding_size);
-        let wte = src.get(&names::wte(), &[v, d])?;
-        let blocks = (0..cfg.n_layers)
-            .map(|i| Block::load(src, cfg, i, layout))
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = RmsNorm::new(src.get(&names::ln_f(), &[d])?, cfg.rms_norm_eps, cfg.norm);
+        let wte = src.get(names.embedding, &[v, d])?;
+        let blocks = (0..cfg.n_layers).map(block).collect::<Result<Vec<_>>>()?;
+        let ln_f = RmsNorm::new(src.get(names.final_norm, &[d])?, cfg.rms_norm_eps, cfg.norm);
         let head = if cfg.weight_tying {
             layout.linear(wte.clone())?
         } else {
-            layout.linear(src.get(&names::head(), &[v, d])?)?
+            layout.linear(src.get(names.head, &[v, d])?)?
         };
         Self::from_parts(cfg, wte, blocks, ln_f, head)
     }

@@ -11,7 +11,7 @@
 
 use super::attention::{Attention, QkNorm};
 use super::layers::{Linear, Mlp, RmsNorm};
-use super::llada::{Block, Llada};
+use super::llada::{Block, Llada, OuterNames};
 use super::moe::{Ffn, SparseMoe};
 use super::{WeightLayout, WeightSource};
 use crate::config::ModelConfig;
@@ -186,18 +186,14 @@ fn load_block(
 
 /// The model read from `src`, checking every tensor's name and shape.
 pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, layout: WeightLayout) -> Result<Llada> {
-    let (d, v) = (cfg.d_model, cfg.embedding_size);
-    let wte = src.get(&names::embed(), &[v, d])?;
-    let blocks = (0..cfg.n_layers)
-        .map(|i| load_block(src, cfg, i, layout))
-        .collect::<Result<Vec<_>>>()?;
-    let ln_f = RmsNorm::new(src.get(&names::norm(), &[d])?, cfg.rms_norm_eps, cfg.norm);
-    let head = if cfg.weight_tying {
-        layout.linear(wte.clone())?
-    } else {
-        layout.linear(src.get(&names::head(), &[v, d])?)?
+    let outer = OuterNames {
+        embedding: &names::embed(),
+        final_norm: &names::norm(),
+        head: &names::head(),
     };
-    Llada::from_parts(cfg, wte, blocks, ln_f, head)
+    Llada::load_outer(cfg, src, layout, &outer, |i| {
+        load_block(src, cfg, i, layout)
+    })
 }
 
 /// Every tensor of `m` with its checkpoint name, in [`tensor_specs`] order.

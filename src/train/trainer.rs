@@ -783,6 +783,13 @@ impl Trainer {
         }
     }
 
+    /// The weight of a mixture-of-experts model's load-balancing loss (`router_aux_loss_coef`;
+    /// 0 for dense models).
+    fn aux_coef(&self) -> f64 {
+        let moe = self.trainable.model.config().moe.as_ref();
+        moe.map_or(0.0, |m| m.aux_loss_coef)
+    }
+
     /// The loss of one (noised) batch: Σ w·CE over its masked positions; with `aux`, plus a
     /// mixture-of-experts model's load-balancing loss × `router_aux_loss_coef` (training steps;
     /// the held-out bound leaves it out).
@@ -814,13 +821,7 @@ impl Trainer {
         let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
         let (logits, balance) = self.trainable.model.forward_train_aux(&ids, &pos)?;
         let loss = diffusion::masked_diffusion_loss(&logits, &w)?;
-        let coef = self
-            .trainable
-            .model
-            .config()
-            .moe
-            .as_ref()
-            .map_or(0.0, |m| m.aux_loss_coef);
+        let coef = self.aux_coef();
         match balance {
             Some(bl) if aux => {
                 let value = bl.to_scalar::<f32>()? as f64;
@@ -877,13 +878,7 @@ impl Trainer {
         let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut aux_sum: Option<f64> = None;
-        let coef = self
-            .trainable
-            .model
-            .config()
-            .moe
-            .as_ref()
-            .map_or(0.0, |m| m.aux_loss_coef);
+        let coef = self.aux_coef();
         let mut tokens = 0u64;
         for _ in 0..self.cfg.grad_accum {
             let mut batch = reader.next_batch(self.cfg.batch_size);

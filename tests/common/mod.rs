@@ -280,3 +280,22 @@ impl Llada {
         }
     }
 }
+
+/// The bits of every weight of a trainer's model, in checkpoint order (bit-exact comparisons of
+/// runs).
+pub fn weight_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
+    t.model()
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(_, w)| {
+            w.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
+        })
+        .collect()
+}
