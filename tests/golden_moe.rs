@@ -169,16 +169,7 @@ fn grouped_experts_equal_the_ungrouped_loop() {
             let zero = x.zeros_like().unwrap();
             let grouped = moe.forward_add(&x, &zero).unwrap();
             let plain = moe.forward_ungrouped(&x).unwrap();
-            let diff = (grouped - plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&grouped, &plain);
             assert!(diff < 1e-5, "n={n}: {diff}");
         }
     }
@@ -323,13 +314,6 @@ fn dual_cache_first_step_equals_the_full_forward() {
         .unwrap();
     let first = p.logits(&x, None, 24..32).unwrap();
     let second = p.logits(&x, None, 24..32).unwrap();
-    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let max_diff = |a: &Tensor, b: &Tensor| {
-        flat(a)
-            .iter()
-            .zip(flat(b))
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-    };
     // the same computation but for the last layer's feed-forward rows (the experts then see
     // fewer tokens: products of other shapes)
     let d = max_diff(&full, &first);

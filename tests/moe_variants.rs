@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::max_diff;
+
 use llada::candle_core::{DType, Device, Tensor};
 use llada::model::moe::Ffn;
 use llada::model::{Architecture, MaskPredictor};
@@ -40,19 +42,6 @@ fn build(v: &serde_json::Value) -> (RawConfig, Model) {
 fn ids(l: usize) -> Tensor {
     let v: Vec<u32> = (0..2 * l as u32).map(|i| (i * 31 + 7) % 95).collect();
     Tensor::from_vec(v, (2, l), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn variants() -> Vec<(&'static str, serde_json::Value)> {

@@ -217,14 +217,28 @@ impl Block {
         layer: usize,
         keep: Option<&[usize]>,
     ) -> CResult<Tensor> {
-        let a = self.attn_norm.forward(x)?;
-        // x + attention(norm(x))
-        let mut x = cache.attend(layer, &self.attn, &a, x, b, n, start, rope)?;
+        let mut x = self.attend_chunk(x, b, n, start, rope, cache, layer)?;
         if let Some(r) = keep {
             x = select_rows(&x, b, n, r)?;
         }
         let f = self.ff_norm.forward(&x)?;
         self.ffn.forward_add(&f, &x)
+    }
+
+    /// The attention half of [`Block::forward_chunk`]: x + attention(norm(x)), [B·n, D].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend_chunk(
+        &self,
+        x: &Tensor,
+        b: usize,
+        n: usize,
+        start: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> CResult<Tensor> {
+        let a = self.attn_norm.forward(x)?;
+        cache.attend(layer, &self.attn, &a, x, b, n, start, rope)
     }
 
     /// Training: h + attn(norm(h)), then + ffn(norm(·)), differentiable ops only. `x` is
@@ -401,7 +415,7 @@ impl Llada {
         LladaPredictor::new(self)
     }
 
-    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+    pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let (b, l) = ids.dims2()?;
         if b == 0 || l == 0 {
             return Err(Error::setting(

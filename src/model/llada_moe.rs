@@ -274,21 +274,14 @@ pub fn zero_row(t: &Tensor, row: usize) -> candle_core::Result<Tensor> {
 /// (dense layers are skipped), per sequence and position, the chosen experts in descending
 /// probability. For tests and `llada info`-style diagnostics.
 pub fn routing(m: &Llada, ids: &Tensor) -> Result<Vec<Vec<Vec<Vec<u32>>>>> {
-    let (b, l) = ids.dims2()?;
-    if b == 0 || l == 0 {
-        return Err(Error::setting(
-            "input",
-            format!("{b}x{l}"),
-            "needs at least one token",
-        ));
-    }
+    let (b, l) = m.check_ids(ids)?;
     let mut cache = m.new_cache(b, l, None)?;
     let mut out = Vec::new();
     let mut h = m.wte.embedding(&ids.flatten_all()?)?;
     let rope = m.rope().clone();
     for (i, block) in m.blocks.iter().enumerate() {
-        let a = candle_core::Module::forward(&block.attn_norm, &h)?;
-        let x = cache.attend(i, &block.attn, &a, &h, b, l, 0, &rope)?;
+        // the blocks' own steps, with the router's choices read in between
+        let x = block.attend_chunk(&h, b, l, 0, &rope, &mut cache, i)?;
         let f = candle_core::Module::forward(&block.ff_norm, &x)?;
         if let Ffn::Moe(moe) = &block.ffn {
             let r = moe.route(&f)?;

@@ -156,11 +156,14 @@ impl SparseMoe {
         self.route_logits(&self.router_logits(x)?)
     }
 
-    /// The weighted sum of the routed experts' outputs for `x` [N, D] (inference, grouped by
-    /// expert), [N, D] in x's dtype.
-    fn experts_out(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+    /// Σ over each token's routed experts of weight × expert(x), for `x` [N, D], grouped by
+    /// expert: the tokens of each expert gathered (one `index_select`), each expert one product
+    /// over its tokens, the weighted outputs added back per token in expert order (one
+    /// `index_add`, as the official loop). `w` [N·k, 1] holds the pairs' weights in `g`'s order;
+    /// they are cast to the hidden dtype before the product, as the official block does. With
+    /// `diff`, differentiable ops only (training).
+    fn combine(&self, x: &Tensor, g: &Groups, w: &Tensor, diff: bool) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
-        let g = routing.groups(self.num_experts());
         let dev = x.device();
         let idx = Tensor::from_slice(&g.tokens, g.tokens.len(), dev)?;
         let xs = x.index_select(&idx, 0)?; // [N·k, D], grouped by expert
@@ -170,20 +173,24 @@ impl SparseMoe {
             if c == 0 {
                 continue;
             }
-            outs.push(self.experts[e].forward(&xs.narrow(0, at, c)?)?);
+            let (xe, mlp) = (xs.narrow(0, at, c)?, &self.experts[e]);
+            outs.push(if diff {
+                mlp.forward_diff(&xe)?
+            } else {
+                mlp.forward(&xe)?
+            });
             at += c;
         }
         let y = Tensor::cat(&outs, 0)?; // [N·k, D]
-                                        // the weights are cast to the hidden dtype before the product, as the official block
-        let w = Tensor::from_slice(&g.weights, (g.weights.len(), 1), dev)?.to_dtype(y.dtype())?;
-        let y = y.broadcast_mul(&w)?;
+        let y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
         Tensor::zeros((n, d), y.dtype(), dev)?.index_add(&idx, &y, 0)
     }
 
     /// res + moe(x) for `x` [N, D] (inference).
     pub fn forward_add(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
-        let routing = self.route(x)?;
-        let mut out = self.experts_out(x, &routing)?;
+        let g = self.route(x)?.groups(self.num_experts());
+        let w = Tensor::from_slice(&g.weights, (g.weights.len(), 1), x.device())?;
+        let mut out = self.combine(x, &g, &w, false)?;
         if let Some(s) = &self.shared {
             out = crate::kernels::add(&out, &s.forward(x)?)?;
         }
@@ -197,43 +204,24 @@ impl SparseMoe {
         let routing = self.route_logits(&logits.detach())?;
         let g = routing.groups(self.num_experts());
         let dev = x.device();
-        let idx = Tensor::from_slice(&g.tokens, g.tokens.len(), dev)?;
         // the weights of the pairs, gathered from the differentiable probabilities
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let probs = match &self.expert_bias {
             Some(b) => probs.broadcast_add(&Tensor::from_slice(b, b.len(), dev)?)?,
             None => probs,
         };
-        let e = self.num_experts();
-        let flat: Vec<u32> = {
-            let mut f = Vec::with_capacity(g.tokens.len());
-            let mut at = 0;
-            for (ex, &c) in g.counts.iter().enumerate() {
-                for &t in &g.tokens[at..at + c] {
-                    f.push(t * e as u32 + ex as u32);
-                }
-                at += c;
-            }
-            f
-        };
+        let e = self.num_experts() as u32;
+        let mut flat = Vec::with_capacity(g.tokens.len());
+        let mut at = 0;
+        for (ex, &c) in g.counts.iter().enumerate() {
+            flat.extend(g.tokens[at..at + c].iter().map(|&t| t * e + ex as u32));
+            at += c;
+        }
         let w = probs
             .flatten_all()?
             .index_select(&Tensor::from_slice(&flat, flat.len(), dev)?, 0)?
             .reshape((flat.len(), 1))?;
-        let xs = x.index_select(&idx, 0)?;
-        let mut outs = Vec::new();
-        let mut at = 0;
-        for (ex, &c) in g.counts.iter().enumerate() {
-            if c == 0 {
-                continue;
-            }
-            outs.push(self.experts[ex].forward_diff(&xs.narrow(0, at, c)?)?);
-            at += c;
-        }
-        let y = Tensor::cat(&outs, 0)?;
-        let y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
-        let (n, d) = x.dims2()?;
-        let mut out = Tensor::zeros((n, d), y.dtype(), dev)?.index_add(&idx, &y, 0)?;
+        let mut out = self.combine(x, &g, &w, true)?;
         if let Some(s) = &self.shared {
             out = (out + s.forward_diff(x)?)?;
         }

@@ -299,3 +299,17 @@ pub fn weight_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
         })
         .collect()
 }
+
+/// max |a − b| over two tensors of one shape (f32).
+pub fn max_diff(a: &llada::candle_core::Tensor, b: &llada::candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
