@@ -141,6 +141,8 @@ impl Checkpoint {
                 shared_expert_size: m.shared_expert_size,
             }),
             qk_norm: self.config.qk_norm,
+            qkv_bias: self.config.qkv_bias,
+            logits_shift: self.config.logits_shift,
             mask_padding: self.config.mask_padding,
             stored_dtype: self.stored_dtype.clone(),
             run_dtype: dtype_name(self.model.dtype()).to_string(),
@@ -215,6 +217,10 @@ pub struct Info {
     pub experts: Option<ExpertInfo>,
     /// RMSNorm of each query and key head before RoPE.
     pub qk_norm: bool,
+    /// Biases on the query/key/value projections (Dream).
+    pub qkv_bias: bool,
+    /// Position i's prediction is read from output i − 1 (Dream).
+    pub logits_shift: bool,
     /// Whether key-padding masks are honoured (LLaDA-MoE: off, as its official forward).
     pub mask_padding: bool,
     pub stored_dtype: String,

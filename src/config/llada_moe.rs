@@ -300,6 +300,8 @@ impl LladaMoeConfig {
             init_std: self.initializer_range,
             causal: false,
             qk_norm: self.qk_layernorm.unwrap_or(false),
+            qkv_bias: false,
+            logits_shift: false,
             mask_padding: self.mask_padding,
             moe: Some(MoeSpec {
                 num_experts,

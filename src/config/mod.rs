@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{read_json, Error, Result};
 use crate::model::Architecture;
 
+pub mod dream;
 pub mod llada_moe;
 
+pub use dream::DreamConfig;
 pub use llada_moe::LladaMoeConfig;
 
 /// `config.json` as written by Hugging Face for GSAI-ML/LLaDA-8B-Base/-Instruct. Every key of
@@ -187,6 +189,12 @@ pub struct ModelConfig {
     /// RMSNorm over each query and key head (one `[head_dim]` weight shared by the heads) before
     /// RoPE (LLaDA-MoE's `qk_layernorm`).
     pub qk_norm: bool,
+    /// Biases on the query, key and value projections (Dream's Qwen2 blocks).
+    pub qkv_bias: bool,
+    /// The output at position i predicts position i + 1 (Dream, adapted from an autoregressive
+    /// model): the mask predictor reads position i's logits from output i − 1 (position 0 from
+    /// its own), as Dream's sampler shifts them. The raw forward is not shifted.
+    pub logits_shift: bool,
     /// Whether a key-padding mask is honoured. LLaDA-8B's forward does; LLaDA-MoE's official one
     /// ignores it (pads are ordinary tokens), so there it is an opt-in.
     pub mask_padding: bool,
@@ -232,7 +240,8 @@ impl ModelConfig {
         } else {
             0
         };
-        2 * d * q + 2 * d * kv + norms
+        let biases = if self.qkv_bias { q + 2 * kv } else { 0 };
+        2 * d * q + 2 * d * kv + norms + biases
     }
 
     /// Parameters of layer `i`'s feed-forward part (with `active`: the ones a token uses).
@@ -286,6 +295,8 @@ pub enum RawConfig {
     Llada(LladaConfig),
     /// LLaDA-MoE-7B-A1B.
     LladaMoe(LladaMoeConfig),
+    /// Dream-v0-7B.
+    Dream(DreamConfig),
 }
 
 impl From<LladaConfig> for RawConfig {
@@ -316,6 +327,9 @@ impl RawConfig {
             Some(Architecture::LladaMoe) => {
                 RawConfig::LladaMoe(serde_json::from_value(v).map_err(parse_err)?)
             }
+            Some(Architecture::Dream) => {
+                RawConfig::Dream(serde_json::from_value(v).map_err(parse_err)?)
+            }
             Some(Architecture::Llada) | None => {
                 RawConfig::Llada(serde_json::from_value(v).map_err(parse_err)?)
             }
@@ -331,6 +345,7 @@ impl RawConfig {
                 .as_ref()
                 .and_then(|a| a.first().cloned())
                 .unwrap_or_else(|| "LLaDAMoEModelLM".into())),
+            RawConfig::Dream(c) => Ok(c.architecture()),
         }
     }
 
@@ -339,6 +354,7 @@ impl RawConfig {
         match self {
             RawConfig::Llada(c) => c.resolve(),
             RawConfig::LladaMoe(c) => c.resolve(),
+            RawConfig::Dream(c) => c.resolve(),
         }
     }
 
@@ -346,7 +362,7 @@ impl RawConfig {
     pub fn as_llada(&self) -> Option<&LladaConfig> {
         match self {
             RawConfig::Llada(c) => Some(c),
-            RawConfig::LladaMoe(_) => None,
+            RawConfig::LladaMoe(_) | RawConfig::Dream(_) => None,
         }
     }
 }
@@ -467,6 +483,8 @@ impl LladaConfig {
             init_std: self.init_std,
             causal: self.causal_attention,
             qk_norm: false,
+            qkv_bias: false,
+            logits_shift: false,
             mask_padding: true,
             moe: None,
         };

@@ -159,6 +159,17 @@ pub struct Attention {
     pub head_dim: usize,
     /// RMSNorm of every query and key head before RoPE (LLaDA-MoE's `qk_layernorm`).
     pub qk_norm: Option<QkNorm>,
+    /// Biases of the query, key and value projections (Dream's Qwen2 attention).
+    pub qkv_bias: Option<QkvBias>,
+}
+
+/// The q/k/v projection biases, `[H·hd]`, `[Hkv·hd]`, `[Hkv·hd]`, added to the projections'
+/// outputs (before any QK norm and RoPE).
+#[derive(Debug, Clone)]
+pub struct QkvBias {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
 }
 
 /// The query and key norms: one `[head_dim]` weight each, shared by all heads, applied to every
@@ -198,19 +209,30 @@ fn split_heads(x: &Tensor, b: usize, l: usize, heads: usize, hd: usize) -> Resul
 }
 
 impl Attention {
-    /// Queries [N, H·hd] and keys [N, Hkv·hd] of `x` [N, D] before RoPE: the projections, then the
-    /// per-head QK norms when the model has them (with `diff`: differentiable ops only).
-    fn project_qk(&self, x: &Tensor, diff: bool) -> Result<(Tensor, Tensor)> {
-        let (q, k) = if diff {
-            (self.q_proj.forward_diff(x)?, self.k_proj.forward_diff(x)?)
-        } else {
-            (self.q_proj.forward(x)?, self.k_proj.forward(x)?)
-        };
+    /// This attention with projection biases.
+    pub fn with_bias(self, bias: QkvBias) -> Self {
+        Attention {
+            qkv_bias: Some(bias),
+            ..self
+        }
+    }
+
+    /// Queries [N, H·hd], keys and values [N, Hkv·hd] of `x` [N, D] before RoPE: the projections
+    /// (with their biases), then the per-head QK norms when the model has them (with `diff`:
+    /// differentiable ops only).
+    fn project_qkv(&self, x: &Tensor, diff: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let proj = |w: &Linear| if diff { w.forward_diff(x) } else { w.forward(x) };
+        let (mut q, mut k, mut v) = (proj(&self.q_proj)?, proj(&self.k_proj)?, proj(&self.v_proj)?);
+        if let Some(b) = &self.qkv_bias {
+            let add = |y: &Tensor, b: &Tensor| y.broadcast_add(&b.to_dtype(y.dtype())?);
+            (q, k, v) = (add(&q, &b.q)?, add(&k, &b.k)?, add(&v, &b.v)?);
+        }
         match &self.qk_norm {
-            None => Ok((q, k)),
+            None => Ok((q, k, v)),
             Some(n) => Ok((
                 norm_heads(&n.q, &q, self.head_dim, diff)?,
                 norm_heads(&n.k, &k, self.head_dim, diff)?,
+                v,
             )),
         }
     }
@@ -226,8 +248,7 @@ impl Attention {
         start: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k) = self.project_qk(x, false)?;
-        let v = self.v_proj.forward(x)?;
+        let (q, k, v) = self.project_qkv(x, false)?;
         let q = rope.apply(&split_heads(&q, b, l, h, hd)?, start)?; // [B, H, L, hd]
         let k = rope.apply(&split_heads(&k, b, l, hkv, hd)?, start)?; // [B, Hkv, L, hd]
         let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]
@@ -251,8 +272,7 @@ impl Attention {
         mask: &KeyMask<'_>,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let (q, k) = self.project_qk(x, false)?; // [B·L, H·hd], [B·L, Hkv·hd]
-        let v = self.v_proj.forward(x)?;
+        let (q, k, v) = self.project_qkv(x, false)?; // [B·L, H·hd], [B·L, Hkv·hd] ×2
         let total = store_shape.len;
         let o = with_rope_host(rope, total.max(start + l), |tables| -> Result<Tensor> {
             match x.dtype() {
@@ -312,8 +332,7 @@ impl Attention {
     ) -> Result<Tensor> {
         use crate::kernels::matmul_op::matmul;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k) = self.project_qk(x, true)?;
-        let v = self.v_proj.forward_diff(x)?;
+        let (q, k, v) = self.project_qkv(x, true)?;
         let q = rope.apply_diff(&split_heads(&q, b, l, h, hd)?)?; // [B, H, L, hd]
         let k = rope.apply_diff(&split_heads(&k, b, l, hkv, hd)?)?; // [B, Hkv, L, hd]
         let v = split_heads(&v, b, l, hkv, hd)?; // [B, Hkv, L, hd]

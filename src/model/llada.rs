@@ -85,6 +85,7 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     match cfg.architecture {
         Architecture::Llada => llada_tensor_specs(cfg),
         Architecture::LladaMoe => super::llada_moe::tensor_specs(cfg),
+        Architecture::Dream => super::dream::tensor_specs(cfg),
     }
 }
 
@@ -157,6 +158,7 @@ impl Block {
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
             qk_norm: None,
+            qkv_bias: None,
         };
         let ff_norm = norm("ff_norm")?;
         Ok(Block {
@@ -304,8 +306,10 @@ impl Llada {
         src: &dyn WeightSource,
         layout: WeightLayout,
     ) -> Result<Self> {
-        if cfg.architecture == Architecture::LladaMoe {
-            return super::llada_moe::load(cfg, src, layout);
+        match cfg.architecture {
+            Architecture::LladaMoe => return super::llada_moe::load(cfg, src, layout),
+            Architecture::Dream => return super::dream::load(cfg, src, layout),
+            Architecture::Llada => {}
         }
         let outer = OuterNames {
             embedding: &names::wte(),
@@ -396,8 +400,10 @@ impl Llada {
     /// Every tensor with its checkpoint name, in [`tensor_specs`] order (packed weights are
     /// unpacked).
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        if self.cfg.architecture == Architecture::LladaMoe {
-            return super::llada_moe::named_tensors(self);
+        match self.cfg.architecture {
+            Architecture::LladaMoe => return super::llada_moe::named_tensors(self),
+            Architecture::Dream => return super::dream::named_tensors(self),
+            Architecture::Llada => {}
         }
         let mut out = vec![(names::wte(), self.wte.clone())];
         for (i, b) in self.blocks.iter().enumerate() {
@@ -481,6 +487,9 @@ impl Llada {
         // a model whose official forward ignores padding (LLaDA-MoE) ignores it here too, unless
         // its config opts in (`mask_padding`)
         let key_mask = key_mask.filter(|_| self.cfg.mask_padding);
+        if let (Architecture::Dream, Some(m)) = (self.cfg.architecture, key_mask) {
+            super::dream::check_positions(m)?;
+        }
         let shape = KvShape {
             batch,
             kv_heads: self.cfg.n_kv_heads,
@@ -577,7 +586,17 @@ impl Llada {
             h = next;
             routers.extend(router);
         }
-        let h = h.index_select(positions, 0)?; // [N, D]
+        let h = if self.cfg.logits_shift {
+            // position p's prediction is output p − 1's (a sequence's first, its own)
+            let p: Vec<u32> = positions.to_dtype(DType::U32)?.to_vec1()?;
+            let src: Vec<u32> = p
+                .iter()
+                .map(|&p| if (p as usize).is_multiple_of(l) { p } else { p - 1 })
+                .collect();
+            h.index_select(&Tensor::from_vec(src, p.len(), &self.device)?, 0)?
+        } else {
+            h.index_select(positions, 0)?
+        }; // [N, D]
         let head = if self.cfg.weight_tying {
             &self.wte
         } else {
@@ -678,8 +697,9 @@ impl<'a> LladaPredictor<'a> {
     }
 }
 
-impl MaskPredictor for LladaPredictor<'_> {
-    fn logits_at(
+impl LladaPredictor<'_> {
+    /// The model's outputs at `rows` (no shift).
+    fn outputs_at(
         &mut self,
         x: &Tensor,
         key_mask: Option<&Tensor>,
@@ -708,6 +728,40 @@ impl MaskPredictor for LladaPredictor<'_> {
             .ok_or_else(|| Error::setting("cache", "empty", "no block-start forward yet"))?;
         self.model.forward_chunk_at(&ids, chunk.start, cache, rows)
     }
+}
+
+/// For a model whose output i predicts position i + 1 (`logits_shift`): the outputs to compute
+/// for the increasing positions `rows` (each row's predecessor, position 0 its own), and for each
+/// row the index of its output among them.
+pub(crate) fn shifted_rows(rows: &[usize]) -> (Vec<usize>, Vec<u32>) {
+    let mut src: Vec<usize> = rows.iter().map(|&r| r.saturating_sub(1)).collect();
+    src.dedup();
+    let pick = rows
+        .iter()
+        .map(|&r| src.partition_point(|&s| s < r.saturating_sub(1)) as u32)
+        .collect();
+    (src, pick)
+}
+
+impl MaskPredictor for LladaPredictor<'_> {
+    fn logits_at(
+        &mut self,
+        x: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        if !self.model.cfg.logits_shift {
+            return self.outputs_at(x, key_mask, rows);
+        }
+        // Dream's sampler: position i's logits are output i − 1's, position 0 keeps its own
+        let (src, pick) = shifted_rows(rows);
+        let out = self.outputs_at(x, key_mask, &src)?;
+        if src.len() == rows.len() {
+            return Ok(out); // a one-to-one map of increasing rows is the identity
+        }
+        let pick = Tensor::from_vec(pick, rows.len(), out.device())?;
+        Ok(out.index_select(&pick, 1)?)
+    }
 
     fn device(&self) -> Device {
         self.model.device().clone()
@@ -719,7 +773,13 @@ impl MaskPredictor for LladaPredictor<'_> {
 
     fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
         self.mode = mode;
-        self.block = block;
+        // with shifted logits the block's first position is predicted by the output before it,
+        // which the cached steps must therefore recompute too
+        self.block = if self.model.cfg.logits_shift {
+            block.start.saturating_sub(1)..block.end
+        } else {
+            block
+        };
         self.refresh = true;
         Ok(())
     }

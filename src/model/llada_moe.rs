@@ -9,7 +9,7 @@
 //! attention mask is **ignored** (pads attend and are attended to) unless the config opts in with
 //! `mask_padding: true` (a llada extension); the router's top-k weights are not renormalised.
 
-use super::attention::{Attention, QkNorm};
+use super::attention::{Attention, QkNorm, QkvBias};
 use super::layers::{Linear, Mlp, RmsNorm};
 use super::llada::{Block, Llada, OuterNames};
 use super::moe::{Ffn, SparseMoe};
@@ -33,6 +33,10 @@ mod names {
     pub fn layer(i: usize, part: &str) -> String {
         format!("model.layers.{i}.{part}.weight")
     }
+    /// The bias of `part` (e.g. `self_attn.q_proj`) of layer `i` (Dream's q/k/v).
+    pub fn bias(i: usize, part: &str) -> String {
+        format!("model.layers.{i}.{part}.bias")
+    }
     /// The router's expert bias of layer `i` (a buffer: no `.weight`).
     pub fn expert_bias(i: usize) -> String {
         format!("model.layers.{i}.mlp.expert_bias")
@@ -45,9 +49,12 @@ fn layer_specs(cfg: &ModelConfig, i: usize) -> Vec<(String, Vec<usize>)> {
     let (qd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
     let l = |part: &str, shape: Vec<usize>| (names::layer(i, part), shape);
     let mut out = vec![l("input_layernorm", vec![d])];
-    out.push(l("self_attn.q_proj", vec![qd, d]));
-    out.push(l("self_attn.k_proj", vec![kvd, d]));
-    out.push(l("self_attn.v_proj", vec![kvd, d]));
+    for (proj, rows) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
+        out.push(l(&format!("self_attn.{proj}"), vec![rows, d]));
+        if cfg.qkv_bias {
+            out.push((names::bias(i, &format!("self_attn.{proj}")), vec![rows]));
+        }
+    }
     out.push(l("self_attn.o_proj", vec![d, qd]));
     if cfg.qk_norm {
         out.push(l("self_attn.q_norm", vec![cfg.head_dim]));
@@ -130,6 +137,17 @@ fn load_block(
         n_kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
         qk_norm,
+        qkv_bias: None,
+    };
+    let attn = if cfg.qkv_bias {
+        let b = |proj: &str, n: usize| src.get(&names::bias(i, &format!("self_attn.{proj}")), &[n]);
+        attn.with_bias(QkvBias {
+            q: b("q_proj", qd)?,
+            k: b("k_proj", kvd)?,
+            v: b("v_proj", kvd)?,
+        })
+    } else {
+        attn
     };
     let ff_norm = norm("post_attention_layernorm", d)?;
     let swiglu = |prefix: &str, f: usize| -> Result<Mlp> {
@@ -203,9 +221,17 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
         let mut push = |part: &str, t: Tensor| out.push((names::layer(i, part), t));
         push("input_layernorm", b.attn_norm.weight.clone());
         let a = &b.attn;
-        push("self_attn.q_proj", a.q_proj.tensor()?);
-        push("self_attn.k_proj", a.k_proj.tensor()?);
-        push("self_attn.v_proj", a.v_proj.tensor()?);
+        let biases = a.qkv_bias.as_ref().map(|b| [&b.q, &b.k, &b.v]);
+        for (j, (proj, w)) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj)]
+            .into_iter()
+            .enumerate()
+        {
+            out.push((names::layer(i, &format!("self_attn.{proj}")), w.tensor()?));
+            if let Some(b) = biases {
+                out.push((names::bias(i, &format!("self_attn.{proj}")), b[j].clone()));
+            }
+        }
+        let mut push = |part: &str, t: Tensor| out.push((names::layer(i, part), t));
         push("self_attn.o_proj", a.attn_out.tensor()?);
         if let Some(n) = &a.qk_norm {
             push("self_attn.q_norm", n.q.weight.clone());

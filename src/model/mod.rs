@@ -4,7 +4,7 @@
 //!   reach a model: logits of chosen canvas positions, with the cache modes ([`CacheMode`]).
 //! - [`Architecture`]: config.json `architectures[0]` → the model that implements it, decided
 //!   here and nowhere else. An architecture is one file ([`llada`], LLaDA-8B's; [`llada_moe`],
-//!   LLaDA-MoE's) with its weights loaded through [`WeightSource`] and one [`MaskPredictor`]
+//!   LLaDA-MoE's; [`dream`], Dream's) with its weights loaded through [`WeightSource`] and one [`MaskPredictor`]
 //!   implementation (the LLaDA family shares [`llada::Llada`]'s forward and caches).
 //! - The parts the architectures share: [`attention`] (RoPE, attention, the attention-bias
 //!   builders), [`layers`] (linear maps over any weight format, RMSNorm, SwiGLU), [`moe`] (the
@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod dream;
 pub mod layers;
 pub mod llada;
 pub mod llada_moe;
@@ -239,6 +240,8 @@ pub enum Architecture {
     Llada,
     /// LLaDA-MoE-7B-A1B-Base/-Instruct ([`llada_moe`]).
     LladaMoe,
+    /// Dream-v0-Base/-Instruct-7B and its code family ([`dream`]).
+    Dream,
 }
 
 /// config.json `architectures[0]` → architecture. The one place that decides.
@@ -247,6 +250,7 @@ pub const ARCHITECTURES: &[(&str, Architecture)] = &[
     ("LLaDAMoEModelLM", Architecture::LladaMoe),
     // the name llama.cpp's converter also registers for it
     ("LLaDAMoEModel", Architecture::LladaMoe),
+    ("DreamModel", Architecture::Dream),
 ];
 
 impl Architecture {
@@ -273,7 +277,7 @@ impl Architecture {
         layout: WeightLayout,
     ) -> Result<Model> {
         Ok(match self {
-            Architecture::Llada | Architecture::LladaMoe => {
+            Architecture::Llada | Architecture::LladaMoe | Architecture::Dream => {
                 Model::Llada(Llada::load_with(cfg, src, layout)?)
             }
         })
@@ -304,7 +308,7 @@ impl Architecture {
 /// A loaded model of any architecture.
 #[derive(Debug, Clone)]
 pub enum Model {
-    /// The LLaDA family: LLaDA-8B and LLaDA-MoE (see [`Llada`]).
+    /// The LLaDA family: LLaDA-8B, LLaDA-MoE and Dream (see [`Llada`]).
     Llada(Llada),
 }
 
