@@ -27,7 +27,8 @@ pub struct SamplerArgs {
     /// divide it].
     #[arg(long)]
     pub block_length: Option<usize>,
-    /// Confidence scoring: low_confidence or random [default: low_confidence].
+    /// Confidence scoring: low_confidence or random (LLaDA), maskgit_plus, topk_margin or entropy
+    /// (Dream's) [default: low_confidence].
     #[arg(long, value_enum, hide_possible_values = true)]
     pub remasking: Option<Remasking>,
     /// Gumbel-max temperature; 0 = greedy [default: 0].
@@ -55,6 +56,22 @@ pub struct SamplerArgs {
     /// the decoded answer is unchanged, the rest becomes EOS padding.
     #[arg(long)]
     pub early_stop: bool,
+    /// Dream's sampler (`diffusion_generate`): origin, maskgit_plus, topk_margin or entropy;
+    /// one block over the answer, Dream's schedule, no cache unless asked.
+    #[arg(long, value_enum, hide_possible_values = true)]
+    pub alg: Option<sampler::settings::Alg>,
+    /// Dream's alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp).
+    #[arg(long, allow_negative_numbers = true)]
+    pub alg_temp: Option<f64>,
+    /// Dream's eps: the last timestep of its schedule [default with --alg: 0.001].
+    #[arg(long, allow_negative_numbers = true)]
+    pub eps: Option<f64>,
+    /// Nucleus filter: keep the most probable tokens through cumulative probability top_p.
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+    /// Keep only the top_k most probable tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Random seed (temperature sampling, random remasking).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -76,6 +93,11 @@ impl SamplerArgs {
             factor: self.factor,
             cache: self.cache,
             early_stop: self.early_stop.then_some(true),
+            alg: self.alg,
+            alg_temp: self.alg_temp,
+            eps: self.eps,
+            top_p: self.top_p,
+            top_k: self.top_k,
         }
     }
 

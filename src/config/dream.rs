@@ -286,8 +286,14 @@ mod tests {
     fn tiny_resolves() {
         let c = parse(tiny()).resolve().unwrap();
         assert_eq!(c.architecture, Architecture::Dream);
-        assert_eq!((c.d_model, c.n_layers, c.n_heads, c.n_kv_heads), (64, 2, 4, 2));
-        assert_eq!((c.head_dim, c.mlp_hidden_size, c.embedding_size), (16, 176, 512));
+        assert_eq!(
+            (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads),
+            (64, 2, 4, 2)
+        );
+        assert_eq!(
+            (c.head_dim, c.mlp_hidden_size, c.embedding_size),
+            (16, 176, 512)
+        );
         assert_eq!(c.rope_theta, 1e6);
         assert!(c.qkv_bias && c.logits_shift && c.mask_padding && !c.weight_tying);
         assert_eq!(c.mask_token_id, Some(508));
@@ -308,7 +314,10 @@ mod tests {
         for (key, value) in [
             ("use_sliding_window", serde_json::json!(true)),
             ("use_mrope", serde_json::json!(true)),
-            ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0})),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            ),
             ("hidden_act", serde_json::json!("gelu")),
             ("num_key_value_heads", serde_json::json!(3)),
             ("hidden_size", serde_json::json!(66)),

@@ -221,8 +221,18 @@ impl Attention {
     /// (with their biases), then the per-head QK norms when the model has them (with `diff`:
     /// differentiable ops only).
     fn project_qkv(&self, x: &Tensor, diff: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        let proj = |w: &Linear| if diff { w.forward_diff(x) } else { w.forward(x) };
-        let (mut q, mut k, mut v) = (proj(&self.q_proj)?, proj(&self.k_proj)?, proj(&self.v_proj)?);
+        let proj = |w: &Linear| {
+            if diff {
+                w.forward_diff(x)
+            } else {
+                w.forward(x)
+            }
+        };
+        let (mut q, mut k, mut v) = (
+            proj(&self.q_proj)?,
+            proj(&self.k_proj)?,
+            proj(&self.v_proj)?,
+        );
         if let Some(b) = &self.qkv_bias {
             let add = |y: &Tensor, b: &Tensor| y.broadcast_add(&b.to_dtype(y.dtype())?);
             (q, k, v) = (add(&q, &b.q)?, add(&k, &b.k)?, add(&v, &b.v)?);

@@ -591,7 +591,13 @@ impl Llada {
             let p: Vec<u32> = positions.to_dtype(DType::U32)?.to_vec1()?;
             let src: Vec<u32> = p
                 .iter()
-                .map(|&p| if (p as usize).is_multiple_of(l) { p } else { p - 1 })
+                .map(|&p| {
+                    if (p as usize).is_multiple_of(l) {
+                        p
+                    } else {
+                        p - 1
+                    }
+                })
                 .collect();
             h.index_select(&Tensor::from_vec(src, p.len(), &self.device)?, 0)?
         } else {

@@ -222,9 +222,13 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
         push("input_layernorm", b.attn_norm.weight.clone());
         let a = &b.attn;
         let biases = a.qkv_bias.as_ref().map(|b| [&b.q, &b.k, &b.v]);
-        for (j, (proj, w)) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj)]
-            .into_iter()
-            .enumerate()
+        for (j, (proj, w)) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+        ]
+        .into_iter()
+        .enumerate()
         {
             out.push((names::layer(i, &format!("self_attn.{proj}")), w.tensor()?));
             if let Some(b) = biases {

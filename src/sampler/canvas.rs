@@ -4,7 +4,6 @@
 
 use std::ops::Range;
 
-use super::commit::Commit;
 use super::predict::Prediction;
 use super::{Committed, Generation};
 use crate::tokenizer::SpecialTokens;
@@ -106,15 +105,14 @@ impl Canvas {
         (wanted, columns)
     }
 
-    /// Commits, in each row, the predictions `rule` selects (`k(row)`: the schedule's count for
-    /// this step) at global step `step`; `window_start` is the offset origin of the
-    /// predictions. Returns what each row committed, by answer index.
+    /// Commits, in each row, the predictions `select(row, candidates)` chooses (window offsets;
+    /// candidates are (offset, confidence)) at global step `step`; `window_start` is the offset
+    /// origin of the predictions. Returns what each row committed, by answer index.
     pub fn commit(
         &mut self,
         preds: &[Vec<Prediction>],
         window_start: usize,
-        rule: Commit,
-        k: impl Fn(usize) -> usize,
+        mut select: impl FnMut(usize, &[(usize, f64)]) -> Vec<usize>,
         step: usize,
     ) -> Vec<Vec<Committed>> {
         let mut committed = Vec::with_capacity(preds.len());
@@ -124,7 +122,7 @@ impl Canvas {
                 .map(|pr| (pr.offset, pr.confidence))
                 .collect();
             let mut done = Vec::new();
-            for off in rule.select(&cands, k(r)) {
+            for off in select(r, &cands) {
                 let Some(pr) = row_preds.iter().find(|pr| pr.offset == off) else {
                     continue;
                 };

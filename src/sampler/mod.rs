@@ -2,13 +2,16 @@
 //! block by block (reference §4; Fast-dLLM commit rules §6).
 //!
 //! A strategy is data on independent axes, each dispatched by one `match` in its own file:
-//! [`Remasking`] (how confidence is scored), [`Commit`] (how many positions a step unmasks),
-//! [`Guidance`] (CFG), [`CacheMode`]. The model is reached only through its seam,
+//! [`Remasking`] (how confidence is scored: LLaDA's and Dream's), [`Commit`] (how many positions
+//! a step unmasks), [`Schedule`] (how a block's masks are spread over its steps: LLaDA's linear
+//! one, Dream's timesteps), [`LogitFilter`] (top-p/top-k), [`Guidance`] (CFG), [`CacheMode`].
+//! Dream's `diffusion_generate` is one point of these axes (see [`settings::Alg`]). The model is reached only through its seam,
 //! [`crate::model::MaskPredictor`]. Progress and cancellation go through an `on_step` callback.
 
 pub mod ar;
 mod canvas;
 pub mod commit;
+pub mod filter;
 pub mod guidance;
 pub mod gumbel;
 pub mod predict;
@@ -23,11 +26,12 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::{CacheMode, MaskPredictor};
-pub use commit::Commit;
+pub use commit::{Commit, Quota};
+pub use filter::LogitFilter;
 pub use guidance::Guidance;
 pub use prompt::PromptRules;
 pub use remask::Remasking;
-pub use schedule::{num_transfer_tokens, BlockLoop, Blocks};
+pub use schedule::{num_transfer_tokens, BlockLoop, Blocks, Schedule};
 pub use settings::SamplerSettings;
 
 use canvas::Canvas;
@@ -71,6 +75,11 @@ pub struct SamplerConfig {
     /// before it is committed; the rest is filled with EOS. The decoded answer (cut at the first
     /// EOS/EOT) is the same as without it at any temperature; only ids after it may differ.
     pub early_stop: bool,
+    /// How a block's masks are spread over its steps.
+    pub schedule: Schedule,
+    /// Top-p / top-k filtering of the logits before a token is chosen (keys `top_p`, `top_k`).
+    #[serde(flatten)]
+    pub filter: LogitFilter,
 }
 
 impl Default for SamplerConfig {
@@ -87,6 +96,8 @@ impl Default for SamplerConfig {
             confidence_eos_eot_inf: false,
             cache: CacheMode::None,
             early_stop: false,
+            schedule: Schedule::Linear,
+            filter: LogitFilter::default(),
         }
     }
 }
@@ -94,7 +105,42 @@ impl Default for SamplerConfig {
 impl SamplerConfig {
     /// Checks every setting, returning the block layout.
     pub fn validate(&self) -> Result<Blocks> {
-        let blocks = Blocks::new(self.gen_length, self.block_length, self.steps)?;
+        let blocks = match self.schedule {
+            Schedule::Linear => Blocks::new(self.gen_length, self.block_length, self.steps)?,
+            Schedule::Dream { eps } => {
+                if !(eps > 0.0 && eps < 1.0) {
+                    return Err(Error::setting(
+                        "eps",
+                        eps,
+                        "must be in (0, 1) (the last timestep of Dream's schedule; Dream uses 1e-3)",
+                    ));
+                }
+                Blocks::with_idle_steps(self.gen_length, self.block_length, self.steps)?
+            }
+        };
+        self.filter.validate()?;
+        if self.remasking.is_dream() && self.confidence_eos_eot_inf {
+            return Err(Error::setting(
+                "confidence_eos_eot_inf",
+                true,
+                format!(
+                    "applies to LLaDA's confidences (low_confidence), not to remasking={}",
+                    self.remasking
+                ),
+            ));
+        }
+        if self.remasking == Remasking::Entropy
+            && matches!(
+                self.commit,
+                Commit::Threshold { .. } | Commit::Factor { .. }
+            )
+        {
+            return Err(Error::setting(
+                "remasking",
+                self.remasking,
+                "gives negative confidences (−entropy), which the threshold and factor rules cannot compare with a probability: use maskgit_plus or topk_margin",
+            ));
+        }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::setting(
                 "temperature",
@@ -126,6 +172,24 @@ impl SamplerConfig {
             Commit::Factor { f } => {
                 if !(f.is_finite() && f > 0.0) {
                     return Err(Error::setting("factor", f, "must be a finite number > 0"));
+                }
+            }
+            Commit::Sampled { temp } => {
+                if !(temp.is_finite() && temp > 0.0) {
+                    return Err(Error::setting(
+                        "alg_temp",
+                        temp,
+                        "must be a finite number > 0",
+                    ));
+                }
+            }
+            Commit::Origin => {
+                if !matches!(self.schedule, Schedule::Dream { .. }) {
+                    return Err(Error::setting(
+                        "alg",
+                        "origin",
+                        "reveals with the probabilities of Dream's schedule: it needs schedule dream",
+                    ));
                 }
             }
         }
@@ -272,7 +336,62 @@ pub fn generate(
             .map(|r| r.iter().copied().chain(std::iter::repeat_n(1, g)).collect())
             .collect()
     });
-    denoise(model, x, key_mask, p, blocks, cfg, special, rng, on_step)
+    denoise(
+        model, x, key_mask, p, blocks, cfg, special, rng, None, on_step,
+    )
+}
+
+/// What each step of a recorded run revealed: `[step][row]` → answer indices.
+pub type Reveals = [Vec<Vec<usize>>];
+
+/// [`generate`] with the positions each step commits taken from a recorded run (`reveals`)
+/// instead of drawn: reproduces a random run of another engine (Dream's `origin` and
+/// `alg_temp` > 0 draw from torch's generator) to check everything but the draws. Each recorded
+/// set must be masked candidates of the step, and for the counting rules exactly the schedule's
+/// count; otherwise an error names the step and row.
+pub fn generate_replayed(
+    model: &mut dyn MaskPredictor,
+    prompts: &PromptBatch,
+    cfg: &SamplerConfig,
+    special: &SpecialTokens,
+    reveals: &Reveals,
+    on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let blocks = cfg.validate()?;
+    let p = prompts.validate(special.mask)?;
+    let x = prompts
+        .ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(special.mask, cfg.gen_length))
+                .collect()
+        })
+        .collect();
+    let key_mask = prompts.key_mask.as_ref().map(|m| {
+        m.iter()
+            .map(|r| {
+                r.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(1, cfg.gen_length))
+                    .collect()
+            })
+            .collect()
+    });
+    let mut rng = Rng::new(0);
+    denoise(
+        model,
+        x,
+        key_mask,
+        p,
+        blocks,
+        cfg,
+        special,
+        &mut rng,
+        Some(reveals),
+        on_step,
+    )
 }
 
 /// Fills the masked positions of `canvas` (a text with mask tokens anywhere) using the context on
@@ -303,7 +422,7 @@ pub fn infill(
     if eff.block_length == 0 || eff.block_length > region {
         eff.block_length = region;
     }
-    if cfg.steps > masks {
+    if cfg.steps > masks && cfg.schedule == Schedule::Linear {
         return Err(Error::setting(
             "steps",
             cfg.steps,
@@ -329,6 +448,7 @@ pub fn infill(
         &eff,
         special,
         rng,
+        None,
         on_step,
     )
 }
@@ -348,6 +468,7 @@ fn denoise(
     cfg: &SamplerConfig,
     special: &SpecialTokens,
     rng: &mut Rng,
+    reveals: Option<&Reveals>,
     on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let mask_id = special.mask;
@@ -372,11 +493,9 @@ fn denoise(
         } else {
             lo..hi
         };
-        let schedule: Vec<Vec<usize>> = canvas
-            .masked_in(lo..hi)
-            .into_iter()
-            .map(|m| num_transfer_tokens(m, blocks.steps_per_block))
-            .collect();
+        let plan = cfg
+            .schedule
+            .plan(&canvas.masked_in(lo..hi), blocks.steps_per_block);
         let mut i = 0;
         while rule.runs(i, canvas.has_masks(lo..hi)) {
             let (wanted, columns) = canvas.wanted(&window);
@@ -388,8 +507,26 @@ fn denoise(
             nfe += 1;
             let logits = guidance.apply(&logits, b)?; // [B, |rows|, V]
             let preds = predict::predict(&logits, Some(&columns), &wanted, &opts, rng)?;
-            let k = |r: usize| schedule[r].get(i).copied().unwrap_or(0);
-            let committed = canvas.commit(&preds, window.start, cfg.commit, k, step);
+            let quotas = plan.quotas(i, &canvas.masked_in(lo..hi));
+            let mut replay_error = None;
+            let committed = canvas.commit(
+                &preds,
+                window.start,
+                |r, cands| match reveals {
+                    None => cfg.commit.select_with(cands, quotas[r], rng),
+                    Some(rec) => {
+                        replayed(rec, step, r, cands, quotas[r], cfg.commit, p, window.start)
+                            .unwrap_or_else(|e| {
+                                replay_error.get_or_insert(e);
+                                Vec::new()
+                            })
+                    }
+                },
+                step,
+            );
+            if let Some(e) = replay_error {
+                return Err(e);
+            }
             let event = StepEvent {
                 block: blk,
                 step_in_block: i,
@@ -420,6 +557,43 @@ fn denoise(
         canvas.pad_finished(special.eos);
     }
     Ok(canvas.into_generation(nfe, step))
+}
+
+/// The recorded reveal set of `row` at global `step` as window offsets, checked against the
+/// step's candidates and, for the counting rules, the schedule's count.
+#[allow(clippy::too_many_arguments)]
+fn replayed(
+    rec: &Reveals,
+    step: usize,
+    row: usize,
+    cands: &[(usize, f64)],
+    quota: Quota,
+    rule: Commit,
+    p: usize,
+    window_start: usize,
+) -> Result<Vec<usize>> {
+    let bad = |why: String| Error::setting("reveals", format!("step {step} row {row}"), why);
+    let set = rec
+        .get(step)
+        .and_then(|s| s.get(row))
+        .ok_or_else(|| bad("the recording has no such step or row".into()))?;
+    let mut offs = Vec::with_capacity(set.len());
+    for &i in set {
+        match (p + i).checked_sub(window_start) {
+            Some(o) if cands.iter().any(|c| c.0 == o) => offs.push(o),
+            _ => return Err(bad(format!("answer index {i} is not masked in the window"))),
+        }
+    }
+    if matches!(rule, Commit::TopK | Commit::Sampled { .. })
+        && offs.len() != quota.k.min(cands.len())
+    {
+        return Err(bad(format!(
+            "reveals {} positions where the schedule allows {}",
+            offs.len(),
+            quota.k.min(cands.len())
+        )));
+    }
+    Ok(offs)
 }
 
 /// Whether an answer is final: some EOS/EOT is committed and nothing before the first one is

@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
+use super::filter::LogitFilter;
 use super::gumbel;
 use super::remask::Remasking;
 use crate::error::Result;
@@ -26,6 +27,8 @@ pub struct PredictOpts {
     /// (`confidence_eos_eot_inf` as the reference really behaves: EOS and EOT at T = 0, EOT only at
     /// T > 0).
     pub suppress_conf: Vec<u32>,
+    /// Top-p / top-k filtering of the (tempered) logits before the token is chosen.
+    pub filter: LogitFilter,
 }
 
 impl PredictOpts {
@@ -47,6 +50,7 @@ impl PredictOpts {
             remasking: cfg.remasking,
             suppress_logit: cfg.logits_eos_inf.then_some(special.eos),
             suppress_conf,
+            filter: cfg.filter,
         }
     }
 }
@@ -72,6 +76,13 @@ pub fn predict(
     // Randomness is drawn here, single-threaded, so results do not depend on the thread count.
     let step_seed = rng.next_seed();
     let logits = logits.to_dtype(DType::F32)?;
+    // Dream's confidences and the filters are computed on the host (on a GPU the window's
+    // logits are read back)
+    let host_only = opts.remasking.is_dream() || opts.filter.is_active();
+    if host_only && !matches!(logits.device(), Device::Cpu) {
+        let logits = logits.to_device(&Device::Cpu)?;
+        return predict_host(&logits, columns, wanted, opts, step_seed);
+    }
     if matches!(logits.device(), Device::Cpu) {
         predict_host(&logits, columns, wanted, opts, step_seed)
     } else {
@@ -122,6 +133,90 @@ fn confidence_of(row: &[f32], token: u32, skip: &[u32]) -> f64 {
 }
 
 fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
+    if opts.remasking.is_dream() {
+        return predict_row_dream(row, opts, rng);
+    }
+    if opts.filter.is_active() {
+        // the filter decides on the tempered logits (Dream's order); the removed entries leave
+        // both the token choice and the confidence softmax
+        let t = opts.temperature as f32;
+        let mut f: Vec<f32> = row
+            .iter()
+            .map(|&x| if t > 0.0 { x / t } else { x })
+            .collect();
+        opts.filter.apply(&mut f);
+        let l: Vec<f32> = row
+            .iter()
+            .zip(&f)
+            .map(|(&x, &y)| if y == f32::NEG_INFINITY { y } else { x })
+            .collect();
+        return predict_row_llada(&l, opts, rng);
+    }
+    predict_row_llada(row, opts, rng)
+}
+
+/// Dream's `sample_tokens`: logits / T (T > 0), `logits_eos_inf`, the filters, p = softmax;
+/// x0 = argmax p (T = 0) or a draw from p; the confidence of [`Remasking`] from p.
+fn predict_row_dream(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
+    let t = opts.temperature as f32;
+    let mut l: Vec<f32> = row
+        .iter()
+        .map(|&x| if t > 0.0 { x / t } else { x })
+        .collect();
+    if let Some(s) = opts.suppress_logit.and_then(|s| l.get_mut(s as usize)) {
+        *s = f32::NEG_INFINITY;
+    }
+    opts.filter.apply(&mut l);
+    let m = row_max(&l);
+    let mut p: Vec<f64> = l
+        .iter()
+        .map(|&x| {
+            if x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                ((x - m) as f64).exp()
+            }
+        })
+        .collect();
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+    let token = if opts.temperature == 0.0 {
+        gumbel::argmax(&l, None) as usize
+    } else {
+        let mut u = rng.uniform();
+        let mut pick = gumbel::argmax(&l, None) as usize;
+        for (i, &x) in p.iter().enumerate() {
+            if x > 0.0 {
+                pick = i;
+                if u < x {
+                    break;
+                }
+                u -= x;
+            }
+        }
+        pick
+    };
+    let confidence = match opts.remasking {
+        Remasking::TopkMargin => {
+            let (mut a, mut b) = (0f64, 0f64);
+            for &x in &p {
+                if x > a {
+                    (a, b) = (x, a);
+                } else if x > b {
+                    b = x;
+                }
+            }
+            a - b
+        }
+        Remasking::Entropy => p.iter().map(|&x| x * (x + 1e-10).ln()).sum(),
+        _ => p[token],
+    };
+    (token as u32, confidence)
+}
+
+/// LLaDA's prediction: argmax or Gumbel-max at T, confidence by [`Remasking`] (the
+/// probability at temperature 1, or a uniform draw).
+fn predict_row_llada(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
     let token = if opts.temperature == 0.0 {
         gumbel::argmax(row, opts.suppress_logit)
     } else {
@@ -134,6 +229,10 @@ fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
             confidence_of(row, token, &skip)
         }
         Remasking::Random => rng.uniform_f32() as f64,
+        // Dream's confidences go through predict_row_dream
+        Remasking::MaskgitPlus | Remasking::TopkMargin | Remasking::Entropy => {
+            return predict_row_dream(row, opts, rng)
+        }
     };
     (token, confidence)
 }
@@ -244,6 +343,8 @@ fn predict_tensor(
         // drawn on the host from the caller's seed, as the host path draws them (the same values
         // at T = 0), so random remasking is reproducible on every device
         Remasking::Random => None,
+        // computed on the host (`predict` never sends them here)
+        Remasking::MaskgitPlus | Remasking::TopkMargin | Remasking::Entropy => None,
     };
     let x0: Vec<Vec<u32>> = x0.squeeze(D::Minus1)?.to_vec2()?;
     wanted
@@ -290,6 +391,7 @@ mod tests {
             remasking: Remasking::LowConfidence,
             suppress_logit: sl,
             suppress_conf: sc,
+            filter: LogitFilter::default(),
         }
     }
 

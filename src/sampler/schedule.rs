@@ -1,6 +1,99 @@
-//! The linear transfer schedule and the semi-autoregressive blocks (reference §4.2–4.3).
+//! The transfer schedules (how many positions each step of a block may reveal: LLaDA's linear
+//! one, reference §4.2, and Dream's) and the semi-autoregressive blocks (reference §4.3).
 
+use serde::{Deserialize, Serialize};
+
+use super::commit::Quota;
 use crate::error::{Error, Result};
+
+/// How a block's masks are spread over its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Schedule {
+    /// LLaDA: the block's masks split evenly over its steps when the block starts, the
+    /// remainder on the first steps ([`num_transfer_tokens`]).
+    #[default]
+    Linear,
+    /// Dream's `diffusion_generate`: timesteps t = linspace(1, eps, S + 1) in f32; step i reveals
+    /// ⌊n · (1 − t_{i+1}/t_i)⌋ of the n masks left (the batch's average), every mask at the last
+    /// step; `origin` reveals each mask with probability 1 − t_{i+1}/t_i. A step may reveal
+    /// nothing, and steps may outnumber the masks.
+    Dream { eps: f64 },
+}
+
+/// `torch.linspace(start, end, n)` in f32 as PyTorch's CPU kernel computes it: the first half
+/// counts up from `start`, the second half down from `end`.
+pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// One block's schedule, fixed when the block starts.
+#[derive(Debug, Clone)]
+pub struct BlockPlan {
+    steps: usize,
+    /// Linear: per row, the count of every step.
+    per_row: Vec<Vec<usize>>,
+    /// Dream: the S + 1 timesteps.
+    timesteps: Vec<f32>,
+}
+
+impl Schedule {
+    /// The plan of a block of `steps` steps whose rows start with `masked` masks each.
+    pub fn plan(self, masked: &[usize], steps: usize) -> BlockPlan {
+        match self {
+            Schedule::Linear => BlockPlan {
+                steps,
+                per_row: masked
+                    .iter()
+                    .map(|&m| num_transfer_tokens(m, steps))
+                    .collect(),
+                timesteps: Vec::new(),
+            },
+            Schedule::Dream { eps } => BlockPlan {
+                steps,
+                per_row: Vec::new(),
+                timesteps: linspace_f32(1.0, eps as f32, steps + 1),
+            },
+        }
+    }
+}
+
+impl BlockPlan {
+    /// The quota of every row at step `i` of the block, whose rows have `masked` masks left.
+    pub fn quotas(&self, i: usize, masked: &[usize]) -> Vec<Quota> {
+        if self.timesteps.is_empty() {
+            return self
+                .per_row
+                .iter()
+                .map(|s| Quota {
+                    k: s.get(i).copied().unwrap_or(0),
+                    reveal_p: 1.0,
+                })
+                .collect();
+        }
+        let last = i + 1 >= self.steps;
+        let (t, s) = (self.timesteps[i], self.timesteps[(i + 1).min(self.steps)]);
+        // f32 tensor arithmetic as the reference: mask_index.sum() / B, then n · (1 − s/t)
+        let n = masked.iter().sum::<usize>() as f32 / masked.len().max(1) as f32;
+        let ratio = 1.0f32 - s / t;
+        let k = if last { n } else { n * ratio } as usize;
+        let reveal_p = if last { 1.0 } else { ratio as f64 };
+        vec![Quota { k, reveal_p }; masked.len()]
+    }
+}
 
 /// Tokens to reveal at each of `steps` steps when `masked` positions are masked: ⌊M/S⌋ each, the
 /// first M mod S steps one more (the remainder is front-loaded, as the reference does).
@@ -25,6 +118,20 @@ impl Blocks {
     /// Checks the reference's preconditions (gen_length divisible by block_length, steps divisible
     /// by the number of blocks) and that there is something to do at every step.
     pub fn new(gen_length: usize, block_length: usize, steps: usize) -> Result<Self> {
+        let b = Self::with_idle_steps(gen_length, block_length, steps)?;
+        if steps > gen_length {
+            return Err(Error::setting(
+                "steps",
+                steps,
+                format!("must not exceed the {gen_length} tokens to reveal (gen_length)"),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// [`Blocks::new`] where steps may outnumber the tokens (Dream's schedule, whose steps may
+    /// reveal nothing).
+    pub fn with_idle_steps(gen_length: usize, block_length: usize, steps: usize) -> Result<Self> {
         if gen_length == 0 {
             return Err(Error::setting(
                 "gen_length",
@@ -59,13 +166,6 @@ impl Blocks {
                 ),
             ));
         }
-        if steps > gen_length {
-            return Err(Error::setting(
-                "steps",
-                steps,
-                format!("must not exceed the {gen_length} tokens to reveal (gen_length)"),
-            ));
-        }
         Ok(Blocks {
             num_blocks,
             block_length,
@@ -98,7 +198,7 @@ pub struct BlockLoop {
 
 impl BlockLoop {
     pub fn new(cfg: &super::SamplerConfig, blocks: &Blocks) -> Self {
-        let fast = cfg.commit != super::Commit::TopK || cfg.cache != super::CacheMode::None;
+        let fast = !cfg.commit.is_scheduled() || cfg.cache != super::CacheMode::None;
         BlockLoop {
             fast,
             cached: cfg.cache != super::CacheMode::None,
@@ -140,6 +240,40 @@ mod tests {
         assert_eq!(num_transfer_tokens(10, 16), v);
         let b = Blocks::new(128, 32, 128).unwrap();
         assert_eq!((b.num_blocks, b.steps_per_block), (4, 32));
+    }
+
+    /// The reference's transfer counts (golden `transfer_counts`, cases/README.md §2.5).
+    #[test]
+    fn dream_schedule_reference_counts() {
+        let counts = |g: usize, s: usize| -> Vec<usize> {
+            let plan = Schedule::Dream { eps: 1e-3 }.plan(&[g], s);
+            let mut left = g;
+            (0..s)
+                .map(|i| {
+                    let k = plan.quotas(i, &[left])[0].k.min(left);
+                    left -= k;
+                    k
+                })
+                .collect()
+        };
+        let mut l32s32 = vec![0];
+        l32s32.extend([1; 30]);
+        l32s32.push(2);
+        assert_eq!(counts(32, 32), l32s32);
+        let mut l32s16 = vec![1];
+        l32s16.extend([2; 14]);
+        l32s16.push(3);
+        assert_eq!(counts(32, 16), l32s16);
+        let mut l32s10 = vec![3; 9];
+        l32s10.push(5);
+        assert_eq!(counts(32, 10), l32s10);
+        let mut l16s24 = vec![0; 9];
+        l16s24.extend([1; 14]);
+        l16s24.push(2);
+        assert_eq!(counts(16, 24), l16s24);
+        // linspace's two halves
+        let t = linspace_f32(1.0, 1e-3, 33);
+        assert_eq!((t[0], t[32]), (1.0, 1e-3));
     }
 
     #[test]

@@ -14,12 +14,57 @@
 //! 4. A cache that came from `base` (not asked for) is turned off when classifier-free guidance
 //!    is on: the caches do not support it. A cache that was asked for with `cfg_scale` > 0 is an
 //!    error ([`SamplerConfig::validate`]).
-//! 5. [`SamplerConfig::validate`].
+//! 5. `alg` chooses Dream's `diffusion_generate` ([`Alg`]): Dream's schedule with `eps`
+//!    (default 1e-3), the alg's confidence, top-k commits (`alg_temp` > 0: sampled ones;
+//!    `origin`: random reveals) unless a threshold or factor is given, and, unless given, one
+//!    block over the whole answer, no cache and no early stop (the official loop). `alg` with
+//!    `remasking`, `origin` with a commit rule or `alg_temp`, `alg_temp` > 0 with a commit rule,
+//!    and `eps` or `alg_temp` without `alg` are errors naming both. `top_p`/`top_k` filter the
+//!    logits of any sampler.
+//! 6. [`SamplerConfig::validate`].
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{CacheMode, Commit, Remasking, SamplerConfig};
+use super::{CacheMode, Commit, Remasking, SamplerConfig, Schedule};
 use crate::error::{Error, Result};
+
+/// Dream's `eps` default (`diffusion_generate`).
+pub const DREAM_EPS: f64 = 1e-3;
+
+/// Dream's `alg`: the official `diffusion_generate` sampler as a point of the sampler's axes
+/// (schedule [`Schedule::Dream`], and the confidence or reveal rule). The names are Dream's, the
+/// same for serde and clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Alg {
+    /// Each mask revealed with probability 1 − s/t per step (random even at temperature 0).
+    Origin,
+    /// The most probable predictions first.
+    MaskgitPlus,
+    /// The largest top-1 − top-2 probability margins first.
+    TopkMargin,
+    /// The lowest entropies first.
+    Entropy,
+}
+
+impl Alg {
+    /// The confidence this alg ranks by (`origin` draws its tokens as `maskgit_plus` does).
+    pub fn remasking(self) -> Remasking {
+        match self {
+            Alg::Origin | Alg::MaskgitPlus => Remasking::MaskgitPlus,
+            Alg::TopkMargin => Remasking::TopkMargin,
+            Alg::Entropy => Remasking::Entropy,
+        }
+    }
+}
+
+impl std::fmt::Display for Alg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = clap::ValueEnum::to_possible_value(self);
+        f.write_str(v.as_ref().map_or("", |v| v.get_name()))
+    }
+}
 
 /// The raw sampler choices of a user: `None` = not given (take the default). Deserialized from
 /// the server's JSON (keys as below; `null` is rejected except for `threshold`, where it turns a
@@ -64,6 +109,21 @@ pub struct SamplerSettings {
     /// Stop as soon as the answer is final.
     #[serde(deserialize_with = "given")]
     pub early_stop: Option<bool>,
+    /// Dream's `diffusion_generate` algorithm.
+    #[serde(deserialize_with = "given")]
+    pub alg: Option<Alg>,
+    /// Dream's `alg_temp`: > 0 draws the committed positions from softmax(confidence / alg_temp).
+    #[serde(deserialize_with = "given")]
+    pub alg_temp: Option<f64>,
+    /// Dream's `eps`: the last timestep of its schedule.
+    #[serde(deserialize_with = "given")]
+    pub eps: Option<f64>,
+    /// Nucleus filter of the logits (1 = off).
+    #[serde(deserialize_with = "given")]
+    pub top_p: Option<f64>,
+    /// Top-k filter of the logits.
+    #[serde(deserialize_with = "given")]
+    pub top_k: Option<usize>,
 }
 
 /// A present field must hold a value (`null` is an error, as a wrong type is).
@@ -157,7 +217,90 @@ impl SamplerSettings {
         if let Some(v) = self.early_stop {
             c.early_stop = v;
         }
+        self.merge_dream(&mut c)?;
+        if let Some(p) = self.top_p {
+            c.filter.top_p = Some(p);
+        }
+        if let Some(k) = self.top_k {
+            c.filter.top_k = Some(k);
+        }
         Ok(c)
+    }
+
+    /// Rule 5: `alg`, `alg_temp`, `eps`.
+    fn merge_dream(&self, c: &mut SamplerConfig) -> Result<()> {
+        let Some(alg) = self.alg else {
+            if let Some(e) = self.eps {
+                return Err(Error::setting(
+                    "eps",
+                    e,
+                    "needs alg (it is a setting of Dream's schedule)",
+                ));
+            }
+            if let Some(t) = self.alg_temp {
+                return Err(Error::setting(
+                    "alg_temp",
+                    t,
+                    "needs alg (it is a setting of Dream's samplers)",
+                ));
+            }
+            return Ok(());
+        };
+        if let Some(r) = self.remasking {
+            return Err(Error::setting(
+                "remasking",
+                r,
+                format!("cannot be combined with alg={alg}: the alg chooses the confidence"),
+            ));
+        }
+        let rule = match (self.threshold, self.factor) {
+            (Some(Some(t)), _) => Some(format!("threshold={t}")),
+            (_, Some(f)) => Some(format!("factor={f}")),
+            _ => None,
+        };
+        let temp = self.alg_temp.filter(|&t| t != 0.0);
+        c.schedule = Schedule::Dream {
+            eps: self.eps.unwrap_or(DREAM_EPS),
+        };
+        c.remasking = alg.remasking();
+        match (alg, temp, rule) {
+            (Alg::Origin, Some(t), _) => {
+                return Err(Error::setting(
+                    "alg_temp",
+                    t,
+                    "cannot be combined with alg=origin, which ranks no confidences",
+                ))
+            }
+            (Alg::Origin, None, Some(r)) => {
+                return Err(Error::setting(
+                    "alg",
+                    alg,
+                    format!("reveals at random and cannot be combined with {r}"),
+                ))
+            }
+            (Alg::Origin, None, None) => c.commit = Commit::Origin,
+            (_, Some(t), Some(r)) => {
+                return Err(Error::setting(
+                    "alg_temp",
+                    t,
+                    format!("cannot be combined with {r}: give one commit rule"),
+                ))
+            }
+            (_, Some(t), None) => c.commit = Commit::Sampled { temp: t },
+            (_, None, None) => c.commit = Commit::TopK,
+            (_, None, Some(_)) => {} // the threshold or factor set above
+        }
+        // the official loop, unless asked otherwise: one block, no cache, no early stop
+        if self.block_length.is_none() {
+            c.block_length = c.gen_length;
+        }
+        if self.cache.is_none() {
+            c.cache = CacheMode::None;
+        }
+        if self.early_stop.is_none() {
+            c.early_stop = false;
+        }
+        Ok(())
     }
 
     /// Every rule of the module: the settings over `base`, checked.

@@ -15,7 +15,13 @@ pub fn check_forward(dir: &Path, ck: &Checkpoint, device: &Device, dtype: DType)
 
 /// [`check_forward`]; with `valid_only`, positions whose `attention_mask` is 0 are not compared
 /// (Dream: pad query rows have no allowed key, and the reference's outputs there are meaningless).
-pub fn check_forward_with(dir: &Path, ck: &Checkpoint, device: &Device, dtype: DType, valid_only: bool) {
+pub fn check_forward_with(
+    dir: &Path,
+    ck: &Checkpoint,
+    device: &Device,
+    dtype: DType,
+    valid_only: bool,
+) {
     let Some(doc) = case_file_in(dir, "forward.json") else {
         return;
     };
@@ -69,7 +75,11 @@ pub fn check_forward_with(dir: &Path, ck: &Checkpoint, device: &Device, dtype: D
         let scale = reference.iter().fold(0f32, |m, r| m.max(r.abs()));
         let tol = abs + rel * scale;
         let valid: Vec<bool> = if valid_only && !case["attention_mask"].is_null() {
-            ids2(&case["attention_mask"]).concat().iter().map(|&m| m != 0).collect()
+            ids2(&case["attention_mask"])
+                .concat()
+                .iter()
+                .map(|&m| m != 0)
+                .collect()
         } else {
             vec![true; b * l]
         };
@@ -135,6 +145,7 @@ pub fn run_case(
         confidence_eos_eot_inf: case["confidence_eos_eot_inf"].as_bool().unwrap_or(false),
         cache,
         early_stop: false,
+        ..Default::default()
     };
     let special = special_for(case, &ck.special);
     let mut m = ck.model.predictor();
