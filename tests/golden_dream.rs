@@ -244,3 +244,308 @@ fn random_cases_replay_from_their_reveal_sets() {
     }
     assert!(checked > 0);
 }
+
+use llada::model::{CacheMode, MaskPredictor};
+use llada::sampler::{Commit, Remasking};
+
+#[test]
+fn cached_and_uncached_agree_where_they_must() {
+    golden::check_cached_and_uncached_agree(dream(DType::F32));
+}
+
+#[test]
+fn early_stop_keeps_the_answer() {
+    golden::check_early_stop_keeps_the_answer(dream(DType::F32));
+}
+
+/// With shifted logits a block's first position is predicted from the output before the block:
+/// the cached steps recompute it too. On an unchanged canvas a cached step's logits are the
+/// uncached ones (the cache holds exactly this canvas's keys and values).
+#[test]
+fn cached_steps_read_the_shifted_outputs() {
+    let ck = dream(DType::F32);
+    let tok = ck.tokenizer().unwrap();
+    let mut ids = tok.encode("And God said, Let there be light").unwrap();
+    let p = ids.len();
+    ids.extend(std::iter::repeat_n(ck.special.mask, 24));
+    let l = ids.len();
+    let x = llada::candle_core::Tensor::from_vec(ids, (1, l), &Device::Cpu).unwrap();
+    for (lo, hi) in [(p, p + 8), (p + 8, p + 16), (p + 16, l)] {
+        let rows: Vec<usize> = (lo..hi).collect();
+        let full = ck.model.predictor().logits_at(&x, None, &rows).unwrap();
+        for mode in [CacheMode::Prefix, CacheMode::Dual] {
+            let mut m = ck.model.predictor();
+            m.begin_block(lo..hi, mode).unwrap();
+            let first = m.logits_at(&x, None, &rows).unwrap(); // block start: a full forward
+            let cached = m.logits_at(&x, None, &rows).unwrap();
+            assert_eq!(max_diff(&first, &full), 0.0, "{mode:?} block start");
+            let d = max_diff(&cached, &full);
+            assert!(d < 1e-4, "{mode:?} block {lo}..{hi}: {d}");
+        }
+    }
+    // and the shift itself: row r is raw output r − 1, row 0 its own
+    let raw = ck.model.forward(&x, None).unwrap();
+    let shifted = ck
+        .model
+        .predictor()
+        .logits_at(&x, None, &[0, 1, 5])
+        .unwrap();
+    let pick = |t: &llada::candle_core::Tensor, i: usize| t.narrow(1, i, 1).unwrap();
+    assert_eq!(max_diff(&pick(&shifted, 0), &pick(&raw, 0)), 0.0);
+    assert_eq!(max_diff(&pick(&shifted, 1), &pick(&raw, 0)), 0.0);
+    assert_eq!(max_diff(&pick(&shifted, 2), &pick(&raw, 4)), 0.0);
+}
+
+/// Fast-dLLM's rules on Dream: a threshold of 1 commits exactly the most confident prediction
+/// per step, i.e. the top-k rule at one token per step; with a cache and early stop the threshold
+/// sampler finishes the answer in fewer calls.
+#[test]
+fn fastdllm_rules_work_on_dream() {
+    let ck = dream(DType::F32);
+    let tok = ck.tokenizer().unwrap();
+    let prompt = tok
+        .encode_chat(&[llada::Message::user(
+            "The LORD is my shepherd; I shall not want.",
+        )])
+        .unwrap();
+    let run = |cfg: &SamplerConfig| {
+        let mut m = ck.model.predictor();
+        sampler::generate(
+            &mut m,
+            &PromptBatch::single(prompt.clone()),
+            cfg,
+            &ck.special,
+            &mut llada::Rng::new(0),
+            &mut sampler::no_progress,
+        )
+        .unwrap()
+    };
+    let base = SamplerConfig {
+        gen_length: 32,
+        steps: 32,
+        block_length: 8,
+        remasking: Remasking::MaskgitPlus,
+        ..Default::default()
+    };
+    let topk = run(&base);
+    let one = run(&SamplerConfig {
+        commit: Commit::Threshold { tau: 1.0 },
+        ..base.clone()
+    });
+    assert_eq!(one.output_ids, topk.output_ids);
+    let fast = run(&SamplerConfig {
+        commit: Commit::Threshold { tau: 0.5 },
+        cache: CacheMode::Dual,
+        early_stop: true,
+        ..base.clone()
+    });
+    assert!(fast.nfe < topk.nfe, "{} vs {}", fast.nfe, topk.nfe);
+    let answer = tok.decode_answer(&fast.generated_ids[0]).unwrap();
+    assert!(!answer.trim().is_empty(), "{answer:?}");
+}
+
+/// The likelihood bound reads the shifted logits: for a one-token answer it is exact,
+/// log softmax of the raw output at the last prompt position.
+#[test]
+fn score_uses_the_shifted_logits() {
+    let ck = dream(DType::F32);
+    let tok = ck.tokenizer().unwrap();
+    let prompt = tok.encode("In the beginning God").unwrap();
+    let answer = tok.encode(" the").unwrap();
+    assert_eq!(answer.len(), 1, "a one-token answer");
+    let mut m = ck.model.predictor();
+    let e = llada::score::log_likelihood(
+        &mut m,
+        &prompt,
+        &answer,
+        &llada::score::ScoreConfig::default(),
+        ck.special.mask,
+        &mut llada::Rng::new(0),
+    )
+    .unwrap();
+    let mut x = prompt.clone();
+    x.push(ck.special.mask);
+    let l = x.len();
+    let t = llada::candle_core::Tensor::from_vec(x, (1, l), &Device::Cpu).unwrap();
+    let raw: Vec<f32> = ck
+        .model
+        .forward(&t, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(l - 2)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let m = raw.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let z: f64 = raw.iter().map(|&v| (v as f64 - m).exp()).sum();
+    let want = raw[answer[0] as usize] as f64 - m - z.ln();
+    assert!(
+        (e.log_likelihood - want).abs() < 1e-4,
+        "{} vs {want}",
+        e.log_likelihood
+    );
+}
+
+/// The training forward (dense weights, differentiable ops) reads the same shifted outputs as
+/// the predictor: position p's logits are output p − 1's, a sequence's first its own.
+#[test]
+fn training_reads_the_shifted_outputs() {
+    let ck = dream(DType::F32);
+    let tr = llada::train::Trainable::from_model(&ck.model).unwrap();
+    let l = 19usize;
+    let ids: Vec<u32> = (0..2 * l as u32).map(|i| (i * 37 + 11) % 500).collect();
+    let x = llada::candle_core::Tensor::from_vec(ids, (2, l), &Device::Cpu).unwrap();
+    let positions: Vec<u32> = vec![0, 1, 7, l as u32, l as u32 + 5];
+    let pos = llada::candle_core::Tensor::from_vec(positions.clone(), 5, &Device::Cpu).unwrap();
+    let train = tr.model.forward_train_positions(&x, &pos).unwrap();
+    let raw = ck
+        .model
+        .forward(&x, None)
+        .unwrap()
+        .reshape((2 * l, 512))
+        .unwrap();
+    for (j, &p) in positions.iter().enumerate() {
+        let src = if (p as usize).is_multiple_of(l) {
+            p
+        } else {
+            p - 1
+        } as usize;
+        let d = max_diff(&train.get(j).unwrap(), &raw.get(src).unwrap());
+        assert!(d < 1e-4, "position {p}: {d}");
+    }
+}
+
+/// `llada generate` prints the official `generated_ids` with Dream's flags.
+#[test]
+fn the_cli_reproduces_generate_cases() {
+    let Some(doc) = case_file_in(&dream_dir(), "generate.json") else {
+        return;
+    };
+    let dir = dream_dir();
+    let mut ran = 0;
+    for case in doc["cases"].as_array().unwrap() {
+        let batch1 = case["prompt_ids"].as_array().unwrap().len() == 1;
+        if fragile(case) || !batch1 || case["rng_dependent"].as_bool().unwrap_or(true) {
+            continue;
+        }
+        let prompt = ids2(&case["prompt_ids"])[0]
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            dir.display().to_string(),
+            "--prompt-ids".into(),
+            prompt,
+            "--alg".into(),
+            case["alg"].as_str().unwrap().into(),
+            "--gen-length".into(),
+            case["max_new_tokens"].to_string(),
+            "--steps".into(),
+            case["steps"].to_string(),
+            "--eps".into(),
+            case["eps"].to_string(),
+            "--temperature".into(),
+            "0".into(),
+            "--json".into(),
+        ];
+        for key in ["alg_temp", "top_p", "top_k"] {
+            if !case[key].is_null() {
+                args.push(format!("--{}", key.replace('_', "-")));
+                args.push(case[key].to_string());
+            }
+        }
+        let run = llada_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).run();
+        assert!(run.ok(), "{}: {}", case["name"], run.stderr);
+        let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        assert_eq!(
+            vec![ids1(&v["generated_ids"])],
+            ids2(&case["generated_ids"]),
+            "{}",
+            case["name"]
+        );
+        assert_eq!(v["nfe"], case["nfe"], "{}", case["name"]);
+        ran += 1;
+    }
+    assert!(ran >= 10, "{ran}");
+}
+
+/// Every command runs on Dream: info, chat, infill, score, eval of a choice task, the bench's
+/// cached step.
+#[test]
+fn the_commands_run_on_dream() {
+    let dir = dream_dir();
+    let d = dir.to_str().unwrap();
+    let r = llada_cmd(&["info", d, "--json"]).run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["architecture"], "DreamModel");
+    assert_eq!(
+        (v["qkv_bias"].as_bool(), v["logits_shift"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let q = "The LORD is my shepherd; I shall not want.\n";
+    let r = llada_cmd(&["chat", d, "--gen-length", "16"]).stdin(q).run();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    let r = llada_cmd(&[
+        "chat",
+        d,
+        "--gen-length",
+        "32",
+        "--steps",
+        "16",
+        "--alg",
+        "entropy",
+    ])
+    .stdin(q)
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let r = llada_cmd(&[
+        "infill",
+        d,
+        "--text",
+        "In the beginning God created the <mask:4> and the earth.",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(
+        v["text"].as_str().unwrap().ends_with(" and the earth."),
+        "{v}"
+    );
+    let r = llada_cmd(&[
+        "score",
+        d,
+        "--prompt",
+        "In the beginning God",
+        "--answer",
+        " created the heaven",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let ll = v["log_likelihood"].as_f64().unwrap();
+    assert!(ll.is_finite() && ll < 0.0, "{v}");
+    let r = llada_cmd(&[
+        "bench",
+        d,
+        "--mode",
+        "step",
+        "--prompt-len",
+        "16",
+        "--gen-length",
+        "16",
+        "--block-length",
+        "8",
+        "--runs",
+        "1",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+}

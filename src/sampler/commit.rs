@@ -91,7 +91,7 @@ impl Commit {
 }
 
 /// `k` of `cands` drawn without replacement, each draw with probability ∝ exp(c / temp) among
-/// those left (f64, max-subtracted).
+/// those left (f64, relative to the largest left).
 fn sample_without_replacement(
     cands: &[(usize, f64)],
     k: usize,
@@ -100,12 +100,16 @@ fn sample_without_replacement(
 ) -> Vec<usize> {
     let mut c = cands.to_vec();
     c.sort_by_key(|x| x.0);
-    let m = c.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = c.iter().map(|x| ((x.1 - m) / temp).exp()).collect();
     let mut taken = vec![false; c.len()];
     let mut out = Vec::with_capacity(k.min(c.len()));
+    let mut w = vec![0f64; c.len()];
     for _ in 0..k.min(c.len()) {
         let left = || (0..c.len()).filter(|&i| !taken[i]);
+        // weights relative to the most confident left, so that one always weighs 1
+        let m = left().map(|i| c[i].1).fold(f64::NEG_INFINITY, f64::max);
+        for i in left() {
+            w[i] = ((c[i].1 - m) / temp).exp();
+        }
         let total: f64 = left().map(|i| w[i]).sum();
         let mut pick = left().next().unwrap_or(0);
         if total > 0.0 {

@@ -314,6 +314,7 @@ impl SamplerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::Schedule;
     use serde_json::json;
 
     fn base() -> SamplerConfig {
@@ -495,6 +496,167 @@ mod tests {
             let e = settings.resolve(&base()).unwrap_err();
             assert_eq!(name_of(e), field, "{s}");
         }
+    }
+
+    #[test]
+    fn alg_is_dreams_official_loop_over_any_base() {
+        let alg = |a: Alg| SamplerSettings {
+            alg: Some(a),
+            gen_length: Some(32),
+            steps: Some(16),
+            ..Default::default()
+        };
+        // over the server-like base (threshold, dual cache, early stop, blocks of 32)
+        let c = alg(Alg::Entropy).resolve(&base()).unwrap();
+        assert_eq!(c.schedule, Schedule::Dream { eps: DREAM_EPS });
+        assert_eq!(c.remasking, Remasking::Entropy);
+        assert_eq!(c.commit, Commit::TopK);
+        assert_eq!(
+            (c.block_length, c.cache, c.early_stop),
+            (32, CacheMode::None, false)
+        );
+        let c = alg(Alg::Origin).resolve(&base()).unwrap();
+        assert_eq!(
+            (c.commit, c.remasking),
+            (Commit::Origin, Remasking::MaskgitPlus)
+        );
+        // alg_temp: 0 is the top-k path, > 0 draws
+        let mut s = alg(Alg::MaskgitPlus);
+        s.alg_temp = Some(0.0);
+        assert_eq!(s.resolve(&base()).unwrap().commit, Commit::TopK);
+        s.alg_temp = Some(0.5);
+        assert_eq!(
+            s.resolve(&base()).unwrap().commit,
+            Commit::Sampled { temp: 0.5 }
+        );
+        // explicit choices stay: a threshold, a cache, a block, eps, filters
+        let s = SamplerSettings {
+            threshold: Some(Some(0.9)),
+            cache: Some(CacheMode::Dual),
+            block_length: Some(8),
+            eps: Some(0.1),
+            top_p: Some(0.9),
+            top_k: Some(5),
+            ..alg(Alg::MaskgitPlus)
+        };
+        let c = s.resolve(&base()).unwrap();
+        assert_eq!(c.commit, Commit::Threshold { tau: 0.9 });
+        assert_eq!((c.cache, c.block_length), (CacheMode::Dual, 8));
+        assert_eq!(c.schedule, Schedule::Dream { eps: 0.1 });
+        assert_eq!((c.filter.top_p, c.filter.top_k), (Some(0.9), Some(5)));
+        // Dream's schedule lets steps outnumber the tokens (steps that reveal nothing)
+        let s = SamplerSettings {
+            gen_length: Some(16),
+            steps: Some(24),
+            ..alg(Alg::MaskgitPlus)
+        };
+        assert_eq!(s.resolve(&base()).unwrap().steps, 24);
+    }
+
+    #[test]
+    fn alg_conflicts_are_errors_naming_the_settings() {
+        let alg = |a: Alg| SamplerSettings {
+            alg: Some(a),
+            ..Default::default()
+        };
+        for (s, names) in [
+            (
+                SamplerSettings {
+                    remasking: Some(Remasking::Random),
+                    ..alg(Alg::Entropy)
+                },
+                vec!["remasking=random", "alg=entropy"],
+            ),
+            (
+                SamplerSettings {
+                    threshold: Some(Some(0.9)),
+                    ..alg(Alg::Origin)
+                },
+                vec!["alg=origin", "threshold=0.9"],
+            ),
+            (
+                SamplerSettings {
+                    alg_temp: Some(0.5),
+                    ..alg(Alg::Origin)
+                },
+                vec!["alg_temp=0.5", "origin"],
+            ),
+            (
+                SamplerSettings {
+                    alg_temp: Some(0.5),
+                    factor: Some(1.0),
+                    ..alg(Alg::MaskgitPlus)
+                },
+                vec!["alg_temp=0.5", "factor=1"],
+            ),
+            (
+                SamplerSettings {
+                    alg_temp: Some(-1.0),
+                    ..alg(Alg::MaskgitPlus)
+                },
+                vec!["alg_temp=-1"],
+            ),
+            (
+                SamplerSettings {
+                    eps: Some(0.0),
+                    ..alg(Alg::MaskgitPlus)
+                },
+                vec!["eps=0"],
+            ),
+            (
+                SamplerSettings {
+                    eps: Some(1e-3),
+                    ..Default::default()
+                },
+                vec!["eps=0.001", "needs alg"],
+            ),
+            (
+                SamplerSettings {
+                    alg_temp: Some(0.5),
+                    ..Default::default()
+                },
+                vec!["alg_temp=0.5", "needs alg"],
+            ),
+            (
+                SamplerSettings {
+                    threshold: Some(Some(0.9)),
+                    ..alg(Alg::Entropy)
+                },
+                vec!["remasking=entropy"],
+            ),
+            (
+                SamplerSettings {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                vec!["top_p=0"],
+            ),
+            (
+                SamplerSettings {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                vec!["top_k=0"],
+            ),
+        ] {
+            let e = s
+                .resolve(&SamplerConfig::default())
+                .unwrap_err()
+                .to_string();
+            for n in names {
+                assert!(e.contains(n), "{n} in {e}");
+            }
+        }
+        // the JSON spelling of the server
+        let s =
+            SamplerSettings::from_json(&json!({"alg": "topk_margin", "alg_temp": 0.3, "top_k": 4}))
+                .unwrap();
+        assert_eq!(
+            (s.alg, s.alg_temp, s.top_k),
+            (Some(Alg::TopkMargin), Some(0.3), Some(4))
+        );
+        let e = SamplerSettings::from_json(&json!({"alg": "greedy"})).unwrap_err();
+        assert_eq!(name_of(e), "alg");
     }
 
     #[test]
