@@ -20,6 +20,10 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    // the slow Qwen2-style tokenizer of Dream's repositories
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
 ];
 
 /// Shard size used when writing checkpoints (Hugging Face's default is 5 GB).
@@ -86,7 +90,7 @@ impl Checkpoint {
             .collect();
         stored.sort();
         stored.dedup();
-        let tokenizer = if dir.join("tokenizer.json").exists() {
+        let tokenizer = if crate::tokenizer::present(dir) {
             Some(Tokenizer::from_dir(dir, &config)?)
         } else {
             None
@@ -706,10 +710,10 @@ pub fn write_config(dir: &Path, raw: &RawConfig) -> Result<()> {
     atomic_write(&dir.join("config.json"), text.as_bytes())
 }
 
-/// The tokenizer files ([`TOKENIZER_FILES`]) of the first of `dirs` that has a `tokenizer.json`,
-/// read into memory (name, bytes); none when no folder has one.
+/// The tokenizer files ([`TOKENIZER_FILES`]) of the first of `dirs` that has a tokenizer
+/// ([`crate::tokenizer::present`]), read into memory (name, bytes); none when no folder has one.
 pub fn read_tokenizer_files(dirs: &[&Path]) -> Result<Vec<(String, Vec<u8>)>> {
-    let Some(dir) = dirs.iter().find(|d| d.join("tokenizer.json").exists()) else {
+    let Some(dir) = dirs.iter().find(|d| crate::tokenizer::present(d)) else {
         return Ok(Vec::new());
     };
     let mut files = Vec::new();

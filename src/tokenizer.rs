@@ -17,6 +17,87 @@ pub mod names {
     pub const START_HEADER: &str = "<|start_header_id|>";
     pub const END_HEADER: &str = "<|end_header_id|>";
     pub const EOT: &str = "<|eot_id|>";
+    /// The end of a turn in ChatML templates (Dream-Instruct, Qwen2.5).
+    pub const IM_END: &str = "<|im_end|>";
+}
+
+/// The pre-tokenizer split of Qwen2's tokenizer (`Qwen2TokenizerFast`, which Dream's slow
+/// `DreamTokenizer` also uses).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer built from the slow Qwen2-style files (`vocab.json` + `merges.txt`, the added
+/// tokens of `tokenizer_config.json`'s `added_tokens_decoder`), as Dream's repository ships it:
+/// byte-level BPE, NFC normalisation, Qwen2's split. Each added token must get the id the file
+/// gives it (they follow the vocabulary in id order).
+fn from_slow_files(dir: &Path, tc: &serde_json::Value) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, sequence::Sequence, split::Split, PreTokenizerWrapper,
+    };
+    let err = |e: tokenizers::Error| Error::Tokenizer(format!("{}: {e}", dir.display()));
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    let path = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", p.display())))
+    };
+    let bpe = tokenizers::models::bpe::BPE::from_file(&path(&vocab)?, &path(&merges)?)
+        .build()
+        .map_err(err)?;
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+        .map_err(err)?;
+    let split = Split::new(
+        tokenizers::pre_tokenizers::split::SplitPattern::Regex(QWEN2_SPLIT.into()),
+        tokenizers::SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(err)?;
+    t.with_pre_tokenizer(Some(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+    ])));
+    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    let mut added: Vec<(u32, String, bool)> = Vec::new();
+    if let Some(map) = tc.get("added_tokens_decoder").and_then(|m| m.as_object()) {
+        for (id, v) in map {
+            let id: u32 = id.parse().map_err(|_| {
+                Error::Tokenizer(format!(
+                    "tokenizer_config.json: added token id {id:?} is not a number"
+                ))
+            })?;
+            let content = v.get("content").and_then(|c| c.as_str()).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "tokenizer_config.json: added token {id} has no content"
+                ))
+            })?;
+            let special = v.get("special").and_then(|c| c.as_bool()).unwrap_or(true);
+            added.push((id, content.to_string(), special));
+        }
+    }
+    added.sort();
+    for (id, content, special) in added {
+        let tok = tokenizers::AddedToken::from(content.clone(), special).normalized(false);
+        if special {
+            t.add_special_tokens([tok]).map_err(err)?;
+        } else {
+            t.add_tokens([tok]).map_err(err)?;
+        }
+        if t.token_to_id(&content) != Some(id) {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer_config.json: added token {content:?} should have id {id} but gets {:?} after the {} entries of vocab.json (the added tokens must follow the vocabulary in id order)",
+                t.token_to_id(&content),
+                t.get_vocab_size(false)
+            )));
+        }
+    }
+    Ok(t)
+}
+
+/// Whether `dir` holds a tokenizer llada can read: `tokenizer.json`, or the slow Qwen2-style
+/// `vocab.json` + `merges.txt`.
+pub fn present(dir: &Path) -> bool {
+    dir.join("tokenizer.json").exists()
+        || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
 }
 
 /// The special token ids a model needs.
@@ -132,17 +213,23 @@ impl Tokenizer {
         pad_id: Option<u32>,
     ) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(Error::Tokenizer(format!("{} not found", path.display())));
-        }
-        let bytes = crate::error::read_regular_file(&path, crate::error::TOKENIZER_FILE_LIMIT)?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = if tc_path.exists() {
             read_json(&tc_path)?
         } else {
             serde_json::Value::Null
+        };
+        let inner = if path.exists() {
+            let bytes = crate::error::read_regular_file(&path, crate::error::TOKENIZER_FILE_LIMIT)?;
+            tokenizers::Tokenizer::from_bytes(bytes)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?
+        } else if present(dir) {
+            from_slow_files(dir, &tc)?
+        } else {
+            return Err(Error::Tokenizer(format!(
+                "{} not found (nor vocab.json + merges.txt)",
+                path.display()
+            )));
         };
         let id_of = |tok: &str| inner.token_to_id(tok);
         let named = |key: &str| token_string(tc.get(key)).and_then(|t| id_of(&t));
@@ -176,7 +263,7 @@ impl Tokenizer {
             eos,
             pad,
             bos: named("bos_token").or_else(|| id_of(names::BOS)),
-            eot: id_of(names::EOT),
+            eot: id_of(names::EOT).or_else(|| id_of(names::IM_END)),
             start_header: id_of(names::START_HEADER),
             end_header: id_of(names::END_HEADER),
         };

@@ -549,3 +549,96 @@ fn the_commands_run_on_dream() {
     .run();
     assert!(r.ok(), "{}", r.stderr);
 }
+
+/// Dream's repositories ship the slow Qwen2-style tokenizer files (`vocab.json`, `merges.txt`,
+/// the added tokens in `tokenizer_config.json`), not `tokenizer.json`: a folder with those files
+/// (here: the golden folder's byte-level BPE written out that way) loads, encodes plain text as
+/// the fast tokenizer does, keeps the added tokens' ids, and chats with the ChatML turn end.
+#[test]
+fn the_slow_tokenizer_files_load() {
+    let src = dream_dir();
+    let tj: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let added: Vec<u64> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let vocab: serde_json::Map<String, Value> = tj["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, id)| !added.contains(&id.as_u64().unwrap()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    std::fs::write(dir.join("vocab.json"), Value::Object(vocab).to_string()).unwrap();
+    let mut merges = String::from("#version: 0.2\n");
+    for m in tj["model"]["merges"].as_array().unwrap() {
+        match m {
+            Value::String(s) => merges.push_str(s),
+            Value::Array(p) => merges.push_str(&format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
+            other => panic!("merge {other}"),
+        }
+        merges.push('\n');
+    }
+    std::fs::write(dir.join("merges.txt"), merges).unwrap();
+    // a ChatML template and turn end, as Dream-Instruct's tokenizer_config.json
+    let mut tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    tc["added_tokens_decoder"]["512"] =
+        serde_json::json!({"content": "<|im_start|>", "special": true});
+    tc["added_tokens_decoder"]["513"] =
+        serde_json::json!({"content": "<|im_end|>", "special": true});
+    tc["chat_template"] = Value::String("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{{ '<|im_start|>assistant\n' }}".into());
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+
+    let slow = llada::Tokenizer::open(dir).unwrap();
+    let fast = dream(DType::F32).tokenizer().unwrap();
+    for text in [
+        "In the beginning God created the heaven and the earth.",
+        "And God said, Let there be light: and there was light.",
+        "Blessed are the meek: for they shall inherit the earth.",
+    ] {
+        assert_eq!(
+            slow.encode(text).unwrap(),
+            fast.encode(text).unwrap(),
+            "{text}"
+        );
+        let ids = slow.encode(text).unwrap();
+        assert_eq!(slow.decode(&ids, false).unwrap(), text);
+    }
+    assert_eq!(
+        slow.encode("<|mdm_mask|><|eot_id|>").unwrap(),
+        vec![508, 511]
+    );
+    let s = slow.special();
+    assert_eq!((s.mask, s.eos), (508, 507));
+    let chat = slow.encode_chat(&[llada::Message::user("Hi")]).unwrap();
+    assert_eq!(chat[0], 512, "{chat:?}");
+    // a checkpoint folder with these files has a tokenizer, and is copied with it
+    let ck = llada::Checkpoint::load(dir, Some(DType::F32), &Device::Cpu).unwrap();
+    assert!(ck.tokenizer().is_ok());
+    let files = llada::checkpoint::read_tokenizer_files(&[dir]).unwrap();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"vocab.json") && names.contains(&"merges.txt"),
+        "{names:?}"
+    );
+    // the added tokens must follow the vocabulary
+    tc["added_tokens_decoder"]["600"] = serde_json::json!({"content": "<|far|>", "special": true});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let e = llada::Tokenizer::open(dir).unwrap_err().to_string();
+    assert!(e.contains("<|far|>") && e.contains("600"), "{e}");
+}

@@ -323,6 +323,45 @@ async fn llada_moe_is_served_as_the_library_runs_it() {
     assert_eq!(v["answer_tokens"], 7, "{v}");
 }
 
+/// The same on Dream, and Dream's official sampler through the API (`alg`): the golden
+/// `diffusion_generate` answer.
+#[tokio::test]
+async fn dream_is_served_as_the_library_runs_it() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dream");
+    server_output_equals_the_library_for(&dir).await;
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases/generate.json")).unwrap())
+            .unwrap();
+    let case = doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "g_entropy_L32_s32")
+        .unwrap();
+    let s = state_of(&dir, 8, 4, None);
+    let prompt = "In the beginning God created the heaven and the earth. And the earth was";
+    let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": prompt, "max_tokens": 32, "steps": 32, "alg": "entropy", "temperature": 0}).to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json_of(&b);
+    assert_eq!(v["choices"][0]["text"], case["generated_text"][0], "{v}");
+    assert_eq!(v["llada"]["nfe"], 32, "{v}");
+    // a bad Dream setting is a 422 naming it
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 8, "alg": "origin", "threshold": 0.9}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(json_of(&b)["error"]["param"], "alg");
+}
+
 async fn server_output_equals_the_library_for(dir: &std::path::Path) {
     let s = state_of(dir, 8, 4, None);
     let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": "In the beginning God created the heaven", "max_tokens": 16, "steps": 16, "block_length": 8, "threshold": null, "cache": "none", "early_stop": false}).to_string()).await;
