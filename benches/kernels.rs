@@ -119,6 +119,7 @@ fn sampler_step(c: &mut Criterion) {
         remasking: Remasking::LowConfidence,
         suppress_logit: None,
         suppress_conf: vec![],
+        filter: Default::default(),
     };
     let mut g = c.benchmark_group("sampler");
     g.throughput(Throughput::Elements((w * v) as u64));

@@ -24,6 +24,8 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    // sampler defaults next to the weights (Dream's from_pretrained requires the file)
+    "generation_config.json",
 ];
 
 /// Shard size used when writing checkpoints (Hugging Face's default is 5 GB).

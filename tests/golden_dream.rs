@@ -531,6 +531,28 @@ fn the_commands_run_on_dream() {
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
     let ll = v["log_likelihood"].as_f64().unwrap();
     assert!(ll.is_finite() && ll < 0.0, "{v}");
+    let tmp = tempfile::tempdir().unwrap();
+    let tasks = tmp.path().join("tasks.jsonl");
+    std::fs::write(
+        &tasks,
+        "{\"context\": \"In the beginning God created the\", \"choices\": [\" heaven\", \" xqzv\"], \"answer\": 0}\n\
+         {\"context\": \"And God said, Let there be\", \"choices\": [\" light\", \" qqq\"], \"answer\": 0}\n",
+    )
+    .unwrap();
+    let r = llada_cmd(&[
+        "eval",
+        d,
+        tasks.to_str().unwrap(),
+        "--mc-num",
+        "8",
+        "--batch",
+        "8",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["accuracy"], 1.0, "{v}");
     let r = llada_cmd(&[
         "bench",
         d,
@@ -562,8 +584,13 @@ fn the_slow_tokenizer_files_load() {
             .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    // the checkpoint's files, whatever their layout, without its tokenizer.json
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        if e.path().is_file() && name != "tokenizer.json" {
+            std::fs::copy(e.path(), dir.join(&name)).unwrap();
+        }
     }
     let added: Vec<u64> = tj["added_tokens"]
         .as_array()

@@ -86,6 +86,38 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `llada init` starts the q/k/v biases at zero (the official `_init_weights`), the norms
+    /// at one and the matrices random.
+    #[test]
+    fn initial_biases_are_zero() {
+        let cfg = crate::config::DreamConfig::default().resolve().unwrap();
+        let mut rng = crate::rng::Rng::new(0);
+        let mut init = |name: &str, shape: &[usize]| -> Vec<f32> {
+            super::super::initial_tensor(
+                &cfg,
+                name,
+                shape,
+                candle_core::DType::F32,
+                &Device::Cpu,
+                &mut rng,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+        };
+        assert!(init("model.layers.0.self_attn.q_proj.bias", &[8])
+            .iter()
+            .all(|&x| x == 0.0));
+        assert!(init("model.layers.0.input_layernorm.weight", &[8])
+            .iter()
+            .all(|&x| x == 1.0));
+        assert!(init("model.layers.0.self_attn.q_proj.weight", &[8, 8])
+            .iter()
+            .any(|&x| x != 0.0));
+    }
+
     #[test]
     fn positions_need_one_run_of_tokens() {
         let m = |v: Vec<u32>| Tensor::from_vec(v, (2, 4), &Device::Cpu).unwrap();

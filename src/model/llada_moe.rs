@@ -277,9 +277,11 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// Whether `name` is a tensor that starts at zero (the router's expert bias), not N(0, σ²) or ones.
+/// Whether `name` is a tensor that starts at zero (the router's expert bias; Dream's q/k/v
+/// projection biases, as `nn.Linear` biases under the official `_init_weights`), not N(0, σ²) or
+/// ones.
 pub fn starts_at_zero(name: &str) -> bool {
-    name.ends_with(".mlp.expert_bias")
+    name.ends_with(".mlp.expert_bias") || name.ends_with("_proj.bias")
 }
 
 /// The embedding row the official model keeps at zero and never trains: `nn.Embedding`'s
