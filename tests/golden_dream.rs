@@ -290,10 +290,14 @@ fn cached_steps_read_the_shifted_outputs() {
         .predictor()
         .logits_at(&x, None, &[0, 1, 5])
         .unwrap();
+    // (rounding only: the predictor runs the last layer's MLP on the asked rows alone; adjacent
+    // positions' logits differ by whole units)
     let pick = |t: &llada::candle_core::Tensor, i: usize| t.narrow(1, i, 1).unwrap();
-    assert_eq!(max_diff(&pick(&shifted, 0), &pick(&raw, 0)), 0.0);
-    assert_eq!(max_diff(&pick(&shifted, 1), &pick(&raw, 0)), 0.0);
-    assert_eq!(max_diff(&pick(&shifted, 2), &pick(&raw, 4)), 0.0);
+    for (row, src) in [(0, 0), (1, 0), (2, 4)] {
+        let d = max_diff(&pick(&shifted, row), &pick(&raw, src));
+        assert!(d < 1e-5, "row {row} vs raw {src}: {d}");
+    }
+    assert!(max_diff(&pick(&shifted, 2), &pick(&raw, 5)) > 0.1);
 }
 
 /// Fast-dLLM's rules on Dream: a threshold of 1 commits exactly the most confident prediction
