@@ -26,7 +26,7 @@ pub mod names {
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer built from the slow Qwen2-style files (`vocab.json` + `merges.txt`, the added
-/// tokens of `tokenizer_config.json`'s `added_tokens_decoder`), as Dream's repository ships it:
+/// tokens of `tokenizer_config.json`'s `added_tokens_decoder` and of `added_tokens.json`), as Dream's repository ships it:
 /// byte-level BPE, NFC normalisation, Qwen2's split. Each added token must get the id the file
 /// gives it (they follow the vocabulary in id order).
 fn from_slow_files(dir: &Path, tc: &serde_json::Value) -> Result<tokenizers::Tokenizer> {
@@ -72,6 +72,22 @@ fn from_slow_files(dir: &Path, tc: &serde_json::Value) -> Result<tokenizers::Tok
             })?;
             let special = v.get("special").and_then(|c| c.as_bool()).unwrap_or(true);
             added.push((id, content.to_string(), special));
+        }
+    }
+    // the older added_tokens.json ({"content": id}) for what the config does not declare
+    let older = dir.join("added_tokens.json");
+    if older.exists() {
+        let v: serde_json::Value = read_json(&older)?;
+        for (content, id) in v.as_object().into_iter().flatten() {
+            let id = id
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| {
+                    Error::Tokenizer(format!("{}: {content:?} has no id", older.display()))
+                })?;
+            if !added.iter().any(|a| a.0 == id) {
+                added.push((id, content.clone(), true));
+            }
         }
     }
     added.sort();

@@ -26,9 +26,14 @@ fn dream(dtype: DType) -> &'static llada::Checkpoint {
 
 /// The compute dtype of the folder's forward cases.
 fn forward_dtype() -> DType {
-    case_file_in(&dream_dir(), "forward.json")
-        .map(|d| compute_dtype(&d["meta"]))
-        .unwrap_or(DType::F32)
+    compute_dtype(&case_file("forward.json")["meta"])
+}
+
+/// A case file of the folder: the schema has both, so a folder without one is an error (a wrong
+/// `LLADA_DREAM_GOLDEN_DIR` must not pass).
+fn case_file(name: &str) -> Value {
+    case_file_in(&dream_dir(), name)
+        .unwrap_or_else(|| panic!("{}: no cases/{name}", dream_dir().display()))
 }
 
 #[test]
@@ -189,9 +194,7 @@ fn check_case(case: &Value, g: &llada::Generation) {
 /// reference's model calls and per-step reveals.
 #[test]
 fn generate_cases_match_reference() {
-    let Some(doc) = case_file_in(&dream_dir(), "generate.json") else {
-        return;
-    };
+    let doc = case_file("generate.json");
     let ck = dream(DType::F32);
     let mut checked = 0;
     for case in doc["cases"].as_array().unwrap() {
@@ -220,9 +223,7 @@ fn generate_cases_match_reference() {
 /// shift, the canvas) must be the reference's.
 #[test]
 fn random_cases_replay_from_their_reveal_sets() {
-    let Some(doc) = case_file_in(&dream_dir(), "generate.json") else {
-        return;
-    };
+    let doc = case_file("generate.json");
     let ck = dream(DType::F32);
     let mut checked = 0;
     for case in doc["cases"].as_array().unwrap() {
@@ -348,6 +349,71 @@ fn fastdllm_rules_work_on_dream() {
     assert!(!answer.trim().is_empty(), "{answer:?}");
 }
 
+/// Dream's own sampler with Fast-dLLM's speed-ups: a threshold with a dual cache in blocks runs
+/// past the schedule's steps when it must (fewer steps than tokens), and early stop on a batch
+/// keeps every row's answer (finished rows leave Dream's batch average).
+#[test]
+fn dream_sampler_with_fastdllm_speedups() {
+    let ck = dream(DType::F32);
+    let tok = ck.tokenizer().unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The LORD is my shepherd; I shall not want.",
+        "Blessed are the meek",
+    ]
+    .iter()
+    .map(|q| tok.encode_chat(&[llada::Message::user(*q)]).unwrap())
+    .collect();
+    let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
+    let run = |s: SamplerSettings| {
+        let cfg = s.resolve(&SamplerConfig::default()).unwrap();
+        let mut m = ck.model.predictor();
+        sampler::generate(
+            &mut m,
+            &batch,
+            &cfg,
+            &ck.special,
+            &mut llada::Rng::new(0),
+            &mut sampler::no_progress,
+        )
+        .unwrap()
+    };
+    let fast = run(SamplerSettings {
+        alg: Some(Alg::MaskgitPlus),
+        gen_length: Some(64),
+        steps: Some(8),
+        block_length: Some(16),
+        threshold: Some(Some(0.9)),
+        cache: Some(CacheMode::Dual),
+        ..Default::default()
+    });
+    assert!(fast
+        .generated_ids
+        .iter()
+        .flatten()
+        .all(|&t| t != ck.special.mask));
+    for alg in [Alg::MaskgitPlus, Alg::Entropy] {
+        let base = SamplerSettings {
+            alg: Some(alg),
+            gen_length: Some(32),
+            steps: Some(16),
+            ..Default::default()
+        };
+        let full = run(base.clone());
+        let early = run(SamplerSettings {
+            early_stop: Some(true),
+            ..base
+        });
+        for r in 0..2 {
+            assert_eq!(
+                tok.decode_answer(&full.generated_ids[r]).unwrap(),
+                tok.decode_answer(&early.generated_ids[r]).unwrap(),
+                "{alg} row {r}"
+            );
+        }
+        assert!(early.nfe <= full.nfe);
+    }
+}
+
 /// The likelihood bound reads the shifted logits: for a one-token answer it is exact,
 /// log softmax of the raw output at the last prompt position.
 #[test]
@@ -423,9 +489,7 @@ fn training_reads_the_shifted_outputs() {
 /// `llada generate` prints the official `generated_ids` with Dream's flags.
 #[test]
 fn the_cli_reproduces_generate_cases() {
-    let Some(doc) = case_file_in(&dream_dir(), "generate.json") else {
-        return;
-    };
+    let doc = case_file("generate.json");
     let dir = dream_dir();
     let mut ran = 0;
     for case in doc["cases"].as_array().unwrap() {
@@ -517,10 +581,23 @@ fn the_commands_run_on_dream() {
     .run();
     assert!(r.ok(), "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let text = v["text"].as_str().unwrap();
     assert!(
-        v["text"].as_str().unwrap().ends_with(" and the earth."),
+        text.starts_with("In the beginning God created the ") && text.ends_with(" and the earth."),
         "{v}"
     );
+    assert_eq!(v["fills"].as_array().unwrap().len(), 1, "{v}");
+    let r = llada_cmd(&[
+        "infill",
+        d,
+        "--text",
+        "In the beginning God created the <mask:4> and the earth.",
+        "--alg",
+        "entropy",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
     let r = llada_cmd(&[
         "score",
         d,
@@ -650,6 +727,21 @@ fn the_slow_tokenizer_files_load() {
         let ids = slow.encode(text).unwrap();
         assert_eq!(slow.decode(&ids, false).unwrap(), text);
     }
+    // Qwen2's split (not GPT-2's): contractions in any case, one digit per piece, a space run
+    // split before a word, newline runs apart
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let pt = slow.inner().get_pre_tokenizer().unwrap();
+    let mut pieces = PreTokenizedString::from("I'M 123  a\n\nb");
+    pt.pre_tokenize(&mut pieces).unwrap();
+    let pieces: Vec<String> = pieces
+        .get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(p, _, _)| p.to_string())
+        .collect();
+    assert_eq!(
+        pieces,
+        ["I", "'M", "Ġ", "1", "2", "3", "Ġ", "Ġa", "ĊĊ", "b"]
+    );
     assert_eq!(
         slow.encode("<|mdm_mask|><|eot_id|>").unwrap(),
         vec![508, 511]
@@ -667,6 +759,17 @@ fn the_slow_tokenizer_files_load() {
         names.contains(&"vocab.json") && names.contains(&"merges.txt"),
         "{names:?}"
     );
+    // the older added_tokens.json declares what the config does not
+    let mut tc2 = tc.clone();
+    tc2["added_tokens_decoder"]
+        .as_object_mut()
+        .unwrap()
+        .remove("513");
+    std::fs::write(dir.join("tokenizer_config.json"), tc2.to_string()).unwrap();
+    std::fs::write(dir.join("added_tokens.json"), r#"{"<|im_end|>": 513}"#).unwrap();
+    let older = llada::Tokenizer::open(dir).unwrap();
+    assert_eq!(older.encode("<|im_end|>").unwrap(), vec![513]);
+    std::fs::remove_file(dir.join("added_tokens.json")).unwrap();
     // the added tokens must follow the vocabulary
     tc["added_tokens_decoder"]["600"] = serde_json::json!({"content": "<|far|>", "special": true});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();

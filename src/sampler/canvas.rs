@@ -68,6 +68,11 @@ impl Canvas {
             .collect()
     }
 
+    /// Which rows are still being denoised (not finished by an early stop).
+    pub fn active(&self) -> Vec<bool> {
+        self.finished.iter().map(|&f| !f).collect()
+    }
+
     /// Whether an unfinished row still has a masked position in `block`.
     pub fn has_masks(&self, block: Range<usize>) -> bool {
         self.x

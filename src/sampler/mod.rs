@@ -47,6 +47,10 @@ pub const DEFAULT_STEPS: usize = 128;
 /// Reference default block length (= gen_length: pure diffusion).
 pub const DEFAULT_BLOCK_LENGTH: usize = 128;
 
+/// The most steps per answer token Dream's schedule accepts (its steps may outnumber the tokens,
+/// revealing nothing).
+pub const MAX_STEPS_PER_TOKEN: usize = 16;
+
 /// Settings of the reverse process. Defaults are the reference's (`generate.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -113,6 +117,16 @@ impl SamplerConfig {
                         "eps",
                         eps,
                         "must be in (0, 1) (the last timestep of Dream's schedule; Dream uses 1e-3)",
+                    ));
+                }
+                // steps past this many reveal nothing: a bound that keeps a request's schedule
+                // small
+                let most = MAX_STEPS_PER_TOKEN.saturating_mul(self.gen_length);
+                if self.steps > most {
+                    return Err(Error::setting(
+                        "steps",
+                        self.steps,
+                        format!("must not exceed {MAX_STEPS_PER_TOKEN} per token to reveal ({most} for gen_length={})", self.gen_length),
                     ));
                 }
                 Blocks::with_idle_steps(self.gen_length, self.block_length, self.steps)?
@@ -507,7 +521,7 @@ fn denoise(
             nfe += 1;
             let logits = guidance.apply(&logits, b)?; // [B, |rows|, V]
             let preds = predict::predict(&logits, Some(&columns), &wanted, &opts, rng)?;
-            let quotas = plan.quotas(i, &canvas.masked_in(lo..hi));
+            let quotas = plan.quotas(i, &canvas.masked_in(lo..hi), &canvas.active());
             let mut replay_error = None;
             let committed = canvas.commit(
                 &preds,

@@ -139,11 +139,7 @@ fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
     if opts.filter.is_active() {
         // the filter decides on the tempered logits (Dream's order); the removed entries leave
         // both the token choice and the confidence softmax
-        let t = opts.temperature as f32;
-        let mut f: Vec<f32> = row
-            .iter()
-            .map(|&x| if t > 0.0 { x / t } else { x })
-            .collect();
+        let mut f = tempered(row, opts.temperature);
         opts.filter.apply(&mut f);
         let l: Vec<f32> = row
             .iter()
@@ -158,11 +154,7 @@ fn predict_row(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
 /// Dream's `sample_tokens`: logits / T (T > 0), `logits_eos_inf`, the filters, p = softmax;
 /// x0 = argmax p (T = 0) or a draw from p; the confidence of [`Remasking`] from p.
 fn predict_row_dream(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f64) {
-    let t = opts.temperature as f32;
-    let mut l: Vec<f32> = row
-        .iter()
-        .map(|&x| if t > 0.0 { x / t } else { x })
-        .collect();
+    let mut l = tempered(row, opts.temperature);
     if let Some(s) = opts.suppress_logit.and_then(|s| l.get_mut(s as usize)) {
         *s = f32::NEG_INFINITY;
     }
@@ -212,6 +204,20 @@ fn predict_row_dream(row: &[f32], opts: &PredictOpts, rng: &mut Rng) -> (u32, f6
         _ => p[token],
     };
     (token as u32, confidence)
+}
+
+/// The logits divided by the temperature T > 0 (the row itself at T = 0), shifted by their
+/// maximum first: softmax, argmax and the filters do not change, and a tiny T gives −∞ rather
+/// than ∞ − ∞ (the division is in f64).
+fn tempered(row: &[f32], t: f64) -> Vec<f32> {
+    if t <= 0.0 {
+        return row.to_vec();
+    }
+    let m = row_max(row);
+    if !m.is_finite() {
+        return row.to_vec();
+    }
+    row.iter().map(|&x| ((x - m) as f64 / t) as f32).collect()
 }
 
 /// LLaDA's prediction: argmax or Gumbel-max at T, confidence by [`Remasking`] (the

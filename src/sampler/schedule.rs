@@ -72,8 +72,11 @@ impl Schedule {
 }
 
 impl BlockPlan {
-    /// The quota of every row at step `i` of the block, whose rows have `masked` masks left.
-    pub fn quotas(&self, i: usize, masked: &[usize]) -> Vec<Quota> {
+    /// The quota of every row at step `i` of the block, whose rows have `masked` masks left;
+    /// `active` says which rows count for Dream's batch average (rows an early stop finished keep
+    /// their masks and do not). Steps past the schedule (the until-complete loops of the
+    /// threshold and factor rules, or of a cache) get the last step's quota.
+    pub fn quotas(&self, i: usize, masked: &[usize], active: &[bool]) -> Vec<Quota> {
         if self.timesteps.is_empty() {
             return self
                 .per_row
@@ -85,9 +88,16 @@ impl BlockPlan {
                 .collect();
         }
         let last = i + 1 >= self.steps;
-        let (t, s) = (self.timesteps[i], self.timesteps[(i + 1).min(self.steps)]);
+        let i = i.min(self.steps.saturating_sub(1));
+        let (t, s) = (self.timesteps[i], self.timesteps[i + 1]);
         // f32 tensor arithmetic as the reference: mask_index.sum() / B, then n · (1 − s/t)
-        let n = masked.iter().sum::<usize>() as f32 / masked.len().max(1) as f32;
+        let counted: Vec<usize> = masked
+            .iter()
+            .zip(active)
+            .filter(|(_, &a)| a)
+            .map(|(&m, _)| m)
+            .collect();
+        let n = counted.iter().sum::<usize>() as f32 / counted.len().max(1) as f32;
         let ratio = 1.0f32 - s / t;
         let k = if last { n } else { n * ratio } as usize;
         let reveal_p = if last { 1.0 } else { ratio as f64 };
@@ -250,7 +260,7 @@ mod tests {
             let mut left = g;
             (0..s)
                 .map(|i| {
-                    let k = plan.quotas(i, &[left])[0].k.min(left);
+                    let k = plan.quotas(i, &[left], &[true])[0].k.min(left);
                     left -= k;
                     k
                 })
@@ -274,6 +284,14 @@ mod tests {
         // linspace's two halves
         let t = linspace_f32(1.0, 1e-3, 33);
         assert_eq!((t[0], t[32]), (1.0, 1e-3));
+        // past the schedule: everything left; finished rows leave the average
+        let plan = Schedule::Dream { eps: 1e-3 }.plan(&[8, 8], 4);
+        assert_eq!(plan.quotas(9, &[5, 3], &[true, true])[0].k, 4);
+        assert_eq!(plan.quotas(3, &[5, 3], &[true, false])[0].k, 5);
+        assert_eq!(
+            plan.quotas(0, &[8, 2], &[true, false])[0].k,
+            plan.quotas(0, &[8, 8], &[true, true])[0].k
+        );
     }
 
     #[test]

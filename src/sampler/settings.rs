@@ -291,7 +291,8 @@ impl SamplerSettings {
             (_, None, Some(_)) => {} // the threshold or factor set above
         }
         // the official loop, unless asked otherwise: one block, no cache, no early stop
-        if self.block_length.is_none() {
+        // (a base block of 0, infilling's whole region, is already one block)
+        if self.block_length.is_none() && c.block_length != 0 {
             c.block_length = c.gen_length;
         }
         if self.cache.is_none() {
@@ -647,6 +648,23 @@ mod tests {
                 assert!(e.contains(n), "{n} in {e}");
             }
         }
+        // Dream's steps may outnumber the tokens, up to a bound
+        let s = SamplerSettings {
+            gen_length: Some(16),
+            steps: Some(1000),
+            ..alg(Alg::MaskgitPlus)
+        };
+        let e = s
+            .resolve(&SamplerConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("steps=1000") && e.contains("256"), "{e}");
+        // infilling's whole-region block (0) is kept
+        let infill = SamplerConfig {
+            block_length: 0,
+            ..Default::default()
+        };
+        assert_eq!(alg(Alg::Entropy).merge(&infill).unwrap().block_length, 0);
         // the JSON spelling of the server
         let s =
             SamplerSettings::from_json(&json!({"alg": "topk_margin", "alg_temp": 0.3, "top_k": 4}))
