@@ -17,9 +17,11 @@ n = int(args[1]) if len(args) > 1 else 500
 rng = random.Random(1234)
 paths = ["/v1/chat/completions", "/v1/completions", "/v1/score"]
 fields = ["max_tokens", "temperature", "steps", "block_length", "threshold", "cache", "seed", "cfg_scale",
-          "remasking", "stream", "n", "mc_num", "batch", "stop", "denoise", "factor", "early_stop"]
+          "remasking", "stream", "n", "mc_num", "batch", "stop", "denoise", "factor", "early_stop",
+          "alg", "alg_temp", "eps", "top_p", "top_k"]
 weird = [None, -1, -10**30, 10**30, 1e308, float("-inf") if False else -1e308, "", "x" * 5000, [], {}, [1, 2],
-         {"a": {"b": {"c": [1]}}}, True, 0, 0.0, "none", "dual", "random", -0.0, 2**64, "💥", "\u0000"]
+         {"a": {"b": {"c": [1]}}}, True, 0, 0.0, "none", "dual", "random", -0.0, 2**64, "💥", "\u0000",
+         "entropy", "origin", 0.5]
 
 
 def body():
