@@ -76,9 +76,10 @@ pub fn predict(
     // Randomness is drawn here, single-threaded, so results do not depend on the thread count.
     let step_seed = rng.next_seed();
     let logits = logits.to_dtype(DType::F32)?;
-    // Dream's confidences and the filters are computed on the host (on a GPU the window's
-    // logits are read back)
-    let host_only = opts.remasking.is_dream() || opts.filter.is_active();
+    // the filters and Dream's sampling at T > 0 are computed on the host (on a GPU the
+    // window's logits are read back)
+    let host_only =
+        (opts.remasking.is_dream() && opts.temperature > 0.0) || opts.filter.is_active();
     if host_only && !matches!(logits.device(), Device::Cpu) {
         let logits = logits.to_device(&Device::Cpu)?;
         return predict_host(&logits, columns, wanted, opts, step_seed);
@@ -349,8 +350,31 @@ fn predict_tensor(
         // drawn on the host from the caller's seed, as the host path draws them (the same values
         // at T = 0), so random remasking is reproducible on every device
         Remasking::Random => None,
-        // computed on the host (`predict` never sends them here)
-        Remasking::MaskgitPlus | Remasking::TopkMargin | Remasking::Entropy => None,
+        // Dream's confidences at T = 0 without filters (`predict` sends the other cases to the
+        // host): from p = softmax(l), x0 = argmax p
+        Remasking::MaskgitPlus | Remasking::TopkMargin | Remasking::Entropy => {
+            let m = l.max_keepdim(D::Minus1)?;
+            let e = l.broadcast_sub(&m)?.exp()?;
+            let s = e.sum_keepdim(D::Minus1)?;
+            let c = match opts.remasking {
+                // the top probability: e(x0) = 1
+                Remasking::MaskgitPlus => s.recip()?,
+                Remasking::TopkMargin => {
+                    // the runner-up: the largest logit once x0's entry is removed
+                    let ids = Tensor::arange(0u32, v as u32, &device)?.reshape((1, 1, v))?;
+                    let is_x0 = ids.broadcast_eq(&x0)?;
+                    let rest = is_x0
+                        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, w, v), &device)?, &l)?;
+                    let second = (rest.max_keepdim(D::Minus1)? - &m)?.exp()?;
+                    ((1.0 - second)? / &s)?
+                }
+                _ => {
+                    let p = e.broadcast_div(&s)?;
+                    (&p * (&p + 1e-10)?.log()?)?.sum_keepdim(D::Minus1)?
+                }
+            };
+            Some(c.squeeze(D::Minus1)?.to_vec2()?)
+        }
     };
     let x0: Vec<Vec<u32>> = x0.squeeze(D::Minus1)?.to_vec2()?;
     wanted
@@ -422,6 +446,38 @@ mod tests {
                     assert!(
                         (pa.confidence - pt.confidence).abs() < 1e-6,
                         "{pa:?} {pt:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Dream's confidences on the tensor path (GPUs, T = 0) equal the host path's.
+    #[test]
+    fn dream_confidences_agree_on_both_paths() {
+        let mut r = Rng::new(8);
+        let (b, w, v) = (2, 6, 300);
+        let data: Vec<f32> = (0..b * w * v).map(|_| (r.normal() * 3.0) as f32).collect();
+        let logits = Tensor::from_vec(data, (b, w, v), &Device::Cpu).unwrap();
+        let wanted = vec![vec![0, 2, 5], vec![1, 3, 4]];
+        for remasking in [
+            Remasking::MaskgitPlus,
+            Remasking::TopkMargin,
+            Remasking::Entropy,
+        ] {
+            for sl in [None, Some(7)] {
+                let o = PredictOpts {
+                    remasking,
+                    ..opts(0.0, sl, vec![])
+                };
+                let a = predict(&logits, None, &wanted, &o, &mut Rng::new(1)).unwrap();
+                let t = predict_with_tensor_ops(&logits, &wanted, &o, &mut Rng::new(1)).unwrap();
+                for (pa, pt) in a.iter().flatten().zip(t.iter().flatten()) {
+                    assert_eq!((pa.token, pa.offset), (pt.token, pt.offset));
+                    let tol = 1e-5 * pa.confidence.abs().max(1.0);
+                    assert!(
+                        (pa.confidence - pt.confidence).abs() < tol,
+                        "{remasking}: {pa:?} {pt:?}"
                     );
                 }
             }
