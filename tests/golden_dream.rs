@@ -20,6 +20,12 @@ fn dream_dir() -> PathBuf {
     }
 }
 
+/// Whether the tests run on the folder shipped in this repository (some checks are of what its
+/// model answers, not of properties every checkpoint has).
+fn shipped_folder() -> bool {
+    std::env::var_os("LLADA_DREAM_GOLDEN_DIR").is_none()
+}
+
 fn dream(dtype: DType) -> &'static llada::Checkpoint {
     model_in(&dream_dir(), dtype)
 }
@@ -421,8 +427,11 @@ fn score_uses_the_shifted_logits() {
     let ck = dream(DType::F32);
     let tok = ck.tokenizer().unwrap();
     let prompt = tok.encode("In the beginning God").unwrap();
-    let answer = tok.encode(" the").unwrap();
-    assert_eq!(answer.len(), 1, "a one-token answer");
+    let answer = [" the", " and", " of", " God", " a", "."]
+        .iter()
+        .map(|w| tok.encode(w).unwrap())
+        .find(|a| a.len() == 1)
+        .expect("a one-token word in the vocabulary");
     let mut m = ck.model.predictor();
     let e = llada::score::log_likelihood(
         &mut m,
@@ -557,7 +566,10 @@ fn the_commands_run_on_dream() {
     let q = "The LORD is my shepherd; I shall not want.\n";
     let r = llada_cmd(&["chat", d, "--gen-length", "16"]).stdin(q).run();
     assert!(r.ok(), "{}", r.stderr);
-    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    if shipped_folder() {
+        // the golden model answers this prompt with a word (another checkpoint may end at once)
+        assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    }
     let r = llada_cmd(&[
         "chat",
         d,
@@ -633,7 +645,11 @@ fn the_commands_run_on_dream() {
     .run();
     assert!(r.ok(), "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
-    assert_eq!(v["accuracy"], 1.0, "{v}");
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{v}");
+    if shipped_folder() {
+        assert_eq!(acc, 1.0, "{v}");
+    }
     let r = llada_cmd(&[
         "bench",
         d,
@@ -663,6 +679,12 @@ fn the_slow_tokenizer_files_load() {
     let tj: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
             .unwrap();
+    // the slow files describe a byte-level BPE (Dream's): only such a tokenizer.json can be
+    // written as them
+    if tj["model"]["type"] != "BPE" || tj["pre_tokenizer"]["type"] != "ByteLevel" {
+        eprintln!("skipped: the folder's tokenizer is not a byte-level BPE");
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     // the checkpoint's files, whatever their layout, without its tokenizer.json
