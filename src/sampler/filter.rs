@@ -48,30 +48,42 @@ impl LogitFilter {
     }
 }
 
-/// Nucleus filter: the entries sorted by logit, descending; those after the first whose
-/// cumulative softmax probability exceeds `p` are removed (the first is always kept).
+/// Nucleus filter: the entries sorted by logit, descending (ties: lower index first); those
+/// after the first whose cumulative softmax probability exceeds `p` are removed (the first is
+/// always kept). Only a growing prefix of the order is sorted (`select_nth` of the first 64, 256,
+/// … entries): a peaked distribution over a vocabulary of 150k needs a few dozen.
 fn top_p(l: &mut [f32], p: f64) {
+    let order = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
     let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-    idx.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
-    let m = l[idx[0] as usize];
-    if m == f32::NEG_INFINITY {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY || m.is_nan() {
         return;
     }
-    let w: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((l[i as usize] - m) as f64).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
+    let total: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    let mut sorted = 0;
     let mut cum = 0.0;
-    let mut keep = idx.len();
-    for (j, x) in w.iter().enumerate() {
-        cum += x / total;
-        if cum > p {
-            keep = j + 1;
-            break;
+    let mut keep = None;
+    let mut want = 64usize;
+    while keep.is_none() && sorted < idx.len() {
+        let end = want.min(idx.len());
+        let rest = &mut idx[sorted..];
+        if end - sorted < rest.len() {
+            rest.select_nth_unstable_by(end - sorted - 1, order);
         }
+        idx[sorted..end].sort_by(order);
+        for (j, &i) in idx.iter().enumerate().take(end).skip(sorted) {
+            cum += ((l[i as usize] - m) as f64).exp() / total;
+            if cum > p {
+                keep = Some(j + 1);
+                break;
+            }
+        }
+        sorted = end;
+        want = want.saturating_mul(4);
     }
-    for &i in &idx[keep..] {
+    let keep = keep.unwrap_or(idx.len());
+    let removed: Vec<u32> = idx[keep..].to_vec();
+    for i in removed {
         l[i as usize] = f32::NEG_INFINITY;
     }
 }
@@ -133,6 +145,45 @@ mod tests {
         }
         .apply(&mut x);
         assert_eq!(kept(&x), vec![0, 1, 2, 3]);
+    }
+
+    /// The partial sort keeps exactly what a full sort keeps, on long rows with ties.
+    #[test]
+    fn top_p_partial_sort_equals_the_full_sort() {
+        let full = |l: &[f32], p: f64| -> Vec<usize> {
+            let mut idx: Vec<usize> = (0..l.len()).collect();
+            idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+            let m = l[idx[0]];
+            let total: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+            let mut cum = 0.0;
+            let mut keep = idx.len();
+            for (j, &i) in idx.iter().enumerate() {
+                cum += ((l[i] - m) as f64).exp() / total;
+                if cum > p {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            let mut k = idx[..keep].to_vec();
+            k.sort();
+            k
+        };
+        let mut rng = crate::rng::Rng::new(4);
+        for (v, scale) in [(50usize, 1.0), (3000, 0.5), (3000, 4.0), (20000, 2.0)] {
+            for p in [0.1, 0.5, 0.9, 0.95, 0.999] {
+                // rounded values: many ties
+                let l: Vec<f32> = (0..v)
+                    .map(|_| ((rng.normal() * scale * 4.0).round() / 4.0) as f32)
+                    .collect();
+                let mut x = l.clone();
+                LogitFilter {
+                    top_p: Some(p),
+                    top_k: None,
+                }
+                .apply(&mut x);
+                assert_eq!(kept(&x), full(&l, p), "v={v} scale={scale} p={p}");
+            }
+        }
     }
 
     #[test]
