@@ -76,7 +76,7 @@ fn fused_attention(c: &mut Criterion) {
     };
     let mask = KeyMask {
         valid: None,
-        causal: false,
+        visibility: Default::default(),
     };
     let mut g = c.benchmark_group("attention");
     g.throughput(Throughput::Elements((2 * l * l * h * hd) as u64));

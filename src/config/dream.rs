@@ -180,6 +180,7 @@ impl DreamConfig {
             n_heads,
             n_kv_heads,
             head_dim,
+            rotary_dim: head_dim,
             mlp_hidden_size: f,
             vocab_size: vocab,
             embedding_size: vocab,

@@ -286,6 +286,7 @@ impl LladaMoeConfig {
             n_heads,
             n_kv_heads,
             head_dim,
+            rotary_dim: head_dim,
             mlp_hidden_size: dense_size,
             vocab_size: vocab,
             embedding_size: vocab,
@@ -311,6 +312,7 @@ impl LladaMoeConfig {
                 shared_expert_size,
                 expert_bias: self.moe_router_enable_expert_bias.unwrap_or(false),
                 aux_loss_coef: self.router_aux_loss_coef,
+                router: super::Router::Softmax,
             }),
         };
         super::check_addressable(&cfg, "hidden_size", d)?;

@@ -11,9 +11,11 @@ use crate::error::{read_json, Error, Result};
 use crate::model::Architecture;
 
 pub mod dream;
+pub mod llada2;
 pub mod llada_moe;
 
 pub use dream::DreamConfig;
+pub use llada2::Llada2Config;
 pub use llada_moe::LladaMoeConfig;
 
 /// `config.json` as written by Hugging Face for GSAI-ML/LLaDA-8B-Base/-Instruct. Every key of
@@ -159,6 +161,26 @@ pub struct MoeSpec {
     pub expert_bias: bool,
     /// Weight of the load-balancing loss in training (`router_aux_loss_coef`).
     pub aux_loss_coef: f64,
+    /// How the router turns its logits into experts and weights.
+    pub router: Router,
+}
+
+/// A mixture-of-experts router's rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Router {
+    /// LLaDA-MoE: softmax in f32, the expert bias added to the probabilities, the top-k biased
+    /// probabilities weight the experts (not renormalised).
+    Softmax,
+    /// LLaDA2 (DeepSeek-V3-style): s = sigmoid(logits) in f32; the biased scores s + bias choose:
+    /// the experts are split into `n_group` contiguous groups scored by the sum of their two best
+    /// biased scores, the `topk_group` best groups are kept, and the top-k biased scores among
+    /// their experts are chosen; the weights are the chosen experts' unbiased s, divided by their
+    /// sum (+1e-20) and multiplied by `scaling` (`routed_scaling_factor`).
+    SigmoidGrouped {
+        n_group: usize,
+        topk_group: usize,
+        scaling: f64,
+    },
 }
 
 /// The checked, resolved model configuration (no `Option`s where the model needs a value).
@@ -171,6 +193,9 @@ pub struct ModelConfig {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Dims of each query/key head that RoPE rotates (the first ones, rotate-half within them;
+    /// LLaDA2's partial rotary); `head_dim` for the other architectures.
+    pub rotary_dim: usize,
     pub mlp_hidden_size: usize,
     /// Real token ids (0..vocab_size).
     pub vocab_size: usize,
@@ -297,6 +322,8 @@ pub enum RawConfig {
     LladaMoe(LladaMoeConfig),
     /// Dream-v0-7B.
     Dream(DreamConfig),
+    /// LLaDA2.0/2.1 (mini, flash).
+    Llada2(Llada2Config),
 }
 
 impl From<LladaConfig> for RawConfig {
@@ -330,6 +357,9 @@ impl RawConfig {
             Some(Architecture::Dream) => {
                 RawConfig::Dream(serde_json::from_value(v).map_err(parse_err)?)
             }
+            Some(Architecture::Llada2) => {
+                RawConfig::Llada2(serde_json::from_value(v).map_err(parse_err)?)
+            }
             Some(Architecture::Llada) | None => {
                 RawConfig::Llada(serde_json::from_value(v).map_err(parse_err)?)
             }
@@ -346,6 +376,7 @@ impl RawConfig {
                 .and_then(|a| a.first().cloned())
                 .unwrap_or_else(|| "LLaDAMoEModelLM".into())),
             RawConfig::Dream(c) => Ok(c.architecture()),
+            RawConfig::Llada2(c) => Ok(c.architecture()),
         }
     }
 
@@ -355,6 +386,7 @@ impl RawConfig {
             RawConfig::Llada(c) => c.resolve(),
             RawConfig::LladaMoe(c) => c.resolve(),
             RawConfig::Dream(c) => c.resolve(),
+            RawConfig::Llada2(c) => c.resolve(),
         }
     }
 
@@ -362,7 +394,7 @@ impl RawConfig {
     pub fn as_llada(&self) -> Option<&LladaConfig> {
         match self {
             RawConfig::Llada(c) => Some(c),
-            RawConfig::LladaMoe(_) | RawConfig::Dream(_) => None,
+            RawConfig::LladaMoe(_) | RawConfig::Dream(_) | RawConfig::Llada2(_) => None,
         }
     }
 }
@@ -469,6 +501,7 @@ impl LladaConfig {
             n_heads: self.n_heads,
             n_kv_heads,
             head_dim,
+            rotary_dim: head_dim,
             mlp_hidden_size,
             vocab_size: self.vocab_size,
             embedding_size,

@@ -259,17 +259,72 @@ fn set_half(slot: &mut u32, high: usize, bits: u32) {
     }
 }
 
+/// Which keys a query sees, besides padding (the attention mask's shape).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Visibility {
+    /// Every key (bidirectional: the diffusion models).
+    #[default]
+    All,
+    /// Keys up to the query's own position (the autoregressive twin; LLaDA2 with a 2-D padding
+    /// mask, as its official forward).
+    Causal,
+    /// Block diffusion (LLaDA2): blocks of `block` positions counted from absolute position 0;
+    /// keys in the query's block and the blocks before it get `allowed` added to their scaled
+    /// scores, keys in later blocks `blocked` (−∞: not seen). LLaDA2.0's mask is (0, −∞);
+    /// LLaDA2.1's official 0/1 mask is (1, 0), which masks nothing.
+    Blocks {
+        block: usize,
+        allowed: f32,
+        blocked: f32,
+    },
+}
+
+impl Visibility {
+    /// For a query at `pos` over `lk` keys: how many keys it sees at all (a prefix), and the
+    /// additive split (keys before `end` get `a`, the others `b`) when there is one.
+    #[inline(always)]
+    fn of(self, pos: usize, lk: usize) -> (usize, Option<(usize, f32, f32)>) {
+        match self {
+            Visibility::All => (lk, None),
+            Visibility::Causal => ((pos + 1).min(lk), None),
+            Visibility::Blocks {
+                block,
+                allowed,
+                blocked,
+            } => {
+                let end = ((pos / block.max(1)) + 1)
+                    .saturating_mul(block.max(1))
+                    .min(lk);
+                if blocked == f32::NEG_INFINITY {
+                    (end, (allowed != 0.0).then_some((end, allowed, 0.0)))
+                } else {
+                    (lk, Some((end, allowed, blocked)))
+                }
+            }
+        }
+    }
+}
+
 /// Which keys a query may see.
 pub struct KeyMask<'a> {
     /// Per sequence and key position: false for padding (`[batch][len]`), or `None`.
     pub valid: Option<&'a [Vec<bool>]>,
-    /// Causal: a query at position p sees keys ≤ p.
-    pub causal: bool,
+    /// The mask's shape (bidirectional, causal, block-causal).
+    pub visibility: Visibility,
 }
 
-/// row[..visible] ← softmax(row·scale + bias), row[visible..] ← 0.
+/// row[..visible] ← softmax(row·scale + bias (+ the split's additions)), row[visible..] ← 0. A
+/// row that sees no key at all (every visible key padded) gets uniform weights over its visible
+/// keys, as PyTorch's CPU attention gives a row whose mask is all `finfo.min`: its output is
+/// meaningless but finite.
 #[inline(always)]
-fn softmax_row(row: &mut [f32], visible: usize, scale: f32, bias: Option<&[f32]>) {
+fn softmax_row(
+    row: &mut [f32],
+    visible: usize,
+    scale: f32,
+    bias: Option<&[f32]>,
+    split: Option<(usize, f32, f32)>,
+) {
     let (vis, hidden) = row.split_at_mut(visible);
     match bias {
         Some(bv) => {
@@ -283,7 +338,18 @@ fn softmax_row(row: &mut [f32], visible: usize, scale: f32, bias: Option<&[f32]>
             }
         }
     }
+    if let Some((end, a, b)) = split {
+        for (j, x) in vis.iter_mut().enumerate() {
+            *x += if j < end { a } else { b };
+        }
+    }
     let m = super::math::max(vis);
+    if m == f32::NEG_INFINITY {
+        let u = 1.0 / vis.len().max(1) as f32;
+        vis.fill(u);
+        hidden.fill(0.0);
+        return;
+    }
     let z = super::math::exp_sub_sum(vis, m);
     let inv = 1.0 / z;
     for x in vis.iter_mut() {
@@ -293,13 +359,13 @@ fn softmax_row(row: &mut [f32], visible: usize, scale: f32, bias: Option<&[f32]>
 }
 
 super::simd_fn! {
-    /// Softmax of each row of scores `s` [n, lk] (see [`softmax_row`]); with `causal`, row i
-    /// (query position `pos0 + i`) sees keys up to its own position.
-    fn softmax_rows(s: &mut [f32], lk: usize, pos0: usize, causal: bool, scale: f32,
+    /// Softmax of each row of scores `s` [n, lk] (see [`softmax_row`]); row i is the query at
+    /// position `pos0 + i`, which sees the keys `visibility` says.
+    fn softmax_rows(s: &mut [f32], lk: usize, pos0: usize, visibility: Visibility, scale: f32,
                     bias: Option<&[f32]>) {
         for (i, row) in s.chunks_mut(lk).enumerate() {
-            let visible = if causal { (pos0 + i + 1).min(lk) } else { lk };
-            softmax_row(row, visible, scale, bias);
+            let (visible, split) = visibility.of(pos0 + i, lk);
+            softmax_row(row, visible, scale, bias, split);
         }
     }
 }
@@ -389,7 +455,7 @@ pub fn attend<T: Elem>(
         }
         // scaled, masked softmax in f32 over the keys each query sees
         let bias = key_bias.as_ref().map(|kb| kb[b].as_slice());
-        softmax_rows(&mut s, lk, q_start + i0, mask.causal, scale, bias);
+        softmax_rows(&mut s, lk, q_start + i0, mask.visibility, scale, bias);
         // o = p·v, written into the output rows of this head
         let mut o = vec![0f32; n * hd];
         match kv {

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use half::bf16;
 
 use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
+pub use crate::kernels::attention::Visibility;
 use crate::kernels::cpu::with_slice;
 
 use super::layers::{Linear, RmsNorm};
@@ -21,6 +22,8 @@ use super::layers::{Linear, RmsNorm};
 #[derive(Debug, Clone)]
 pub struct Rope {
     head_dim: usize,
+    /// Dims rotated with non-zero frequencies (see [`Rope::partial`]).
+    rotary_dim: usize,
     theta: f32,
     /// The model's context: the table grows by powers of two up to it.
     max_len: usize,
@@ -34,12 +37,19 @@ pub struct Rope {
 /// cos and sin for positions 0..len (`len · hd/2` values each).
 type HostTables = (Arc<Vec<f32>>, Arc<Vec<f32>>);
 
-/// Host cos/sin tables [len][hd/2] for positions 0..len. inv_freq[j] = 1 / θ^(2j/hd), all in f32
-/// as the reference computes it.
-fn host_tables(head_dim: usize, theta: f32, len: usize) -> (Vec<f32>, Vec<f32>) {
+/// Host cos/sin tables [len][hd/2] for positions 0..len. inv_freq[j] = 1 / θ^(2j/rot) for
+/// j < rot/2 and 0 past it (cos 1, sin 0: those pairs are not rotated), all in f32 as the
+/// reference computes it.
+fn host_tables(head_dim: usize, rot: usize, theta: f32, len: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
-        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .map(|j| {
+            if j < rot / 2 {
+                1.0f32 / theta.powf((2 * j) as f32 / rot as f32)
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
@@ -62,8 +72,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Rope {
     /// RoPE of base `theta` for a model of `max_len` positions; nothing is computed yet.
     pub fn new(head_dim: usize, theta: f32, max_len: usize, device: &Device) -> Result<Self> {
+        Self::partial(head_dim, head_dim, theta, max_len, device)
+    }
+
+    /// RoPE that rotates `rotary_dim` of the `head_dim` dims of a head (LLaDA2's partial rotary:
+    /// rotate-half over the first `rotary_dim` dims, the rest unchanged). The tables keep the
+    /// full-head layout (pair j, j + hd/2): the first `rotary_dim/2` pairs get the frequencies
+    /// 1/θ^(2j/rotary_dim), the others frequency 0, so a head whose dims are permuted as
+    /// [`partial_rotary_order`] says is rotated exactly as the official partial rotary rotates the
+    /// unpermuted head.
+    pub fn partial(
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f32,
+        max_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(Rope {
             head_dim,
+            rotary_dim,
             theta,
             max_len,
             device: device.clone(),
@@ -92,7 +119,7 @@ impl Rope {
         let half = self.head_dim / 2;
         let mut t = lock(&self.host);
         if t.0.len() < len.saturating_mul(half) {
-            let (c, s) = host_tables(self.head_dim, self.theta, self.grown(len));
+            let (c, s) = host_tables(self.head_dim, self.rotary_dim, self.theta, self.grown(len));
             *t = (Arc::new(c), Arc::new(s));
         }
         (t.0.clone(), t.1.clone())
@@ -145,6 +172,24 @@ impl Rope {
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?.to_dtype(x.dtype())
     }
+}
+
+/// The order of a head's dims that turns the partial rotary of `rotary_dim` of `head_dim` dims
+/// (rotate-half within the first `rotary_dim`: pairs (j, j + rot/2)) into the full-head layout
+/// (pairs (j, j + hd/2)): `order[new] = old`. The rotated pairs come first in each half, the
+/// unrotated dims after them (paired among themselves with frequency 0, see [`Rope::partial`]).
+/// Permuting queries and keys alike leaves every score q·k unchanged. The identity when
+/// `rotary_dim == head_dim`.
+pub fn partial_rotary_order(head_dim: usize, rotary_dim: usize) -> Vec<usize> {
+    let (h, r) = (head_dim / 2, rotary_dim / 2);
+    let ph = (head_dim - rotary_dim) / 2;
+    let mut order = Vec::with_capacity(head_dim);
+    order.extend(0..r);
+    order.extend(rotary_dim..rotary_dim + ph);
+    order.extend(r..rotary_dim);
+    order.extend(rotary_dim + ph..head_dim);
+    debug_assert_eq!(order.len(), 2 * h);
+    order
 }
 
 /// Attention weights of one block (field names follow the checkpoint keys).
@@ -431,22 +476,57 @@ pub fn causal_bias(start: usize, n: usize, l: usize, device: &Device) -> Result<
     Tensor::from_vec(v, (1, 1, n, l), device)
 }
 
-/// The attention bias of queries start..start+n over keys 0..l: the padding bias (see
-/// [`padding_bias`]), with the causal one added when `causal` ([B or 1, 1, n, l]).
-pub fn attention_bias(
-    pad: Option<&Tensor>,
-    causal: bool,
+/// The additive bias [1, 1, n, l] of `visibility` for queries at positions start..start+n over
+/// keys 0..l (hidden keys get f32::MIN, as the reference's masks), or `None` when every key is
+/// seen unchanged.
+pub fn visibility_bias(
+    visibility: Visibility,
     start: usize,
     n: usize,
     l: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    if !causal {
-        return Ok(pad.cloned());
+    match visibility {
+        Visibility::All => Ok(None),
+        Visibility::Causal => Ok(Some(causal_bias(start, n, l, device)?)),
+        Visibility::Blocks {
+            block,
+            allowed,
+            blocked,
+        } => {
+            let blocked = if blocked == f32::NEG_INFINITY {
+                f32::MIN
+            } else {
+                blocked
+            };
+            let b = block.max(1);
+            let v: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    let end = ((start + i) / b + 1) * b;
+                    (0..l).map(move |j| if j < end { allowed } else { blocked })
+                })
+                .collect();
+            Ok(Some(Tensor::from_vec(v, (1, 1, n, l), device)?))
+        }
     }
-    let c = causal_bias(start, n, l, device)?;
+}
+
+/// The attention bias of queries start..start+n over keys 0..l: the padding bias (see
+/// [`padding_bias`]) with `visibility`'s added ([B or 1, 1, n, l]).
+pub fn attention_bias(
+    pad: Option<&Tensor>,
+    visibility: Visibility,
+    start: usize,
+    n: usize,
+    l: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(c) = visibility_bias(visibility, start, n, l, device)? else {
+        return Ok(pad.cloned());
+    };
     Ok(Some(match pad {
-        Some(p) => p.broadcast_add(&c)?.clamp(f32::MIN, 0.0)?,
+        // f32::MIN + f32::MIN would be −∞: hidden stays f32::MIN
+        Some(p) => p.broadcast_add(&c)?.clamp(f32::MIN, f32::MAX)?,
         None => c,
     }))
 }
@@ -462,7 +542,7 @@ mod tests {
         assert_eq!(rope.table_len(), 0);
         let (c, s) = rope.host(40);
         assert_eq!(rope.table_len(), 64);
-        let (fc, fs) = host_tables(16, 500000.0, 300);
+        let (fc, fs) = host_tables(16, 16, 500000.0, 300);
         assert_eq!(c.as_slice(), &fc[..64 * 8]);
         assert_eq!(s.as_slice(), &fs[..64 * 8]);
         // the device tables (candle path) are the same prefix, at any start

@@ -10,15 +10,15 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::attention::{attention_bias, padding_bias, Attention, Rope};
+use super::attention::{attention_bias, padding_bias, Attention, Rope, Visibility};
 use crate::kernels::attention::{KeyMask, KvShape, KvStore};
 use crate::kernels::Backend;
 
 /// Per-layer keys/values of `batch` canvases of `len` positions.
 pub struct KvCache {
     store: Store,
-    /// Attention is causal (the autoregressive twin): each query sees the keys up to its own.
-    causal: bool,
+    /// Which keys each query sees (bidirectional, causal, block-causal).
+    visibility: Visibility,
 }
 
 enum Store {
@@ -50,7 +50,7 @@ impl KvCache {
         dtype: DType,
         key_mask: Option<&Tensor>,
         one_pass: bool,
-        causal: bool,
+        visibility: Visibility,
     ) -> Result<Self> {
         let store = match backend {
             Backend::FusedCpu => {
@@ -80,7 +80,7 @@ impl KvCache {
                 len: shape.len,
             },
         };
-        Ok(KvCache { store, causal })
+        Ok(KvCache { store, visibility })
     }
 
     /// Canvas length.
@@ -119,7 +119,7 @@ impl KvCache {
         start: usize,
         rope: &Rope,
     ) -> Result<Tensor> {
-        let causal = self.causal;
+        let visibility = self.visibility;
         match &mut self.store {
             Store::Fused {
                 stores,
@@ -128,7 +128,7 @@ impl KvCache {
             } => {
                 let mask = KeyMask {
                     valid: valid.as_deref(),
-                    causal,
+                    visibility,
                 };
                 let shape = *shape;
                 // one shared store in a one-pass cache (see `KvCache::new`)
@@ -144,11 +144,19 @@ impl KvCache {
                         (replace_rows(&ok, &k, start)?, replace_rows(&ov, &v, start)?)
                     }
                     None if start == 0 && n == *len => (k, v),
+                    // a first pass over a prefix (block-causal attention: the later keys are
+                    // not seen until they are written)
+                    None if start == 0 && !matches!(visibility, Visibility::All) => {
+                        let (bk, hkv, _, hd) = k.dims4()?;
+                        let zeros = Tensor::zeros((bk, hkv, *len, hd), k.dtype(), k.device())?;
+                        (replace_rows(&zeros, &k, 0)?, replace_rows(&zeros, &v, 0)?)
+                    }
                     None => {
                         candle_core::bail!("KV cache: the first pass must cover the whole canvas")
                     }
                 };
-                let bias = attention_bias(pad_bias.as_ref(), causal, start, n, *len, x.device())?;
+                let bias =
+                    attention_bias(pad_bias.as_ref(), visibility, start, n, *len, x.device())?;
                 let o = attn.attend(&q, &k, &v, bias.as_ref())?;
                 kv[layer] = Some((k, v));
                 crate::kernels::add(x, &o)

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 
-use super::attention::{attention_bias, Attention, Rope};
+use super::attention::{attention_bias, Attention, Rope, Visibility};
 use super::cache::KvCache;
 use super::layers::{Linear, Mlp, RmsNorm};
 use super::moe::Ffn;
@@ -86,6 +86,7 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         Architecture::Llada => llada_tensor_specs(cfg),
         Architecture::LladaMoe => super::llada_moe::tensor_specs(cfg),
         Architecture::Dream => super::dream::tensor_specs(cfg),
+        Architecture::Llada2 => super::llada2::tensor_specs(cfg),
     }
 }
 
@@ -309,6 +310,7 @@ impl Llada {
         match cfg.architecture {
             Architecture::LladaMoe => return super::llada_moe::load(cfg, src, layout),
             Architecture::Dream => return super::dream::load(cfg, src, layout),
+            Architecture::Llada2 => return super::llada2::load(cfg, src, layout),
             Architecture::Llada => {}
         }
         let outer = OuterNames {
@@ -351,8 +353,9 @@ impl Llada {
         head: Linear,
     ) -> Result<Self> {
         let device = wte.device().clone();
-        let rope = Rope::new(
+        let rope = Rope::partial(
             cfg.head_dim,
+            cfg.rotary_dim,
             cfg.rope_theta,
             cfg.max_sequence_length,
             &device,
@@ -403,6 +406,7 @@ impl Llada {
         match self.cfg.architecture {
             Architecture::LladaMoe => return super::llada_moe::named_tensors(self),
             Architecture::Dream => return super::dream::named_tensors(self),
+            Architecture::Llada2 => return super::llada2::named_tensors(self),
             Architecture::Llada => {}
         }
         let mut out = vec![(names::wte(), self.wte.clone())];
@@ -458,10 +462,54 @@ impl Llada {
         key_mask: Option<&Tensor>,
         rows: &[usize],
     ) -> Result<Tensor> {
+        self.forward_rows_visible(ids, key_mask, rows, self.default_visibility())
+    }
+
+    /// [`Llada::forward_rows_at`] with the keys each query sees given by `visibility`
+    /// (block-causal attention for block diffusion).
+    pub fn forward_rows_visible(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        rows: &[usize],
+        visibility: Visibility,
+    ) -> Result<Tensor> {
         let (b, l) = self.check_ids(ids)?;
         // nothing is kept after this forward: the layers take turns with one key/value store
-        let mut cache = self.cache_with(b, l, key_mask, true)?;
+        let mut cache = self.cache_with(b, l, key_mask, true, visibility)?;
         self.forward_chunk_at(ids, 0, &mut cache, rows)
+    }
+
+    /// The attention mask of the model's own forward: causal for the autoregressive twin,
+    /// bidirectional otherwise.
+    pub fn default_visibility(&self) -> Visibility {
+        if self.cfg.causal {
+            Visibility::Causal
+        } else {
+            Visibility::All
+        }
+    }
+
+    /// Logits [B, L, V] (f32) of `ids` [B, L] with an explicit additive attention mask `bias`
+    /// (f32, broadcastable to [B, 1, L, L]: added to the scaled scores, as a 4-D
+    /// `attention_mask` of the Hugging Face models) at positions 0..L, through candle's tensor
+    /// ops on any device.
+    pub fn forward_with_bias(&self, ids: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, l) = self.check_ids(ids)?;
+        let bias = bias.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let mut h = self.embed(ids)?;
+        for block in &self.blocks {
+            let a = block.attn_norm.forward(&h)?;
+            let (q, k, v) = block.attn.qkv(&a, b, l, &self.rope, 0)?;
+            let o = block.attn.attend(&q, &k, &v, Some(&bias))?;
+            let x = crate::kernels::add(&h, &o)?;
+            let f = block.ff_norm.forward(&x)?;
+            h = block.ffn.forward_add(&f, &x)?;
+        }
+        let logits = self.head.forward_f32(&self.ln_f.forward(&h)?)?;
+        Ok(logits
+            .to_dtype(DType::F32)?
+            .reshape((b, l, self.cfg.embedding_size))?)
     }
 
     /// An empty key/value cache for `batch` canvases of `len` positions (with their key-padding
@@ -472,7 +520,18 @@ impl Llada {
         len: usize,
         key_mask: Option<&Tensor>,
     ) -> Result<KvCache> {
-        self.cache_with(batch, len, key_mask, false)
+        self.cache_with(batch, len, key_mask, false, self.default_visibility())
+    }
+
+    /// [`Llada::new_cache`] for attention with `visibility`.
+    pub fn new_cache_visible(
+        &self,
+        batch: usize,
+        len: usize,
+        key_mask: Option<&Tensor>,
+        visibility: Visibility,
+    ) -> Result<KvCache> {
+        self.cache_with(batch, len, key_mask, false, visibility)
     }
 
     /// A cache as [`Llada::new_cache`]; `one_pass` for a single full forward whose keys and values
@@ -483,6 +542,7 @@ impl Llada {
         len: usize,
         key_mask: Option<&Tensor>,
         one_pass: bool,
+        visibility: Visibility,
     ) -> Result<KvCache> {
         // a model whose official forward ignores padding (LLaDA-MoE) ignores it here too, unless
         // its config opts in (`mask_padding`)
@@ -490,6 +550,10 @@ impl Llada {
         if let (Architecture::Dream, Some(m)) = (self.cfg.architecture, key_mask) {
             super::dream::check_positions(m)?;
         }
+        let visibility = match (self.cfg.architecture, key_mask) {
+            (Architecture::Llada2, Some(m)) => super::llada2::padded_visibility(m, visibility)?,
+            _ => visibility,
+        };
         let shape = KvShape {
             batch,
             kv_heads: self.cfg.n_kv_heads,
@@ -503,7 +567,7 @@ impl Llada {
             self.dtype,
             key_mask,
             one_pass,
-            self.cfg.causal,
+            visibility,
         )?)
     }
 
@@ -578,7 +642,7 @@ impl Llada {
         positions: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, l) = self.check_ids(ids)?;
-        let bias = attention_bias(None, self.cfg.causal, 0, l, l, &self.device)?;
+        let bias = attention_bias(None, self.default_visibility(), 0, l, l, &self.device)?;
         let mut h = self.embed(ids)?; // [B·L, D]
         let mut routers = Vec::new();
         for block in &self.blocks {

@@ -191,6 +191,7 @@ fn load_block(
                 shared,
                 expert_bias,
                 top_k: m.top_k,
+                router: m.router,
             })
         }
     };
@@ -281,7 +282,9 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
 /// projection biases, as `nn.Linear` biases under the official `_init_weights`), not N(0, σ²) or
 /// ones.
 pub fn starts_at_zero(name: &str) -> bool {
-    name.ends_with(".mlp.expert_bias") || name.ends_with("_proj.bias")
+    name.ends_with(".mlp.expert_bias")
+        || name.ends_with(".mlp.gate.expert_bias")
+        || name.ends_with("_proj.bias")
 }
 
 /// The embedding row the official model keeps at zero and never trains: `nn.Embedding`'s

@@ -4,7 +4,7 @@
 //!   reach a model: logits of chosen canvas positions, with the cache modes ([`CacheMode`]).
 //! - [`Architecture`]: config.json `architectures[0]` → the model that implements it, decided
 //!   here and nowhere else. An architecture is one file ([`llada`], LLaDA-8B's; [`llada_moe`],
-//!   LLaDA-MoE's; [`dream`], Dream's) with its weights loaded through [`WeightSource`] and one [`MaskPredictor`]
+//!   LLaDA-MoE's; [`dream`], Dream's; [`llada2`], LLaDA2's) with its weights loaded through [`WeightSource`] and one [`MaskPredictor`]
 //!   implementation (the LLaDA family shares [`llada::Llada`]'s forward and caches).
 //! - The parts the architectures share: [`attention`] (RoPE, attention, the attention-bias
 //!   builders), [`layers`] (linear maps over any weight format, RMSNorm, SwiGLU), [`moe`] (the
@@ -16,6 +16,7 @@ pub mod cache;
 pub mod dream;
 pub mod layers;
 pub mod llada;
+pub mod llada2;
 pub mod llada_moe;
 pub mod moe;
 
@@ -29,7 +30,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::SafetensorsFiles;
 
-pub use attention::{Attention, Rope};
+pub use attention::{Attention, Rope, Visibility};
 pub use cache::KvCache;
 pub use layers::{Linear, LinearWeight, Mlp, RmsNorm};
 pub use llada::{
@@ -242,6 +243,9 @@ pub enum Architecture {
     LladaMoe,
     /// Dream-v0-Base/-Instruct-7B and its code family ([`dream`]).
     Dream,
+    /// LLaDA2.0-mini/-flash, LLaDA2.1-mini: block diffusion with a mixture of experts
+    /// ([`llada2`]).
+    Llada2,
 }
 
 /// config.json `architectures[0]` → architecture. The one place that decides.
@@ -251,6 +255,7 @@ pub const ARCHITECTURES: &[(&str, Architecture)] = &[
     // the name llama.cpp's converter also registers for it
     ("LLaDAMoEModel", Architecture::LladaMoe),
     ("DreamModel", Architecture::Dream),
+    ("LLaDA2MoeModelLM", Architecture::Llada2),
 ];
 
 impl Architecture {
@@ -277,7 +282,10 @@ impl Architecture {
         layout: WeightLayout,
     ) -> Result<Model> {
         Ok(match self {
-            Architecture::Llada | Architecture::LladaMoe | Architecture::Dream => {
+            Architecture::Llada
+            | Architecture::LladaMoe
+            | Architecture::Dream
+            | Architecture::Llada2 => {
                 Model::Llada(Llada::load_with(cfg, src, layout)?)
             }
         })

@@ -14,6 +14,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::layers::{Linear, Mlp};
+pub use crate::config::Router;
 
 /// The feed-forward part of a block: a dense SwiGLU, or a mixture of experts.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct SparseMoe {
     /// weight the experts (`moe_router_enable_expert_bias`).
     pub expert_bias: Option<Vec<f32>>,
     pub top_k: usize,
+    /// How the logits become experts and weights (LLaDA-MoE's softmax, LLaDA2's grouped sigmoid).
+    pub router: Router,
 }
 
 /// The experts chosen for each of N tokens.
@@ -90,6 +93,48 @@ fn top_k(p: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
     idx.truncate(k);
     let vals = idx.iter().map(|&i| p[i as usize]).collect();
     (idx, vals)
+}
+
+/// LLaDA2's group-limited sigmoid routing of one token's logits `row` [E] (see
+/// [`Router::SigmoidGrouped`]): experts and weights, in descending biased score.
+fn route_grouped(
+    row: &[f32],
+    bias: &[f32],
+    n_group: usize,
+    topk_group: usize,
+    k: usize,
+    scaling: f64,
+) -> (Vec<u32>, Vec<f32>) {
+    let e = row.len();
+    let s: Vec<f32> = row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+    let mut biased: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+    let per = e / n_group;
+    // a group's score: the sum of its two best biased scores
+    let group_scores: Vec<f32> = biased
+        .chunks(per)
+        .map(|g| {
+            let (_, v) = top_k(g, 2);
+            v.iter().sum()
+        })
+        .collect();
+    let (kept, _) = top_k(&group_scores, topk_group);
+    for (g, chunk) in biased.chunks_mut(per).enumerate() {
+        if !kept.contains(&(g as u32)) {
+            chunk.fill(f32::NEG_INFINITY);
+        }
+    }
+    let (idx, _) = top_k(&biased, k);
+    let mut w: Vec<f32> = idx.iter().map(|&i| s[i as usize]).collect();
+    if k > 1 {
+        let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+        for x in w.iter_mut() {
+            *x /= sum;
+        }
+    }
+    for x in w.iter_mut() {
+        *x *= scaling as f32;
+    }
+    (idx, w)
 }
 
 /// The pairs (token, expert slot) of a routing grouped by expert: `tokens` lists the token of
@@ -130,10 +175,26 @@ impl SparseMoe {
         self.gate.forward_f32(x)?.to_dtype(DType::F32)
     }
 
-    /// The routing of router logits [N, E] (f32): softmax, expert bias, top-k.
+    /// The routing of router logits [N, E] (f32), by the model's [`Router`].
     pub fn route_logits(&self, logits: &Tensor) -> Result<Routing> {
         let (n, e) = logits.dims2()?;
         let mut p = logits.flatten_all()?.to_vec1::<f32>()?;
+        if let Router::SigmoidGrouped {
+            n_group,
+            topk_group,
+            scaling,
+        } = self.router
+        {
+            let zero = vec![0f32; e];
+            let bias = self.expert_bias.as_deref().unwrap_or(&zero);
+            let (mut experts, mut weights) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for row in p.chunks(e) {
+                let (i, w) = route_grouped(row, bias, n_group, topk_group, self.top_k, scaling);
+                experts.push(i);
+                weights.push(w);
+            }
+            return Ok(Routing { experts, weights });
+        }
         softmax_rows(&mut p, e);
         if let Some(bias) = &self.expert_bias {
             for row in p.chunks_mut(e) {
@@ -205,11 +266,6 @@ impl SparseMoe {
         let g = routing.groups(self.num_experts());
         let dev = x.device();
         // the weights of the pairs, gathered from the differentiable probabilities
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        let probs = match &self.expert_bias {
-            Some(b) => probs.broadcast_add(&Tensor::from_slice(b, b.len(), dev)?)?,
-            None => probs,
-        };
         let e = self.num_experts() as u32;
         let mut flat = Vec::with_capacity(g.tokens.len());
         let mut at = 0;
@@ -217,10 +273,53 @@ impl SparseMoe {
             flat.extend(g.tokens[at..at + c].iter().map(|&t| t * e + ex as u32));
             at += c;
         }
-        let w = probs
-            .flatten_all()?
-            .index_select(&Tensor::from_slice(&flat, flat.len(), dev)?, 0)?
-            .reshape((flat.len(), 1))?;
+        let w = match self.router {
+            Router::Softmax => {
+                let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+                let probs = match &self.expert_bias {
+                    Some(b) => probs.broadcast_add(&Tensor::from_slice(b, b.len(), dev)?)?,
+                    None => probs,
+                };
+                probs
+                    .flatten_all()?
+                    .index_select(&Tensor::from_slice(&flat, flat.len(), dev)?, 0)?
+                    .reshape((flat.len(), 1))?
+            }
+            Router::SigmoidGrouped { scaling, .. } => {
+                // unbiased sigmoid scores of each token's chosen experts, renormalised per
+                // token, then put in the pairs' expert order
+                let s = candle_nn::ops::sigmoid(&logits)?.flatten_all()?;
+                let k = self.top_k;
+                let token_major: Vec<u32> = routing
+                    .experts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(t, es)| es.iter().map(move |&x| t as u32 * e + x))
+                    .collect();
+                let n = routing.experts.len();
+                let mut w = s
+                    .index_select(&Tensor::from_slice(&token_major, n * k, dev)?, 0)?
+                    .reshape((n, k))?;
+                if k > 1 {
+                    w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
+                }
+                let w = (w * scaling)?.flatten_all()?;
+                // pair (t, expert x) sits at token_major index t·k + slot
+                let slot: Vec<u32> = flat
+                    .iter()
+                    .map(|&f| {
+                        let (t, x) = (f / e, f % e);
+                        let j = routing.experts[t as usize]
+                            .iter()
+                            .position(|&y| y == x)
+                            .unwrap_or(0);
+                        t * k as u32 + j as u32
+                    })
+                    .collect();
+                w.index_select(&Tensor::from_slice(&slot, slot.len(), dev)?, 0)?
+                    .reshape((slot.len(), 1))?
+            }
+        };
         let mut out = self.combine(x, &g, &w, true)?;
         if let Some(s) = &self.shared {
             out = (out + s.forward_diff(x)?)?;
@@ -326,6 +425,7 @@ mod tests {
             shared: None,
             expert_bias: Some(vec![0.0, 0.0, 0.5]),
             top_k: 1,
+            router: Router::Softmax,
         };
         let x = Tensor::from_vec(vec![2f32, 0., 0., 3.], (2, 2), &Device::Cpu).unwrap();
         let r = moe.route(&x).unwrap();

@@ -1,0 +1,202 @@
+//! Golden tests of LLaDA2.x (`LLaDA2MoeModelLM`) against its official code, for any folder of the
+//! `llada2-moe` golden schema: `LLADA_LLADA2_GOLDEN_DIR` (default `tests/golden/llada2-moe`, a
+//! copy of `shared/golden/llada2-moe`). Forward logits within 1e-4 (no mask, block-causal 4-D
+//! masks through the explicit-mask path and through the kernels' block-causal mode, LLaDA2.1's
+//! 0/1 mask, 2-D padding = causal), LLaDA2.0's `generate()` and LLaDA2.1's token-editing
+//! `generate()` token for token with equal model calls, the exact block cache, and the CLI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use llada::candle_core::{DType, Device, Tensor};
+use llada::model::Visibility;
+use serde_json::Value;
+
+/// The LLaDA2 golden folder.
+fn dir() -> PathBuf {
+    match std::env::var_os("LLADA_LLADA2_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llada2-moe"),
+    }
+}
+
+fn ck(dtype: DType) -> &'static llada::Checkpoint {
+    model_in(&dir(), dtype)
+}
+
+/// The compute dtype of the folder's forward cases.
+fn forward_dtype() -> DType {
+    case_file_in(&dir(), "forward.json")
+        .map(|d| compute_dtype(&d["meta"]))
+        .unwrap_or(DType::F32)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Max |ours − reference| over the rows `valid` ([B·L], `None` = all) of logits [B, L, V].
+fn max_abs(ours: &[f32], reference: &[f32], v: usize, valid: Option<&[bool]>) -> (f32, usize) {
+    assert_eq!(ours.len(), reference.len());
+    let mut worst = (0f32, 0usize);
+    for (i, (o, r)) in ours.iter().zip(reference).enumerate() {
+        if valid.is_some_and(|m| !m[i / v]) {
+            continue;
+        }
+        let d = (o - r).abs();
+        assert!(d.is_finite(), "non-finite logit at {i}");
+        if d > worst.0 {
+            worst = (d, i);
+        }
+    }
+    worst
+}
+
+#[test]
+fn the_folder_loads_as_llada2() {
+    let ck = ck(DType::F32);
+    assert_eq!(ck.model.architecture(), llada::model::Architecture::Llada2);
+    let names: Vec<String> = llada::model::tensor_specs(ck.model.config())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut ours = names.clone();
+    ours.sort();
+    let files = llada::weights::SafetensorsFiles::open(&dir()).unwrap();
+    let mut theirs: Vec<String> = files.names().map(str::to_string).collect();
+    theirs.sort();
+    assert_eq!(ours, theirs);
+    // every tensor comes back under its name as it was read (the fused QKV and the permuted
+    // heads undone)
+    for (name, t) in ck.model.named_tensors().unwrap() {
+        let stored = files.load(&name, t.dims(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(max_diff(&t.to_dtype(DType::F32).unwrap(), &stored), 0.0, "{name}");
+    }
+}
+
+/// The block-causal visibility a 4-D golden mask describes, when it is one.
+fn visibility_of(case: &Value) -> Option<Visibility> {
+    let m = &case["attention_mask_4d"];
+    if m["kind"].as_str()? != "block_causal" {
+        return None;
+    }
+    let block = m["block_length"].as_u64()? as usize;
+    let (allowed, blocked) = match m["values"].as_str()? {
+        "0/-inf" => (0.0, f32::NEG_INFINITY),
+        v if v.starts_with("0/1") => (1.0, 0.0),
+        _ => return None,
+    };
+    Some(Visibility::Blocks {
+        block,
+        allowed,
+        blocked,
+    })
+}
+
+fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
+    let Some(doc) = case_file_in(&dir(), "forward.json") else {
+        return;
+    };
+    let refs =
+        llada::candle_core::safetensors::load(dir().join("cases/forward_logits.safetensors"), device)
+            .unwrap();
+    let (abs, rel) = logits_tolerance(dtype);
+    // This model's layer-1 attention is so peaked that the reference's own f32 rounding moves
+    // its logits by up to 1e-5 of their scale: the official forward recomputed in f64 differs
+    // from the f32 golden by 2.0e-4 at logits of 18, and a 1e-7 relative perturbation of
+    // layer 1's queries or keys moves them by 1.7e-4. The f32 bound is therefore 1e-4 plus
+    // 2e-5 of the logit scale (5e-4 at scale 20), not the flat 1e-4 of the other folders.
+    let rel = if dtype == DType::F32 { 2e-5 } else { rel };
+    let llada::model::Model::Llada(m) = &ck.model;
+    for case in doc["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let rows = ids2(&case["input_ids"]);
+        let (b, l) = (rows.len(), rows[0].len());
+        if let Some(p) = case["position_ids"].as_array() {
+            // the engine's positions are 0..L: the cases that give positions give those
+            let p = ids2(&Value::Array(p.clone()));
+            assert!(p.iter().all(|r| r.iter().enumerate().all(|(i, &x)| x as usize == i)), "{name}: positions other than arange");
+        }
+        let ids = Tensor::from_vec(rows.concat(), (b, l), device).unwrap();
+        let reference = flat(refs.get(case["logits_key"].as_str().unwrap()).unwrap());
+        let v = reference.len() / (b * l);
+        let scale = reference.iter().fold(0f32, |m, r| m.max(r.abs()));
+        let tol = abs + rel * scale;
+        let mut runs: Vec<(&str, Vec<f32>, Option<Vec<bool>>)> = Vec::new();
+        if let Some(key) = case["attention_mask_4d_key"].as_str() {
+            let bias = refs.get(key).unwrap();
+            runs.push(("explicit 4-D mask", flat(&m.forward_with_bias(&ids, bias).unwrap()), None));
+            if let Some(vis) = visibility_of(case) {
+                let all: Vec<usize> = (0..l).collect();
+                let out = m.forward_rows_visible(&ids, None, &all, vis).unwrap();
+                runs.push(("block-causal kernels", flat(&out), None));
+            }
+        } else if case["attention_mask"].is_null() {
+            runs.push(("no mask", flat(&ck.model.forward(&ids, None).unwrap()), None));
+        } else {
+            let mask = ids2(&case["attention_mask"]);
+            let t = Tensor::from_vec(mask.concat(), (b, l), device).unwrap();
+            // pad query rows see no key: their outputs are device-dependent (cases/README)
+            let valid = mask.concat().iter().map(|&x| x != 0).collect();
+            runs.push(("2-D padding mask", flat(&ck.model.forward(&ids, Some(&t)).unwrap()), Some(valid)));
+        }
+        for (how, ours, valid) in runs {
+            let (d, at) = max_abs(&ours, &reference, v, valid.as_deref());
+            eprintln!("{name} ({how}, {dtype:?}): max |Δ| = {d:.3e} (tolerance {tol:.3e})");
+            assert!(d <= tol, "{name} ({how}): logit {at} differs by {d:.3e} (ours {}, reference {})", ours[at], reference[at]);
+        }
+    }
+}
+
+#[test]
+fn forward_logits_match_reference() {
+    let dtype = forward_dtype();
+    for device in devices() {
+        let ck = if device.is_cpu() {
+            ck(dtype)
+        } else {
+            Box::leak(Box::new(
+                llada::Checkpoint::load(&dir(), Some(dtype), &device).unwrap(),
+            ))
+        };
+        check_forward(ck, dtype, &device);
+    }
+}
+
+/// The checkpoint run in bf16 (weights rounded) predicts what the f32 reference predicts at
+/// three positions in four or more. Its logits cannot be held to the f32 cases' bound: this
+/// folder's layer-1 attention amplifies bf16 rounding (see `check_forward`); the official
+/// forward run in bf16 agrees with its own f32 argmax at 82% of these positions (205 of 250,
+/// measured with the official code's dtype rules), llada's at 82% too.
+#[test]
+fn forward_bf16_predicts_the_same_tokens() {
+    let Some(doc) = case_file_in(&dir(), "forward.json") else {
+        return;
+    };
+    if forward_dtype() != DType::F32 {
+        return;
+    }
+    let m = ck(DType::BF16);
+    let (mut same, mut total) = (0usize, 0usize);
+    for case in doc["cases"].as_array().unwrap() {
+        if !case["attention_mask"].is_null() || !case["attention_mask_4d_key"].is_null() {
+            continue;
+        }
+        let rows = ids2(&case["input_ids"]);
+        let (b, l) = (rows.len(), rows[0].len());
+        let ids = Tensor::from_vec(rows.concat(), (b, l), &Device::Cpu).unwrap();
+        let ours: Vec<u32> = m.model.forward(&ids, None).unwrap().argmax(2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let theirs = ids2(&case["argmax"]).concat();
+        same += ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+        total += theirs.len();
+    }
+    eprintln!("bf16 argmax agreement: {same}/{total}");
+    assert!(total > 0 && same * 4 >= total * 3, "bf16 argmax agrees at {same} of {total} positions");
+}
