@@ -76,8 +76,14 @@ fn the_folder_loads_as_llada2() {
     // every tensor comes back under its name as it was read (the fused QKV and the permuted
     // heads undone)
     for (name, t) in ck.model.named_tensors().unwrap() {
-        let stored = files.load(&name, t.dims(), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(max_diff(&t.to_dtype(DType::F32).unwrap(), &stored), 0.0, "{name}");
+        let stored = files
+            .load(&name, t.dims(), DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            max_diff(&t.to_dtype(DType::F32).unwrap(), &stored),
+            0.0,
+            "{name}"
+        );
     }
 }
 
@@ -104,9 +110,11 @@ fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
     let Some(doc) = case_file_in(&dir(), "forward.json") else {
         return;
     };
-    let refs =
-        llada::candle_core::safetensors::load(dir().join("cases/forward_logits.safetensors"), device)
-            .unwrap();
+    let refs = llada::candle_core::safetensors::load(
+        dir().join("cases/forward_logits.safetensors"),
+        device,
+    )
+    .unwrap();
     let (abs, rel) = logits_tolerance(dtype);
     // This model's layer-1 attention is so peaked that the reference's own f32 rounding moves
     // its logits by up to 1e-5 of their scale: the official forward recomputed in f64 differs
@@ -122,7 +130,11 @@ fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
         if let Some(p) = case["position_ids"].as_array() {
             // the engine's positions are 0..L: the cases that give positions give those
             let p = ids2(&Value::Array(p.clone()));
-            assert!(p.iter().all(|r| r.iter().enumerate().all(|(i, &x)| x as usize == i)), "{name}: positions other than arange");
+            assert!(
+                p.iter()
+                    .all(|r| r.iter().enumerate().all(|(i, &x)| x as usize == i)),
+                "{name}: positions other than arange"
+            );
         }
         let ids = Tensor::from_vec(rows.concat(), (b, l), device).unwrap();
         let reference = flat(refs.get(case["logits_key"].as_str().unwrap()).unwrap());
@@ -132,25 +144,42 @@ fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
         let mut runs: Vec<(&str, Vec<f32>, Option<Vec<bool>>)> = Vec::new();
         if let Some(key) = case["attention_mask_4d_key"].as_str() {
             let bias = refs.get(key).unwrap();
-            runs.push(("explicit 4-D mask", flat(&m.forward_with_bias(&ids, bias).unwrap()), None));
+            runs.push((
+                "explicit 4-D mask",
+                flat(&m.forward_with_bias(&ids, bias).unwrap()),
+                None,
+            ));
             if let Some(vis) = visibility_of(case) {
                 let all: Vec<usize> = (0..l).collect();
                 let out = m.forward_rows_visible(&ids, None, &all, vis).unwrap();
                 runs.push(("block-causal kernels", flat(&out), None));
             }
         } else if case["attention_mask"].is_null() {
-            runs.push(("no mask", flat(&ck.model.forward(&ids, None).unwrap()), None));
+            runs.push((
+                "no mask",
+                flat(&ck.model.forward(&ids, None).unwrap()),
+                None,
+            ));
         } else {
             let mask = ids2(&case["attention_mask"]);
             let t = Tensor::from_vec(mask.concat(), (b, l), device).unwrap();
             // pad query rows see no key: their outputs are device-dependent (cases/README)
             let valid = mask.concat().iter().map(|&x| x != 0).collect();
-            runs.push(("2-D padding mask", flat(&ck.model.forward(&ids, Some(&t)).unwrap()), Some(valid)));
+            runs.push((
+                "2-D padding mask",
+                flat(&ck.model.forward(&ids, Some(&t)).unwrap()),
+                Some(valid),
+            ));
         }
         for (how, ours, valid) in runs {
             let (d, at) = max_abs(&ours, &reference, v, valid.as_deref());
             eprintln!("{name} ({how}, {dtype:?}): max |Δ| = {d:.3e} (tolerance {tol:.3e})");
-            assert!(d <= tol, "{name} ({how}): logit {at} differs by {d:.3e} (ours {}, reference {})", ours[at], reference[at]);
+            assert!(
+                d <= tol,
+                "{name} ({how}): logit {at} differs by {d:.3e} (ours {}, reference {})",
+                ours[at],
+                reference[at]
+            );
         }
     }
 }
@@ -192,11 +221,198 @@ fn forward_bf16_predicts_the_same_tokens() {
         let rows = ids2(&case["input_ids"]);
         let (b, l) = (rows.len(), rows[0].len());
         let ids = Tensor::from_vec(rows.concat(), (b, l), &Device::Cpu).unwrap();
-        let ours: Vec<u32> = m.model.forward(&ids, None).unwrap().argmax(2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<u32> = m
+            .model
+            .forward(&ids, None)
+            .unwrap()
+            .argmax(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let theirs = ids2(&case["argmax"]).concat();
         same += ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
         total += theirs.len();
     }
     eprintln!("bf16 argmax agreement: {same}/{total}");
-    assert!(total > 0 && same * 4 >= total * 3, "bf16 argmax agrees at {same} of {total} positions");
+    assert!(
+        total > 0 && same * 4 >= total * 3,
+        "bf16 argmax agrees at {same} of {total} positions"
+    );
+}
+
+/// The run of generate case `case` (LLaDA2.0's `generate.json` or, with `v21`, LLaDA2.1's).
+fn run_case(
+    ck: &llada::Checkpoint,
+    case: &Value,
+    v21: bool,
+    cache: llada::sampler::CacheMode,
+) -> llada::sampler::block_diffusion::BlockRun {
+    use llada::sampler::block_diffusion::{self as bd, BlockDiffusion, Editing};
+    use llada::sampler::{Commit, SamplerConfig};
+    let n = |k: &str| case[k].as_u64().unwrap() as usize;
+    let cfg = SamplerConfig {
+        gen_length: n("gen_length"),
+        block_length: n("block_length"),
+        steps: n("steps"),
+        commit: Commit::Threshold {
+            tau: case["threshold"].as_f64().unwrap(),
+        },
+        cache,
+        block_diffusion: Some(BlockDiffusion {
+            minimal_topk: case["minimal_topk"].as_u64().unwrap_or(1) as usize,
+            eos_early_stop: case["eos_early_stop"].as_bool().unwrap(),
+            editing: v21.then(|| Editing {
+                editing_threshold: case["editing_threshold"].as_f64().unwrap(),
+                max_post_steps: n("max_post_steps"),
+                num_to_transfer: n("num_to_transfer"),
+            }),
+        }),
+        ..SamplerConfig::block_diffusion_default()
+    };
+    let mut special = ck.special.clone();
+    special.mask = case["mask_id"].as_u64().unwrap() as u32;
+    special.eos = case["eos_id"].as_u64().unwrap() as u32;
+    let prompt = ids2(&case["prompt_ids"]).remove(0);
+    let mut m = ck.model.predictor();
+    let mut rng = llada::rng::Rng::new(0);
+    bd::generate_one(
+        &mut m,
+        &prompt,
+        &cfg,
+        cfg.block_diffusion.as_ref().unwrap(),
+        &special,
+        &mut rng,
+        &mut llada::sampler::no_progress,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", case["name"]))
+}
+
+/// Every non-fragile case of `file`, token for token with equal model calls, per-block calls,
+/// unmask steps, final canvas and (2.1) edits.
+fn check_generate(file: &str, v21: bool) {
+    let Some(doc) = case_file_in(&dir(), file) else {
+        return;
+    };
+    let ck = ck(DType::F32);
+    let (mut checked, mut skipped) = (0, 0);
+    for case in doc["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        if fragile(case) {
+            skipped += 1;
+            continue;
+        }
+        let run = run_case(ck, case, v21, llada::sampler::CacheMode::None);
+        let want = ids2(&case["generated_ids"]).remove(0);
+        assert_eq!(run.generated_ids, want, "{name}: generated_ids");
+        assert_eq!(
+            run.nfe,
+            case["nfe"].as_u64().unwrap() as usize,
+            "{name}: nfe"
+        );
+        let spb: Vec<usize> = case["steps_per_block"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(run.steps_per_block, spb, "{name}: steps per block");
+        let canvas = ids2(&case["canvas_ids"]).remove(0);
+        assert_eq!(run.canvas, canvas, "{name}: canvas");
+        let steps: Vec<Option<usize>> = case["unmask_step"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                let v = x.as_i64().unwrap();
+                (v >= 0).then_some(v as usize)
+            })
+            .collect();
+        assert_eq!(run.unmask_step, steps, "{name}: unmask steps");
+        if !v21 {
+            assert_eq!(
+                run.returned_early,
+                case["returned_early"].as_bool().unwrap(),
+                "{name}: early return"
+            );
+        } else {
+            let edits: Vec<(usize, usize, u32, u32)> = case["edits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["step"].as_u64().unwrap() as usize,
+                        e["position"].as_u64().unwrap() as usize,
+                        e["from"].as_u64().unwrap() as u32,
+                        e["to"].as_u64().unwrap() as u32,
+                    )
+                })
+                .collect();
+            let ours: Vec<_> = run
+                .edits
+                .iter()
+                .map(|e| (e.step, e.position, e.from, e.to))
+                .collect();
+            assert_eq!(ours, edits, "{name}: edits");
+        }
+        checked += 1;
+    }
+    eprintln!("{file}: {checked} cases token for token, {skipped} fragile skipped");
+    assert!(checked > 0);
+}
+
+#[test]
+fn llada2_0_generate_cases() {
+    check_generate("generate.json", false);
+}
+
+#[test]
+fn llada2_1_generate_cases() {
+    check_generate("generate_v21.json", true);
+}
+
+/// Finished blocks' keys and values are exact under block-causal attention: the cached run
+/// (`cache: prefix` and `dual`, the same here) decodes every non-fragile LLaDA2.0 case as the
+/// uncached one, with equal model calls.
+#[test]
+fn the_block_cache_is_exact() {
+    let Some(doc) = case_file_in(&dir(), "generate.json") else {
+        return;
+    };
+    let ck = ck(DType::F32);
+    for case in doc["cases"].as_array().unwrap() {
+        if fragile(case) {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let plain = run_case(ck, case, false, llada::sampler::CacheMode::None);
+        for mode in [
+            llada::sampler::CacheMode::Prefix,
+            llada::sampler::CacheMode::Dual,
+        ] {
+            let cached = run_case(ck, case, false, mode);
+            assert_eq!(cached.canvas, plain.canvas, "{name} ({mode}): canvas");
+            assert_eq!(cached.nfe, plain.nfe, "{name} ({mode}): nfe");
+            assert_eq!(cached.unmask_step, plain.unmask_step, "{name} ({mode})");
+        }
+    }
+}
+
+/// LLaDA2.1's 0/1 mask lets earlier blocks see later ones: a cache is refused, naming it.
+#[test]
+fn llada2_1_refuses_a_cache() {
+    let Some(doc) = case_file_in(&dir(), "generate_v21.json") else {
+        return;
+    };
+    let case = &doc["cases"][0];
+    let e = std::panic::catch_unwind(|| {
+        run_case(ck(DType::F32), case, true, llada::sampler::CacheMode::Dual)
+    });
+    let msg = match e {
+        Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+        Ok(_) => panic!("a cache with LLaDA2.1's editing was accepted"),
+    };
+    assert!(msg.contains("cache"), "{msg}");
 }

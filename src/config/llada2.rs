@@ -247,7 +247,9 @@ impl Llada2Config {
             return Err(Error::config(
                 "n_group",
                 n_group,
-                format!("must divide num_experts={num_experts} (experts are split into equal groups)"),
+                format!(
+                    "must divide num_experts={num_experts} (experts are split into equal groups)"
+                ),
             ));
         }
         if topk_group > n_group {
@@ -460,7 +462,10 @@ mod tests {
             ("use_qkv_bias", serde_json::json!(true)),
             ("use_bias", serde_json::json!(true)),
             ("hidden_act", serde_json::json!("gelu")),
-            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0})),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 2.0}),
+            ),
             ("partial_rotary_factor", serde_json::json!(0.3)),
             ("n_group", serde_json::json!(3)),
             ("topk_group", serde_json::json!(3)),

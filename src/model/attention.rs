@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Device, Result, Tensor, D};
 use half::bf16;
 
-use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
 pub use crate::kernels::attention::Visibility;
+use crate::kernels::attention::{self as fused, KeyMask, KvShape, KvStore, RopeTables};
 use crate::kernels::cpu::with_slice;
 
 use super::layers::{Linear, RmsNorm};

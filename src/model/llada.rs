@@ -753,6 +753,12 @@ pub struct LladaPredictor<'a> {
     cache: Option<KvCache>,
     block: Range<usize>,
     refresh: bool,
+    /// The attention mask (block diffusion sets a block-causal one).
+    visibility: Visibility,
+    /// Block diffusion's canvas length (the exact block cache is sized to it).
+    canvas_len: usize,
+    /// Block diffusion's exact cache: the positions before this one hold final keys/values.
+    final_until: usize,
 }
 
 impl<'a> LladaPredictor<'a> {
@@ -763,7 +769,17 @@ impl<'a> LladaPredictor<'a> {
             cache: None,
             block: 0..0,
             refresh: true,
+            visibility: model.default_visibility(),
+            canvas_len: 0,
+            final_until: 0,
         }
+    }
+
+    /// Block-causal attention with −∞ for later blocks: finished blocks' keys and values are
+    /// final, and the cached steps keep them (see `outputs_at`).
+    fn exact_block_cache(&self) -> bool {
+        matches!(self.visibility, Visibility::Blocks { blocked, .. } if blocked == f32::NEG_INFINITY)
+            && self.mode != CacheMode::None
     }
 }
 
@@ -777,7 +793,35 @@ impl LladaPredictor<'_> {
     ) -> Result<Tensor> {
         let (b, l) = x.dims2()?;
         if self.mode == CacheMode::None {
-            return self.model.forward_rows_at(x, key_mask, rows);
+            return self
+                .model
+                .forward_rows_visible(x, key_mask, rows, self.visibility);
+        }
+        if self.exact_block_cache() {
+            // x is the window up to the block's end; recompute from the first position whose
+            // keys/values are not final (the previous block at a block's first step)
+            let cap = self.canvas_len.max(l);
+            let stale = self
+                .cache
+                .as_ref()
+                .is_none_or(|c| c.len() != cap || c.batch() != b);
+            if stale {
+                self.cache =
+                    Some(
+                        self.model
+                            .new_cache_visible(b, cap, key_mask, self.visibility)?,
+                    );
+                self.final_until = 0;
+            }
+            let from = self.final_until.min(self.block.start).min(rows[0]);
+            let ids = x.narrow(1, from, l - from)?;
+            let cache = self
+                .cache
+                .as_mut()
+                .ok_or_else(|| Error::setting("cache", "empty", "no block cache"))?;
+            let out = self.model.forward_chunk_at(&ids, from, cache, rows)?;
+            self.final_until = self.block.start;
+            return Ok(out);
         }
         let stale = self
             .cache
@@ -839,6 +883,16 @@ impl MaskPredictor for LladaPredictor<'_> {
 
     fn max_sequence_length(&self) -> usize {
         self.model.config().max_sequence_length
+    }
+
+    fn set_visibility(&mut self, visibility: Visibility, len: usize) -> Result<()> {
+        if visibility != self.visibility || len != self.canvas_len {
+            self.cache = None;
+            self.final_until = 0;
+        }
+        self.visibility = visibility;
+        self.canvas_len = len;
+        Ok(())
     }
 
     fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {

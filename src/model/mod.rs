@@ -73,6 +73,21 @@ pub trait MaskPredictor {
     /// Called when the sampler starts a block (positions `block`): a caching predictor refreshes
     /// its keys/values on the next call and then recomputes only what `mode` says. Predictors
     /// without caches accept only [`CacheMode::None`].
+    /// Block diffusion: the keys each query sees from now on (block-causal attention), for
+    /// windows of a canvas of at most `len` positions (a caching predictor sizes its cache to
+    /// it). Predictors with only bidirectional attention accept only [`Visibility::All`].
+    fn set_visibility(&mut self, visibility: Visibility, len: usize) -> Result<()> {
+        let _ = len;
+        if visibility == Visibility::All {
+            return Ok(());
+        }
+        Err(Error::setting(
+            "attention",
+            format!("{visibility:?}"),
+            "this mask predictor has only bidirectional attention",
+        ))
+    }
+
     fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
         let _ = block;
         match mode {
@@ -111,6 +126,9 @@ impl<P: MaskPredictor + ?Sized> MaskPredictor for Box<P> {
     }
     fn begin_block(&mut self, block: Range<usize>, mode: CacheMode) -> Result<()> {
         (**self).begin_block(block, mode)
+    }
+    fn set_visibility(&mut self, visibility: Visibility, len: usize) -> Result<()> {
+        (**self).set_visibility(visibility, len)
     }
 }
 
@@ -285,9 +303,7 @@ impl Architecture {
             Architecture::Llada
             | Architecture::LladaMoe
             | Architecture::Dream
-            | Architecture::Llada2 => {
-                Model::Llada(Llada::load_with(cfg, src, layout)?)
-            }
+            | Architecture::Llada2 => Model::Llada(Llada::load_with(cfg, src, layout)?),
         })
     }
 

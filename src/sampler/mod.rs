@@ -9,6 +9,7 @@
 //! [`crate::model::MaskPredictor`]. Progress and cancellation go through an `on_step` callback.
 
 pub mod ar;
+pub mod block_diffusion;
 mod canvas;
 pub mod commit;
 pub mod filter;
@@ -84,6 +85,10 @@ pub struct SamplerConfig {
     /// Top-p / top-k filtering of the logits before a token is chosen (keys `top_p`, `top_k`).
     #[serde(flatten)]
     pub filter: LogitFilter,
+    /// Block diffusion (LLaDA2's `generate()`: blocks from absolute position 0, block-causal
+    /// attention; see [`block_diffusion`]); `None` for LLaDA's and Dream's samplers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_diffusion: Option<block_diffusion::BlockDiffusion>,
 }
 
 impl Default for SamplerConfig {
@@ -102,6 +107,24 @@ impl Default for SamplerConfig {
             early_stop: false,
             schedule: Schedule::Linear,
             filter: LogitFilter::default(),
+            block_diffusion: None,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// The official LLaDA2 `generate()` defaults, with llada's answer length: block 32, 32 steps
+    /// per block, threshold 0.95, greedy, LLaDA2.0's sampler.
+    pub fn block_diffusion_default() -> Self {
+        SamplerConfig {
+            gen_length: DEFAULT_GEN_LENGTH,
+            steps: block_diffusion::DEFAULT_STEPS,
+            block_length: block_diffusion::DEFAULT_BLOCK_LENGTH,
+            commit: Commit::Threshold {
+                tau: block_diffusion::DEFAULT_THRESHOLD,
+            },
+            block_diffusion: Some(block_diffusion::BlockDiffusion::default()),
+            ..Default::default()
         }
     }
 }
@@ -109,6 +132,12 @@ impl Default for SamplerConfig {
 impl SamplerConfig {
     /// Checks every setting, returning the block layout.
     pub fn validate(&self) -> Result<Blocks> {
+        if let Some(bd) = &self.block_diffusion {
+            // block diffusion's own rules (its blocks need not divide the answer); the layout
+            // returned is the answer as one block, unused by its sampler
+            block_diffusion::check(self, bd)?;
+            return Blocks::with_idle_steps(self.gen_length, self.gen_length, 1);
+        }
         let blocks = match self.schedule {
             Schedule::Linear => Blocks::new(self.gen_length, self.block_length, self.steps)?,
             Schedule::Dream { eps } => {
@@ -329,6 +358,9 @@ pub fn generate(
     rng: &mut Rng,
     on_step: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
+    if let Some(bd) = &cfg.block_diffusion {
+        return block_diffusion::generate(model, prompts, cfg, bd, special, rng, on_step);
+    }
     let blocks = cfg.validate()?;
     let mask_id = special.mask;
     let p = prompts.validate(mask_id)?;
