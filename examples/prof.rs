@@ -31,7 +31,7 @@ fn main() {
     };
     let mask = KeyMask {
         valid: None,
-        causal: false,
+        visibility: Default::default(),
     };
     let rope = llada::model::Rope::new(64, 500000.0, 4096, &dev).unwrap();
     let mut acc = [0f64; 9];

@@ -152,6 +152,9 @@ struct Timed<'a> {
     mode: CacheMode,
     block: std::ops::Range<usize>,
     block_start: bool,
+    /// Block diffusion with the exact block cache: where the last block started (a block's
+    /// first step recomputes from there).
+    exact_from: Option<usize>,
 }
 
 impl<'a> Timed<'a> {
@@ -165,6 +168,7 @@ impl<'a> Timed<'a> {
             mode: CacheMode::None,
             block: 0..0,
             block_start: true,
+            exact_from: None,
         }
     }
 }
@@ -177,10 +181,11 @@ impl MaskPredictor for Timed<'_> {
         rows: &[usize],
     ) -> Result<candle_core::Tensor> {
         let (b, l) = x.dims2()?;
-        let chunk = if self.block_start {
-            l
-        } else {
-            self.mode.recomputed(self.block.clone(), l).len()
+        let chunk = match (self.exact_from, self.block_start) {
+            (Some(from), true) => l - from.min(l),
+            (Some(_), false) => l - self.block.start.min(l),
+            (None, true) => l,
+            (None, false) => self.mode.recomputed(self.block.clone(), l).len(),
         };
         self.block_start = false;
         self.flops += self.cfg.chunk_flops(b, chunk, l, rows.len());
@@ -191,10 +196,23 @@ impl MaskPredictor for Timed<'_> {
         Ok(y)
     }
     fn begin_block(&mut self, block: std::ops::Range<usize>, mode: CacheMode) -> Result<()> {
+        if let Some(from) = self.exact_from.as_mut() {
+            if mode == CacheMode::None {
+                *from = 0;
+            } else if !self.block.is_empty() {
+                *from = self.block.start;
+            }
+        }
         self.mode = mode;
         self.block = block.clone();
         self.block_start = true;
         self.inner.begin_block(block, mode)
+    }
+    fn set_visibility(&mut self, visibility: crate::model::Visibility, len: usize) -> Result<()> {
+        self.exact_from = matches!(visibility, crate::model::Visibility::Blocks { blocked, .. } if blocked == f32::NEG_INFINITY)
+            .then_some(0);
+        self.block = 0..0;
+        self.inner.set_visibility(visibility, len)
     }
     fn device(&self) -> candle_core::Device {
         self.device.clone()
@@ -373,6 +391,18 @@ pub fn bench_step(
         .collect();
     let x = candle_core::Tensor::from_vec(ids, (batch, len), model.device())?;
     let mut p = model.predictor();
+    if model.architecture() == crate::model::Architecture::Llada2 {
+        // block diffusion: block-causal attention over blocks of the step's block length (the
+        // canvas then ends with the block; with a cache only the block is recomputed, exactly)
+        p.set_visibility(
+            crate::model::Visibility::Blocks {
+                block: block.len(),
+                allowed: 0.0,
+                blocked: f32::NEG_INFINITY,
+            },
+            len,
+        )?;
+    }
     p.begin_block(block.clone(), mode)?;
     drop(p.logits(&x, None, block.clone())?);
     let mut ms = Vec::new();

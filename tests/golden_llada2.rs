@@ -106,6 +106,9 @@ fn visibility_of(case: &Value) -> Option<Visibility> {
     })
 }
 
+/// One forward to compare: how it was run, its logits, the rows to compare (`None`: all).
+type Run = (&'static str, Vec<f32>, Option<Vec<bool>>);
+
 fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
     let Some(doc) = case_file_in(&dir(), "forward.json") else {
         return;
@@ -141,7 +144,7 @@ fn check_forward(ck: &llada::Checkpoint, dtype: DType, device: &Device) {
         let v = reference.len() / (b * l);
         let scale = reference.iter().fold(0f32, |m, r| m.max(r.abs()));
         let tol = abs + rel * scale;
-        let mut runs: Vec<(&str, Vec<f32>, Option<Vec<bool>>)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         if let Some(key) = case["attention_mask_4d_key"].as_str() {
             let bias = refs.get(key).unwrap();
             runs.push((
@@ -271,7 +274,7 @@ fn run_case(
         }),
         ..SamplerConfig::block_diffusion_default()
     };
-    let mut special = ck.special.clone();
+    let mut special = ck.special;
     special.mask = case["mask_id"].as_u64().unwrap() as u32;
     special.eos = case["eos_id"].as_u64().unwrap() as u32;
     let prompt = ids2(&case["prompt_ids"]).remove(0);

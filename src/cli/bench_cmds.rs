@@ -211,9 +211,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         block_length: 32,
         ..Default::default()
     };
-    let cfg = a.sampler.config(defaults)?;
     let (device, dtype) = a.rt.setup()?;
     let s = Subject::load(&a, &device, dtype)?;
+    // a block-diffusion model (LLaDA2) is benchmarked with its own sampler
+    let defaults = if s.model.architecture() == Architecture::Llada2 {
+        SamplerConfig::for_model(s.model.config())
+    } else {
+        defaults
+    };
+    let cfg = a.sampler.config(defaults)?;
     match a.mode.as_str() {
         "generate" => run_generate(&a, &s, &cfg),
         "forward" => run_forward(&a, &s, &cfg),

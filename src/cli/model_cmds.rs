@@ -59,6 +59,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
         i.architecture,
         if i.causal {
             " (causal: autoregressive twin)"
+        } else if i.architecture == "LLaDA2MoeModelLM" {
+            " (block diffusion: bidirectional within a block, causal between blocks)"
         } else {
             " (bidirectional mask predictor)"
         }

@@ -72,6 +72,22 @@ pub struct SamplerArgs {
     /// Keep only the top_k most probable tokens.
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// LLaDA2 (block diffusion): return as soon as the answer up to its first EOS is decoded.
+    #[arg(long)]
+    pub eos_early_stop: bool,
+    /// LLaDA2: steps per block are at most gen_length / minimal_topk [default: 1].
+    #[arg(long)]
+    pub minimal_topk: Option<usize>,
+    /// LLaDA2.1's token editing: overwrite a decoded token whose prediction differs with
+    /// probability above this [default 0.9]; giving any LLaDA2.1 flag selects its sampler.
+    #[arg(long, allow_negative_numbers = true)]
+    pub editing_threshold: Option<f64>,
+    /// LLaDA2.1: steps a block may take after its last mask is decoded [default: 16].
+    #[arg(long)]
+    pub max_post_steps: Option<usize>,
+    /// LLaDA2.1: tokens a step decodes when too few pass --threshold [default: 1].
+    #[arg(long)]
+    pub num_to_transfer: Option<usize>,
     /// Random seed (temperature sampling, random remasking).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -98,6 +114,11 @@ impl SamplerArgs {
             eps: self.eps,
             top_p: self.top_p,
             top_k: self.top_k,
+            eos_early_stop: self.eos_early_stop.then_some(true),
+            minimal_topk: self.minimal_topk,
+            editing_threshold: self.editing_threshold,
+            max_post_steps: self.max_post_steps,
+            num_to_transfer: self.num_to_transfer,
         }
     }
 
@@ -223,8 +244,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.ar {
         return generate_ar(a);
     }
-    let cfg = a.sampler.config(SamplerConfig::default())?;
     let ck = a.rt.load(&a.model.resolve()?)?;
+    let cfg = a.sampler.config(SamplerConfig::for_model(&ck.config))?;
     let prompts: Vec<Vec<u32>> = if let Some(ids) = &a.prompt_ids {
         vec![parse_ids(ids, "--prompt-ids")?]
     } else {
@@ -365,8 +386,13 @@ fn chat_defaults() -> SamplerConfig {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let cfg = a.sampler.config(chat_defaults())?;
     let ck = a.rt.load(&a.model.resolve()?)?;
+    let base = if ck.config.architecture == llada::model::Architecture::Llada2 {
+        SamplerConfig::for_model(&ck.config)
+    } else {
+        chat_defaults()
+    };
+    let cfg = a.sampler.config(base)?;
     let tok = ck.tokenizer()?;
     if tok.chat_template().is_none() {
         bail!(

@@ -128,7 +128,18 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .context("--default-threshold must be a number in (0, 1] or off")?,
         ),
     };
-    let builtin = Defaults::default().sampler;
+    // a block-diffusion model (LLaDA2) gets its own sampler: the official generate() with the
+    // exact block cache and the EOS return
+    let builtin = if ck.config.architecture == llada::model::Architecture::Llada2 {
+        let mut c = SamplerConfig::block_diffusion_default();
+        if let Some(bd) = c.block_diffusion.as_mut() {
+            bd.eos_early_stop = true;
+        }
+        c
+    } else {
+        Defaults::default().sampler
+    };
+    let block_diffusion = builtin.block_diffusion.is_some();
     let base = SamplerSettings {
         threshold: Some(threshold),
         cache: Some(a.default_cache),
@@ -138,7 +149,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let defaults = Defaults {
         sampler: SamplerConfig {
             gen_length: a.default_max_tokens,
-            steps: a.default_max_tokens,
+            // block diffusion's steps are per block
+            steps: if block_diffusion {
+                base.steps
+            } else {
+                a.default_max_tokens
+            },
             ..base
         },
         max_tokens_limit: ck.config.max_sequence_length,

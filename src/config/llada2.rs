@@ -219,7 +219,7 @@ impl Llada2Config {
         };
         let f = self.partial_rotary_factor;
         let rot = head_dim as f64 * f;
-        if !(f > 0.0 && f <= 1.0) || rot.fract() != 0.0 || (rot as usize) % 2 != 0 {
+        if !(f > 0.0 && f <= 1.0) || rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
             return Err(Error::config(
                 "partial_rotary_factor",
                 f,

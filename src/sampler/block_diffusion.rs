@@ -257,6 +257,10 @@ pub fn generate(
         nfe: 0,
         steps: 0,
     };
+    let n = prompts.ids.len();
+    // what `on_step` sees is the whole batch: rows not started yet are masked, finished rows
+    // show their answers
+    let mut answers: Vec<Vec<u32>> = vec![vec![special.mask; cfg.gen_length]; n];
     for (r, row) in prompts.ids.iter().enumerate() {
         // a left-padded batch: this row's own tokens
         let prompt: Vec<u32> = match &prompts.key_mask {
@@ -268,7 +272,31 @@ pub fn generate(
                 .collect(),
             None => row.clone(),
         };
-        let run = generate_one(model, &prompt, cfg, bd, special, rng, on_step)?;
+        let run = {
+            let done = &answers;
+            let mut row_step = |e: &StepEvent| -> ControlFlow<()> {
+                let mut committed = vec![Vec::new(); n];
+                committed[r] = e.committed.first().cloned().unwrap_or_default();
+                let canvas: Vec<&[u32]> = (0..n)
+                    .map(|i| {
+                        if i == r {
+                            e.canvas[0]
+                        } else {
+                            done[i].as_slice()
+                        }
+                    })
+                    .collect();
+                on_step(&StepEvent {
+                    canvas,
+                    committed: &committed,
+                    ..e.clone()
+                })
+            };
+            generate_one(model, &prompt, cfg, bd, special, rng, &mut row_step)?
+        };
+        let mut shown = run.generated_ids.clone();
+        shown.resize(cfg.gen_length, special.eos);
+        answers[r] = shown;
         let mut full = prompt.clone();
         full.extend(&run.generated_ids);
         out.output_ids.push(full);
@@ -410,19 +438,20 @@ pub fn generate_one(
             let mut edited = false;
             if let Some(e) = bd.editing {
                 let et = e.editing_threshold as f32;
-                for i in lo.max(p)..end {
+                let start = lo.max(p);
+                for (i, xi) in x.iter_mut().enumerate().take(end).skip(start) {
                     if masked.contains(&i) {
                         continue;
                     }
                     if let Some(q) = pred_at(i) {
-                        if q.confidence as f32 > et && q.token != x[i] {
+                        if q.confidence as f32 > et && q.token != *xi {
                             edits.push(Edit {
                                 step,
                                 position: i,
-                                from: x[i],
+                                from: *xi,
                                 to: q.token,
                             });
-                            x[i] = q.token;
+                            *xi = q.token;
                             edited = true;
                         }
                     }

@@ -113,6 +113,16 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// The reference defaults of a model's own sampler: LLaDA2's `generate()` for a
+    /// block-diffusion model, LLaDA's `generate.py` otherwise.
+    pub fn for_model(cfg: &crate::config::ModelConfig) -> Self {
+        if cfg.architecture == crate::model::Architecture::Llada2 {
+            Self::block_diffusion_default()
+        } else {
+            Self::default()
+        }
+    }
+
     /// The official LLaDA2 `generate()` defaults, with llada's answer length: block 32, 32 steps
     /// per block, threshold 0.95, greedy, LLaDA2.0's sampler.
     pub fn block_diffusion_default() -> Self {

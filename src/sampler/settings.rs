@@ -22,6 +22,10 @@
 //!    and `eps` or `alg_temp` without `alg` are errors naming both. `top_p`/`top_k` filter the
 //!    logits of any sampler.
 //! 6. [`SamplerConfig::validate`].
+//! 7. Block diffusion (a base with `block_diffusion`, LLaDA2's): `eos_early_stop`, `minimal_topk`,
+//!    and LLaDA2.1's `editing_threshold`, `max_post_steps`, `num_to_transfer` (any of which
+//!    selects LLaDA2.1's token-editing sampler); a new `gen_length` keeps the steps per block and
+//!    the block. These keys with another base are errors naming the key.
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -124,6 +128,21 @@ pub struct SamplerSettings {
     /// Top-k filter of the logits.
     #[serde(deserialize_with = "given")]
     pub top_k: Option<usize>,
+    /// Block diffusion (LLaDA2): return as soon as the answer up to its first EOS is decoded.
+    #[serde(deserialize_with = "given")]
+    pub eos_early_stop: Option<bool>,
+    /// Block diffusion: steps per block are at most `gen_length / minimal_topk`.
+    #[serde(deserialize_with = "given")]
+    pub minimal_topk: Option<usize>,
+    /// LLaDA2.1's token editing threshold (giving any LLaDA2.1 key selects its sampler).
+    #[serde(deserialize_with = "given")]
+    pub editing_threshold: Option<f64>,
+    /// LLaDA2.1: steps a block may take after its last mask is decoded.
+    #[serde(deserialize_with = "given")]
+    pub max_post_steps: Option<usize>,
+    /// LLaDA2.1: positions a step decodes when too few pass the threshold.
+    #[serde(deserialize_with = "given")]
+    pub num_to_transfer: Option<usize>,
 }
 
 /// A present field must hold a value (`null` is an error, as a wrong type is).
@@ -177,9 +196,12 @@ impl SamplerSettings {
         let mut c = base.clone();
         if let Some(v) = self.gen_length {
             c.gen_length = v;
-            c.steps = v;
-            if v == 0 || !v.is_multiple_of(c.block_length.max(1)) {
-                c.block_length = v;
+            // block diffusion's steps are per block, and its blocks need not divide the answer
+            if c.block_diffusion.is_none() {
+                c.steps = v;
+                if v == 0 || !v.is_multiple_of(c.block_length.max(1)) {
+                    c.block_length = v;
+                }
             }
         }
         if let Some(v) = self.steps {
@@ -224,7 +246,61 @@ impl SamplerSettings {
         if let Some(k) = self.top_k {
             c.filter.top_k = Some(k);
         }
+        self.merge_block_diffusion(&mut c)?;
         Ok(c)
+    }
+
+    /// Rule 7: block diffusion's keys, only for a block-diffusion base (an LLaDA2 model); any of
+    /// LLaDA2.1's keys selects its token-editing sampler.
+    fn merge_block_diffusion(&self, c: &mut SamplerConfig) -> Result<()> {
+        let keys: [(&str, Option<String>); 5] = [
+            ("eos_early_stop", self.eos_early_stop.map(|v| v.to_string())),
+            ("minimal_topk", self.minimal_topk.map(|v| v.to_string())),
+            (
+                "editing_threshold",
+                self.editing_threshold.map(|v| v.to_string()),
+            ),
+            ("max_post_steps", self.max_post_steps.map(|v| v.to_string())),
+            (
+                "num_to_transfer",
+                self.num_to_transfer.map(|v| v.to_string()),
+            ),
+        ];
+        let Some(bd) = c.block_diffusion.as_mut() else {
+            if let Some((k, Some(v))) = keys.iter().find(|(_, v)| v.is_some()) {
+                return Err(Error::setting(
+                    k,
+                    v,
+                    "is a block-diffusion setting: it needs an LLaDA2 model (LLaDA2MoeModelLM)",
+                ));
+            }
+            return Ok(());
+        };
+        if let Some(v) = self.eos_early_stop {
+            bd.eos_early_stop = v;
+        }
+        if let Some(v) = self.minimal_topk {
+            bd.minimal_topk = v;
+        }
+        if self.editing_threshold.is_some()
+            || self.max_post_steps.is_some()
+            || self.num_to_transfer.is_some()
+        {
+            let mut e = bd
+                .editing
+                .unwrap_or(super::block_diffusion::DEFAULT_EDITING);
+            if let Some(v) = self.editing_threshold {
+                e.editing_threshold = v;
+            }
+            if let Some(v) = self.max_post_steps {
+                e.max_post_steps = v;
+            }
+            if let Some(v) = self.num_to_transfer {
+                e.num_to_transfer = v;
+            }
+            bd.editing = Some(e);
+        }
+        Ok(())
     }
 
     /// Rule 5: `alg`, `alg_temp`, `eps`.
