@@ -419,3 +419,65 @@ fn llada2_1_refuses_a_cache() {
     };
     assert!(msg.contains("cache"), "{msg}");
 }
+
+/// The CLI reproduces the golden `generated_ids` (a sample of each file, every kind of case),
+/// and the other commands run on the model.
+#[test]
+fn the_cli_reproduces_generate_cases_and_runs_every_command() {
+    let d = dir().display().to_string();
+    for (file, v21) in [("generate.json", false), ("generate_v21.json", true)] {
+        let Some(doc) = case_file_in(&dir(), file) else {
+            continue;
+        };
+        for case in doc["cases"].as_array().unwrap().iter().step_by(7) {
+            if fragile(case) {
+                continue;
+            }
+            let prompt = ids2(&case["prompt_ids"])[0]
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut args: Vec<String> = vec!["generate".into(), d.clone(), "--prompt-ids".into(), prompt];
+            for (key, flag) in [("gen_length", "--gen-length"), ("block_length", "--block-length"), ("steps", "--steps"), ("threshold", "--threshold")] {
+                args.push(flag.into());
+                args.push(case[key].to_string());
+            }
+            if v21 {
+                for key in ["editing_threshold", "max_post_steps", "num_to_transfer"] {
+                    args.push(format!("--{}", key.replace('_', "-")));
+                    args.push(case[key].to_string());
+                }
+            } else {
+                args.push("--minimal-topk".into());
+                args.push(case["minimal_topk"].to_string());
+                // the exact cache gives the same answers
+                args.push("--cache".into());
+                args.push("prefix".into());
+            }
+            if case["eos_early_stop"].as_bool().unwrap() {
+                args.push("--eos-early-stop".into());
+            }
+            args.extend(["--temperature".into(), "0".into(), "--json".into()]);
+            let run = llada_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).run();
+            assert!(run.ok(), "{}: {}", case["name"], run.stderr);
+            let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+            assert_eq!(v["generated_ids"], case["generated_ids"][0], "{}", case["name"]);
+            assert_eq!(v["nfe"], case["nfe"], "{}", case["name"]);
+        }
+    }
+    let info = llada_cmd(&["info", &d]).run();
+    assert!(info.ok() && info.stdout.contains("block diffusion"), "{}", info.stdout);
+    let chat = llada_cmd(&["chat", &d, "--gen-length", "16"]).stdin("Fear ye not\n").run();
+    assert!(chat.ok(), "{}", chat.stderr);
+    let score = llada_cmd(&["score", &d, "--prompt", "And God said", "--answer", " Let there be light", "--mc-num", "16"]).run();
+    assert!(score.ok(), "{}", score.stderr);
+    let bench = llada_cmd(&["bench", &d, "--mode", "step", "--prompt-len", "16", "--gen-length", "8", "--block-length", "8", "--cache", "dual", "--runs", "1", "--json"]).run();
+    assert!(bench.ok(), "{}", bench.stderr);
+    // block-diffusion settings on another model, and a cache with LLaDA2.1, name the setting
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny");
+    let e = llada_cmd(&["generate", &tiny.display().to_string(), "--prompt-ids", "1,2", "--eos-early-stop"]).run();
+    assert!(!e.ok() && e.stderr.contains("eos_early_stop"), "{}", e.stderr);
+    let e = llada_cmd(&["generate", &d, "--prompt-ids", "1,2", "--editing-threshold", "0.9", "--cache", "dual"]).run();
+    assert!(!e.ok() && e.stderr.contains("cache"), "{}", e.stderr);
+}

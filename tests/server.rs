@@ -362,6 +362,88 @@ async fn dream_is_served_as_the_library_runs_it() {
     assert_eq!(json_of(&b)["error"]["param"], "alg");
 }
 
+/// An LLaDA2 model is served with its block-diffusion sampler (the defaults of
+/// `Defaults::for_model`: exact cache, EOS return), as the library runs it; its settings go
+/// through the API, and a cache with LLaDA2.1's editing is a 422 naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn llada2_is_served_with_block_diffusion() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llada2-moe");
+    let ck = common::model_in(&dir, DType::F32);
+    let defaults = Defaults::for_model(&ck.config);
+    assert!(defaults.sampler.block_diffusion.is_some());
+    let s = {
+        let st = state_of(&dir, 8, 4, None);
+        Arc::new(AppState {
+            engine: engine::start(
+                Checkpoint::load(&dir, Some(DType::F32), &Device::Cpu).unwrap(),
+                engine::EngineConfig {
+                    queue: 8,
+                    max_batch: 4,
+                    on_idle: None,
+                },
+            ),
+            tokenizer: Tokenizer::from_dir(&dir, &ck.config).unwrap(),
+            model_name: "llada2".into(),
+            max_sequence_length: st.max_sequence_length,
+            vocab_size: st.vocab_size,
+            defaults: Defaults {
+                max_tokens_limit: st.max_sequence_length,
+                ..defaults
+            },
+            limits: Limits {
+                request_timeout: Duration::from_secs(60),
+                ..Limits::default()
+            },
+            started: Instant::now(),
+            served: AtomicU64::new(0),
+        })
+    };
+    let prompt = "And Moses said unto the people, Fear ye not";
+    let tok = ck.tokenizer().unwrap();
+    let mut expect = Vec::new();
+    for editing in [None, Some(0.9)] {
+        let mut body = json!({"prompt": prompt, "max_tokens": 24, "block_length": 8, "steps": 8, "temperature": 0});
+        let mut cfg = llada::SamplerConfig {
+            gen_length: 24,
+            block_length: 8,
+            steps: 8,
+            ..s.defaults.sampler.clone()
+        };
+        if let Some(e) = editing {
+            body["editing_threshold"] = json!(e);
+            body["cache"] = json!("none");
+            cfg.cache = llada::sampler::CacheMode::None;
+            cfg.block_diffusion.as_mut().unwrap().editing = Some(llada::sampler::block_diffusion::Editing {
+                editing_threshold: e,
+                ..llada::sampler::block_diffusion::DEFAULT_EDITING
+            });
+        }
+        let (st, b) = call(&s, "POST", "/v1/completions", body.to_string()).await;
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let text = json_of(&b)["choices"][0]["text"].as_str().unwrap().to_string();
+        let mut m = ck.model.predictor();
+        let g = llada::sampler::generate(
+            &mut m,
+            &llada::PromptBatch::single(tok.encode(prompt).unwrap()),
+            &cfg,
+            &ck.special,
+            &mut llada::Rng::new(0),
+            &mut llada::sampler::no_progress,
+        )
+        .unwrap();
+        assert_eq!(text, tok.decode_answer(&g.generated_ids[0]).unwrap(), "editing {editing:?}");
+        expect.push(text);
+    }
+    let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": prompt, "max_tokens": 8, "editing_threshold": 0.9, "cache": "dual"}).to_string()).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["param"], "cache");
+    // the block-diffusion keys on another model are a 422 naming the key
+    let tiny = state_of(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny"), 8, 4, None);
+    let (st, b) = call(&tiny, "POST", "/v1/completions", json!({"prompt": prompt, "max_tokens": 8, "minimal_topk": 2}).to_string()).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["param"], "minimal_topk");
+}
+
 async fn server_output_equals_the_library_for(dir: &std::path::Path) {
     let s = state_of(dir, 8, 4, None);
     let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": "In the beginning God created the heaven", "max_tokens": 16, "steps": 16, "block_length": 8, "threshold": null, "cache": "none", "early_stop": false}).to_string()).await;

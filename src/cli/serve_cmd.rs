@@ -128,17 +128,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .context("--default-threshold must be a number in (0, 1] or off")?,
         ),
     };
-    // a block-diffusion model (LLaDA2) gets its own sampler: the official generate() with the
-    // exact block cache and the EOS return
-    let builtin = if ck.config.architecture == llada::model::Architecture::Llada2 {
-        let mut c = SamplerConfig::block_diffusion_default();
-        if let Some(bd) = c.block_diffusion.as_mut() {
-            bd.eos_early_stop = true;
-        }
-        c
-    } else {
-        Defaults::default().sampler
-    };
+    // a block-diffusion model (LLaDA2) gets its own sampler
+    let builtin = Defaults::for_model(&ck.config).sampler;
     let block_diffusion = builtin.block_diffusion.is_some();
     let base = SamplerSettings {
         threshold: Some(threshold),

@@ -111,6 +111,23 @@ impl Default for Defaults {
 }
 
 impl Defaults {
+    /// The defaults for a model of `cfg`: a block-diffusion model (LLaDA2) gets its own sampler,
+    /// the official `generate()` with the exact block cache and the EOS return; the others the
+    /// built-in threshold sampler ([`Defaults::default`]).
+    pub fn for_model(cfg: &crate::config::ModelConfig) -> Self {
+        let mut d = Defaults::default();
+        if cfg.architecture == crate::model::Architecture::Llada2 {
+            let mut s = SamplerConfig::block_diffusion_default();
+            s.gen_length = DEFAULT_MAX_TOKENS;
+            s.cache = CacheMode::Dual;
+            if let Some(bd) = s.block_diffusion.as_mut() {
+                bd.eos_early_stop = true;
+            }
+            d.sampler = s;
+        }
+        d
+    }
+
     /// A request's settings over the defaults. The answer length is always given (the request's
     /// or the default `max_tokens`), so `steps` and `block_length` follow it by the rule of
     /// [`SamplerSettings::resolve`] either way.
