@@ -19,6 +19,10 @@ pub mod names {
     pub const EOT: &str = "<|eot_id|>";
     /// The end of a turn in ChatML templates (Dream-Instruct, Qwen2.5).
     pub const IM_END: &str = "<|im_end|>";
+    /// LLaDA2's mask token (its `generate()` default `mask_id` 156895).
+    pub const LLADA2_MASK: &str = "<|mask|>";
+    /// The end of a turn in LLaDA2's template (`<role>HUMAN</role>…<|role_end|>`).
+    pub const ROLE_END: &str = "<|role_end|>";
 }
 
 /// The pre-tokenizer split of Qwen2's tokenizer (`Qwen2TokenizerFast`, which Dream's slow
@@ -253,6 +257,7 @@ impl Tokenizer {
         let mask = mask_id
             .or_else(|| named("mask_token"))
             .or_else(|| id_of(names::MASK))
+            .or_else(|| id_of(names::LLADA2_MASK))
             .ok_or_else(|| {
                 Error::Tokenizer(format!(
                     "no mask token: config.json has no mask_token_id and the vocabulary has no {}",
@@ -279,7 +284,9 @@ impl Tokenizer {
             eos,
             pad,
             bos: named("bos_token").or_else(|| id_of(names::BOS)),
-            eot: id_of(names::EOT).or_else(|| id_of(names::IM_END)),
+            eot: id_of(names::EOT)
+                .or_else(|| id_of(names::IM_END))
+                .or_else(|| id_of(names::ROLE_END)),
             start_header: id_of(names::START_HEADER),
             end_header: id_of(names::END_HEADER),
         };

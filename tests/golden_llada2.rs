@@ -298,7 +298,7 @@ fn check_generate(file: &str, v21: bool) {
     let Some(doc) = case_file_in(&dir(), file) else {
         return;
     };
-    let ck = ck(DType::F32);
+    let ck = ck(compute_dtype(&doc["meta"]));
     let (mut checked, mut skipped) = (0, 0);
     for case in doc["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -384,7 +384,7 @@ fn the_block_cache_is_exact() {
     let Some(doc) = case_file_in(&dir(), "generate.json") else {
         return;
     };
-    let ck = ck(DType::F32);
+    let ck = ck(compute_dtype(&doc["meta"]));
     for case in doc["cases"].as_array().unwrap() {
         if fragile(case) {
             continue;
@@ -438,8 +438,14 @@ fn the_cli_reproduces_generate_cases_and_runs_every_command() {
                 .map(|i| i.to_string())
                 .collect::<Vec<_>>()
                 .join(",");
-            let mut args: Vec<String> = vec!["generate".into(), d.clone(), "--prompt-ids".into(), prompt];
-            for (key, flag) in [("gen_length", "--gen-length"), ("block_length", "--block-length"), ("steps", "--steps"), ("threshold", "--threshold")] {
+            let mut args: Vec<String> =
+                vec!["generate".into(), d.clone(), "--prompt-ids".into(), prompt];
+            for (key, flag) in [
+                ("gen_length", "--gen-length"),
+                ("block_length", "--block-length"),
+                ("steps", "--steps"),
+                ("threshold", "--threshold"),
+            ] {
                 args.push(flag.into());
                 args.push(case[key].to_string());
             }
@@ -462,22 +468,80 @@ fn the_cli_reproduces_generate_cases_and_runs_every_command() {
             let run = llada_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).run();
             assert!(run.ok(), "{}: {}", case["name"], run.stderr);
             let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
-            assert_eq!(v["generated_ids"], case["generated_ids"][0], "{}", case["name"]);
+            assert_eq!(
+                v["generated_ids"], case["generated_ids"][0],
+                "{}",
+                case["name"]
+            );
             assert_eq!(v["nfe"], case["nfe"], "{}", case["name"]);
         }
     }
     let info = llada_cmd(&["info", &d]).run();
-    assert!(info.ok() && info.stdout.contains("block diffusion"), "{}", info.stdout);
-    let chat = llada_cmd(&["chat", &d, "--gen-length", "16"]).stdin("Fear ye not\n").run();
+    assert!(
+        info.ok() && info.stdout.contains("block diffusion"),
+        "{}",
+        info.stdout
+    );
+    let chat = llada_cmd(&["chat", &d, "--gen-length", "16"])
+        .stdin("Fear ye not\n")
+        .run();
     assert!(chat.ok(), "{}", chat.stderr);
-    let score = llada_cmd(&["score", &d, "--prompt", "And God said", "--answer", " Let there be light", "--mc-num", "16"]).run();
+    let score = llada_cmd(&[
+        "score",
+        &d,
+        "--prompt",
+        "And God said",
+        "--answer",
+        " Let there be light",
+        "--mc-num",
+        "16",
+    ])
+    .run();
     assert!(score.ok(), "{}", score.stderr);
-    let bench = llada_cmd(&["bench", &d, "--mode", "step", "--prompt-len", "16", "--gen-length", "8", "--block-length", "8", "--cache", "dual", "--runs", "1", "--json"]).run();
+    let bench = llada_cmd(&[
+        "bench",
+        &d,
+        "--mode",
+        "step",
+        "--prompt-len",
+        "16",
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",
+        "--cache",
+        "dual",
+        "--runs",
+        "1",
+        "--json",
+    ])
+    .run();
     assert!(bench.ok(), "{}", bench.stderr);
     // block-diffusion settings on another model, and a cache with LLaDA2.1, name the setting
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny");
-    let e = llada_cmd(&["generate", &tiny.display().to_string(), "--prompt-ids", "1,2", "--eos-early-stop"]).run();
-    assert!(!e.ok() && e.stderr.contains("eos_early_stop"), "{}", e.stderr);
-    let e = llada_cmd(&["generate", &d, "--prompt-ids", "1,2", "--editing-threshold", "0.9", "--cache", "dual"]).run();
+    let e = llada_cmd(&[
+        "generate",
+        &tiny.display().to_string(),
+        "--prompt-ids",
+        "1,2",
+        "--eos-early-stop",
+    ])
+    .run();
+    assert!(
+        !e.ok() && e.stderr.contains("eos_early_stop"),
+        "{}",
+        e.stderr
+    );
+    let e = llada_cmd(&[
+        "generate",
+        &d,
+        "--prompt-ids",
+        "1,2",
+        "--editing-threshold",
+        "0.9",
+        "--cache",
+        "dual",
+    ])
+    .run();
     assert!(!e.ok() && e.stderr.contains("cache"), "{}", e.stderr);
 }

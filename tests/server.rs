@@ -413,14 +413,18 @@ async fn llada2_is_served_with_block_diffusion() {
             body["editing_threshold"] = json!(e);
             body["cache"] = json!("none");
             cfg.cache = llada::sampler::CacheMode::None;
-            cfg.block_diffusion.as_mut().unwrap().editing = Some(llada::sampler::block_diffusion::Editing {
-                editing_threshold: e,
-                ..llada::sampler::block_diffusion::DEFAULT_EDITING
-            });
+            cfg.block_diffusion.as_mut().unwrap().editing =
+                Some(llada::sampler::block_diffusion::Editing {
+                    editing_threshold: e,
+                    ..llada::sampler::block_diffusion::DEFAULT_EDITING
+                });
         }
         let (st, b) = call(&s, "POST", "/v1/completions", body.to_string()).await;
         assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
-        let text = json_of(&b)["choices"][0]["text"].as_str().unwrap().to_string();
+        let text = json_of(&b)["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let mut m = ck.model.predictor();
         let g = llada::sampler::generate(
             &mut m,
@@ -431,16 +435,48 @@ async fn llada2_is_served_with_block_diffusion() {
             &mut llada::sampler::no_progress,
         )
         .unwrap();
-        assert_eq!(text, tok.decode_answer(&g.generated_ids[0]).unwrap(), "editing {editing:?}");
+        assert_eq!(
+            text,
+            tok.decode_answer(&g.generated_ids[0]).unwrap(),
+            "editing {editing:?}"
+        );
         expect.push(text);
     }
-    let (st, b) = call(&s, "POST", "/v1/completions", json!({"prompt": prompt, "max_tokens": 8, "editing_threshold": 0.9, "cache": "dual"}).to_string()).await;
-    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 8, "editing_threshold": 0.9, "cache": "dual"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     assert_eq!(json_of(&b)["error"]["param"], "cache");
     // the block-diffusion keys on another model are a 422 naming the key
-    let tiny = state_of(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny"), 8, 4, None);
-    let (st, b) = call(&tiny, "POST", "/v1/completions", json!({"prompt": prompt, "max_tokens": 8, "minimal_topk": 2}).to_string()).await;
-    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    let tiny = state_of(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny"),
+        8,
+        4,
+        None,
+    );
+    let (st, b) = call(
+        &tiny,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 8, "minimal_topk": 2}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     assert_eq!(json_of(&b)["error"]["param"], "minimal_topk");
 }
 

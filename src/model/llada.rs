@@ -674,7 +674,11 @@ impl Llada {
         };
         let logits = crate::kernels::matmul_op::matmul(&self.ln_f.forward_diff(&h)?, &head.t()?)?; // [N, V]
         let aux = match (&self.cfg.moe, routers.is_empty()) {
-            (Some(m), false) => Some(super::moe::load_balancing_loss(&routers, m.top_k)?),
+            // LLaDA2's grouped sigmoid router is balanced by its expert bias, not by this
+            // softmax loss (which it has no coefficient for)
+            (Some(m), false) if m.router == crate::config::Router::Softmax => {
+                Some(super::moe::load_balancing_loss(&routers, m.top_k)?)
+            }
             _ => None,
         };
         Ok((logits.to_dtype(DType::F32)?, aux))

@@ -450,6 +450,75 @@ mod tests {
         );
     }
 
+    /// LLaDA2's router by hand: groups by their two best biased scores, experts by biased score
+    /// within the kept groups, weights the unbiased sigmoid scores renormalised and scaled.
+    #[test]
+    fn the_grouped_sigmoid_router_by_hand() {
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        // 4 experts in 2 groups; the bias lifts expert 3 so that group 1 wins (0.2+0.9+0.5 vs…)
+        let row = [2.0f32, 1.5, 0.0, -1.0];
+        let bias = [0.0f32, 0.0, 0.9, 1.5];
+        let s: Vec<f32> = row.iter().map(|&x| sig(x)).collect();
+        let g0 = s[0] + s[1];
+        let g1 = (s[2] + 0.9) + (s[3] + 1.5);
+        assert!(g1 > g0);
+        let (idx, w) = route_grouped(&row, &bias, 2, 1, 2, 2.5);
+        // within group 1: expert 3 (biased 0.269 + 1.5) before expert 2 (0.5 + 0.9)
+        assert_eq!(idx, vec![3, 2]);
+        let sum = s[3] + s[2] + 1e-20;
+        assert!((w[0] - s[3] / sum * 2.5).abs() < 1e-6, "{w:?}");
+        assert!((w[1] - s[2] / sum * 2.5).abs() < 1e-6, "{w:?}");
+        // top-1: not renormalised, only scaled
+        let (idx, w) = route_grouped(&row, &bias, 2, 1, 1, 2.5);
+        assert_eq!((idx[0], (w[0] - s[3] * 2.5).abs() < 1e-6), (3, true));
+    }
+
+    /// The training form of LLaDA2's mixture (differentiable weights) computes what inference
+    /// computes.
+    #[test]
+    fn the_grouped_router_trains_what_it_infers() {
+        use crate::model::layers::Linear;
+        let mut rng = crate::rng::Rng::new(3);
+        let mut t = |r: usize, c: usize| {
+            let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32 * 0.5).collect();
+            Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap()
+        };
+        let (d, f, e) = (8, 6, 8);
+        let mlp = |t: &mut dyn FnMut(usize, usize) -> Tensor| {
+            Mlp::new(
+                Linear::dense(t(f, d)),
+                Linear::dense(t(f, d)),
+                Linear::dense(t(d, f)),
+            )
+        };
+        let experts: Vec<Mlp> = (0..e).map(|_| mlp(&mut t)).collect();
+        let moe = SparseMoe {
+            gate: Linear::dense(t(e, d)),
+            experts,
+            shared: Some(mlp(&mut t)),
+            expert_bias: Some(vec![0.1, -0.2, 0.0, 0.3, 0.0, 0.05, -0.1, 0.2]),
+            top_k: 3,
+            router: Router::SigmoidGrouped {
+                n_group: 4,
+                topk_group: 2,
+                scaling: 2.5,
+            },
+        };
+        let x = t(5, d);
+        let zero = Tensor::zeros((5, d), DType::F32, &Device::Cpu).unwrap();
+        let inf = moe.forward_add(&x, &zero).unwrap();
+        let (train, _) = moe.forward_diff(&x).unwrap();
+        let diff = (inf - train)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
     #[test]
     fn top_k_never_panics_on_nan() {
         let (i, _) = top_k(&[0.1, f32::NAN, 0.5, f32::NAN], 2);

@@ -1244,7 +1244,7 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
         return Err(Error::config(
             "mask_token_id",
             "absent",
-            "training needs the mask id in config.json (LLaDA-MoE's names none: add \"mask_token_id\": 156895 for its tokenizer)",
+            "training needs the mask id in config.json (LLaDA-MoE's and LLaDA2's name none: add \"mask_token_id\", 156895 for their real tokenizers)",
         ));
     }
     Ok(())
