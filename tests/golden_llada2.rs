@@ -545,3 +545,47 @@ fn the_cli_reproduces_generate_cases_and_runs_every_command() {
     .run();
     assert!(!e.ok() && e.stderr.contains("cache"), "{}", e.stderr);
 }
+
+/// A batch runs its rows one after the other, each as alone (the cache starts afresh for every
+/// row, even when two rows have the same length).
+#[test]
+fn a_batch_decodes_each_row_as_alone() {
+    use llada::sampler::{CacheMode, SamplerConfig};
+    let ck = ck(DType::F32);
+    let tok = ck.tokenizer().unwrap();
+    let ids = tok
+        .encode("And God said, Let there be light: and there was light. And God saw the light")
+        .unwrap();
+    assert!(ids.len() >= 12);
+    let prompts: Vec<Vec<u32>> = vec![ids[..10].to_vec(), ids[2..12].to_vec()];
+    assert_eq!(prompts[0].len(), prompts[1].len(), "two rows of one length");
+    for cache in [CacheMode::None, CacheMode::Dual] {
+        let cfg = SamplerConfig {
+            gen_length: 24,
+            block_length: 8,
+            steps: 8,
+            cache,
+            ..SamplerConfig::block_diffusion_default()
+        };
+        let run = |batch: &llada::PromptBatch| {
+            let mut m = ck.model.predictor();
+            llada::sampler::generate(
+                &mut m,
+                batch,
+                &cfg,
+                &ck.special,
+                &mut llada::Rng::new(0),
+                &mut llada::sampler::no_progress,
+            )
+            .unwrap()
+        };
+        let both = run(&llada::PromptBatch::left_padded(&prompts, ck.special.pad));
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = run(&llada::PromptBatch::single(p.clone()));
+            assert_eq!(
+                both.generated_ids[i], alone.generated_ids[0],
+                "row {i} ({cache})"
+            );
+        }
+    }
+}

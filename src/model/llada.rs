@@ -890,10 +890,9 @@ impl MaskPredictor for LladaPredictor<'_> {
     }
 
     fn set_visibility(&mut self, visibility: Visibility, len: usize) -> Result<()> {
-        if visibility != self.visibility || len != self.canvas_len {
-            self.cache = None;
-            self.final_until = 0;
-        }
+        // a new canvas: nothing cached is final for it
+        self.cache = None;
+        self.final_until = 0;
         self.visibility = visibility;
         self.canvas_len = len;
         Ok(())
