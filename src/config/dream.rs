@@ -111,13 +111,7 @@ impl Default for DreamConfig {
     }
 }
 
-/// A size key that must be at least `min`.
-fn size(key: &str, v: i64, min: i64) -> Result<usize> {
-    if v < min {
-        return Err(Error::config(key, v, format!("must be at least {min}")));
-    }
-    usize::try_from(v).map_err(|_| Error::config(key, v, "too large"))
-}
+use super::size_key as size;
 
 impl DreamConfig {
     /// Checks every key the official forward reads and resolves the model configuration.
@@ -130,49 +124,17 @@ impl DreamConfig {
             None => n_heads,
             Some(v) => size("num_key_value_heads", v, 1)?,
         };
-        if !n_heads.is_multiple_of(n_kv_heads) {
-            return Err(Error::config(
-                "num_key_value_heads",
-                n_kv_heads,
-                format!("must divide num_attention_heads={n_heads}"),
-            ));
-        }
-        if !d.is_multiple_of(n_heads) {
-            return Err(Error::config(
-                "hidden_size",
-                d,
-                format!("must be divisible by num_attention_heads={n_heads}"),
-            ));
-        }
-        let head_dim = d / n_heads;
-        if !head_dim.is_multiple_of(2) {
-            return Err(Error::config(
-                "hidden_size",
-                d,
-                format!(
-                    "head dim hidden_size/num_attention_heads={head_dim} must be even for RoPE"
-                ),
-            ));
-        }
+        let head_dim = super::hf_heads(d, n_heads, n_kv_heads)?;
         let f = size("intermediate_size", self.intermediate_size, 1)?;
         let vocab = size("vocab_size", self.vocab_size, 1)?;
         let max_len = size("max_position_embeddings", self.max_position_embeddings, 1)?;
         check_eps_and_theta(self.rms_norm_eps, self.rope_theta, "Dream uses 1000000")?;
-        for (key, id) in [
-            ("mask_token_id", self.mask_token_id),
-            ("eos_token_id", self.eos_token_id),
-            ("pad_token_id", self.pad_token_id),
-        ] {
-            if let Some(id) = id {
-                if id as usize >= vocab {
-                    return Err(Error::config(
-                        key,
-                        id,
-                        format!("must be < vocab_size={vocab}"),
-                    ));
-                }
-            }
-        }
+        super::check_special_ids(
+            vocab,
+            self.mask_token_id,
+            self.eos_token_id,
+            self.pad_token_id,
+        )?;
         let cfg = ModelConfig {
             architecture: Architecture::Dream,
             d_model: d,

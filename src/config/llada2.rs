@@ -178,13 +178,7 @@ impl Default for Llada2Config {
     }
 }
 
-/// A size key that must be at least `min`.
-fn size(key: &str, v: i64, min: i64) -> Result<usize> {
-    if v < min {
-        return Err(Error::config(key, v, format!("must be at least {min}")));
-    }
-    usize::try_from(v).map_err(|_| Error::config(key, v, "too large"))
-}
+use super::size_key as size;
 
 impl Llada2Config {
     /// Checks every key the official forward reads and resolves the model configuration.
@@ -293,21 +287,12 @@ impl Llada2Config {
         };
         let max_len = size("max_position_embeddings", self.max_position_embeddings, 1)?;
         check_eps_and_theta(self.rms_norm_eps, self.rope_theta, "LLaDA2 uses 600000")?;
-        for (key, id) in [
-            ("mask_token_id", self.mask_token_id),
-            ("eos_token_id", self.eos_token_id),
-            ("pad_token_id", self.pad_token_id),
-        ] {
-            if let Some(id) = id {
-                if id as usize >= vocab {
-                    return Err(Error::config(
-                        key,
-                        id,
-                        format!("must be < vocab_size={vocab}"),
-                    ));
-                }
-            }
-        }
+        super::check_special_ids(
+            vocab,
+            self.mask_token_id,
+            self.eos_token_id,
+            self.pad_token_id,
+        )?;
         self.warn_ignored();
         let cfg = ModelConfig {
             architecture: Architecture::Llada2,

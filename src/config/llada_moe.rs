@@ -192,30 +192,7 @@ impl LladaMoeConfig {
             None => n_heads,
             v => size("num_key_value_heads", v, 1)?,
         };
-        if !n_heads.is_multiple_of(n_kv_heads) {
-            return Err(Error::config(
-                "num_key_value_heads",
-                n_kv_heads,
-                format!("must divide num_attention_heads={n_heads}"),
-            ));
-        }
-        if !d.is_multiple_of(n_heads) {
-            return Err(Error::config(
-                "hidden_size",
-                d,
-                format!("must be divisible by num_attention_heads={n_heads}"),
-            ));
-        }
-        let head_dim = d / n_heads;
-        if !head_dim.is_multiple_of(2) {
-            return Err(Error::config(
-                "hidden_size",
-                d,
-                format!(
-                    "head dim hidden_size/num_attention_heads={head_dim} must be even for RoPE"
-                ),
-            ));
-        }
+        let head_dim = super::hf_heads(d, n_heads, n_kv_heads)?;
         let vocab = size("vocab_size", self.vocab_size, 1)?;
         let layers = self.moe_layers(n_layers)?;
         let num_experts = size("num_experts", self.num_experts, 1)?;
@@ -263,21 +240,12 @@ impl LladaMoeConfig {
                 "must be a finite number >= 0",
             ));
         }
-        for (key, id) in [
-            ("mask_token_id", self.mask_token_id),
-            ("eos_token_id", self.eos_token_id),
-            ("pad_token_id", self.pad_token_id),
-        ] {
-            if let Some(id) = id {
-                if id as usize >= vocab {
-                    return Err(Error::config(
-                        key,
-                        id,
-                        format!("must be < vocab_size={vocab}"),
-                    ));
-                }
-            }
-        }
+        super::check_special_ids(
+            vocab,
+            self.mask_token_id,
+            self.eos_token_id,
+            self.pad_token_id,
+        )?;
         self.warn_ignored();
         let cfg = ModelConfig {
             architecture: Architecture::LladaMoe,

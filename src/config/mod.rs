@@ -429,6 +429,66 @@ pub(crate) fn check_addressable(cfg: &ModelConfig, key: &str, value: usize) -> R
     Ok(())
 }
 
+/// A size key of a Hugging Face config that must be at least `min` (named in the error).
+pub(crate) fn size_key(key: &str, v: i64, min: i64) -> Result<usize> {
+    if v < min {
+        return Err(Error::config(key, v, format!("must be at least {min}")));
+    }
+    usize::try_from(v).map_err(|_| Error::config(key, v, "too large"))
+}
+
+/// The special ids a config names (`mask_token_id`, `eos_token_id`, `pad_token_id`) must be
+/// tokens of the vocabulary.
+pub(crate) fn check_special_ids(
+    vocab: usize,
+    mask: Option<u32>,
+    eos: Option<u32>,
+    pad: Option<u32>,
+) -> Result<()> {
+    for (key, id) in [
+        ("mask_token_id", mask),
+        ("eos_token_id", eos),
+        ("pad_token_id", pad),
+    ] {
+        if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+            return Err(Error::config(
+                key,
+                id,
+                format!("must be < vocab_size={vocab}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Query and key/value heads of a Hugging Face config: the KV heads divide the query heads
+/// (GQA), and `hidden_size` splits into even heads unless `head_dim` is given.
+pub(crate) fn hf_heads(d: usize, n_heads: usize, n_kv_heads: usize) -> Result<usize> {
+    if !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(Error::config(
+            "num_key_value_heads",
+            n_kv_heads,
+            format!("must divide num_attention_heads={n_heads}"),
+        ));
+    }
+    if !d.is_multiple_of(n_heads) {
+        return Err(Error::config(
+            "hidden_size",
+            d,
+            format!("must be divisible by num_attention_heads={n_heads}"),
+        ));
+    }
+    let head_dim = d / n_heads;
+    if !head_dim.is_multiple_of(2) {
+        return Err(Error::config(
+            "hidden_size",
+            d,
+            format!("head dim hidden_size/num_attention_heads={head_dim} must be even for RoPE"),
+        ));
+    }
+    Ok(head_dim)
+}
+
 /// A RoPE base and a norm epsilon the model can compute with: impossible values are errors,
 /// suspicious ones a warning (see [`RMS_NORM_EPS_MAX`], [`RMS_NORM_EPS_SUSPICIOUS`]). `usual`
 /// completes the RoPE error (e.g. "LLaDA uses 500000").

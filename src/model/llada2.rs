@@ -204,16 +204,7 @@ fn load_block(
         Some(m) => {
             // the router is computed in f32 from the f32 weights, as the official gate
             let gate = Linear::dense(get("mlp.gate", &[m.num_experts, d])?);
-            let name = names::expert_bias(i);
-            let b = src.get(&name, &[m.num_experts])?;
-            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            if let Some(x) = b.iter().find(|x| !x.is_finite()) {
-                return Err(Error::setting(
-                    &name,
-                    x,
-                    "the router's expert bias must be finite (it decides which experts run)",
-                ));
-            }
+            let b = super::llada_moe::read_expert_bias(src, &names::expert_bias(i), m.num_experts)?;
             let experts = (0..m.num_experts)
                 .map(|e| swiglu(&format!("mlp.experts.{e}"), m.expert_size))
                 .collect::<Result<Vec<_>>>()?;

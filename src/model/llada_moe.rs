@@ -164,17 +164,11 @@ fn load_block(
             // dtype and the softmax in f32, as the official block
             let gate = Linear::dense(get("mlp.gate", &[m.num_experts, d])?);
             let expert_bias = if m.expert_bias {
-                let name = names::expert_bias(i);
-                let b = src.get(&name, &[m.num_experts])?;
-                let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                if let Some(x) = b.iter().find(|x| !x.is_finite()) {
-                    return Err(Error::setting(
-                        &name,
-                        x,
-                        "the router's expert bias must be finite (it decides which experts run)",
-                    ));
-                }
-                Some(b)
+                Some(read_expert_bias(
+                    src,
+                    &names::expert_bias(i),
+                    m.num_experts,
+                )?)
             } else {
                 None
             };
@@ -201,6 +195,22 @@ fn load_block(
         ff_norm,
         ffn,
     })
+}
+
+/// A router's expert bias `name` [n] (f32), which must be finite: it decides which experts run.
+pub(super) fn read_expert_bias(src: &dyn WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
+    let b = src
+        .get(name, &[n])?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    if let Some(x) = b.iter().find(|x| !x.is_finite()) {
+        return Err(Error::setting(
+            name,
+            x,
+            "the router's expert bias must be finite (it decides which experts run)",
+        ));
+    }
+    Ok(b)
 }
 
 /// The model read from `src`, checking every tensor's name and shape.
