@@ -182,6 +182,7 @@ impl MaskPredictor for Timed<'_> {
     ) -> Result<candle_core::Tensor> {
         let (b, l) = x.dims2()?;
         let chunk = match (self.exact_from, self.block_start) {
+            _ if self.mode == CacheMode::None => l,
             (Some(from), true) => l - from.min(l),
             (Some(_), false) => l - self.block.start.min(l),
             (None, true) => l,
@@ -390,8 +391,22 @@ pub fn bench_step(
         .flat_map(|i| random_prompt(len, vocab, special, seed + i as u64))
         .collect();
     let x = candle_core::Tensor::from_vec(ids, (batch, len), model.device())?;
+    let llada2 = model.architecture() == crate::model::Architecture::Llada2;
+    if llada2 && !block.start.is_multiple_of(block.len()) {
+        return Err(crate::error::Error::setting(
+            "prompt_len",
+            block.start,
+            format!(
+                "must be a multiple of the block length {} for block diffusion (blocks start at position 0)",
+                block.len()
+            ),
+        ));
+    }
+    // block diffusion's window ends with the block
+    let len = if llada2 { block.end } else { len };
+    let x = if llada2 { x.narrow(1, 0, len)? } else { x };
     let mut p = model.predictor();
-    if model.architecture() == crate::model::Architecture::Llada2 {
+    if llada2 {
         // block diffusion: block-causal attention over blocks of the step's block length (the
         // canvas then ends with the block; with a cache only the block is recomputed, exactly)
         p.set_visibility(

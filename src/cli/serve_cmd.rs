@@ -60,9 +60,10 @@ pub struct ServeArgs {
     /// Default answer length when a request gives no max_tokens.
     #[arg(long, default_value_t = 64)]
     pub default_max_tokens: usize,
-    /// Default commit threshold (Fast-dLLM); "off" for the reference top-k schedule.
-    #[arg(long, default_value = "0.9")]
-    pub default_threshold: String,
+    /// Default commit threshold (Fast-dLLM); "off" for the reference top-k schedule [default:
+    /// 0.9; an LLaDA2 model: its official 0.95].
+    #[arg(long)]
+    pub default_threshold: Option<String>,
     /// Default cache: none, prefix or dual.
     #[arg(long, value_enum, default_value = "dual", hide_possible_values = true)]
     pub default_cache: CacheMode,
@@ -121,18 +122,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "llada".into())
     });
-    let threshold = match a.default_threshold.as_str() {
-        "off" | "none" => None,
-        t => Some(
+    let threshold = match a.default_threshold.as_deref() {
+        None => None,
+        Some("off" | "none") => Some(None),
+        Some(t) => Some(Some(
             t.parse::<f64>()
                 .context("--default-threshold must be a number in (0, 1] or off")?,
-        ),
+        )),
     };
     // a block-diffusion model (LLaDA2) gets its own sampler
     let builtin = Defaults::for_model(&ck.config).sampler;
     let block_diffusion = builtin.block_diffusion.is_some();
     let base = SamplerSettings {
-        threshold: Some(threshold),
+        threshold,
         cache: Some(a.default_cache),
         ..Default::default()
     }

@@ -199,6 +199,13 @@ impl Llada2Config {
             ));
         }
         let head_dim = match self.head_dim {
+            Some(h) if h.rem_euclid(2) != 0 => {
+                return Err(Error::config(
+                    "head_dim",
+                    h,
+                    "must be even (RoPE rotates pairs)",
+                ))
+            }
             Some(h) => size("head_dim", h, 2)?,
             None => {
                 if !d.is_multiple_of(n_heads) {

@@ -801,7 +801,21 @@ impl LladaPredictor<'_> {
                 .model
                 .forward_rows_visible(x, key_mask, rows, self.visibility);
         }
+        if matches!(self.visibility, Visibility::Blocks { .. }) && !self.exact_block_cache() {
+            return Err(Error::setting(
+                "cache",
+                self.mode,
+                "block-causal attention whose later blocks are not hidden (LLaDA2.1's 0/1 mask) cannot be cached",
+            ));
+        }
         if self.exact_block_cache() {
+            if rows.is_empty() || rows[rows.len() - 1] >= l {
+                return Err(Error::setting(
+                    "rows",
+                    format!("{rows:?}"),
+                    format!("must be at least one position of the {l}-token window"),
+                ));
+            }
             // x is the window up to the block's end; recompute from the first position whose
             // keys/values are not final (the previous block at a block's first step)
             let cap = self.canvas_len.max(l);

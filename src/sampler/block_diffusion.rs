@@ -112,7 +112,9 @@ pub struct Edit {
 /// One prompt's block-diffusion run, with what the official code records.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockRun {
-    /// The answer: after the prompt, up to and including its first EOS, at most `gen_length`.
+    /// The answer as the official code returns it: after the prompt, up to and including its
+    /// first EOS, cut at `gen_length` except by the mid-block EOS return (which can reach into
+    /// the last block's positions past it; [`generate`] cuts there).
     pub generated_ids: Vec<u32>,
     /// The whole canvas at the end (blocks never reached still masked).
     pub canvas: Vec<u32>,
@@ -194,6 +196,18 @@ fn plan(cfg: &super::SamplerConfig, bd: &BlockDiffusion, p: usize) -> Result<Pla
             "is not a block-diffusion setting (LLaDA2 stops at EOS with eos_early_stop)",
         ));
     }
+    if cfg.remasking != super::Remasking::LowConfidence || cfg.confidence_eos_eot_inf {
+        let (name, v) = if cfg.confidence_eos_eot_inf {
+            ("confidence_eos_eot_inf", "true".to_string())
+        } else {
+            ("remasking", format!("{:?}", cfg.remasking))
+        };
+        return Err(Error::setting(
+            name,
+            v,
+            "is not a block-diffusion setting (LLaDA2 ranks by the chosen token's probability)",
+        ));
+    }
     if let Some(e) = bd.editing {
         if !(e.editing_threshold.is_finite() && e.editing_threshold >= 0.0) {
             return Err(Error::setting(
@@ -258,6 +272,19 @@ pub fn generate(
         steps: 0,
     };
     let n = prompts.ids.len();
+    // every row's settings and length are checked before anything is allocated
+    for (r, row) in prompts.ids.iter().enumerate() {
+        let len = prompts
+            .key_mask
+            .as_ref()
+            .map_or(row.len(), |m| m[r].iter().filter(|&&k| k != 0).count());
+        let pl = plan(cfg, bd, len.max(1))?;
+        super::prompt::check_length(
+            len,
+            pl.num_blocks * pl.b - len.min(pl.num_blocks * pl.b),
+            model.max_sequence_length(),
+        )?;
+    }
     // what `on_step` sees is the whole batch: rows not started yet are masked, finished rows
     // show their answers
     let mut answers: Vec<Vec<u32>> = vec![vec![special.mask; cfg.gen_length]; n];
@@ -297,6 +324,10 @@ pub fn generate(
         let mut shown = run.generated_ids.clone();
         shown.resize(cfg.gen_length, special.eos);
         answers[r] = shown;
+        // the official mid-block EOS return may reach into the last block past gen_length: the
+        // answer a user gets is cut there
+        let mut run = run;
+        run.generated_ids.truncate(cfg.gen_length);
         let mut full = prompt.clone();
         full.extend(&run.generated_ids);
         out.output_ids.push(full);
@@ -359,7 +390,14 @@ pub fn generate_one(
     let schedule = transfer_schedule(b, pl.steps);
     let opts = PredictOpts {
         temperature: cfg.temperature,
-        remasking: super::Remasking::LowConfidence,
+        // at T > 0 the token is drawn from the tempered, filtered distribution and its
+        // probability there is its confidence (the official rule; Dream's maskgit_plus is the
+        // same); at T = 0 the argmax and its softmax probability
+        remasking: if cfg.temperature > 0.0 {
+            super::Remasking::MaskgitPlus
+        } else {
+            super::Remasking::LowConfidence
+        },
         suppress_logit: cfg.logits_eos_inf.then_some(eos),
         suppress_conf: Vec::new(),
         filter: cfg.filter,

@@ -299,6 +299,10 @@ impl SamplerSettings {
                 e.num_to_transfer = v;
             }
             bd.editing = Some(e);
+            // LLaDA2.1's mask cannot be cached: a default cache (not asked for) is dropped
+            if self.cache.is_none() {
+                c.cache = super::CacheMode::None;
+            }
         }
         Ok(())
     }
@@ -423,6 +427,51 @@ mod tests {
                 .unwrap(),
             SamplerConfig::default()
         );
+    }
+
+    #[test]
+    fn block_diffusion_keys_need_a_block_diffusion_base_and_select_llada2_1() {
+        let s = SamplerSettings {
+            minimal_topk: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(name_of(s.resolve(&base()).unwrap_err()), "minimal_topk");
+        let bd_base = SamplerConfig {
+            cache: CacheMode::Dual,
+            ..SamplerConfig::block_diffusion_default()
+        };
+        // a new answer length keeps the steps per block and the block
+        let s = SamplerSettings {
+            gen_length: Some(100),
+            eos_early_stop: Some(true),
+            ..Default::default()
+        };
+        let c = s.resolve(&bd_base).unwrap();
+        assert_eq!((c.gen_length, c.steps, c.block_length), (100, 32, 32));
+        let bd = c.block_diffusion.unwrap();
+        assert!(bd.eos_early_stop && bd.editing.is_none());
+        // an LLaDA2.1 key selects its sampler, with the other keys' defaults, and drops the
+        // default cache (its mask cannot be cached); an asked-for cache is an error
+        let s = SamplerSettings {
+            max_post_steps: Some(3),
+            ..Default::default()
+        };
+        let c = s.resolve(&bd_base).unwrap();
+        let e = c.block_diffusion.unwrap().editing.unwrap();
+        assert_eq!((e.max_post_steps, e.editing_threshold), (3, 0.9));
+        assert_eq!(c.cache, CacheMode::None);
+        let s = SamplerSettings {
+            max_post_steps: Some(3),
+            cache: Some(CacheMode::Dual),
+            ..Default::default()
+        };
+        assert_eq!(name_of(s.resolve(&bd_base).unwrap_err()), "cache");
+        // LLaDA's own settings that block diffusion has no use for are refused
+        let s = SamplerSettings {
+            remasking: Some(Remasking::Random),
+            ..Default::default()
+        };
+        assert_eq!(name_of(s.resolve(&bd_base).unwrap_err()), "remasking");
     }
 
     #[test]
