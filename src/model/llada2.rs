@@ -281,15 +281,8 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
         }
         push("attention.dense", a.attn_out.tensor()?);
         push("post_attention_layernorm", b.ff_norm.weight.clone());
-        let mlp = |out: &mut Vec<(String, Tensor)>, prefix: &str, mlp: &Mlp| -> Result<()> {
-            for (proj, w) in [
-                ("gate_proj", &mlp.ff_proj),
-                ("up_proj", &mlp.up_proj),
-                ("down_proj", &mlp.ff_out),
-            ] {
-                out.push((names::layer(i, &format!("{prefix}.{proj}")), w.tensor()?));
-            }
-            Ok(())
+        let mlp = |out: &mut Vec<(String, Tensor)>, prefix: &str, mlp: &Mlp| {
+            super::llada_moe::push_swiglu(out, i, prefix, mlp)
         };
         match &b.ffn {
             Ffn::Dense(d) => mlp(&mut out, "mlp", d)?,

@@ -225,6 +225,25 @@ pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, layout: WeightLayout) -> 
     })
 }
 
+/// The matrices of a SwiGLU of layer `i` under their Hugging Face names
+/// (`model.layers.{i}.{prefix}.{gate,up,down}_proj.weight`, the layout LLaDA-MoE, Dream and
+/// LLaDA2 share).
+pub(super) fn push_swiglu(
+    out: &mut Vec<(String, Tensor)>,
+    i: usize,
+    prefix: &str,
+    mlp: &Mlp,
+) -> Result<()> {
+    for (proj, w) in [
+        ("gate_proj", &mlp.ff_proj),
+        ("up_proj", &mlp.up_proj),
+        ("down_proj", &mlp.ff_out),
+    ] {
+        out.push((names::layer(i, &format!("{prefix}.{proj}")), w.tensor()?));
+    }
+    Ok(())
+}
+
 /// Every tensor of `m` with its checkpoint name, in [`tensor_specs`] order.
 pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
     let mut out = vec![(names::embed(), m.wte.clone())];
@@ -253,15 +272,8 @@ pub fn named_tensors(m: &Llada) -> Result<Vec<(String, Tensor)>> {
             push("self_attn.k_norm", n.k.weight.clone());
         }
         push("post_attention_layernorm", b.ff_norm.weight.clone());
-        let mlp = |out: &mut Vec<(String, Tensor)>, prefix: &str, mlp: &Mlp| -> Result<()> {
-            for (proj, w) in [
-                ("gate_proj", &mlp.ff_proj),
-                ("up_proj", &mlp.up_proj),
-                ("down_proj", &mlp.ff_out),
-            ] {
-                out.push((names::layer(i, &format!("{prefix}.{proj}")), w.tensor()?));
-            }
-            Ok(())
+        let mlp = |out: &mut Vec<(String, Tensor)>, prefix: &str, mlp: &Mlp| {
+            push_swiglu(out, i, prefix, mlp)
         };
         match &b.ffn {
             Ffn::Dense(d) => mlp(&mut out, "mlp", d)?,
