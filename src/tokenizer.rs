@@ -395,7 +395,12 @@ impl Tokenizer {
         let mut spans = Vec::new();
         let mut rest = text;
         while let Some(at) = rest.find("<mask") {
-            self.encode_infill_piece(&rest[..at], &mut ids, max_len)?;
+            // A space before a span belongs to the span: byte-level BPE words carry their
+            // leading space (" sheep"), so "my <mask:1>" is "my" + a mask that fills as " sheep"
+            // (keeping the space in the text would give "my  sheep", two spaces).
+            let before = &rest[..at];
+            let before = before.strip_suffix(' ').unwrap_or(before);
+            self.encode_infill_piece(before, &mut ids, max_len)?;
             let tail = &rest[at..];
             let close = tail.find('>').ok_or_else(|| Error::InvalidSetting {
                 name: "text".into(),
@@ -462,6 +467,44 @@ impl Tokenizer {
     pub fn decode_answer(&self, ids: &[u32]) -> Result<String> {
         let end = self.special.answer_end(ids).unwrap_or(ids.len());
         self.decode(&ids[..end], true)
+    }
+
+    /// The text of an answer canvas that is already final: the longest prefix with no mask,
+    /// up to the first EOS/EOT, decoded. Later steps cannot change it (they only unmask), so it
+    /// can be shown while the answer is still being denoised; `None` while that prefix ends
+    /// inside a multi-byte character.
+    pub fn committed_prefix(&self, canvas: &[u32]) -> Option<String> {
+        let sp = &self.special;
+        let end = canvas
+            .iter()
+            .position(|&t| t == sp.mask || sp.ends_answer(t))
+            .unwrap_or(canvas.len());
+        self.decode(&canvas[..end], true)
+            .ok()
+            .filter(|t| !t.ends_with('\u{FFFD}'))
+    }
+
+    /// Why an answer's text is empty, for people: `None` when it has text; else which token ended
+    /// it at once, or that it holds only special tokens.
+    pub fn empty_answer_reason(&self, ids: &[u32]) -> Option<String> {
+        let text = self.decode_answer(ids).ok()?;
+        if !text.trim().is_empty() {
+            return None;
+        }
+        let end = self.special.answer_end(ids);
+        let name = |id: u32| self.id_to_token(id).unwrap_or_else(|| format!("id {id}"));
+        Some(match end {
+            Some(0) => format!(
+                "the model ended the answer at once ({} first)",
+                name(ids[0])
+            ),
+            Some(i) => format!(
+                "the model wrote only {i} blank or special token{} before {}",
+                if i == 1 { "" } else { "s" },
+                name(ids[i])
+            ),
+            None => "the answer holds only blank or special tokens".to_string(),
+        })
     }
 
     /// The token string of an id (byte-level symbols, e.g. `Ġ` for a space).

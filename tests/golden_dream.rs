@@ -514,6 +514,8 @@ fn the_cli_reproduces_generate_cases() {
         let mut args: Vec<String> = vec![
             "generate".into(),
             dir.display().to_string(),
+            "--sampler".into(),
+            "reference".into(),
             "--prompt-ids".into(),
             prompt,
             "--alg".into(),

@@ -266,6 +266,8 @@ fn the_cli_reproduces_generate_cases() {
         let args = vec![
             "generate".to_string(),
             dir.display().to_string(),
+            "--sampler".into(),
+            "reference".into(),
             "--prompt-ids".into(),
             prompt,
             "--gen-length".into(),

@@ -369,7 +369,7 @@ async fn dream_is_served_as_the_library_runs_it() {
 async fn llada2_is_served_with_block_diffusion() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llada2-moe");
     let ck = common::model_in(&dir, DType::F32);
-    let defaults = Defaults::for_model(&ck.config);
+    let defaults = Defaults::for_model(&ck.config, llada::sampler::Preset::Fast);
     assert!(defaults.sampler.block_diffusion.is_some());
     let s = {
         let st = state_of(&dir, 8, 4, None);

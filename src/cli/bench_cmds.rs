@@ -219,7 +219,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         defaults
     };
-    let cfg = a.sampler.config(defaults)?;
+    let cfg = a
+        .sampler
+        .config(defaults, llada::sampler::Preset::Reference)?;
     match a.mode.as_str() {
         "generate" => run_generate(&a, &s, &cfg),
         "forward" => run_forward(&a, &s, &cfg),
@@ -259,10 +261,10 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
     }
     s.title("generate");
     println!(
-        "settings        batch {} · prompt {} · gen {} · steps {} · block {} · T {} · cfg {} · {:?} · {} · cache {}{}",
-        a.batch, a.prompt_len, cfg.gen_length, cfg.steps, cfg.block_length, cfg.temperature,
-        cfg.cfg_scale, cfg.commit, cfg.remasking, cfg.cache,
-        if cfg.early_stop { " · early stop" } else { "" }
+        "settings        batch {} · prompt {} · {}",
+        a.batch,
+        a.prompt_len,
+        cfg.describe()
     );
     println!(
         "runs            {} timed after {} warm-up",

@@ -8,15 +8,23 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::sampler::{
-    self, CacheMode, PromptBatch, PromptRules, Remasking, SamplerConfig, SamplerSettings, StepEvent,
+    self, CacheMode, PromptBatch, PromptRules, Preset, Remasking, SamplerConfig, SamplerSettings,
+    StepEvent,
 };
 use llada::{Checkpoint, Message, Rng};
 
 use super::{parse_ids, print_json, ModelArg, RuntimeArgs};
 
-/// Sampler flags shared by generate, chat, infill and bench (defaults: the reference's).
+/// Sampler flags shared by generate, chat, infill, eval-chat and bench: a preset (`--sampler`)
+/// and flags over it.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SamplerArgs {
+    /// Defaults the other flags apply over: fast (threshold 0.9, blocks of 32, dual cache, early
+    /// stop; LLaDA2: its own sampler with the block cache) or reference (the official sampler's
+    /// defaults exactly: one token per step, no cache) [default: fast; bench and eval-chat:
+    /// reference].
+    #[arg(long = "sampler", value_enum, value_name = "PRESET")]
+    pub preset: Option<Preset>,
     /// Answer length in tokens [default: 128].
     #[arg(long)]
     pub gen_length: Option<usize>,
@@ -122,13 +130,28 @@ impl SamplerArgs {
         }
     }
 
-    /// The flags over `base` without the layout checks ([`SamplerSettings::merge`]).
-    pub fn apply(&self, base: SamplerConfig) -> Result<SamplerConfig> {
+    /// The preset asked for, else `default`.
+    pub fn preset_or(&self, default: Preset) -> Preset {
+        self.preset.unwrap_or(default)
+    }
+
+    /// The flags over the preset (else `default`) applied to a command's reference defaults,
+    /// without the layout checks ([`SamplerSettings::merge`]); `cache`: whether the command can
+    /// use the fast preset's cache and early stop.
+    pub fn apply(
+        &self,
+        reference: SamplerConfig,
+        default: Preset,
+        cache: bool,
+    ) -> Result<SamplerConfig> {
+        let base = self.preset_or(default).apply(reference, cache);
         Ok(self.settings().merge(&base)?)
     }
 
-    /// The flags over `base`, checked ([`SamplerSettings::resolve`]).
-    pub fn config(&self, base: SamplerConfig) -> Result<SamplerConfig> {
+    /// The flags over the preset (else `default`) applied to a command's reference defaults,
+    /// checked ([`SamplerSettings::resolve`]).
+    pub fn config(&self, reference: SamplerConfig, default: Preset) -> Result<SamplerConfig> {
+        let base = self.preset_or(default).apply(reference, true);
         Ok(self.settings().resolve(&base)?)
     }
 }
@@ -211,6 +234,97 @@ impl<'a> StepView<'a> {
     }
 }
 
+/// Prints an answer on stdout as it becomes final (the committed prefix grows left to right, as
+/// the server streams it), when on; [`Streamer::finish`] prints the rest.
+pub struct Streamer<'a> {
+    tok: Option<&'a llada::Tokenizer>,
+    sent: String,
+}
+
+impl<'a> Streamer<'a> {
+    /// Streams when `on` and there is a tokenizer.
+    pub fn new(tok: Option<&'a llada::Tokenizer>, on: bool) -> Self {
+        Streamer {
+            tok: tok.filter(|_| on),
+            sent: String::new(),
+        }
+    }
+
+    /// Whether it streams.
+    pub fn on(&self) -> bool {
+        self.tok.is_some()
+    }
+
+    /// Prints what row 0's answer gained since the last step.
+    pub fn step(&mut self, e: &StepEvent) {
+        let Some(tok) = self.tok else { return };
+        let Some(prefix) = tok.committed_prefix(e.canvas[0]) else {
+            return;
+        };
+        if prefix.len() > self.sent.len() && prefix.starts_with(&self.sent) {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{}", &prefix[self.sent.len()..]);
+            let _ = out.flush();
+            self.sent = prefix;
+        }
+    }
+
+    /// Prints the rest of the final `text` and ends the line; without streaming, the whole line.
+    pub fn finish(&mut self, text: &str) {
+        match text.strip_prefix(self.sent.as_str()) {
+            Some(rest) if self.on() => println!("{rest}"),
+            // (a streamed prefix the final text does not start with: the answer was edited)
+            _ if self.on() => println!("\n{text}"),
+            _ => println!("{text}"),
+        }
+        self.sent.clear();
+    }
+}
+
+/// Tokens of each answer before its first EOS/EOT (the answer; the rest of the canvas is padding).
+fn answer_tokens(ids: &[Vec<u32>], sp: &llada::SpecialTokens) -> usize {
+    ids.iter()
+        .map(|r| sp.answer_end(r).unwrap_or(r.len()))
+        .sum()
+}
+
+/// `n` and `word` with an `s` unless `n` is 1.
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// The one-line summary of a generation on stderr: the answer's own tokens and their rate (the
+/// EOS padding after the answer is not output), the canvas, the forward evaluations.
+fn summary(answer: usize, canvas: usize, rows: usize, nfe: usize, seconds: f64) -> String {
+    format!(
+        "[{} in {seconds:.2}s · {:.1} answer tokens/s · canvas {canvas}{} · {}]",
+        plural(answer, "answer token"),
+        answer as f64 / seconds,
+        if rows > 1 {
+            format!(" × {rows}")
+        } else {
+            String::new()
+        },
+        plural(nfe, "forward evaluation"),
+    )
+}
+
+/// Says on stderr why an answer is empty (instead of printing nothing), with a hint.
+fn explain_empty(tok: &llada::Tokenizer, ids: &[u32], chat: bool) {
+    if let Some(why) = tok.empty_answer_reason(ids) {
+        let hint = if !chat && tok.chat_template().is_some() {
+            "; a chat (instruction-tuned) model answers with --chat, and --logits-eos-inf forbids EOS"
+        } else {
+            "; --logits-eos-inf forbids EOS"
+        };
+        eprintln!("(empty answer: {why}{hint})");
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -245,7 +359,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         return generate_ar(a);
     }
     let ck = a.rt.load(&a.model.resolve()?)?;
-    let cfg = a.sampler.config(SamplerConfig::for_model(&ck.config))?;
+    let cfg = a
+        .sampler
+        .config(SamplerConfig::for_model(&ck.config), Preset::Fast)?;
     let prompts: Vec<Vec<u32>> = if let Some(ids) = &a.prompt_ids {
         vec![parse_ids(ids, "--prompt-ids")?]
     } else {
@@ -271,7 +387,24 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let batch = PromptBatch::left_padded(&prompts, ck.special.pad);
     let mut rng = Rng::new(a.sampler.seed);
     let mut view = StepView::new(&ck);
-    let mut on_step = view.callback(a.show_steps);
+    // stream the answer to a terminal as it becomes final (LLaDA2.1 may edit committed tokens)
+    let editing = cfg
+        .block_diffusion
+        .as_ref()
+        .is_some_and(|b| b.editing.is_some());
+    let stream = !a.json
+        && !a.show_steps
+        && !editing
+        && prompts.len() == 1
+        && std::io::stdout().is_terminal();
+    let mut streamer = Streamer::new(ck.tokenizer.as_ref(), stream);
+    let mut on_step = |e: &StepEvent| {
+        if a.show_steps {
+            view.show(e);
+        }
+        streamer.step(e);
+        ControlFlow::Continue(())
+    };
     let t0 = Instant::now();
     let mut m = ck.model.predictor();
     let g = sampler::generate(&mut m, &batch, &cfg, &ck.special, &mut rng, &mut on_step)?;
@@ -284,43 +417,42 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .collect::<llada::Result<_>>()?,
         None => vec![String::new(); g.generated_ids.len()],
     };
+    let answer = answer_tokens(&g.generated_ids, &ck.special);
+    let canvas = cfg.gen_length * g.generated_ids.len();
     if a.json {
         let single = g.generated_ids.len() == 1;
-        let out = if single {
-            serde_json::json!({
-                "generated_ids": g.generated_ids[0], "text": texts[0], "nfe": g.nfe,
-                "steps": g.steps, "seconds": seconds,
-                "tokens_per_s": cfg.gen_length as f64 / seconds,
-            })
+        let (ids, text) = if single {
+            (serde_json::json!(g.generated_ids[0]), serde_json::json!(texts[0]))
         } else {
-            serde_json::json!({
-                "generated_ids": g.generated_ids, "text": texts, "nfe": g.nfe,
-                "steps": g.steps, "seconds": seconds,
-                "tokens_per_s": (cfg.gen_length * g.generated_ids.len()) as f64 / seconds,
-            })
+            (serde_json::json!(g.generated_ids), serde_json::json!(texts))
         };
-        return print_json(&out);
+        return print_json(&serde_json::json!({
+            "generated_ids": ids, "text": text, "nfe": g.nfe, "steps": g.steps,
+            "seconds": seconds, "answer_tokens": answer, "canvas_tokens": canvas,
+            "tokens_per_s": answer as f64 / seconds,
+            "canvas_tokens_per_s": canvas as f64 / seconds,
+        }));
     }
     for (i, t) in texts.iter().enumerate() {
-        if ck.tokenizer.is_some() {
-            println!("{t}");
-        } else {
-            println!("{:?}", g.generated_ids[i]);
+        match &ck.tokenizer {
+            Some(tok) => {
+                streamer.finish(t);
+                explain_empty(tok, &g.generated_ids[i], a.chat);
+            }
+            None => println!("{:?}", g.generated_ids[i]),
         }
     }
     eprintln!(
-        "[{} tokens × {} in {:.2}s · {} forward evaluations · {:.1} tokens/s]",
-        cfg.gen_length,
-        g.generated_ids.len(),
-        seconds,
-        g.nfe,
-        (cfg.gen_length * g.generated_ids.len()) as f64 / seconds
+        "{}",
+        summary(answer, cfg.gen_length, g.generated_ids.len(), g.nfe, seconds)
     );
     Ok(())
 }
 
 fn generate_ar(a: GenerateArgs) -> Result<()> {
-    let cfg = a.sampler.apply(SamplerConfig::default())?;
+    let cfg = a
+        .sampler
+        .apply(SamplerConfig::default(), Preset::Reference, false)?;
     let ck = a.rt.load(&a.model.resolve()?)?;
     if !ck.config.causal {
         eprintln!("note: {} is a bidirectional mask predictor; --ar reads its next-token predictions anyway", ck.dir.display());
@@ -366,6 +498,9 @@ fn generate_ar(a: GenerateArgs) -> Result<()> {
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    /// A system message that starts the conversation (kept by /reset).
+    #[arg(long)]
+    pub system: Option<String>,
     #[command(flatten)]
     pub sampler: SamplerArgs,
     /// Redraw the canvas live after every step.
@@ -375,7 +510,7 @@ pub struct ChatArgs {
     pub rt: RuntimeArgs,
 }
 
-/// chat.py's settings: gen 128, steps 128, block 32.
+/// chat.py's settings: gen 128, steps 128, block 32 (the reference preset of `chat`).
 fn chat_defaults() -> SamplerConfig {
     SamplerConfig {
         gen_length: 128,
@@ -385,6 +520,10 @@ fn chat_defaults() -> SamplerConfig {
     }
 }
 
+/// The console commands of `llada chat`.
+const CHAT_COMMANDS: &str =
+    "/help lists these commands, /reset clears the history (the --system message stays), /history shows it, /settings the sampler, /exit or /quit (or Ctrl-D) quits";
+
 pub fn chat(a: ChatArgs) -> Result<()> {
     let ck = a.rt.load(&a.model.resolve()?)?;
     let base = if ck.config.architecture == llada::model::Architecture::Llada2 {
@@ -392,7 +531,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     } else {
         chat_defaults()
     };
-    let cfg = a.sampler.config(base)?;
+    let cfg = a.sampler.config(base, Preset::Fast)?;
     let tok = ck.tokenizer()?;
     if tok.chat_template().is_none() {
         bail!(
@@ -401,13 +540,21 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         );
     }
     let mut rng = Rng::new(a.sampler.seed);
-    let mut history: Vec<Message> = Vec::new();
+    let start: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
+    let mut history = start.clone();
     let interactive = std::io::stdin().is_terminal();
+    let editing = cfg
+        .block_diffusion
+        .as_ref()
+        .is_some_and(|b| b.editing.is_some());
+    let stream = !a.show_steps && !editing && std::io::stdout().is_terminal();
     if interactive {
-        eprintln!(
-            "llada chat · {} · /reset clears the history, /exit or Ctrl-D quits",
-            ck.dir.display()
-        );
+        eprintln!("llada chat · {} · {}", ck.dir.display(), cfg.describe());
+        eprintln!("{CHAT_COMMANDS}");
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -423,16 +570,53 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
-                history.clear();
+                history = start.clone();
                 eprintln!("(history cleared)");
+                continue;
+            }
+            "/history" => {
+                for m in &history {
+                    eprintln!("{}: {}", m.role, m.content);
+                }
+                if history.is_empty() {
+                    eprintln!("(no messages yet)");
+                }
+                continue;
+            }
+            "/help" | "/?" => {
+                eprintln!("{CHAT_COMMANDS}");
+                continue;
+            }
+            "/settings" => {
+                eprintln!("{}", cfg.describe());
+                continue;
+            }
+            // an unknown command is not sent to the model as a message
+            cmd if cmd.starts_with('/') && !cmd.contains(char::is_whitespace) => {
+                eprintln!("unknown command {cmd}: {CHAT_COMMANDS}");
                 continue;
             }
             _ => {}
         }
         history.push(Message::user(line));
         let prompt = tok.encode_chat(&history)?;
+        if let Err(e) = PromptRules::for_model(&ck.config, ck.special.mask).check(&prompt, cfg.gen_length) {
+            if !interactive {
+                return Err(e.into());
+            }
+            history.pop();
+            eprintln!("({e}; /reset starts a new conversation)");
+            continue;
+        }
         let mut view = StepView::new(&ck);
-        let mut on_step = view.callback(a.show_steps);
+        let mut streamer = Streamer::new(Some(tok), stream);
+        let mut on_step = |e: &StepEvent| {
+            if a.show_steps {
+                view.show(e);
+            }
+            streamer.step(e);
+            ControlFlow::Continue(())
+        };
         let t0 = Instant::now();
         let mut m = ck.model.predictor();
         let g = sampler::generate(
@@ -443,10 +627,13 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             &mut rng,
             &mut on_step,
         )?;
+        let seconds = t0.elapsed().as_secs_f64();
         let answer = tok.decode_answer(&g.generated_ids[0])?;
-        println!("{answer}");
+        streamer.finish(&answer);
+        explain_empty(tok, &g.generated_ids[0], true);
         if interactive {
-            eprintln!("[{:.2}s · nfe {}]", t0.elapsed().as_secs_f64(), g.nfe);
+            let n = answer_tokens(&g.generated_ids, &ck.special);
+            eprintln!("{}", summary(n, cfg.gen_length, 1, g.nfe, seconds));
         }
         history.push(Message::assistant(answer));
     }
@@ -486,7 +673,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
         block_length: 0,
         ..Default::default()
     };
-    let cfg = a.sampler.apply(base)?;
+    let cfg = a.sampler.apply(base, Preset::Fast, false)?;
     let mut rng = Rng::new(a.sampler.seed);
     let mut view = StepView::new(&ck);
     let mut on_step = view.callback(a.show_steps);

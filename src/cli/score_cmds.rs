@@ -282,7 +282,7 @@ pub fn eval_chat_cmd(a: EvalChatArgs) -> Result<()> {
         block_length: 32,
         ..Default::default()
     };
-    let cfg = a.sampler.config(base)?;
+    let cfg = a.sampler.config(base, llada::sampler::Preset::Reference)?;
     let (model, path) = model_and_file(&a.positional)?;
     let mut cases = llada::score::exact::load_cases(&path)?;
     if let Some(n) = a.limit {

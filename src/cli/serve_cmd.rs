@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use llada::sampler::{CacheMode, SamplerConfig, SamplerSettings};
+use llada::sampler::{CacheMode, Preset, SamplerConfig, SamplerSettings};
 use llada::score::{ScoreLimits, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MC_NUM};
 use llada::server::listen::{self, ConnLimits};
 use llada::server::{self, engine, openai::Defaults, AppState, Limits};
@@ -19,8 +19,10 @@ use super::{ModelArg, RuntimeArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Requests that may wait for the engine; more are answered 429.
@@ -57,16 +59,22 @@ pub struct ServeArgs {
     /// (repeatable; "*" for any). By default only the server's own page may.
     #[arg(long = "allow-origin", value_name = "ORIGIN")]
     pub allow_origin: Vec<String>,
+    /// The sampler requests start from, the CLI's: fast (threshold 0.9, blocks of 32, dual
+    /// cache, early stop; LLaDA2: its own sampler with the block cache) or reference (the
+    /// official defaults exactly).
+    #[arg(long = "sampler", value_enum, default_value = "fast", value_name = "PRESET")]
+    pub preset: Preset,
     /// Default answer length when a request gives no max_tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = llada::sampler::DEFAULT_GEN_LENGTH)]
     pub default_max_tokens: usize,
-    /// Default commit threshold (Fast-dLLM); "off" for the reference top-k schedule [default:
-    /// 0.9; an LLaDA2 model: its official 0.95].
+    /// Default commit threshold over the preset; "off" for the reference top-k schedule
+    /// [default: the preset's: 0.9 fast, off reference; an LLaDA2 model: its official 0.95].
     #[arg(long)]
     pub default_threshold: Option<String>,
-    /// Default cache: none, prefix or dual.
-    #[arg(long, value_enum, default_value = "dual", hide_possible_values = true)]
-    pub default_cache: CacheMode,
+    /// Default cache over the preset: none, prefix or dual [default: the preset's: dual fast,
+    /// none reference].
+    #[arg(long, value_enum, hide_possible_values = true)]
+    pub default_cache: Option<CacheMode>,
     /// Name the model is served under (default: the folder name).
     #[arg(long)]
     pub name: Option<String>,
@@ -131,11 +139,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         )),
     };
     // a block-diffusion model (LLaDA2) gets its own sampler
-    let builtin = Defaults::for_model(&ck.config).sampler;
+    let builtin = Defaults::for_model(&ck.config, a.preset).sampler;
     let block_diffusion = builtin.block_diffusion.is_some();
     let base = SamplerSettings {
         threshold,
-        cache: Some(a.default_cache),
+        cache: a.default_cache,
         ..Default::default()
     }
     .merge(&builtin)?;

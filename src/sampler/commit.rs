@@ -25,6 +25,18 @@ pub enum Commit {
     Origin,
 }
 
+impl std::fmt::Display for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Commit::TopK => write!(f, "top-k"),
+            Commit::Threshold { tau } => write!(f, "threshold {tau}"),
+            Commit::Factor { f: x } => write!(f, "factor {x}"),
+            Commit::Sampled { temp } => write!(f, "sampled (alg_temp {temp})"),
+            Commit::Origin => write!(f, "origin"),
+        }
+    }
+}
+
 /// What the transfer schedule allows a step: `k` positions (the rank rules), or each candidate
 /// with probability `reveal_p` ([`Commit::Origin`]).
 #[derive(Debug, Clone, Copy, PartialEq)]

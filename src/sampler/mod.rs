@@ -139,6 +139,118 @@ impl SamplerConfig {
     }
 }
 
+/// The fast preset's commit threshold (Fast-dLLM's 0.9).
+pub const FAST_THRESHOLD: f64 = 0.9;
+/// The fast preset's block length (chat.py's and Fast-dLLM's 32).
+pub const FAST_BLOCK_LENGTH: usize = 32;
+
+/// The two starting points of every sampling front end (the CLI's `--sampler`, the server's
+/// defaults): flags and request fields apply over one of them.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Preset {
+    /// Parallel decoding: Fast-dLLM's threshold 0.9 over blocks of 32 with the dual cache, and
+    /// the early stop (the answer is unchanged by it); for a block-diffusion model (LLaDA2) its
+    /// official sampler with the exact block cache and the EOS return.
+    #[default]
+    Fast,
+    /// The official sampler's own defaults, exactly (LLaDA's `generate.py` / `chat.py`, LLaDA2's
+    /// `generate()`): one token per step, no cache, no early stop.
+    Reference,
+}
+
+impl Preset {
+    /// This preset over a command's reference defaults (`reference`: what the official code does
+    /// for that command). `Reference` returns them unchanged; `Fast` keeps the answer length
+    /// and sets the fast rules: blocks of [`FAST_BLOCK_LENGTH`] where they divide the answer
+    /// (a block length of 0, infilling's whole region, stays), [`FAST_THRESHOLD`], the dual
+    /// cache and the early stop where the command can use them (`cache: false`: infilling).
+    pub fn apply(self, reference: SamplerConfig, cache: bool) -> SamplerConfig {
+        let mut c = reference;
+        if self == Preset::Reference {
+            return c;
+        }
+        if let Some(bd) = c.block_diffusion.as_mut() {
+            bd.eos_early_stop = true;
+            if cache {
+                c.cache = CacheMode::Dual;
+            }
+            return c;
+        }
+        if c.block_length != 0 && c.gen_length.is_multiple_of(FAST_BLOCK_LENGTH) {
+            c.block_length = FAST_BLOCK_LENGTH;
+        }
+        c.commit = Commit::Threshold {
+            tau: FAST_THRESHOLD,
+        };
+        if cache {
+            c.cache = CacheMode::Dual;
+            c.early_stop = true;
+        }
+        c
+    }
+
+    /// The preset's name as the CLI and the server's `/v1/models` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Fast => "fast",
+            Preset::Reference => "reference",
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// The settings in one line for people: `gen 128 · steps 128 · block 32 · threshold 0.9 ·
+    /// dual cache · early stop` (greedy unless a temperature is set; CFG, filters and
+    /// block diffusion when on).
+    pub fn describe(&self) -> String {
+        let mut parts = vec![
+            format!("gen {}", self.gen_length),
+            format!("steps {}", self.steps),
+            format!("block {}", self.block_length),
+            self.commit.to_string(),
+        ];
+        if self.remasking != Remasking::LowConfidence {
+            parts.push(self.remasking.to_string());
+        }
+        if self.temperature > 0.0 {
+            parts.push(format!("temperature {}", self.temperature));
+        } else {
+            parts.push("greedy".into());
+        }
+        if self.cfg_scale > 0.0 {
+            parts.push(format!("cfg {}", self.cfg_scale));
+        }
+        if let Some(p) = self.filter.top_p {
+            parts.push(format!("top-p {p}"));
+        }
+        if let Some(k) = self.filter.top_k {
+            parts.push(format!("top-k {k} tokens"));
+        }
+        parts.push(match self.cache {
+            CacheMode::None => "no cache".to_string(),
+            m => format!("{m} cache"),
+        });
+        if self.early_stop {
+            parts.push("early stop".into());
+        }
+        if let Some(bd) = &self.block_diffusion {
+            parts.push(if bd.editing.is_some() {
+                "block diffusion (LLaDA2.1 editing)".into()
+            } else {
+                "block diffusion".into()
+            });
+            if bd.eos_early_stop {
+                parts.push("EOS return".into());
+            }
+        }
+        parts.join(" · ")
+    }
+}
+
 impl SamplerConfig {
     /// Checks every setting, returning the block layout.
     pub fn validate(&self) -> Result<Blocks> {

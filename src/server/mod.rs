@@ -363,19 +363,6 @@ fn answer_text(
     Ok((text, stopped, used))
 }
 
-/// The longest committed prefix of an answer canvas (up to the first EOS/EOT), decoded.
-fn committed_prefix(tok: &Tokenizer, canvas: &[u32]) -> Option<String> {
-    let sp = tok.special();
-    let mut end = 0;
-    for &t in canvas {
-        if t == sp.mask || sp.ends_answer(t) {
-            break;
-        }
-        end += 1;
-    }
-    tok.decode(&canvas[..end], true).ok()
-}
-
 enum Kind {
     Chat,
     Completion,
@@ -617,9 +604,8 @@ fn stream_events(
                     });
                     out.push(SseEvent::default().event("denoise").data(d.to_string()));
                 }
-                if let Some(prefix) = committed_prefix(tok, &u.canvas[0]) {
-                    let clean = !prefix.ends_with('\u{FFFD}');
-                    if clean && prefix.len() > st.sent.len() && prefix.starts_with(&st.sent) {
+                if let Some(prefix) = tok.committed_prefix(&u.canvas[0]) {
+                    if prefix.len() > st.sent.len() && prefix.starts_with(&st.sent) {
                         let delta = prefix[st.sent.len()..].to_string();
                         let stop_hit = st.req.gen.stop.iter().any(|x| prefix.contains(x.as_str()));
                         if !stop_hit {

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::chat::Message;
 use crate::error::Result as LibResult;
-use crate::sampler::{CacheMode, Commit, SamplerConfig, SamplerSettings};
+use crate::sampler::{Preset, SamplerConfig, SamplerSettings};
 
 /// A field that is `Some(Value::Null)` when the request says `null` and `None` when it is absent.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
@@ -74,12 +74,8 @@ pub fn refuse_logprobs(f: &RequestFields) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The server's default answer length (`max_tokens`).
-pub const DEFAULT_MAX_TOKENS: usize = 64;
-/// The server's default block length (kept when it divides the answer length).
-pub const DEFAULT_BLOCK_LENGTH: usize = 32;
-/// The server's default commit rule: the Fast-dLLM threshold.
-pub const DEFAULT_THRESHOLD: f64 = 0.9;
+/// The server's default answer length (`max_tokens`): the CLI's.
+pub const DEFAULT_MAX_TOKENS: usize = crate::sampler::DEFAULT_GEN_LENGTH;
 
 /// Server-wide defaults for fields a request leaves out.
 #[derive(Debug, Clone, Serialize)]
@@ -92,40 +88,24 @@ pub struct Defaults {
 }
 
 impl Default for Defaults {
+    /// The fast preset over `generate.py`'s defaults (LLaDA's architecture).
     fn default() -> Self {
         Defaults {
-            sampler: SamplerConfig {
-                gen_length: DEFAULT_MAX_TOKENS,
-                steps: DEFAULT_MAX_TOKENS,
-                block_length: DEFAULT_BLOCK_LENGTH,
-                commit: Commit::Threshold {
-                    tau: DEFAULT_THRESHOLD,
-                },
-                cache: CacheMode::Dual,
-                early_stop: true,
-                ..Default::default()
-            },
+            sampler: Preset::Fast.apply(SamplerConfig::default(), true),
             max_tokens_limit: 1024,
         }
     }
 }
 
 impl Defaults {
-    /// The defaults for a model of `cfg`: a block-diffusion model (LLaDA2) gets its own sampler,
-    /// the official `generate()` with the exact block cache and the EOS return; the others the
-    /// built-in threshold sampler ([`Defaults::default`]).
-    pub fn for_model(cfg: &crate::config::ModelConfig) -> Self {
-        let mut d = Defaults::default();
-        if cfg.architecture == crate::model::Architecture::Llada2 {
-            let mut s = SamplerConfig::block_diffusion_default();
-            s.gen_length = DEFAULT_MAX_TOKENS;
-            s.cache = CacheMode::Dual;
-            if let Some(bd) = s.block_diffusion.as_mut() {
-                bd.eos_early_stop = true;
-            }
-            d.sampler = s;
+    /// The defaults for a model of `cfg` under `preset`: the same sampler as the CLI's
+    /// `generate` ([`Preset::apply`] over [`SamplerConfig::for_model`]), so that a prompt gets
+    /// the same answer from both.
+    pub fn for_model(cfg: &crate::config::ModelConfig, preset: Preset) -> Self {
+        Defaults {
+            sampler: preset.apply(SamplerConfig::for_model(cfg), true),
+            max_tokens_limit: cfg.max_sequence_length,
         }
-        d
     }
 
     /// A request's settings over the defaults. The answer length is always given (the request's
@@ -342,6 +322,7 @@ pub struct Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::{CacheMode, Commit};
 
     #[test]
     fn defaults_and_overrides() {
@@ -363,7 +344,7 @@ mod tests {
         let g = validate_generation(&serde_json::json!({}), &d).unwrap();
         assert_eq!(
             (g.cfg.gen_length, g.cfg.steps, g.cfg.block_length),
-            (64, 64, 32)
+            (128, 128, 32)
         );
         assert_eq!(g.cfg.commit, Commit::Threshold { tau: 0.9 });
         assert!(g.cfg.early_stop);
