@@ -438,8 +438,14 @@ fn the_cli_reproduces_generate_cases_and_runs_every_command() {
                 .map(|i| i.to_string())
                 .collect::<Vec<_>>()
                 .join(",");
-            let mut args: Vec<String> =
-                vec!["generate".into(), d.clone(), "--sampler".into(), "reference".into(), "--prompt-ids".into(), prompt];
+            let mut args: Vec<String> = vec![
+                "generate".into(),
+                d.clone(),
+                "--sampler".into(),
+                "reference".into(),
+                "--prompt-ids".into(),
+                prompt,
+            ];
             for (key, flag) in [
                 ("gen_length", "--gen-length"),
                 ("block_length", "--block-length"),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::sampler::{
-    self, CacheMode, PromptBatch, PromptRules, Preset, Remasking, SamplerConfig, SamplerSettings,
+    self, CacheMode, Preset, PromptBatch, PromptRules, Remasking, SamplerConfig, SamplerSettings,
     StepEvent,
 };
 use llada::{Checkpoint, Message, Rng};
@@ -422,7 +422,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.json {
         let single = g.generated_ids.len() == 1;
         let (ids, text) = if single {
-            (serde_json::json!(g.generated_ids[0]), serde_json::json!(texts[0]))
+            (
+                serde_json::json!(g.generated_ids[0]),
+                serde_json::json!(texts[0]),
+            )
         } else {
             (serde_json::json!(g.generated_ids), serde_json::json!(texts))
         };
@@ -444,7 +447,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     eprintln!(
         "{}",
-        summary(answer, cfg.gen_length, g.generated_ids.len(), g.nfe, seconds)
+        summary(
+            answer,
+            cfg.gen_length,
+            g.generated_ids.len(),
+            g.nfe,
+            seconds
+        )
     );
     Ok(())
 }
@@ -600,7 +609,9 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         history.push(Message::user(line));
         let prompt = tok.encode_chat(&history)?;
-        if let Err(e) = PromptRules::for_model(&ck.config, ck.special.mask).check(&prompt, cfg.gen_length) {
+        if let Err(e) =
+            PromptRules::for_model(&ck.config, ck.special.mask).check(&prompt, cfg.gen_length)
+        {
             if !interactive {
                 return Err(e.into());
             }

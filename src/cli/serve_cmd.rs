@@ -62,7 +62,12 @@ pub struct ServeArgs {
     /// The sampler requests start from, the CLI's: fast (threshold 0.9, blocks of 32, dual
     /// cache, early stop; LLaDA2: its own sampler with the block cache) or reference (the
     /// official defaults exactly).
-    #[arg(long = "sampler", value_enum, default_value = "fast", value_name = "PRESET")]
+    #[arg(
+        long = "sampler",
+        value_enum,
+        default_value = "fast",
+        value_name = "PRESET"
+    )]
     pub preset: Preset,
     /// Default answer length when a request gives no max_tokens.
     #[arg(long, default_value_t = llada::sampler::DEFAULT_GEN_LENGTH)]

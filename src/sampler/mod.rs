@@ -146,9 +146,7 @@ pub const FAST_BLOCK_LENGTH: usize = 32;
 
 /// The two starting points of every sampling front end (the CLI's `--sampler`, the server's
 /// defaults): flags and request fields apply over one of them.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum Preset {
