@@ -23,6 +23,7 @@ pub struct ReversalArgs {
     /// Work folder (data, models, chart).
     #[arg(long, default_value = "runs/reversal")]
     pub out: PathBuf,
+    /// Seed of the experiment (data, initial weights, masks).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Override the training steps of both models.
@@ -119,11 +120,13 @@ pub struct EvalReversalArgs {
     /// steps = gen_length = block_length.
     #[arg(long, default_value_t = 28)]
     pub gen_length: usize,
+    /// Classifier-free guidance scale; 0 = off.
     #[arg(long, default_value_t = 0.0)]
     pub cfg_scale: f64,
     /// Turn off the EOS suppression the documented commands use (--eos_inf).
     #[arg(long)]
     pub no_eos_inf: bool,
+    /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

@@ -25,7 +25,7 @@ use llada::{Checkpoint, RunDType};
 )]
 pub struct Cli {
     /// More logging (-v info, -vv debug); also RUST_LOG.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 1000)]
     pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
@@ -179,4 +179,31 @@ pub fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>> {
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does (`--help` is the user's manual).
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "llada", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
 }

@@ -35,24 +35,31 @@ pub struct TrainArgs {
     /// Prepared dataset folder.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Run folder.
+    /// Run folder: checkpoints, metrics.jsonl, the run's settings [default: runs/llada].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Optimizer steps of the run (with --resume: the new total) [default: 1000].
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Tokens per training sequence [default: 256].
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Sequences per micro-batch [default: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Micro-batches whose gradients are summed into one step [default: 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate [default: 4e-4].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Steps between evaluations of the bound on the validation split [default: 100].
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Steps between checkpoints [default: 200].
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Random seed of the run [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
     /// A step whose loss or gradient norm is NaN/∞: stop (the default: an error naming the step
@@ -244,6 +251,7 @@ pub struct SynthArgs {
     /// Number of examples.
     #[arg(long, default_value_t = 10000)]
     pub n: usize,
+    /// Seed of the generated examples (the same seed writes the same file).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the plain text of every message here (e.g. for tokenizer training).
@@ -274,6 +282,7 @@ pub struct PrepareArgs {
     /// Share held out for validation.
     #[arg(long, default_value_t = 0.01)]
     pub val_fraction: f64,
+    /// Seed of the shuffle and of the validation split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// SFT: drop longer examples.
