@@ -1358,3 +1358,212 @@ async fn connections_beyond_the_cap_get_503() {
     }
     assert!(served, "no connection served after the held ones closed");
 }
+
+/// Data lines of an SSE body (`event:` kind, data), in order.
+fn sse_events(body: &str) -> Vec<(Option<String>, String)> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|ev| {
+            let kind = ev
+                .lines()
+                .find_map(|l| l.strip_prefix("event:"))
+                .map(|k| k.trim().to_string());
+            let data: String = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+                .collect();
+            (kind, data)
+        })
+        .collect()
+}
+
+/// `n` answers per prompt in OpenAI's order; greedy copies are equal to the one answer alone,
+/// sampled ones are reproducible with the seed; the prompt tokens are counted once per prompt.
+#[tokio::test]
+async fn n_answers_per_prompt() {
+    let s = state(8, 4);
+    let one = json!({"prompt": "In the beginning", "max_tokens": 8, "temperature": 0});
+    let (st, b) = call(&s, "POST", "/v1/completions", one.to_string()).await;
+    assert_eq!(st, StatusCode::OK);
+    let alone = json_of(&b);
+    let mut three = one.clone();
+    three["n"] = json!(3);
+    let (st, b) = call(&s, "POST", "/v1/completions", three.to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json_of(&b);
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], alone["choices"][0]["text"]);
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], alone["usage"]["prompt_tokens"]);
+    let two_prompts = json!({"prompt": ["In the beginning", "And God said"], "n": 2, "max_tokens": 8,
+        "temperature": 1.0, "seed": 7, "cache": "none", "threshold": null});
+    let (st, b1) = call(&s, "POST", "/v1/completions", two_prompts.to_string()).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, b2) = call(&s, "POST", "/v1/completions", two_prompts.to_string()).await;
+    assert_eq!(json_of(&b1)["choices"], json_of(&b2)["choices"]);
+    assert_eq!(json_of(&b1)["choices"].as_array().unwrap().len(), 4);
+    // chat: n answers of one conversation
+    let (st, b) = call(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "max_tokens": 8})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(json_of(&b)["choices"][1]["index"], 1);
+    // beyond the bound, and with a stream: 422 naming n
+    for body in [
+        json!({"prompt": ["a", "b", "c"], "n": 6, "max_tokens": 8}),
+        json!({"prompt": "a", "n": 2, "stream": true, "max_tokens": 8}),
+    ] {
+        let (st, b) = call(&s, "POST", "/v1/completions", body.to_string()).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(json_of(&b)["error"]["param"], "n");
+    }
+}
+
+/// `stream_options.include_usage` adds a last chunk with no choices and the usage; the page's
+/// `done` event counts the answer's own tokens.
+#[tokio::test]
+async fn a_stream_can_end_with_its_usage() {
+    let s = state(8, 4);
+    let (st, b) = call(&s, "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Blessed are the meek"}], "max_tokens": 16, "stream": true, "denoise": true, "stream_options": {"include_usage": true}}).to_string()).await;
+    assert_eq!(st, StatusCode::OK);
+    let evs = sse_events(&String::from_utf8(b).unwrap());
+    assert_eq!(evs.last().unwrap().1, "[DONE]");
+    let usage: Value = serde_json::from_str(&evs[evs.len() - 2].1).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["object"], "chat.completion.chunk");
+    let done: Value = serde_json::from_str(
+        &evs.iter()
+            .find(|(k, _)| k.as_deref() == Some("done"))
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    assert!(usage["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(usage["usage"]["completion_tokens"], done["answer_tokens"]);
+    assert!(done["tokens_per_s"].as_f64().unwrap() >= 0.0);
+    // without the option: no usage chunk
+    let (_, b) = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8, "stream": true}).to_string(),
+    )
+    .await;
+    let evs = sse_events(&String::from_utf8(b).unwrap());
+    assert!(evs.iter().all(|(_, d)| !d.contains("\"usage\"")));
+}
+
+/// Penalties a diffusion sampler cannot honour are refused when they ask for something, and
+/// accepted at 0 (what clients send by default); `top_p` is honoured.
+#[tokio::test]
+async fn penalties_are_refused_not_ignored() {
+    let s = state(8, 4);
+    for (field, v) in [
+        ("frequency_penalty", json!(0.5)),
+        ("presence_penalty", json!(1)),
+    ] {
+        let mut body = json!({"prompt": "In the beginning", "max_tokens": 8});
+        body[field] = v;
+        let (st, b) = call(&s, "POST", "/v1/completions", body.to_string()).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+        let e = json_of(&b);
+        assert_eq!(e["error"]["param"], field);
+        assert!(e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("diffusion"));
+    }
+    let (st, _) = call(&s, "POST", "/v1/completions", json!({"prompt": "In the beginning", "max_tokens": 8, "frequency_penalty": 0, "presence_penalty": 0.0, "top_p": 0.9, "temperature": 0.7}).to_string()).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+/// `/health` gives the sampler a request that gives nothing gets (the live page starts from it).
+#[tokio::test]
+async fn health_gives_the_default_sampler() {
+    let s = state(8, 4);
+    let (_, b) = call(&s, "GET", "/health", Body::empty()).await;
+    let d = json_of(&b)["defaults"].clone();
+    let g = server::openai::validate_generation(&json!({}), &s.defaults).unwrap();
+    assert_eq!(d["max_tokens"], g.cfg.gen_length);
+    assert_eq!(d["steps"], g.cfg.steps);
+    assert_eq!(d["block_length"], g.cfg.block_length);
+    assert_eq!(d["threshold"], json!(0.9));
+    assert_eq!(d["cache"], "dual");
+    assert_eq!(d["early_stop"], true);
+    assert_eq!(d["block_diffusion"], false);
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One access-log line per request: method, path, status, time, and the answer tokens of a
+/// generation; a stream's line when it ends.
+#[tokio::test]
+async fn every_request_gets_one_log_line() {
+    let cap = Captured::default();
+    let w = cap.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("llada::access=info"))
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .finish();
+    let _g = tracing::subscriber::set_default(sub);
+    let s = state(8, 4);
+    call(&s, "GET", "/health", Body::empty()).await;
+    call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": 8}).to_string(),
+    )
+    .await;
+    call(
+        &s,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "max_tokens": -8}).to_string(),
+    )
+    .await;
+    call(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": true})
+            .to_string(),
+    )
+    .await;
+    let log = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    assert!(lines[0].contains("GET /health 200"), "{log}");
+    assert!(
+        lines[1].contains("POST /v1/completions 200") && lines[1].contains("answer tokens"),
+        "{log}"
+    );
+    assert!(lines[2].contains("POST /v1/completions 422"), "{log}");
+    assert!(
+        lines[3].contains("POST /v1/chat/completions 200 stream")
+            && lines[3].contains("answer tokens"),
+        "{log}"
+    );
+}

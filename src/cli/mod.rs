@@ -126,8 +126,9 @@ impl RuntimeArgs {
 }
 
 pub fn init_logging(verbose: u8) {
+    // the server's access log (one line per request) shows unless RUST_LOG says otherwise
     let default = match verbose {
-        0 => "warn",
+        0 => "warn,llada::access=info",
         1 => "info",
         _ => "debug",
     };

@@ -186,14 +186,46 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let st = state.clone();
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         eprintln!("llada serving {name} on http://{addr}  (page: /, API: /v1/chat/completions, /v1/completions, /v1/score, /v1/models, /health)");
+        eprintln!("one line per request follows (RUST_LOG=warn hides them); Ctrl-C stops");
         listen::serve(listener, server::router(state), conn, async {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
+            eprintln!("shutting down: no new connections; finishing the requests in flight");
         })
         .await
         .context("serving")
-    })
+    })?;
+    eprintln!(
+        "llada stopped after {:.0}s: {} requests answered",
+        st.started.elapsed().as_secs_f64(),
+        st.served.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (a service manager's stop) on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

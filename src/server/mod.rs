@@ -129,6 +129,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
 
@@ -217,6 +218,66 @@ async fn guard(State(s): State<Arc<AppState>>, req: HttpRequest, next: Next) -> 
     }
 }
 
+/// The `tracing` target of the access log: one line per request.
+pub const ACCESS_LOG: &str = "llada::access";
+
+/// Answer tokens of a response, for the access log (a response extension set by the handlers).
+#[derive(Debug, Clone, Copy)]
+struct AnswerTokens(usize);
+
+/// Marks a streamed response: its access-log line is written when the stream ends ([`StreamLog`]).
+#[derive(Debug, Clone, Copy)]
+struct Streamed;
+
+/// Logs every request on [`ACCESS_LOG`]: method, path, status, time and, for generations, the
+/// answer tokens. A stream's line is written when it ends, with its whole time.
+async fn access_log(req: HttpRequest, next: Next) -> Response {
+    let (method, path, t0) = (
+        req.method().clone(),
+        req.uri().path().to_string(),
+        Instant::now(),
+    );
+    let resp = next.run(req).await;
+    if resp.extensions().get::<Streamed>().is_none() {
+        let tokens = resp
+            .extensions()
+            .get::<AnswerTokens>()
+            .map(|t| format!(" · {} answer tokens", t.0))
+            .unwrap_or_default();
+        tracing::info!(
+            target: ACCESS_LOG,
+            "{method} {path} {} · {:.3}s{tokens}",
+            resp.status().as_u16(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    resp
+}
+
+/// The access-log line of a stream, written when the stream ends or its client goes away.
+struct StreamLog {
+    path: &'static str,
+    t0: Instant,
+    tokens: Option<usize>,
+    error: Option<u16>,
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        let how = match (self.tokens, self.error) {
+            (_, Some(code)) => format!("error {code}"),
+            (Some(n), None) => format!("{n} answer tokens"),
+            (None, None) => "the client went away".to_string(),
+        };
+        tracing::info!(
+            target: ACCESS_LOG,
+            "POST {} 200 stream · {:.3}s · {how}",
+            self.path,
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
 /// The body, or the reason there is none: 413 (OpenAI-style JSON) past the size limit.
 fn body_or_error(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
@@ -260,7 +321,25 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
         "queue": {"waiting": s.engine.waiting(), "capacity": s.engine.capacity},
         "served": s.served.load(Ordering::Relaxed),
         "uptime_seconds": s.started.elapsed().as_secs_f64(),
+        "defaults": defaults_json(&s.defaults),
     }))
+}
+
+/// The sampler a request that gives nothing gets, in the request's own keys (the page starts
+/// from it, so that it shows what the API does).
+fn defaults_json(d: &Defaults) -> Value {
+    let c = &d.sampler;
+    let (threshold, factor) = match c.commit {
+        crate::sampler::Commit::Threshold { tau } => (json!(tau), Value::Null),
+        crate::sampler::Commit::Factor { f } => (Value::Null, json!(f)),
+        _ => (Value::Null, Value::Null),
+    };
+    json!({
+        "max_tokens": c.gen_length, "steps": c.steps, "block_length": c.block_length,
+        "threshold": threshold, "factor": factor, "cache": c.cache,
+        "temperature": c.temperature, "early_stop": c.early_stop,
+        "max_tokens_limit": d.max_tokens_limit, "block_diffusion": c.block_diffusion.is_some(),
+    })
 }
 
 fn now() -> u64 {
@@ -370,8 +449,20 @@ enum Kind {
 
 struct Request {
     kind: Kind,
+    /// The request's prompts (each answered `gen.n` times).
     prompts: Vec<Vec<u32>>,
     gen: ValidGeneration,
+}
+
+impl Request {
+    /// The batch's rows: each prompt `n` times in a row, so that answer `i` is prompt `i / n`'s
+    /// (OpenAI's order of `choices`).
+    fn rows(&self) -> Vec<Vec<u32>> {
+        self.prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), self.gen.n))
+            .collect()
+    }
 }
 
 fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> {
@@ -398,6 +489,17 @@ fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> 
     };
     for p in &prompts {
         rules.check(p, gen.cfg.gen_length).map_err(ApiError::from)?;
+    }
+    if prompts.len() * gen.n > openai::MAX_ANSWERS {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts × n={} answers exceed this server's {} answers per request",
+                prompts.len(),
+                gen.n,
+                openai::MAX_ANSWERS
+            ),
+        ));
     }
     if gen.stream && prompts.len() > 1 {
         return Err(ApiError::invalid(
@@ -444,7 +546,7 @@ async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: K
             .unwrap_or(0)
     );
     let job = JobKind::Generate {
-        prompts: req.prompts.clone(),
+        prompts: req.rows(),
         cfg: req.gen.cfg.clone(),
         seed: req.gen.seed,
         steps_wanted: req.gen.stream,
@@ -454,9 +556,11 @@ async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: K
         Err(e) => return e.into_response(),
     };
     if req.gen.stream {
-        return Sse::new(stream_events(s, req, id, rx, guard))
+        let mut r = Sse::new(stream_events(s, req, id, rx, guard))
             .keep_alive(KeepAlive::default())
             .into_response();
+        r.extensions_mut().insert(Streamed);
+        return r;
     }
     let out = wait(&s, rx).await;
     drop(guard);
@@ -493,7 +597,7 @@ async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: K
         completion_tokens,
         total_tokens: prompt_tokens + completion_tokens,
     };
-    Json(json!({
+    let mut r = Json(json!({
         "id": id,
         "object": match req.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
         "created": now(),
@@ -502,7 +606,9 @@ async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: K
         "usage": usage,
         "llada": {"nfe": nfe, "steps": steps, "seconds": seconds, "batch_size": batch_size},
     }))
-    .into_response()
+    .into_response();
+    r.extensions_mut().insert(AnswerTokens(completion_tokens));
+    r
 }
 
 fn chunk(
@@ -558,7 +664,17 @@ fn stream_events(
         started: bool,
         finished: bool,
         deadline: tokio::time::Instant,
+        log: StreamLog,
     }
+    let log = StreamLog {
+        path: match req.kind {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        },
+        t0: Instant::now(),
+        tokens: None,
+        error: None,
+    };
     let deadline = tokio::time::Instant::now() + s.limits.request_timeout + Duration::from_secs(1);
     let st = St {
         s,
@@ -570,6 +686,7 @@ fn stream_events(
         started: false,
         finished: false,
         deadline,
+        log,
     };
     stream::unfold(st, |mut st| async move {
         if st.finished {
@@ -617,14 +734,31 @@ fn stream_events(
             }
             Event::Done(Ok(Output::Generated { generated_ids, nfe, seconds, .. })) => {
                 st.finished = true;
-                let (text, stopped, _) = answer_text(&st.s.tokenizer, &generated_ids[0], &st.req.gen.stop).unwrap_or_default();
+                let (text, stopped, used) = answer_text(&st.s.tokenizer, &generated_ids[0], &st.req.gen.stop).unwrap_or_default();
+                st.log.tokens = Some(used);
                 if text.len() > st.sent.len() && text.starts_with(&st.sent) {
                     let delta = text[st.sent.len()..].to_string();
                     out.push(chunk(&st.s, &st.req, &st.id, Some(&delta), false, None));
                 }
                 out.push(chunk(&st.s, &st.req, &st.id, None, false, Some(if stopped { "stop" } else { "length" })));
                 if st.req.gen.denoise {
-                    out.push(SseEvent::default().event("done").data(json!({"nfe": nfe, "seconds": seconds, "text": text}).to_string()));
+                    let empty = if text.is_empty() { st.s.tokenizer.empty_answer_reason(&generated_ids[0]) } else { None };
+                    out.push(SseEvent::default().event("done").data(json!({
+                        "nfe": nfe, "seconds": seconds, "text": text, "answer_tokens": used,
+                        "tokens_per_s": used as f64 / seconds.max(1e-9), "empty_reason": empty,
+                    }).to_string()));
+                }
+                if st.req.gen.include_usage {
+                    let prompt_tokens = st.req.prompts[0].len();
+                    let v = json!({
+                        "id": st.id,
+                        "object": match st.req.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+                        "created": now(),
+                        "model": st.s.model_name,
+                        "choices": [],
+                        "usage": Usage { prompt_tokens, completion_tokens: used, total_tokens: prompt_tokens + used },
+                    });
+                    out.push(SseEvent::default().data(v.to_string()));
                 }
                 out.push(SseEvent::default().data("[DONE]"));
                 st.s.served.fetch_add(1, Ordering::Relaxed);
@@ -632,6 +766,7 @@ fn stream_events(
             Event::Done(Ok(_)) => st.finished = true,
             Event::Done(Err(e)) => {
                 st.finished = true;
+                st.log.error = Some(e.status().0.as_u16());
                 out.push(SseEvent::default().event("error").data(e.body().to_string()));
                 out.push(SseEvent::default().data("[DONE]"));
             }

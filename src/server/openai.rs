@@ -40,6 +40,55 @@ pub struct RequestFields {
     pub logprobs: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     pub top_logprobs: Option<Value>,
+    /// `{"include_usage": true}`: a last chunk with the usage before `[DONE]` (streams only).
+    #[serde(default, deserialize_with = "present")]
+    pub stream_options: Option<Value>,
+    /// Not supported by a diffusion sampler: 0 (or absent) is accepted, anything else refused.
+    #[serde(default, deserialize_with = "present")]
+    pub frequency_penalty: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    pub presence_penalty: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    pub logit_bias: Option<Value>,
+}
+
+/// Most answers one request may ask for: `n` × the prompts of a completion request.
+pub const MAX_ANSWERS: usize = 16;
+
+/// Refuses the OpenAI fields that have no meaning for a diffusion sampler when they ask for
+/// something: `frequency_penalty` / `presence_penalty` other than 0 (they penalise tokens by what
+/// was generated *before* them, and a diffusion sampler commits tokens in parallel, in any order)
+/// and a non-empty `logit_bias`. An answer that silently ignored them would look like a bug.
+pub fn refuse_penalties(f: &RequestFields) -> Result<(), ApiError> {
+    for (name, v) in [
+        ("frequency_penalty", &f.frequency_penalty),
+        ("presence_penalty", &f.presence_penalty),
+    ] {
+        match v {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => {}
+            Some(Value::Number(n)) => {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{name}={n} is not supported: a diffusion sampler commits tokens in parallel and in any order, so there are no earlier tokens to penalise (send 0 or leave it out; top_p, top_k and temperature shape the distribution)"),
+                ))
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{name} must be a number, got {v}"),
+                ))
+            }
+        }
+    }
+    match &f.logit_bias {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(m)) if m.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "logit_bias",
+            "logit_bias is not supported by this server (send {} or leave it out)",
+        )),
+    }
 }
 
 /// A request's `seed`: absent or `null` is 0; otherwise an integer (a negative one wraps, as
@@ -188,6 +237,10 @@ pub struct ValidGeneration {
     pub stream: bool,
     pub denoise: bool,
     pub stop: Vec<String>,
+    /// Answers per prompt (`n`): rows of one batch that draw different noise from `seed`.
+    pub n: usize,
+    /// A streamed request's last chunk carries the usage (`stream_options.include_usage`).
+    pub include_usage: bool,
 }
 
 /// Checks a request body into settings: the OpenAI fields here, the sampler fields through
@@ -195,17 +248,17 @@ pub struct ValidGeneration {
 pub fn validate_generation(body: &Value, d: &Defaults) -> Result<ValidGeneration, ApiError> {
     let f: RequestFields = serde_json::from_value(body.clone())
         .map_err(|e| ApiError::invalid("body", e.to_string()))?;
-    if let Some(n) = &f.n {
-        if as_usize(n, "n", 1, 1)? != 1 {
-            return Err(ApiError::invalid("n", "only n=1 is supported"));
-        }
-    }
+    let n = match &f.n {
+        None | Some(Value::Null) => 1,
+        Some(v) => as_usize(v, "n", 1, MAX_ANSWERS)?,
+    };
     let max_tokens = match (&f.max_completion_tokens, &f.max_tokens) {
         (Some(v), _) => Some(as_usize(v, "max_completion_tokens", 1, d.max_tokens_limit)?),
         (None, Some(v)) => Some(as_usize(v, "max_tokens", 1, d.max_tokens_limit)?),
         (None, None) => None,
     };
     refuse_logprobs(&f)?;
+    refuse_penalties(&f)?;
     let settings = SamplerSettings::from_json(body)?;
     check_limits(&settings)?;
     let cfg = d.resolve(settings, max_tokens)?;
@@ -238,12 +291,42 @@ pub fn validate_generation(body: &Value, d: &Defaults) -> Result<ValidGeneration
             "stop takes at most 4 non-empty strings",
         ));
     }
+    if stream && n > 1 {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "n={n} with stream: a stream carries one answer (ask without stream for several)"
+            ),
+        ));
+    }
+    let include_usage =
+        match &f.stream_options {
+            None | Some(Value::Null) => false,
+            Some(_) if !stream => {
+                return Err(ApiError::invalid(
+                    "stream_options",
+                    "stream_options is only allowed with stream: true",
+                ))
+            }
+            Some(Value::Object(o)) => match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(v) => as_bool(v, "stream_options.include_usage")?,
+            },
+            Some(v) => return Err(ApiError::invalid(
+                "stream_options",
+                format!(
+                    "stream_options must be an object such as {{\"include_usage\": true}}, got {v}"
+                ),
+            )),
+        };
     Ok(ValidGeneration {
         cfg,
         seed,
         stream,
         denoise,
         stop,
+        n,
+        include_usage,
     })
 }
 
@@ -370,6 +453,26 @@ mod tests {
     }
 
     #[test]
+    fn openai_fields_that_ask_for_nothing_are_accepted() {
+        let d = Defaults::default();
+        let g = validate_generation(
+            &serde_json::json!({"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": null, "top_p": 0.9}),
+            &d,
+        )
+        .unwrap();
+        assert_eq!((g.n, g.include_usage), (1, false));
+        assert_eq!(g.cfg.filter.top_p, Some(0.9));
+        let g = validate_generation(
+            &serde_json::json!({"stream": true, "stream_options": {"include_usage": true}}),
+            &d,
+        )
+        .unwrap();
+        assert!(g.include_usage && g.stream);
+        let g = validate_generation(&serde_json::json!({"n": 4}), &d).unwrap();
+        assert_eq!(g.n, 4);
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let d = Defaults::default();
         for (v, field) in [
@@ -382,7 +485,37 @@ mod tests {
                 "gen_length",
             ),
             (serde_json::json!({"cache": "quad"}), "cache"),
-            (serde_json::json!({"n": 3}), "n"),
+            (serde_json::json!({"n": 17}), "n"),
+            (serde_json::json!({"n": 0}), "n"),
+            (serde_json::json!({"n": 2, "stream": true}), "n"),
+            (
+                serde_json::json!({"frequency_penalty": 0.5}),
+                "frequency_penalty",
+            ),
+            (
+                serde_json::json!({"presence_penalty": -1}),
+                "presence_penalty",
+            ),
+            (
+                serde_json::json!({"presence_penalty": "high"}),
+                "presence_penalty",
+            ),
+            (
+                serde_json::json!({"logit_bias": {"50256": -100}}),
+                "logit_bias",
+            ),
+            (
+                serde_json::json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                serde_json::json!({"stream": true, "stream_options": {"include_usage": "yes"}}),
+                "stream_options.include_usage",
+            ),
+            (
+                serde_json::json!({"stream": true, "stream_options": 1}),
+                "stream_options",
+            ),
             (serde_json::json!({"stream": "yes"}), "stream"),
             (serde_json::json!({"temperature": "hot"}), "temperature"),
             (serde_json::json!({"temperature": 1000.0}), "temperature"),

@@ -12,6 +12,15 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 700 } });
   await page.goto(base + "/");
+  // the page names the model and starts from the server's own defaults (/health)
+  await page.waitForFunction(() => document.body.dataset.ready === "1", null, { timeout: 30000 });
+  const health = await (await fetch(base + "/health")).json();
+  const model = await page.textContent("#model");
+  if (model !== health.model) throw new Error(`model name ${model}, /health says ${health.model}`);
+  if (await page.inputValue("#max_tokens") !== String(health.defaults.max_tokens)) throw new Error("max_tokens is not the server's default");
+  if (await page.inputValue("#cache") !== health.defaults.cache) throw new Error("cache is not the server's default");
+  const legend = await page.textContent("#legend");
+  for (const w of ["masked", "committed this step", "padding"]) if (!legend.includes(w)) throw new Error("legend lacks " + w);
   await page.fill("#prompt", "The LORD is my shepherd; I shall not want.");
   await page.fill("#max_tokens", "32");
   await page.fill("#steps", "32");
@@ -24,9 +33,23 @@ try {
   const tokens = await page.$$eval("#canvas .tok", (els) => els.filter((e) => !e.classList.contains("mask")).length);
   const answer = await page.textContent("#answer");
   if (!/step \d+ \/ \d+/.test(stats)) throw new Error("no step counter: " + stats);
+  if (!/\d+ answer tokens?\b.*answer tokens\/s/.test(stats)) throw new Error("no answer tokens/s: " + stats);
   if (tokens === 0) throw new Error("no token appeared on the canvas");
   if (/err/.test(await page.innerHTML("#answer"))) throw new Error("page error: " + answer);
   await page.screenshot({ path: shot, fullPage: true });
+  // an empty answer is said, with its reason, instead of showing nothing
+  const sse = (ev, d) => (ev ? `event: ${ev}\n` : "") + `data: ${JSON.stringify(d)}\n\n`;
+  await page.route("**/v1/chat/completions", (route) => route.fulfill({
+    status: 200, contentType: "text/event-stream",
+    body: sse("denoise", { step: 1, total_steps: 1, block: 0, nfe: 1, tokens: ["<|eot_id|>"], committed: [0], masked: 0, elapsed: 0.1 })
+      + sse("done", { nfe: 1, seconds: 0.1, text: "", answer_tokens: 0, tokens_per_s: 0, empty_reason: "the model ended the answer at once (EOS first)" })
+      + "data: [DONE]\n\n",
+  }));
+  await page.click("#go");
+  await page.waitForFunction(() => /empty answer/.test(document.querySelector("#answer").textContent), null, { timeout: 30000 });
+  if (!(await page.textContent("#answer")).includes("EOS first")) throw new Error("the empty answer's reason is not shown");
+  await page.screenshot({ path: shot.replace(/\.png$/, "-empty.png"), fullPage: true });
+  await page.unroute("**/v1/chat/completions");
   // an error message carrying markup (a checkpoint's template error, say) is shown as text
   await page.route("**/v1/chat/completions", (route) => route.fulfill({
     status: 422, contentType: "application/json",

@@ -45,6 +45,35 @@ for chunk in stream:
 assert finish in ("stop", "length"), finish
 print("stream:", repr("".join(pieces)), finish)
 
+# stream_options.include_usage: the last chunk has no choices and the usage
+usage = None
+for chunk in client.chat.completions.create(
+    model=name,
+    messages=[{"role": "user", "content": "Blessed are the meek"}],
+    max_tokens=16,
+    stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.usage is not None:
+        assert chunk.choices == [], chunk
+        usage = chunk.usage
+assert usage is not None and usage.prompt_tokens > 0, usage
+print("stream usage:", usage)
+
+# n answers of one prompt
+r = client.chat.completions.create(
+    model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, n=2, temperature=0.8, seed=3
+)
+assert [c.index for c in r.choices] == [0, 1], r
+print("n=2:", [c.message.content for c in r.choices])
+
+# penalties a diffusion sampler cannot honour are refused, naming the field
+try:
+    client.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}], max_tokens=8, frequency_penalty=0.5)
+    raise SystemExit("frequency_penalty=0.5 was accepted")
+except Exception as e:
+    assert "frequency_penalty" in str(e), e
+
 try:
     client.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}], max_tokens=-1)
     raise SystemExit("max_tokens=-1 was accepted")
