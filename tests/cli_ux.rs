@@ -209,3 +209,65 @@ fn bench_prints_settings_for_people() {
     assert!(r.stdout.contains("threshold 0.9"), "{}", r.stdout);
     assert!(!r.stdout.contains("Threshold {"), "{}", r.stdout);
 }
+
+/// `--show-steps` into a log (not a terminal) writes one compact line per step: runs of masks
+/// and of padding are counted, not repeated.
+#[test]
+fn show_steps_in_a_log_is_compact() {
+    let d = shipped();
+    let r = llada_cmd(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--show-steps",
+        "--sampler",
+        "reference",
+        "--gen-length",
+        "32",
+        "--steps",
+        "4",
+        "--block-length",
+        "32",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let steps: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("step "))
+        .collect();
+    assert_eq!(steps.len(), 4, "{}", r.stderr);
+    assert!(steps[0].contains("░×"), "{}", steps[0]);
+    for l in &steps {
+        assert!(!l.contains("░░"), "{l}");
+        assert!(!l.contains("|><|endoftext|>"), "{l}");
+        assert!(l.chars().count() < 200, "{l}");
+    }
+}
+
+/// `score` draws a progress bar on a terminal only: its output into a pipe is the result alone.
+#[test]
+fn score_prints_the_result_alone_into_a_pipe() {
+    let d = shipped();
+    let r = llada_cmd(&[
+        "score",
+        d.to_str().unwrap(),
+        "--prompt",
+        "What is 2 + 3?",
+        "--answer",
+        " 2 + 3 = 5.",
+        "--mc-num",
+        "8",
+        "--batch",
+        "4",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("log p(answer | prompt) ≥ "),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stderr.contains("scoring"), "{}", r.stderr);
+}

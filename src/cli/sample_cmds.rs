@@ -200,19 +200,33 @@ impl<'a> StepView<'a> {
         let row = e.canvas[0];
         let fresh: Vec<usize> = e.committed[0].iter().map(|c| c.index).collect();
         let mut line = String::new();
-        for (i, &t) in row.iter().enumerate() {
-            let s = if t == e.mask_id {
-                "░".to_string()
-            } else {
-                self.piece(t)
-            };
-            if self.tty && fresh.contains(&i) {
-                line.push_str(&format!("\x1b[1;32m{s}\x1b[0m"));
-            } else if self.tty && t == e.mask_id {
-                line.push_str(&format!("\x1b[2m{s}\x1b[0m"));
-            } else {
-                line.push_str(&s);
+        if self.tty {
+            for (i, &t) in row.iter().enumerate() {
+                let s = if t == e.mask_id {
+                    "░".to_string()
+                } else {
+                    self.piece(t)
+                };
+                if fresh.contains(&i) {
+                    line.push_str(&format!("\x1b[1;32m{s}\x1b[0m"));
+                } else if t == e.mask_id {
+                    line.push_str(&format!("\x1b[2m{s}\x1b[0m"));
+                } else {
+                    line.push_str(&s);
+                }
             }
+        } else {
+            let pieces: Vec<String> = row
+                .iter()
+                .map(|&t| {
+                    if t == e.mask_id {
+                        "░".to_string()
+                    } else {
+                        self.piece(t)
+                    }
+                })
+                .collect();
+            line = compact_canvas(&pieces);
         }
         let masked = row.iter().filter(|&&t| t == e.mask_id).count();
         let header = format!(
@@ -232,6 +246,29 @@ impl<'a> StepView<'a> {
         }
         let _ = err.flush();
     }
+}
+
+/// A canvas as one short line for logs (not a terminal): a run of the same mask or special token
+/// (`<|eot_id|>` padding) is written once with its count, `░×12`, `<|eot_id|>×20`.
+pub fn compact_canvas(pieces: &[String]) -> String {
+    let runs_of = |p: &str| p == "░" || (p.starts_with("<|") && p.ends_with("|>"));
+    let mut out = String::new();
+    let mut i = 0;
+    while i < pieces.len() {
+        let p = &pieces[i];
+        let mut j = i + 1;
+        if runs_of(p) {
+            while j < pieces.len() && pieces[j] == *p {
+                j += 1;
+            }
+        }
+        out.push_str(p);
+        if j - i > 1 {
+            out.push_str(&format!("×{}", j - i));
+        }
+        i = j;
+    }
+    out
 }
 
 /// Prints an answer on stdout as it becomes final (the committed prefix grows left to right, as

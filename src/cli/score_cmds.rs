@@ -92,14 +92,22 @@ pub fn score_cmd(a: ScoreCmdArgs) -> Result<()> {
         bail!("invalid ids: token {bad} is outside the vocabulary (embedding_size {v})");
     }
     let mut m = ck.model.predictor();
-    let e = score::log_likelihood(
+    // a progress bar over the Monte Carlo mini-batches (drawn on a terminal only)
+    let pb = bar(cfg.mc_num.div_ceil(cfg.batch.max(1)), "scoring");
+    let mut tick = || {
+        pb.inc(1);
+        std::ops::ControlFlow::Continue(())
+    };
+    let e = score::log_likelihood_until(
         &mut m,
         &prompt,
         &answer,
         &cfg,
         ck.special.mask,
         &mut Rng::new(a.score.seed),
+        &mut tick,
     )?;
+    pb.finish_and_clear();
     if a.json {
         return print_json(&serde_json::json!({
             "log_likelihood": e.log_likelihood, "stderr": e.stderr,
