@@ -151,6 +151,15 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf> {
     };
     let path = PathBuf::from(&spec);
     if path.exists() {
+        // a training run's folder (or its checkpoints/latest) stands for its last checkpoint
+        if let Some(ck) = crate::train::trainer::run_checkpoint(&path) {
+            tracing::info!(
+                "{} is a training run: loading {}",
+                path.display(),
+                ck.display()
+            );
+            return Ok(ck);
+        }
         return Ok(path);
     }
     if is_hub_id(&spec) {

@@ -675,3 +675,119 @@ fn a_checkpoint_set_aside_by_an_interrupted_replace_is_put_back() {
     assert_eq!(r.resumed_from, Some(ckd.join("step-0000002")));
     assert!(!aside.exists() && !partial.exists());
 }
+
+/// A new user's run: a preset shape with the vocabulary and ids from the tokenizer (nothing
+/// copied by hand), a warm-up scaled to a short run, a progress line every N steps when stderr
+/// is a log, and the run folder (or its `checkpoints/latest`) loading as a model.
+#[test]
+fn a_run_from_a_preset_needs_no_hand_work_and_loads_as_a_model() {
+    let t = tempfile::tempdir().unwrap();
+    let data = dataset(t.path(), DataKind::Pretrain);
+    let run = t.path().join("run");
+    let g = golden_dir();
+    let r = llada_cmd(&[
+        "train",
+        "--model-config",
+        "tiny",
+        "--tokenizer",
+        g.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "12",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--log-every",
+        "5",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("step ") && l.contains(" · loss "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", r.stderr);
+    for (l, step) in lines
+        .iter()
+        .zip(["step 5/12 ·", "step 10/12 ·", "step 12/12 ·"])
+    {
+        assert!(
+            l.starts_with(step) && l.contains("loss ") && l.contains("ETA "),
+            "{l}"
+        );
+    }
+    assert!(!r.stderr.contains("never reaches its peak"), "{}", r.stderr);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["schedule"]["warmup"], 1, "{cfg}");
+    // the checkpoint's config has the tokenizer's ids
+    let ck = latest_checkpoint(&run).unwrap();
+    let (_, mc) = llada::checkpoint::read_config(&ck).unwrap();
+    let tok = Tokenizer::open(&g).unwrap();
+    assert_eq!(mc.mask_token_id, Some(tok.special().mask));
+    assert_eq!(mc.embedding_size, tok.vocab_size());
+    // the run folder and checkpoints/latest stand for the last checkpoint
+    for model in [run.clone(), run.join("checkpoints/latest")] {
+        let r = llada_cmd(&[
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2,3",
+            "--gen-length",
+            "8",
+            "--json",
+        ])
+        .run();
+        assert!(r.ok(), "{}: {}", model.display(), r.stderr);
+    }
+    // a warm-up as long as the run is said
+    let r = llada_cmd(&[
+        "train",
+        "--model-config",
+        "tiny",
+        "--tokenizer",
+        g.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        t.path().join("run2").to_str().unwrap(),
+        "--steps",
+        "2",
+        "--warmup",
+        "5",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(r.stderr.contains("never reaches its peak"), "{}", r.stderr);
+    // an unknown preset names the ones there are
+    let r = llada_cmd(&[
+        "train",
+        "--model-config",
+        "huge",
+        "--tokenizer",
+        g.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        t.path().join("run3").to_str().unwrap(),
+    ])
+    .run();
+    assert!(!r.ok());
+    assert!(r.stderr.contains("tiny, small, bench-135m"), "{}", r.stderr);
+}

@@ -1,5 +1,6 @@
 //! `llada train`, `llada tokenizer train`, `llada data prepare`, `llada plot`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -26,10 +27,12 @@ pub struct TrainArgs {
     /// Start from this checkpoint folder.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// Or from random weights for this config.json.
-    #[arg(long)]
+    /// Or from random weights of this shape: a config.json, or a preset (tiny, small,
+    /// bench-135m; see the README). The vocabulary size and the special ids a config leaves out
+    /// are taken from --tokenizer.
+    #[arg(long, value_name = "FILE|PRESET")]
     pub model_config: Option<PathBuf>,
-    /// Tokenizer folder copied into checkpoints.
+    /// Tokenizer folder: the vocabulary and special ids of a new model, copied into checkpoints.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Prepared dataset folder.
@@ -53,6 +56,9 @@ pub struct TrainArgs {
     /// Peak learning rate [default: 4e-4].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Warm-up steps of the learning rate [default: 100, or a tenth of a shorter run].
+    #[arg(long)]
+    pub warmup: Option<usize>,
     /// Steps between evaluations of the bound on the validation split [default: 100].
     #[arg(long)]
     pub eval_every: Option<usize>,
@@ -75,6 +81,10 @@ pub struct TrainArgs {
     /// One JSON line per step on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
+    /// When stderr is not a terminal (a log file, CI), print a progress line every N steps
+    /// (loss, bound, tokens/s, lr, ETA) [default: 10].
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
     #[command(flatten)]
     pub rt: RuntimeArgs,
 }
@@ -110,6 +120,14 @@ impl TrainArgs {
         if let Some(o) = &self.on_nonfinite {
             c.on_nonfinite = o.parse()?;
         }
+        // the warm-up: given, the run config's, or by default scaled to a short run
+        if let Some(w) = self.warmup {
+            c.schedule = c.schedule.with_warmup(w);
+        } else if self.config.is_none() {
+            c.schedule = c
+                .schedule
+                .with_warmup(llada::train::optim::default_warmup(c.steps));
+        }
         if c.data.as_os_str().is_empty() {
             bail!(
                 "no data: give --data DIR (made by `llada data prepare`) or `data` in the config"
@@ -144,21 +162,24 @@ pub fn train(a: TrainArgs) -> Result<()> {
         trainer.cfg.seq_len,
         trainer.cfg.out.display()
     );
-    let pb = if a.json {
+    let tty = std::io::stderr().is_terminal();
+    let pb = if a.json || !tty {
         ProgressBar::hidden()
     } else {
         let pb = ProgressBar::new(steps as u64);
         pb.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.set_position(start as u64);
         pb
     };
     let mut last_eval: Option<f64> = None;
     let json = a.json;
+    let log_every = a.log_every.max(1);
+    // the ETA counts the steps done by this process only (a resumed run's earlier steps took
+    // place in another one)
+    let t0 = std::time::Instant::now();
     let mut on_step = |r: &StepReport| {
         if r.eval_loss.is_some() {
             last_eval = r.eval_loss;
@@ -167,24 +188,40 @@ pub fn train(a: TrainArgs) -> Result<()> {
             let _ = print_json(r);
             return;
         }
-        pb.set_position(r.step as u64);
-        pb.set_message(format!(
-            "loss {:.3} · bound {} · {:.0} tok/s · lr {:.2e}",
+        let eta = eta_seconds(r.step - start, steps - r.step, t0.elapsed().as_secs_f64());
+        let msg = format!(
+            "loss {:.3} · bound {} · {:.0} tok/s · lr {:.2e} · ETA {}",
             r.loss,
             last_eval
                 .map(|e| format!("{e:.3}"))
                 .unwrap_or_else(|| "-".into()),
             r.tokens_per_s,
-            r.lr
-        ));
+            r.lr,
+            eta.map_or_else(|| "-".to_string(), clock)
+        );
+        let mut notes = Vec::new();
         if r.skipped {
-            pb.println(format!(
+            notes.push(format!(
                 "step {}: skipped (loss {}, gradient norm {})",
                 r.step, r.loss, r.grad_norm
             ));
         }
         if let Some(c) = &r.checkpoint {
-            pb.println(format!("step {}: checkpoint {}", r.step, c.display()));
+            notes.push(format!("step {}: checkpoint {}", r.step, c.display()));
+        }
+        if tty {
+            pb.set_position(r.step as u64);
+            pb.set_message(msg);
+            for n in notes {
+                pb.println(n);
+            }
+        } else {
+            if r.step.is_multiple_of(log_every) || r.step == steps || r.eval_loss.is_some() {
+                eprintln!("step {}/{steps} · {msg}", r.step);
+            }
+            for n in notes {
+                eprintln!("{n}");
+            }
         }
     };
     let last = trainer.run(&mut on_step)?;
@@ -195,6 +232,22 @@ pub fn train(a: TrainArgs) -> Result<()> {
         last.display()
     );
     Ok(())
+}
+
+/// Seconds left at the rate of this process's steps (`None` before its first step).
+fn eta_seconds(done_here: usize, remaining: usize, elapsed: f64) -> Option<f64> {
+    (done_here > 0).then(|| elapsed / done_here as f64 * remaining as f64)
+}
+
+/// `h:mm:ss` (or `m:ss` under an hour).
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -380,4 +433,19 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     llada::train::plot::plot_run(&a.run, &out)?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ETA is the rate of this process's steps times the steps left: after a resume at step
+    /// 90 of 100, 3 steps in 3 s leave 7 steps, 7 s (not 10/93 of the time).
+    #[test]
+    fn the_eta_counts_this_process_steps_only() {
+        assert_eq!(eta_seconds(0, 10, 5.0), None);
+        assert_eq!(eta_seconds(3, 7, 3.0), Some(7.0));
+        assert_eq!(clock(7.0), "0:07");
+        assert_eq!(clock(3725.0), "1:02:05");
+    }
 }

@@ -6,6 +6,7 @@ pub mod data;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod presets;
 pub mod tokenizer;
 pub mod trainer;
 

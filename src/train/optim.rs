@@ -58,7 +58,32 @@ impl Default for Schedule {
     }
 }
 
+/// The default warm-up of a run of `steps` steps: 100 steps, or a tenth of a shorter run (at
+/// least 1), so that every run reaches its peak learning rate.
+pub fn default_warmup(steps: usize) -> usize {
+    100.min((steps / 10).max(1))
+}
+
 impl Schedule {
+    /// Warm-up steps.
+    pub fn warmup(&self) -> usize {
+        match *self {
+            Schedule::Constant { warmup }
+            | Schedule::Cosine { warmup, .. }
+            | Schedule::Wsd { warmup, .. } => warmup,
+        }
+    }
+
+    /// The same schedule with `w` warm-up steps.
+    pub fn with_warmup(mut self, w: usize) -> Self {
+        match &mut self {
+            Schedule::Constant { warmup }
+            | Schedule::Cosine { warmup, .. }
+            | Schedule::Wsd { warmup, .. } => *warmup = w,
+        }
+        self
+    }
+
     /// The multiplier of the peak learning rate at `step` (0-based) of `total`.
     pub fn factor(&self, step: usize, total: usize) -> f64 {
         let warm = |w: usize| {

@@ -305,6 +305,25 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
+/// The checkpoint a run folder stands for when it is given as a model (`llada generate runs/pre`):
+/// for a run folder, its `checkpoints/` folder or its `checkpoints/latest` pointer, the last
+/// complete checkpoint (the one `latest` names, else the highest `step-*`). `None` for anything
+/// else (a checkpoint folder itself among them).
+pub fn run_checkpoint(p: &Path) -> Option<PathBuf> {
+    let run = if p.is_file() && p.file_name()? == LATEST {
+        p.parent()?.parent()?.to_path_buf()
+    } else if p.is_dir() && !p.join("config.json").exists() {
+        if p.file_name()? == CHECKPOINTS && !p.join(CHECKPOINTS).exists() {
+            p.parent()?.to_path_buf()
+        } else {
+            p.to_path_buf()
+        }
+    } else {
+        return None;
+    };
+    latest_checkpoint(&run).or_else(|| step_dirs(&run).pop().map(|(_, d)| d))
+}
+
 /// The writer's process id in the name of a leftover of an interrupted save, `None` for any
 /// other name: `.tmp-step-NNNNNNN-PID` and `.step-NNNNNNN.{new,old}-PID-N` folders in
 /// `checkpoints/` (`dir` true), `.latest.PID.tmp` there and `.train_config.json.PID.tmp` in the
@@ -499,6 +518,14 @@ impl Trainer {
     /// folder is an error naming it, `--resume` and `--force`.
     pub fn start(cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
         cfg.validate()?;
+        if cfg.schedule.warmup() >= cfg.steps {
+            tracing::warn!(
+                "the warm-up ({} steps) is as long as the run ({} steps): the learning rate never reaches its peak {} (set a shorter warm-up: --warmup, or schedule.warmup in the run's config)",
+                cfg.schedule.warmup(),
+                cfg.steps,
+                cfg.lr
+            );
+        }
         if !replace_earlier_run && has_checkpoints(&cfg.out) {
             return Err(Error::OutputFolder {
                 path: cfg.out.clone(),
@@ -529,7 +556,8 @@ impl Trainer {
         } else {
             // validate() guarantees a model_config when there is no init_from
             let path = cfg.model_config.clone().unwrap_or_default();
-            let raw = RawConfig::from_file(&path)?;
+            // a file or a preset, completed from the tokenizer (vocabulary size, special ids)
+            let raw = super::presets::model_config_for_run(&path, cfg.tokenizer.as_deref())?;
             let mc = raw.resolve()?;
             let m = Llada::init_random(&mc, cfg.seed, DType::F32, device)?;
             (raw, m, cfg.tokenizer.clone())
@@ -1244,7 +1272,7 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
         return Err(Error::config(
             "mask_token_id",
             "absent",
-            "training needs the mask id in config.json (LLaDA-MoE's and LLaDA2's name none: add \"mask_token_id\", 156895 for their real tokenizers)",
+            "training needs the mask id: give the run a tokenizer (--tokenizer DIR) to take it from, or add \"mask_token_id\" to config.json (LLaDA-MoE's and LLaDA2's name none: 156895 for their real tokenizers)",
         ));
     }
     Ok(())
