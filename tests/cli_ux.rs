@@ -271,3 +271,26 @@ fn score_prints_the_result_alone_into_a_pipe() {
     );
     assert!(!r.stderr.contains("scoring"), "{}", r.stderr);
 }
+
+/// `chat --help` states the defaults chat really uses (the fast preset's block, threshold, cache
+/// and early stop).
+#[test]
+fn chat_help_states_the_defaults_it_uses() {
+    let r = llada_cmd(&["chat", "--help"]).run();
+    assert!(r.ok(), "{}", r.stderr);
+    let help = r.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    let fast = Preset::Fast.apply(SamplerConfig::default(), true);
+    assert_eq!(fast.block_length, 32);
+    assert_eq!(fast.commit, Commit::Threshold { tau: 0.9 });
+    assert_eq!(fast.cache, CacheMode::Dual);
+    assert!(fast.early_stop);
+    for want in [
+        "Semi-autoregressive block length [default: 32 (--sampler fast",
+        "[default: 0.9 with --sampler fast",
+        "[default: dual with --sampler fast",
+        "[default: on with --sampler fast",
+        "[default: fast;",
+    ] {
+        assert!(help.contains(want), "chat --help lacks {want:?}:\n{help}");
+    }
+}

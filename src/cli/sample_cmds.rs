@@ -31,8 +31,8 @@ pub struct SamplerArgs {
     /// Denoising steps over all blocks [default: the answer length, one token per step].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Semi-autoregressive block length [default: 128, or the answer length if 128 does not
-    /// divide it].
+    /// Semi-autoregressive block length [default: 32 (--sampler fast; chat's reference too),
+    /// generate's reference 128; one block over the answer when it does not divide its length].
     #[arg(long)]
     pub block_length: Option<usize>,
     /// Confidence scoring: low_confidence or random (LLaDA), maskgit_plus, topk_margin or entropy
@@ -51,17 +51,20 @@ pub struct SamplerArgs {
     /// Give EOS/EOT predictions confidence 0 (the reference's behaviour).
     #[arg(long)]
     pub confidence_eos_eot_inf: bool,
-    /// Fast-dLLM: commit every prediction with confidence ≥ τ (at least one per step).
+    /// Fast-dLLM: commit every prediction with confidence ≥ τ (at least one per step)
+    /// [default: 0.9 with --sampler fast (LLaDA2: 0.95), off with reference].
     #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Fast-dLLM factor rule: commit the longest prefix of ranks n with (n+1)(1−c_n) ≤ f.
     #[arg(long, allow_negative_numbers = true)]
     pub factor: Option<f64>,
-    /// Key/value cache between the steps of a block: none, prefix or dual (Fast-dLLM).
+    /// Key/value cache between the steps of a block: none, prefix or dual (Fast-dLLM)
+    /// [default: dual with --sampler fast (infill: none), none with reference].
     #[arg(long, value_enum, hide_possible_values = true)]
     pub cache: Option<CacheMode>,
     /// Stop as soon as the answer is final (an EOS/EOT committed with nothing masked before it);
-    /// the decoded answer is unchanged, the rest becomes EOS padding.
+    /// the decoded answer is unchanged, the rest becomes EOS padding [default: on with
+    /// --sampler fast, off with reference].
     #[arg(long)]
     pub early_stop: bool,
     /// Dream's sampler (`diffusion_generate`): origin, maskgit_plus, topk_margin or entropy;

@@ -299,26 +299,27 @@ pub fn validate_generation(body: &Value, d: &Defaults) -> Result<ValidGeneration
             ),
         ));
     }
-    let include_usage =
-        match &f.stream_options {
+    let include_usage = match &f.stream_options {
+        None | Some(Value::Null) => false,
+        Some(_) if !stream => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "stream_options is only allowed with stream: true",
+            ))
+        }
+        Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
-            Some(_) if !stream => {
-                return Err(ApiError::invalid(
-                    "stream_options",
-                    "stream_options is only allowed with stream: true",
-                ))
-            }
-            Some(Value::Object(o)) => match o.get("include_usage") {
-                None | Some(Value::Null) => false,
-                Some(v) => as_bool(v, "stream_options.include_usage")?,
-            },
-            Some(v) => return Err(ApiError::invalid(
+            Some(v) => as_bool(v, "stream_options.include_usage")?,
+        },
+        Some(v) => {
+            return Err(ApiError::invalid(
                 "stream_options",
                 format!(
                     "stream_options must be an object such as {{\"include_usage\": true}}, got {v}"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     Ok(ValidGeneration {
         cfg,
         seed,
