@@ -199,10 +199,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .await
         .context("serving")
     })?;
+    let served = st.served.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "llada stopped after {:.0}s: {} requests answered",
+        "llada stopped after {:.0}s: {served} request{} answered",
         st.started.elapsed().as_secs_f64(),
-        st.served.load(std::sync::atomic::Ordering::Relaxed)
+        if served == 1 { "" } else { "s" }
     );
     Ok(())
 }

@@ -35,6 +35,8 @@ try {
   if (!/step \d+ \/ \d+/.test(stats)) throw new Error("no step counter: " + stats);
   if (!/\d+ answer tokens?\b.*answer tokens\/s/.test(stats)) throw new Error("no answer tokens/s: " + stats);
   if (tokens === 0) throw new Error("no token appeared on the canvas");
+  // after an early stop the positions left masked are shown as the padding they became
+  if (await page.$$eval("#canvas .mask", (els) => els.length)) throw new Error("masks left on the canvas after done: " + stats);
   if (/err/.test(await page.innerHTML("#answer"))) throw new Error("page error: " + answer);
   await page.screenshot({ path: shot, fullPage: true });
   // an empty answer is said, with its reason, instead of showing nothing
