@@ -1417,6 +1417,28 @@ async fn n_answers_per_prompt() {
     .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(json_of(&b)["choices"][1]["index"], 1);
+    // beyond the server's bound on a request's canvases: 413
+    let small = with_limits(
+        &s,
+        Limits {
+            max_batch_tokens: 500,
+            ..s.limits.clone()
+        },
+    );
+    let (st, b) = call(
+        &small,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "In the beginning", "n": 4, "max_tokens": 128}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert!(String::from_utf8_lossy(&b).contains("--max-batch-tokens"));
     // beyond the bound, and with a stream: 422 naming n
     for body in [
         json!({"prompt": ["a", "b", "c"], "n": 6, "max_tokens": 8}),
@@ -1500,6 +1522,32 @@ async fn health_gives_the_default_sampler() {
     assert_eq!(d["cache"], "dual");
     assert_eq!(d["early_stop"], true);
     assert_eq!(d["block_diffusion"], false);
+    assert_eq!(d["base_block_length"], 32);
+    // a default answer length the default block does not divide: one block, as a request gets
+    let mut odd = s.defaults.clone();
+    odd.sampler.gen_length = 100;
+    odd.sampler.steps = 100;
+    let s2 = Arc::new(AppState {
+        engine: s.engine.clone(),
+        tokenizer: Tokenizer::open(&golden_dir()).unwrap(),
+        model_name: "tiny".into(),
+        max_sequence_length: s.max_sequence_length,
+        vocab_size: s.vocab_size,
+        defaults: odd,
+        limits: s.limits.clone(),
+        started: Instant::now(),
+        served: AtomicU64::new(0),
+    });
+    let (_, b) = call(&s2, "GET", "/health", Body::empty()).await;
+    let d = json_of(&b)["defaults"].clone();
+    assert_eq!(
+        (
+            d["max_tokens"].clone(),
+            d["block_length"].clone(),
+            d["base_block_length"].clone()
+        ),
+        (json!(100), json!(100), json!(32))
+    );
 }
 
 /// A `tracing` writer into a shared buffer.
@@ -1566,4 +1614,19 @@ async fn every_request_gets_one_log_line() {
             && lines[3].contains("answer tokens"),
         "{log}"
     );
+}
+
+/// The same server (engine, tokenizer, defaults) with other limits.
+fn with_limits(s: &Arc<AppState>, limits: Limits) -> Arc<AppState> {
+    Arc::new(AppState {
+        engine: s.engine.clone(),
+        tokenizer: Tokenizer::open(&golden_dir()).unwrap(),
+        model_name: s.model_name.clone(),
+        max_sequence_length: s.max_sequence_length,
+        vocab_size: s.vocab_size,
+        defaults: s.defaults.clone(),
+        limits,
+        started: Instant::now(),
+        served: AtomicU64::new(0),
+    })
 }

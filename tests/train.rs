@@ -736,7 +736,21 @@ fn a_run_from_a_preset_needs_no_hand_work_and_loads_as_a_model() {
     let tok = Tokenizer::open(&g).unwrap();
     assert_eq!(mc.mask_token_id, Some(tok.special().mask));
     assert_eq!(mc.embedding_size, tok.vocab_size());
-    // the run folder and checkpoints/latest stand for the last checkpoint
+    // the run folder, its checkpoints/ and checkpoints/latest stand for the last checkpoint
+    for p in [
+        run.clone(),
+        run.join("checkpoints"),
+        run.join("checkpoints/latest"),
+        run.join("checkpoints/.."),
+    ] {
+        assert_eq!(
+            llada::train::trainer::run_checkpoint(&p),
+            Some(std::fs::canonicalize(&ck).unwrap()),
+            "{}",
+            p.display()
+        );
+    }
+    assert_eq!(llada::train::trainer::run_checkpoint(&ck), None);
     for model in [run.clone(), run.join("checkpoints/latest")] {
         let r = llada_cmd(&[
             "generate",
@@ -750,7 +764,27 @@ fn a_run_from_a_preset_needs_no_hand_work_and_loads_as_a_model() {
         .run();
         assert!(r.ok(), "{}: {}", model.display(), r.stderr);
     }
-    // a warm-up as long as the run is said
+    // a run folder is a starting point too (SFT-style continuation from the run's last step)
+    let r = llada_cmd(&[
+        "train",
+        "--init-from",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        t.path().join("run-from-run").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    // a warm-up longer than the run is said
     let r = llada_cmd(&[
         "train",
         "--model-config",

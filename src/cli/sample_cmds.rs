@@ -32,7 +32,8 @@ pub struct SamplerArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Semi-autoregressive block length [default: 32 (--sampler fast; chat's reference too),
-    /// generate's reference 128; one block over the answer when it does not divide its length].
+    /// generate's reference 128; one block over the answer when it does not divide its length;
+    /// infill: one block over the masked region].
     #[arg(long)]
     pub block_length: Option<usize>,
     /// Confidence scoring: low_confidence or random (LLaDA), maskgit_plus, topk_margin or entropy
@@ -64,7 +65,7 @@ pub struct SamplerArgs {
     pub cache: Option<CacheMode>,
     /// Stop as soon as the answer is final (an EOS/EOT committed with nothing masked before it);
     /// the decoded answer is unchanged, the rest becomes EOS padding [default: on with
-    /// --sampler fast, off with reference].
+    /// --sampler fast, off with reference and infill].
     #[arg(long)]
     pub early_stop: bool,
     /// Dream's sampler (`diffusion_generate`): origin, maskgit_plus, topk_margin or entropy;

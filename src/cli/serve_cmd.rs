@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Seconds a client may stop taking its answer before its connection is closed.
     #[arg(long, default_value_t = 60)]
     pub idle_timeout: u64,
+    /// Most tokens in the canvases of one generation request of several answers (prompts × n):
+    /// answers × (prompt + max_tokens); bounds its memory.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
     /// Most Monte Carlo samples (mc_num) one /v1/score request may ask for.
     #[arg(long, default_value_t = DEFAULT_MAX_MC_NUM)]
     pub score_max_mc_num: usize,
@@ -107,6 +111,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_mc_num: a.score_max_mc_num,
             max_batch_tokens: a.score_max_batch_tokens,
         },
+        max_batch_tokens: a.max_batch_tokens,
         allowed_origins: a.allow_origin.clone(),
     };
     limits.validate().context("the server's limits")?;
@@ -125,12 +130,25 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .validate()
         .context("the server's engine settings")?;
     let dir = a.model.resolve()?;
+    // the name the user knows it by: the folder they gave (a run folder, not its step-N
+    // checkpoint), a hub id as given
+    let given_name = a
+        .model
+        .model
+        .as_deref()
+        .map(|m| match std::fs::canonicalize(m) {
+            Ok(c) => c
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| m.to_string()),
+            Err(_) => m.to_string(),
+        });
     let ck = a.rt.load(&dir)?;
     // SAFETY: a plain option setter of the linked allocator (after loading, which sets its own).
     unsafe { libmimalloc_sys::mi_option_set(crate::MI_OPTION_PURGE_DELAY, SERVE_PURGE_DELAY_MS) };
     let tokenizer = Tokenizer::from_dir(&dir, &ck.config)
         .context("the server needs the checkpoint's tokenizer")?;
-    let name = a.name.clone().unwrap_or_else(|| {
+    let name = a.name.clone().or(given_name).unwrap_or_else(|| {
         dir.file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "llada".into())

@@ -57,7 +57,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub lr: Option<f64>,
     /// Warm-up steps of the learning rate [default: 100, or a tenth of a shorter run].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub warmup: Option<usize>,
     /// Steps between evaluations of the bound on the validation split [default: 100].
     #[arg(long)]
@@ -82,7 +82,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub json: bool,
     /// When stderr is not a terminal (a log file, CI), print a progress line every N steps
-    /// (loss, bound, tokens/s, lr, ETA) [default: 10].
+    /// (loss, bound, tokens/s, lr, ETA).
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
     #[command(flatten)]

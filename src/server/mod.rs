@@ -40,6 +40,8 @@ pub const PAGE: &str = include_str!("page.html");
 
 /// Default of [`Limits::max_body_bytes`].
 pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;
+/// Default of [`Limits::max_batch_tokens`].
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 32_768;
 /// Default of [`Limits::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -56,6 +58,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Bounds on one `/v1/score` request's work, checked before it runs.
     pub score: ScoreLimits,
+    /// Most tokens in the canvases of one generation request of several rows (prompts × `n`):
+    /// rows × (prompt + max_tokens). A request of one row is bounded by the model's context.
+    pub max_batch_tokens: usize,
     /// Origins (`scheme://host[:port]`) whose pages may call the API besides the server's own;
     /// `*` allows any. A request without an `Origin` header (not from a browser page) is always
     /// allowed.
@@ -68,6 +73,7 @@ impl Default for Limits {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             score: ScoreLimits::default(),
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             allowed_origins: Vec::new(),
         }
     }
@@ -81,6 +87,13 @@ impl Limits {
                 "timeout",
                 format!("{}s", self.request_timeout.as_secs_f64()),
                 format!("must be between 1 and {} seconds", MAX_TIMEOUT.as_secs()),
+            ));
+        }
+        if self.max_batch_tokens == 0 {
+            return Err(crate::Error::setting(
+                "max-batch-tokens",
+                self.max_batch_tokens,
+                "must be at least 1",
             ));
         }
         if self.max_body_bytes == 0 {
@@ -232,12 +245,14 @@ struct Streamed;
 /// Logs every request on [`ACCESS_LOG`]: method, path, status, time and, for generations, the
 /// answer tokens. A stream's line is written when it ends, with its whole time.
 async fn access_log(req: HttpRequest, next: Next) -> Response {
-    let (method, path, t0) = (
-        req.method().clone(),
-        req.uri().path().to_string(),
-        Instant::now(),
-    );
+    let mut pending = PendingLog {
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        t0: Instant::now(),
+        answered: false,
+    };
     let resp = next.run(req).await;
+    pending.answered = true;
     if resp.extensions().get::<Streamed>().is_none() {
         let tokens = resp
             .extensions()
@@ -246,12 +261,37 @@ async fn access_log(req: HttpRequest, next: Next) -> Response {
             .unwrap_or_default();
         tracing::info!(
             target: ACCESS_LOG,
-            "{method} {path} {} · {:.3}s{tokens}",
+            "{} {} {} · {:.3}s{tokens}",
+            pending.method,
+            pending.path,
             resp.status().as_u16(),
-            t0.elapsed().as_secs_f64()
+            pending.t0.elapsed().as_secs_f64()
         );
     }
     resp
+}
+
+/// A request not answered yet: if its client goes away first (the handler is dropped), its
+/// access-log line says so.
+struct PendingLog {
+    method: Method,
+    path: String,
+    t0: Instant,
+    answered: bool,
+}
+
+impl Drop for PendingLog {
+    fn drop(&mut self) {
+        if !self.answered {
+            tracing::info!(
+                target: ACCESS_LOG,
+                "{} {} - · {:.3}s · the client went away",
+                self.method,
+                self.path,
+                self.t0.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// The access-log line of a stream, written when the stream ends or its client goes away.
@@ -328,7 +368,10 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
 /// The sampler a request that gives nothing gets, in the request's own keys (the page starts
 /// from it, so that it shows what the API does).
 fn defaults_json(d: &Defaults) -> Value {
-    let c = &d.sampler;
+    // as a request that gives nothing resolves them (a default answer length the default block
+    // does not divide is one block)
+    let resolved = d.resolve(crate::sampler::SamplerSettings::default(), None);
+    let c = resolved.as_ref().unwrap_or(&d.sampler);
     let (threshold, factor) = match c.commit {
         crate::sampler::Commit::Threshold { tau } => (json!(tau), Value::Null),
         crate::sampler::Commit::Factor { f } => (Value::Null, json!(f)),
@@ -336,6 +379,7 @@ fn defaults_json(d: &Defaults) -> Value {
     };
     json!({
         "max_tokens": c.gen_length, "steps": c.steps, "block_length": c.block_length,
+        "base_block_length": d.sampler.block_length,
         "threshold": threshold, "factor": factor, "cache": c.cache,
         "temperature": c.temperature, "early_stop": c.early_stop,
         "max_tokens_limit": d.max_tokens_limit, "block_diffusion": c.block_diffusion.is_some(),
@@ -500,6 +544,17 @@ fn prepare(s: &AppState, body: &Bytes, kind: Kind) -> Result<Request, ApiError> 
                 openai::MAX_ANSWERS
             ),
         ));
+    }
+    let rows = prompts.len() * gen.n;
+    let tokens: usize = prompts
+        .iter()
+        .map(|p| (p.len() + gen.cfg.gen_length) * gen.n)
+        .sum();
+    if rows > 1 && tokens > s.limits.max_batch_tokens {
+        return Err(ApiError::TooLong(format!(
+            "{rows} answers (prompts × n) of prompt + max_tokens hold {tokens} tokens, more than this server's {} per request (--max-batch-tokens): ask for fewer answers or fewer tokens",
+            s.limits.max_batch_tokens
+        )));
     }
     if gen.stream && prompts.len() > 1 {
         return Err(ApiError::invalid(
@@ -742,7 +797,7 @@ fn stream_events(
                 }
                 out.push(chunk(&st.s, &st.req, &st.id, None, false, Some(if stopped { "stop" } else { "length" })));
                 if st.req.gen.denoise {
-                    let empty = if text.is_empty() { st.s.tokenizer.empty_answer_reason(&generated_ids[0]) } else { None };
+                    let empty = if text.trim().is_empty() { st.s.tokenizer.empty_answer_reason(&generated_ids[0]) } else { None };
                     out.push(SseEvent::default().event("done").data(json!({
                         "nfe": nfe, "seconds": seconds, "text": text, "answer_tokens": used,
                         "tokens_per_s": used as f64 / seconds.max(1e-9), "empty_reason": empty,

@@ -110,9 +110,14 @@ pub fn fill_from_tokenizer(cfg: &mut Value, tok: &Tokenizer, tok_dir: &Path) -> 
     }
     if llada {
         for key in ["vocab_size", "embedding_size"] {
+            // an absent embedding_size is the vocabulary's size: a given vocab_size's if larger
+            let fill = match (key, map.get("vocab_size").and_then(Value::as_u64)) {
+                ("embedding_size", Some(v)) => v.max(vocab as u64),
+                _ => vocab as u64,
+            };
             match map.get(key) {
                 None | Some(Value::Null) => {
-                    map.insert(key.into(), Value::from(vocab));
+                    map.insert(key.into(), Value::from(fill));
                 }
                 Some(v) if v.as_u64().is_some_and(|n| n >= vocab as u64) => {}
                 Some(v) => {
@@ -189,6 +194,15 @@ mod tests {
         v["embedding_size"] = Value::from(8192);
         fill_from_tokenizer(&mut v, &tok, &shipped()).unwrap();
         assert_eq!(v["embedding_size"], 8192);
+        // a larger vocab_size alone: the embedding follows it
+        let mut v = read_model_config(Path::new("tiny")).unwrap();
+        v["vocab_size"] = Value::from(8192);
+        fill_from_tokenizer(&mut v, &tok, &shipped()).unwrap();
+        assert_eq!(v["embedding_size"], 8192);
+        RawConfig::from_value(v, Path::new("tiny"))
+            .unwrap()
+            .resolve()
+            .unwrap();
     }
 
     #[test]

@@ -307,21 +307,22 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 
 /// The checkpoint a run folder stands for when it is given as a model (`llada generate runs/pre`):
 /// for a run folder, its `checkpoints/` folder or its `checkpoints/latest` pointer, the last
-/// complete checkpoint (the one `latest` names, else the highest `step-*`). `None` for anything
+/// complete checkpoint (the highest `step-*`, the one `--resume` takes). `None` for anything
 /// else (a checkpoint folder itself among them).
 pub fn run_checkpoint(p: &Path) -> Option<PathBuf> {
-    let run = if p.is_file() && p.file_name()? == LATEST {
+    let p = std::fs::canonicalize(p).ok()?;
+    let run = if p.is_file() && p.file_name() == Some(LATEST.as_ref()) {
         p.parent()?.parent()?.to_path_buf()
     } else if p.is_dir() && !p.join("config.json").exists() {
-        if p.file_name()? == CHECKPOINTS && !p.join(CHECKPOINTS).exists() {
+        if p.file_name() == Some(CHECKPOINTS.as_ref()) && !p.join(CHECKPOINTS).exists() {
             p.parent()?.to_path_buf()
         } else {
-            p.to_path_buf()
+            p.clone()
         }
     } else {
         return None;
     };
-    latest_checkpoint(&run).or_else(|| step_dirs(&run).pop().map(|(_, d)| d))
+    step_dirs(&run).pop().map(|(_, d)| d)
 }
 
 /// The writer's process id in the name of a leftover of an interrupted save, `None` for any
@@ -518,7 +519,7 @@ impl Trainer {
     /// folder is an error naming it, `--resume` and `--force`.
     pub fn start(cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
         cfg.validate()?;
-        if cfg.schedule.warmup() >= cfg.steps {
+        if cfg.schedule.warmup() > cfg.steps {
             tracing::warn!(
                 "the warm-up ({} steps) is as long as the run ({} steps): the learning rate never reaches its peak {} (set a shorter warm-up: --warmup, or schedule.warmup in the run's config)",
                 cfg.schedule.warmup(),
@@ -532,9 +533,14 @@ impl Trainer {
                 reason: "holds an earlier run's checkpoints; continue it with --resume, or replace it with --force (its checkpoints and metrics.jsonl are removed)".into(),
             });
         }
+        // a run folder given as the starting point stands for its last checkpoint
+        let init_from = cfg
+            .init_from
+            .as_ref()
+            .map(|d| run_checkpoint(d).unwrap_or_else(|| d.clone()));
         if replace_earlier_run && has_checkpoints(&cfg.out) {
             // --force removes the earlier run's checkpoints: never the one this run starts from
-            if let Some(dir) = &cfg.init_from {
+            if let Some(dir) = &init_from {
                 let inside = |p: &Path| std::fs::canonicalize(p).ok();
                 if let (Some(from), Some(ck)) = (inside(dir), inside(&cfg.out.join(CHECKPOINTS))) {
                     if from.starts_with(&ck) {
@@ -550,7 +556,7 @@ impl Trainer {
             }
         }
         let data = Dataset::open(&cfg.data)?;
-        let (raw, model, tokenizer_dir) = if let Some(dir) = &cfg.init_from {
+        let (raw, model, tokenizer_dir) = if let Some(dir) = &init_from {
             let (raw, m) = load_dense(dir, device)?;
             (raw, m, cfg.tokenizer.clone().or(Some(dir.clone())))
         } else {
