@@ -173,7 +173,6 @@ pub fn evaluate(
 ) -> Result<(Vec<TaskResult>, EvalSummary)> {
     cfg.validate()?;
     let mask = tok.special().mask;
-    let mut rng = Rng::new(seed);
     let mut results = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.iter().enumerate() {
         let context = format!("{}{}", few_shot_prefix(tasks, i, shots, seed), t.context);
@@ -189,8 +188,12 @@ pub fn evaluate(
         } else {
             pairs
                 .iter()
+                // every pair from the same seed: its score does not depend on the order of the
+                // tasks (the server and lm-eval, which send pairs in any order, give the same),
+                // and the choices of a task share their masks (common random numbers)
                 .map(|(p, a)| {
-                    log_likelihood(model, p, a, cfg, mask, &mut rng).map(|e| e.log_likelihood)
+                    log_likelihood(model, p, a, cfg, mask, &mut Rng::new(seed))
+                        .map(|e| e.log_likelihood)
                 })
                 .collect::<Result<Vec<_>>>()?
         };

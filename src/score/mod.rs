@@ -458,13 +458,18 @@ pub fn single_token_candidates(
     } else {
         logits
     };
-    let logp = candle_nn::ops::log_softmax(&logits.flatten_all()?, D::Minus1)?;
-    let logp: Vec<f32> = logp.to_vec1()?;
+    // log p = ℓ[c] − logsumexp(ℓ), rounded as the estimator's one-token path rounds it (the same
+    // f32 operations), so that scoring a candidate alone (`/v1/score`) gives the same number
+    let lse: f32 = logits
+        .log_sum_exp(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?[0];
+    let l: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     candidates
         .iter()
         .map(|&c| {
-            logp.get(c as usize)
-                .map(|&v| v as f64)
+            l.get(c as usize)
+                .map(|&v| -((lse - v) as f64))
                 .ok_or_else(|| Error::setting("candidate", c, "token id outside the vocabulary"))
         })
         .collect()
