@@ -1630,3 +1630,78 @@ fn with_limits(s: &Arc<AppState>, limits: Limits) -> Arc<AppState> {
         served: AtomicU64::new(0),
     })
 }
+
+/// Batch invariance through the server: greedy requests of different prompt lengths that wait
+/// together share a (left-padded) batch and each gets exactly the answer it gets with batching
+/// off (`--max-batch 1`); a seeded sampled request gets the same answer whatever runs beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_do_not_depend_on_server_batching() {
+    let prompts = [
+        "In the beginning God created",
+        "And God said",
+        "The LORD is my shepherd; I shall not want.",
+        "Blessed are the meek: for they shall inherit the earth.",
+    ];
+    let body = |p: &str, extra: Value| {
+        let mut b = json!({"prompt": p, "max_tokens": 32, "steps": 32, "block_length": 32,
+            "threshold": null, "cache": "none", "early_stop": false});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    let off = state(16, 1);
+    let mut alone = Vec::new();
+    for p in prompts {
+        let (st, b) = call(&off, "POST", "/v1/completions", body(p, json!({}))).await;
+        assert_eq!(st, StatusCode::OK);
+        let v = json_of(&b);
+        assert_eq!(v["llada"]["batch_size"], 1);
+        alone.push(v["choices"][0]["text"].clone());
+    }
+    let sampled = json!({"temperature": 0.8, "seed": 11});
+    let (_, b) = call(
+        &off,
+        "POST",
+        "/v1/completions",
+        body(prompts[0], sampled.clone()),
+    )
+    .await;
+    let sampled_alone = json_of(&b)["choices"][0]["text"].clone();
+
+    let on = state(16, 8);
+    // a long request occupies the engine so that the others wait together
+    let blocker = {
+        let s = on.clone();
+        tokio::spawn(async move {
+            call(&s, "POST", "/v1/completions", json!({"prompt": "And it came to pass", "max_tokens": 200, "steps": 200, "block_length": 200, "threshold": null, "cache": "none"}).to_string()).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut handles = Vec::new();
+    for p in prompts {
+        let s = on.clone();
+        let b = body(p, json!({}));
+        handles.push(tokio::spawn(async move {
+            call(&s, "POST", "/v1/completions", b).await
+        }));
+    }
+    let s = on.clone();
+    let b = body(prompts[0], sampled);
+    let sampled_h = tokio::spawn(async move { call(&s, "POST", "/v1/completions", b).await });
+    let mut batched = false;
+    for (h, want) in handles.into_iter().zip(&alone) {
+        let (st, b) = h.await.unwrap();
+        assert_eq!(st, StatusCode::OK);
+        let v = json_of(&b);
+        assert_eq!(&v["choices"][0]["text"], want);
+        batched |= v["llada"]["batch_size"].as_u64().unwrap() > 1;
+    }
+    assert!(
+        batched,
+        "requests of different lengths did not share a batch"
+    );
+    let (_, b) = sampled_h.await.unwrap();
+    assert_eq!(json_of(&b)["choices"][0]["text"], sampled_alone);
+    blocker.await.unwrap();
+}

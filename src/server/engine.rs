@@ -1,8 +1,9 @@
 //! The engine: one thread that owns the model and runs jobs from a bounded queue. Handlers never
 //! touch tensors; they send a [`Job`] carrying its own event channel and read the replies.
-//! Greedy generation jobs with identical settings and prompt lengths that are waiting together
-//! run as one batch (one forward per step for all of them; no padding, so each result is exactly
-//! what it would be alone).
+//! Greedy generation jobs with identical settings that are waiting together run as one batch
+//! (one forward per step for all of them): of any prompt lengths, left-padded, where padding is
+//! exact for the model ([`Predictors::padding_is_exact`]: LLaDA, LLaDA-MoE with `mask_padding`),
+//! else of one length (no padding); either way each result is exactly what it would be alone.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -142,6 +143,12 @@ pub trait Predictors: Send + 'static {
     fn predictor(&self) -> Box<dyn MaskPredictor + '_>;
     /// The special tokens (mask, padding, EOS).
     fn special(&self) -> &SpecialTokens;
+    /// Whether a row of a left-padded batch decodes exactly as alone, so that greedy jobs of
+    /// different prompt lengths may share a batch (`tests/batch_invariance.rs`). False unless
+    /// known: then only prompts of one length batch together (no padding at all).
+    fn padding_is_exact(&self) -> bool {
+        false
+    }
 }
 
 impl Predictors for Checkpoint {
@@ -150,6 +157,18 @@ impl Predictors for Checkpoint {
     }
     fn special(&self) -> &SpecialTokens {
         &self.special
+    }
+    /// LLaDA's and LLaDA-MoE's (with `mask_padding`) forward ignores padded keys and positions
+    /// count from the row's first token; Dream's shifted outputs and LLaDA2's block-causal
+    /// attention are left out (their rows run alone or with prompts of their length).
+    fn padding_is_exact(&self) -> bool {
+        let c = &self.config;
+        c.mask_padding
+            && !c.logits_shift
+            && matches!(
+                c.architecture,
+                crate::model::Architecture::Llada | crate::model::Architecture::LladaMoe
+            )
     }
 }
 
@@ -170,9 +189,9 @@ pub fn start(model: impl Predictors, cfg: EngineConfig) -> EngineHandle {
     }
 }
 
-/// Whether two jobs can share a batch exactly: greedy generation, same settings, same prompt
-/// length, one prompt each.
-fn compatible(a: &JobKind, b: &JobKind) -> bool {
+/// Whether two jobs can share a batch exactly: greedy generation, same settings, one prompt
+/// each, of the same length unless left padding is exact for the model (`any_length`).
+fn compatible(a: &JobKind, b: &JobKind, any_length: bool) -> bool {
     match (a, b) {
         (
             JobKind::Generate {
@@ -191,7 +210,7 @@ fn compatible(a: &JobKind, b: &JobKind) -> bool {
                 && ca.remasking == sampler::Remasking::LowConfidence
                 && pa.len() == 1
                 && pb.len() == 1
-                && pa[0].len() == pb[0].len()
+                && (any_length || pa[0].len() == pb[0].len())
         }
         _ => false,
     }
@@ -199,6 +218,7 @@ fn compatible(a: &JobKind, b: &JobKind) -> bool {
 
 fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cfg: EngineConfig) {
     let mut pending: VecDeque<Job> = VecDeque::new();
+    let any_length = ck.padding_is_exact();
     let mut worked = false;
     loop {
         let first = match pending.pop_front() {
@@ -228,7 +248,7 @@ fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cf
             match rx.try_recv() {
                 Ok(j) => {
                     waiting.fetch_sub(1, Ordering::SeqCst);
-                    if compatible(&batch[0].kind, &j.kind) {
+                    if compatible(&batch[0].kind, &j.kind, any_length) {
                         batch.push(j);
                     } else {
                         pending.push_back(j);
