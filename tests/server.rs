@@ -1705,3 +1705,58 @@ async fn answers_do_not_depend_on_server_batching() {
     assert_eq!(json_of(&b)["choices"][0]["text"], sampled_alone);
     blocker.await.unwrap();
 }
+
+/// One-token answers to one prompt that wait together are scored in one forward pass, each
+/// exactly as alone (the candidates of a multiple-choice question sent concurrently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_token_candidates_score_the_same_together_and_alone() {
+    let s = state(16, 8);
+    let prompt = "In the beginning God created the heaven and the";
+    let tok = Tokenizer::open(&golden_dir()).unwrap();
+    let answers: Vec<&str> = [
+        " the", " and", " of", " a", " in", ".", ",", " to", "e", "a",
+    ]
+    .into_iter()
+    .filter(|a| tok.encode(a).unwrap().len() == 1)
+    .take(5)
+    .collect();
+    assert!(answers.len() >= 3, "{answers:?}");
+    let mut alone = Vec::new();
+    for a in &answers {
+        let (st, b) = call(
+            &s,
+            "POST",
+            "/v1/score",
+            json!({"prompt": prompt, "answer": a}).to_string(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        let v = json_of(&b);
+        assert_eq!(v["answer_tokens"], 1, "{a} is not one token");
+        alone.push(v["log_likelihood"].as_f64().unwrap());
+    }
+    let blocker = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            call(&s, "POST", "/v1/completions", json!({"prompt": "And it came to pass", "max_tokens": 200, "steps": 200, "block_length": 200, "threshold": null, "cache": "none"}).to_string()).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut hs = Vec::new();
+    for a in &answers {
+        let s = s.clone();
+        let body = json!({"prompt": prompt, "answer": a}).to_string();
+        hs.push(tokio::spawn(async move {
+            call(&s, "POST", "/v1/score", body).await
+        }));
+    }
+    for (h, want) in hs.into_iter().zip(&alone) {
+        let (st, b) = h.await.unwrap();
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            json_of(&b)["log_likelihood"].as_f64().unwrap().to_bits(),
+            want.to_bits()
+        );
+    }
+    blocker.await.unwrap();
+}

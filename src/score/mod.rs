@@ -475,6 +475,33 @@ pub fn single_token_candidates(
         .collect()
 }
 
+/// The estimates of several one-token answers to one prompt from one forward pass
+/// ([`single_token_candidates`]): each equal, to the bit, to [`log_likelihood`] of that answer
+/// alone (the server scores the candidates of a question that wait together this way).
+pub fn single_token_estimates(
+    model: &mut dyn MaskPredictor,
+    prompt: &[u32],
+    candidates: &[u32],
+    cfg_scale: f64,
+    mask_id: u32,
+) -> Result<Vec<Estimate>> {
+    let scores = single_token_candidates(model, prompt, candidates, cfg_scale, mask_id)?;
+    Ok(scores
+        .into_iter()
+        .map(|s| {
+            let ce = -s;
+            finish(
+                vec![BatchTerms {
+                    row_terms: vec![ce],
+                    token_ce: vec![vec![ce]],
+                    batch_loss: ce,
+                }],
+                1,
+            )
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,6 +212,22 @@ fn compatible(a: &JobKind, b: &JobKind, any_length: bool) -> bool {
                 && pb.len() == 1
                 && (any_length || pa[0].len() == pb[0].len())
         }
+        // one-token answers to one prompt: one forward pass scores them all, each exactly as
+        // alone (the candidates of a multiple-choice question)
+        (
+            JobKind::Score {
+                prompt: pa,
+                answer: aa,
+                cfg: ca,
+                ..
+            },
+            JobKind::Score {
+                prompt: pb,
+                answer: ab,
+                cfg: cb,
+                ..
+            },
+        ) => aa.len() == 1 && ab.len() == 1 && pa == pb && ca.cfg_scale == cb.cfg_scale,
         _ => false,
     }
 }
@@ -275,6 +291,7 @@ fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cf
         worked = true;
         // a failure inside one job must not take the engine (and every later request) down
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &batch[0].kind {
+            JobKind::Score { .. } if batch.len() > 1 => run_score_set(&*ck, &batch),
             JobKind::Score { .. } => run_score(&*ck, &batch[0]),
             JobKind::Generate { .. } => run_generate(&*ck, &batch),
         }));
@@ -286,6 +303,30 @@ fn run(ck: Box<dyn Predictors>, rx: Receiver<Job>, waiting: Arc<AtomicUsize>, cf
                 ))));
             }
         }
+    }
+}
+
+/// One-token answers to one prompt ([`compatible`]) in one forward pass.
+fn run_score_set(ck: &dyn Predictors, jobs: &[Job]) {
+    let JobKind::Score { prompt, cfg, .. } = &jobs[0].kind else {
+        return;
+    };
+    let cands: Vec<u32> = jobs
+        .iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Score { answer, .. } => answer.first().copied(),
+            _ => None,
+        })
+        .collect();
+    let mut m = ck.predictor();
+    let r = score::single_token_estimates(&mut m, prompt, &cands, cfg.cfg_scale, ck.special().mask)
+        .map_err(ApiError::from);
+    for (k, j) in jobs.iter().enumerate() {
+        let out = match &r {
+            Ok(es) => Ok(Output::Scored(es[k].clone())),
+            Err(e) => Err(e.clone()),
+        };
+        let _ = j.events.send(Event::Done(out));
     }
 }
 
