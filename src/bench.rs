@@ -134,7 +134,13 @@ pub struct GenerateReport {
     pub sampling_overhead: f64,
     pub nfe: usize,
     pub steps: usize,
+    /// Generated (canvas) tokens per forward pass: gen_length × batch / nfe.
     pub tokens_per_forward: f64,
+    /// Tokens of the answers before their first EOS/EOT (the last timed run); the rest of the
+    /// canvas is padding. Prompt tokens never count as throughput.
+    pub answer_tokens: usize,
+    /// `answer_tokens` per second (mean over the timed runs).
+    pub answer_tokens_per_s: f64,
     /// Matrix-product FLOPs per second over the whole generation, counting the work done: the
     /// recomputed chunks of a cached forward, the last MLP and the head only on the rows read.
     pub gflops: f64,
@@ -269,7 +275,7 @@ pub fn bench_generate(
     };
     let mut secs = Vec::new();
     let mut fwd = Vec::new();
-    let (mut nfe, mut steps, mut flops) = (0, 0, 0.0);
+    let (mut nfe, mut steps, mut flops, mut answer_tokens) = (0, 0, 0.0, 0);
     for r in 0..warmup + runs {
         let mut timed = Timed::new(model);
         let mut rng = Rng::new(seed);
@@ -292,6 +298,11 @@ pub fn bench_generate(
             nfe = g.nfe;
             steps = g.steps;
             flops = timed.flops;
+            answer_tokens = g
+                .generated_ids
+                .iter()
+                .map(|r| special.answer_end(r).unwrap_or(r.len()))
+                .sum();
         }
     }
     let tokens = (cfg.gen_length * batch) as f64;
@@ -312,6 +323,8 @@ pub fn bench_generate(
         nfe,
         steps,
         tokens_per_forward: tokens / nfe.max(1) as f64,
+        answer_tokens,
+        answer_tokens_per_s: answer_tokens as f64 / seconds.mean.max(1e-12),
     })
 }
 

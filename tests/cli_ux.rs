@@ -294,3 +294,57 @@ fn chat_help_states_the_defaults_it_uses() {
         assert!(help.contains(want), "chat --help lacks {want:?}:\n{help}");
     }
 }
+
+/// `eval` and `eval-chat` say what they cost: elapsed seconds and forward passes, and for
+/// generation the answer tokens (generated only) and their rate.
+#[test]
+fn evaluations_report_time_forwards_and_generated_tokens() {
+    let d = shipped();
+    let mc = common::repo_path("tests/lm_eval/mc.jsonl");
+    let r = llada_cmd(&[
+        "eval",
+        d.to_str().unwrap(),
+        mc.to_str().unwrap(),
+        "--mc-num",
+        "8",
+        "--batch",
+        "4",
+        "--limit",
+        "2",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    // question 1: one-token choices, one forward; question 2: 4 choices × 8/4 mini-batches
+    assert_eq!(v["forwards"], 1 + 4 * 2, "{v}");
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    let chat = common::repo_path("tests/lm_eval/chat.jsonl");
+    let r = llada_cmd(&[
+        "eval-chat",
+        d.to_str().unwrap(),
+        chat.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--json",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let per_case: u64 = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["answer_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(v["answer_tokens"].as_u64().unwrap(), per_case);
+    assert!(per_case > 0 && per_case < 64, "{v}");
+    // one batch of 2 rows, 32 steps of one forward each (the reference sampler)
+    assert_eq!(v["forwards"], 32, "{v}");
+    let rate = v["tokens_per_s"].as_f64().unwrap();
+    let want = per_case as f64 / v["seconds"].as_f64().unwrap();
+    assert!(
+        (rate - want).abs() < 1e-6 * want.max(1.0),
+        "{rate} vs {want}"
+    );
+}

@@ -290,6 +290,12 @@ async fn chat_and_completion_follow_openai_shapes() {
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     assert_eq!(v["llada"]["nfe"], 8);
+    // speed figures count generated tokens only
+    let done = v["usage"]["completion_tokens"].as_f64().unwrap();
+    let l = &v["llada"];
+    assert_eq!(l["tokens_per_forward"].as_f64().unwrap(), done / 8.0);
+    let rate = done / l["seconds"].as_f64().unwrap();
+    assert!((l["completion_tokens_per_s"].as_f64().unwrap() - rate).abs() <= 1e-6 * rate.max(1.0));
     let (st, b) = call(&s, "GET", "/v1/models", Body::empty()).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(json_of(&b)["data"][0]["id"], "tiny");

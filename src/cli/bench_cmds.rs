@@ -256,6 +256,8 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         v["nfe"] = r.nfe.into();
         v["seconds"] = r.seconds.mean.into();
         v["tokens_per_forward"] = r.tokens_per_forward.into();
+        v["answer_tokens"] = r.answer_tokens.into();
+        v["answer_tokens_per_s"] = r.answer_tokens_per_s.into();
         s.rates(&mut v, r.gflops, peak_rss);
         return print_json(&v);
     }
@@ -270,7 +272,14 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         "runs            {} timed after {} warm-up",
         r.runs, r.warmup
     );
-    println!("tokens/s        {}", pm(r.tokens_per_s, 2));
+    println!(
+        "tokens/s        {}  (generated canvas tokens; prompts not counted)",
+        pm(r.tokens_per_s, 2)
+    );
+    println!(
+        "answer tokens   {} before EOS/EOT · {:.2}/s",
+        r.answer_tokens, r.answer_tokens_per_s
+    );
     println!("seconds         {}", pm(r.seconds, 3));
     println!("ms per step     {}", pm(r.ms_per_step, 1));
     println!(

@@ -223,6 +223,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let tok = ck.tokenizer()?;
     let pb = bar(tasks.len(), "tasks");
     let mut m = ck.model.predictor();
+    let t0 = std::time::Instant::now();
     let (results, sum) = choice::evaluate(
         &mut m,
         tok,
@@ -232,6 +233,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         a.score.seed,
         &mut |i, _| pb.set_position(i as u64),
     )?;
+    let seconds = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let acc = &sum.acc;
     if a.json {
@@ -239,7 +241,8 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             "accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n,
             "correct": acc.correct, "accuracy_norm": sum.acc_norm.accuracy,
             "ci95_norm": [sum.acc_norm.ci95.0, sum.acc_norm.ci95.1],
-            "shots": a.shots, "results": results,
+            "shots": a.shots, "seconds": seconds, "forwards": sum.forwards,
+            "results": results,
         }));
     }
     for (label, acc) in [
@@ -258,6 +261,11 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     println!(
         "({} tasks, {} shots; accuracy_norm divides each choice's score by its length in bytes)",
         acc.n, a.shots
+    );
+    println!(
+        "{seconds:.1} s · {} forward passes · {:.1} forward passes/s",
+        sum.forwards,
+        sum.forwards as f64 / seconds.max(1e-9)
     );
     Ok(())
 }
@@ -301,25 +309,34 @@ pub fn eval_chat_cmd(a: EvalChatArgs) -> Result<()> {
     let pb = bar(cases.len(), "cases");
     let mut m = ck.model.predictor();
     let t0 = std::time::Instant::now();
-    let (results, acc, per) =
-        llada::score::exact::evaluate(&mut m, tok, &cases, &cfg, a.batch, &mut |i, _| {
-            pb.set_position(i as u64)
-        })?;
+    let ev = llada::score::exact::evaluate(&mut m, tok, &cases, &cfg, a.batch, &mut |i, _| {
+        pb.set_position(i as u64)
+    })?;
     let seconds = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let (acc, per) = (&ev.accuracy, &ev.per_task);
+    // generated tokens only: the answers before their EOS/EOT, not the prompts or the padding
+    let rate = ev.answer_tokens as f64 / seconds.max(1e-9);
     if a.json {
-        return print_json(
-            &serde_json::json!({"accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n, "seconds": seconds, "per_task": per, "results": results}),
-        );
+        return print_json(&serde_json::json!({
+            "accuracy": acc.accuracy, "ci95": [acc.ci95.0, acc.ci95.1], "n": acc.n,
+            "seconds": seconds, "forwards": ev.forwards, "answer_tokens": ev.answer_tokens,
+            "tokens_per_s": rate,
+            "tokens_per_forward": ev.answer_tokens as f64 / ev.forwards.max(1) as f64,
+            "per_task": per, "results": ev.results,
+        }));
     }
     println!(
-        "exact match {:.1}% ({}/{}) · 95% CI [{:.1}%, {:.1}%] · {:.1} s",
+        "exact match {:.1}% ({}/{}) · 95% CI [{:.1}%, {:.1}%] · {:.1} s · {} forward passes · {} answer tokens, {:.1}/s",
         100.0 * acc.accuracy,
         acc.correct,
         acc.n,
         100.0 * acc.ci95.0,
         100.0 * acc.ci95.1,
-        seconds
+        seconds,
+        ev.forwards,
+        ev.answer_tokens,
+        rate
     );
     for (task, t) in per {
         println!(

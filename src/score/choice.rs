@@ -100,6 +100,8 @@ pub struct EvalSummary {
     pub acc: Accuracy,
     /// Highest log-likelihood per byte of the choice wins (removes the bias to short answers).
     pub acc_norm: Accuracy,
+    /// Forward passes of the whole evaluation.
+    pub forwards: usize,
 }
 
 fn argmax(v: impl Iterator<Item = f64>) -> usize {
@@ -173,6 +175,7 @@ pub fn evaluate(
 ) -> Result<(Vec<TaskResult>, EvalSummary)> {
     cfg.validate()?;
     let mask = tok.special().mask;
+    let mut forwards = 0;
     let mut results = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.iter().enumerate() {
         let context = format!("{}{}", few_shot_prefix(tasks, i, shots, seed), t.context);
@@ -184,6 +187,7 @@ pub fn evaluate(
         let same_prompt = pairs.iter().all(|(p, _)| p == &pairs[0].0);
         let scores = if same_prompt && pairs.iter().all(|(_, a)| a.len() == 1) {
             let cands: Vec<u32> = pairs.iter().map(|(_, a)| a[0]).collect();
+            forwards += 1;
             single_token_candidates(model, &pairs[0].0, &cands, cfg.cfg_scale, mask)?
         } else {
             pairs
@@ -192,8 +196,10 @@ pub fn evaluate(
                 // tasks (the server and lm-eval, which send pairs in any order, give the same),
                 // and the choices of a task share their masks (common random numbers)
                 .map(|(p, a)| {
-                    log_likelihood(model, p, a, cfg, mask, &mut Rng::new(seed))
-                        .map(|e| e.log_likelihood)
+                    log_likelihood(model, p, a, cfg, mask, &mut Rng::new(seed)).map(|e| {
+                        forwards += e.nfe;
+                        e.log_likelihood
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?
         };
@@ -217,6 +223,7 @@ pub fn evaluate(
     let summary = EvalSummary {
         acc: Accuracy::of(results.iter().filter(|r| r.correct).count(), n),
         acc_norm: Accuracy::of(results.iter().filter(|r| r.correct_norm).count(), n),
+        forwards,
     };
     Ok((results, summary))
 }

@@ -51,6 +51,21 @@ pub struct CaseResult {
     pub expected: String,
     pub answer: String,
     pub correct: bool,
+    /// Tokens of the answer before its EOS/EOT (what was generated; the padding after it is not).
+    pub answer_tokens: usize,
+}
+
+/// An exact-match evaluation: every case's result, the accuracy overall and per task, and the
+/// work it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatEval {
+    pub results: Vec<CaseResult>,
+    pub accuracy: Accuracy,
+    pub per_task: BTreeMap<String, Accuracy>,
+    /// Forward passes of all batches.
+    pub forwards: usize,
+    /// Answer tokens generated (before each EOS/EOT).
+    pub answer_tokens: usize,
 }
 
 /// Generates an answer for every case (in batches of `batch`) and scores exact matches, overall
@@ -62,8 +77,9 @@ pub fn evaluate(
     cfg: &SamplerConfig,
     batch: usize,
     on_progress: &mut dyn FnMut(usize, usize),
-) -> Result<(Vec<CaseResult>, Accuracy, BTreeMap<String, Accuracy>)> {
+) -> Result<ChatEval> {
     let sp = *tok.special();
+    let mut forwards = 0;
     let mut results = Vec::with_capacity(cases.len());
     for chunk in cases.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk
@@ -79,6 +95,7 @@ pub fn evaluate(
             &mut Rng::new(0),
             &mut sampler::no_progress,
         )?;
+        forwards += g.nfe;
         for (c, ids) in chunk.iter().zip(&g.generated_ids) {
             let answer = tok.decode_answer(ids)?.trim().to_string();
             let expected = c
@@ -88,6 +105,7 @@ pub fn evaluate(
                 .unwrap_or_default();
             results.push(CaseResult {
                 task: c.task.clone(),
+                answer_tokens: sp.answer_end(ids).unwrap_or(ids.len()),
                 correct: answer == expected,
                 expected,
                 answer,
@@ -108,5 +126,12 @@ pub fn evaluate(
         .into_iter()
         .map(|(k, (c, n))| (k, Accuracy::of(c, n)))
         .collect();
-    Ok((results, acc, per))
+    let answer_tokens = results.iter().map(|r| r.answer_tokens).sum();
+    Ok(ChatEval {
+        results,
+        accuracy: acc,
+        per_task: per,
+        forwards,
+        answer_tokens,
+    })
 }

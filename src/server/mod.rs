@@ -659,7 +659,10 @@ async fn generate(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: K
         "model": s.model_name,
         "choices": choices,
         "usage": usage,
-        "llada": {"nfe": nfe, "steps": steps, "seconds": seconds, "batch_size": batch_size},
+        // generated tokens only (the answers before their EOS/EOT; prompts are not throughput)
+        "llada": {"nfe": nfe, "steps": steps, "seconds": seconds, "batch_size": batch_size,
+            "completion_tokens_per_s": completion_tokens as f64 / seconds.max(1e-9),
+            "tokens_per_forward": completion_tokens as f64 / nfe.max(1) as f64},
     }))
     .into_response();
     r.extensions_mut().insert(AnswerTokens(completion_tokens));

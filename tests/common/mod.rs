@@ -313,3 +313,9 @@ pub fn max_diff(a: &llada::candle_core::Tensor, b: &llada::candle_core::Tensor) 
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A path inside the repository.
+#[allow(dead_code)]
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
