@@ -47,7 +47,20 @@ fn run(ck: &Checkpoint, batch: &PromptBatch, cfg: &SamplerConfig) -> Vec<Vec<u32
     .generated_ids
 }
 
+/// The claim is for the portable path (`LLADA_NO_AVX512=1` on AVX-512 CPUs; CI runs this file so
+/// too): the AVX-512 kernels' vectorised sums may round a left-shifted row differently.
+fn portable_path() -> bool {
+    let portable = !llada::kernels::gemm::cpu_features().avx512f;
+    if !portable {
+        eprintln!("batch invariance is claimed on the portable path: run with LLADA_NO_AVX512=1");
+    }
+    portable
+}
+
 fn check_rows_as_alone(cfg: &SamplerConfig, what: &str) {
+    if !portable_path() {
+        return;
+    }
     let ck = shipped();
     let ps = prompts(&ck);
     assert!(ps.iter().any(|p| p.len() != ps[0].len()), "lengths differ");

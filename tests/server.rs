@@ -1703,10 +1703,13 @@ async fn answers_do_not_depend_on_server_batching() {
         assert_eq!(&v["choices"][0]["text"], want);
         batched |= v["llada"]["batch_size"].as_u64().unwrap() > 1;
     }
-    assert!(
-        batched,
-        "requests of different lengths did not share a batch"
-    );
+    // (the engine batches different lengths where left padding is exact: the portable path)
+    if !llada::kernels::gemm::cpu_features().avx512f {
+        assert!(
+            batched,
+            "requests of different lengths did not share a batch"
+        );
+    }
     let (_, b) = sampled_h.await.unwrap();
     assert_eq!(json_of(&b)["choices"][0]["text"], sampled_alone);
     blocker.await.unwrap();
@@ -1756,13 +1759,17 @@ async fn one_token_candidates_score_the_same_together_and_alone() {
             call(&s, "POST", "/v1/score", body).await
         }));
     }
+    let mut shared = false;
     for (h, want) in hs.into_iter().zip(&alone) {
         let (st, b) = h.await.unwrap();
         assert_eq!(st, StatusCode::OK);
+        let v = json_of(&b);
         assert_eq!(
-            json_of(&b)["log_likelihood"].as_f64().unwrap().to_bits(),
+            v["log_likelihood"].as_f64().unwrap().to_bits(),
             want.to_bits()
         );
+        shared |= v["batch_size"].as_u64().unwrap() > 1;
     }
+    assert!(shared, "the candidates did not share a forward pass");
     blocker.await.unwrap();
 }

@@ -856,11 +856,13 @@ async fn score(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejectio
     let out = wait(&s, rx).await;
     drop(guard);
     match out {
-        Ok(Output::Scored(e)) => {
+        Ok(Output::Scored(e, batch_size)) => {
             s.served.fetch_add(1, Ordering::Relaxed);
             Json(json!({
                 "object": "score", "model": s.model_name, "log_likelihood": e.log_likelihood,
                 "stderr": e.stderr, "answer_tokens": answer_tokens, "nfe": e.nfe,
+                // requests that shared the forward passes (one-token answers to one prompt)
+                "batch_size": batch_size,
             }))
             .into_response()
         }

@@ -15,6 +15,7 @@ server's, with lm-eval's rule that a context's trailing whitespace moves to the 
 
 import concurrent.futures as cf
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -161,6 +162,7 @@ class LladaLM(LM):
         if tqdm is not None and not disable_tqdm:
             bar = tqdm(total=len(requests), desc=f"llada {what}")
         out = [None] * len(requests)
+        f0, a0, t0 = self.forwards, self.answer_tokens, time.monotonic()
         with cf.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(fn, r): i for i, r in enumerate(requests)}
             for f in cf.as_completed(futures):
@@ -169,6 +171,18 @@ class LladaLM(LM):
                     bar.update(1)
         if bar is not None:
             bar.close()
+        seconds = time.monotonic() - t0
+        summary = {
+            "what": what,
+            "requests": len(requests),
+            "seconds": round(seconds, 3),
+            "forwards": round(self.forwards - f0, 2),
+        }
+        if what == "generate_until":
+            summary["answer_tokens"] = self.answer_tokens - a0
+            summary["tokens_per_s"] = round((self.answer_tokens - a0) / max(seconds, 1e-9), 2)
+        # one line per request type on stderr, for speed figures a user can compare
+        print("llada-lm-eval " + json.dumps(summary), file=sys.stderr, flush=True)
         return out
 
     # ---- lm-eval's interface ------------------------------------------------------------
@@ -188,7 +202,8 @@ class LladaLM(LM):
             "seed": self.seed,
         }
         r = self._post("/score", body)
-        self.forwards += int(r.get("nfe", 0))
+        # a forward pass shared by the candidates of a question counts once
+        self.forwards += int(r.get("nfe", 0)) / max(1, int(r.get("batch_size", 1)))
         return float(r["log_likelihood"])
 
     def loglikelihood(self, requests, disable_tqdm=False):
