@@ -258,7 +258,9 @@ class LladaLM(LM):
                 body["prompt"] = context
                 path = "/completions"
             r = self._post(path, body)
-            self.forwards += int(r.get("llada", {}).get("nfe", 0))
+            info = r.get("llada", {})
+            # the forward passes of a batch the request shared count once
+            self.forwards += int(info.get("nfe", 0)) / max(1, int(info.get("batch_size", 1)))
             self.answer_tokens += int(r.get("usage", {}).get("completion_tokens", 0))
             choice = r["choices"][0]
             text = choice["message"]["content"] if "messages" in body else choice["text"]
