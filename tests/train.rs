@@ -676,6 +676,26 @@ fn a_checkpoint_set_aside_by_an_interrupted_replace_is_put_back() {
     assert!(!aside.exists() && !partial.exists());
 }
 
+/// `llada train` on `data` into `out` with a small shape (sequences of 32, batches of 2, no
+/// evaluation) and `extra` flags.
+fn small_train(data: &Path, out: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec![
+        "train".to_string(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--out".into(),
+        out.to_str().unwrap().into(),
+        "--seq-len".into(),
+        "32".into(),
+        "--batch-size".into(),
+        "2".into(),
+        "--eval-every".into(),
+        "0".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    llada_cmd(&args).run()
+}
+
 /// A new user's run: a preset shape with the vocabulary and ids from the tokenizer (nothing
 /// copied by hand), a warm-up scaled to a short run, a progress line every N steps when stderr
 /// is a log, and the run folder (or its `checkpoints/latest`) loading as a model.
@@ -685,30 +705,23 @@ fn a_run_from_a_preset_needs_no_hand_work_and_loads_as_a_model() {
     let data = dataset(t.path(), DataKind::Pretrain);
     let run = t.path().join("run");
     let g = golden_dir();
-    let r = llada_cmd(&[
-        "train",
-        "--model-config",
-        "tiny",
-        "--tokenizer",
-        g.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--steps",
-        "12",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-every",
-        "0",
-        "--save-every",
-        "0",
-        "--log-every",
-        "5",
-    ])
-    .run();
+    let g_str = g.to_str().unwrap();
+    let r = small_train(
+        &data,
+        &run,
+        &[
+            "--model-config",
+            "tiny",
+            "--tokenizer",
+            g_str,
+            "--steps",
+            "12",
+            "--save-every",
+            "0",
+            "--log-every",
+            "5",
+        ],
+    );
     assert!(r.ok(), "{}", r.stderr);
     let lines: Vec<&str> = r
         .stderr
@@ -765,63 +778,35 @@ fn a_run_from_a_preset_needs_no_hand_work_and_loads_as_a_model() {
         assert!(r.ok(), "{}: {}", model.display(), r.stderr);
     }
     // a run folder is a starting point too (SFT-style continuation from the run's last step)
-    let r = llada_cmd(&[
-        "train",
-        "--init-from",
-        run.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        t.path().join("run-from-run").to_str().unwrap(),
-        "--steps",
-        "1",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-every",
-        "0",
-    ])
-    .run();
+    let r = small_train(
+        &data,
+        &t.path().join("run-from-run"),
+        &["--init-from", run.to_str().unwrap(), "--steps", "1"],
+    );
     assert!(r.ok(), "{}", r.stderr);
     // a warm-up longer than the run is said
-    let r = llada_cmd(&[
-        "train",
-        "--model-config",
-        "tiny",
-        "--tokenizer",
-        g.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        t.path().join("run2").to_str().unwrap(),
-        "--steps",
-        "2",
-        "--warmup",
-        "5",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-every",
-        "0",
-    ])
-    .run();
+    let r = small_train(
+        &data,
+        &t.path().join("run2"),
+        &[
+            "--model-config",
+            "tiny",
+            "--tokenizer",
+            g_str,
+            "--steps",
+            "2",
+            "--warmup",
+            "5",
+        ],
+    );
     assert!(r.ok(), "{}", r.stderr);
     assert!(r.stderr.contains("never reaches its peak"), "{}", r.stderr);
     // an unknown preset names the ones there are
-    let r = llada_cmd(&[
-        "train",
-        "--model-config",
-        "huge",
-        "--tokenizer",
-        g.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        t.path().join("run3").to_str().unwrap(),
-    ])
-    .run();
+    let r = small_train(
+        &data,
+        &t.path().join("run3"),
+        &["--model-config", "huge", "--tokenizer", g_str],
+    );
     assert!(!r.ok());
     assert!(r.stderr.contains("tiny, small, bench-135m"), "{}", r.stderr);
 }

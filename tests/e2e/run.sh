@@ -20,15 +20,9 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   (cd tests/e2e && npm install --silent --no-audit --no-fund)
 fi
 
-target/release/llada serve "$MODEL" --port "$PORT" --queue 48 --max-batch 8 \
-  --header-timeout 3 --max-connections 64 > out/e2e/server.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -sf "$BASE/health" >/dev/null && break
-  sleep 0.2
-done
-curl -sf "$BASE/health" >/dev/null || { cat out/e2e/server.log; exit 1; }
+. tests/common/serve.sh
+start_server out/e2e/server.log "$MODEL" --port "$PORT" --queue 48 --max-batch 8 \
+  --header-timeout 3 --max-connections 64
 
 # curl examples of the README
 curl -sf "$BASE/v1/chat/completions" -H 'Content-Type: application/json' \

@@ -41,14 +41,8 @@ except ServerError as e:
 print("model arguments: ok")
 PY
 
-"$LLADA" serve --port "$PORT" --max-batch 8 > "$OUT/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -sf "$BASE/health" >/dev/null && break
-  sleep 0.2
-done
-curl -sf "$BASE/health" >/dev/null || { cat "$OUT/server.log"; exit 1; }
+. tests/common/serve.sh
+start_server "$OUT/server.log" --port "$PORT" --max-batch 8
 
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 now() { date +%s.%N; }
