@@ -2,8 +2,9 @@
 //! touch tensors; they send a [`Job`] carrying its own event channel and read the replies.
 //! Greedy generation jobs with identical settings that are waiting together run as one batch
 //! (one forward per step for all of them): of any prompt lengths, left-padded, where padding is
-//! exact for the model ([`Predictors::padding_is_exact`]: LLaDA, LLaDA-MoE with `mask_padding`),
-//! else of one length (no padding); either way each result is exactly what it would be alone.
+//! shown exact ([`Predictors::padding_is_exact`]: LLaDA, LLaDA-MoE with `mask_padding`, on the
+//! CPU's portable path), else of one length (no padding); either way each result is exactly what
+//! it would be alone. One-token answers to one prompt are scored together in one forward pass.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
