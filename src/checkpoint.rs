@@ -42,6 +42,8 @@ pub struct Checkpoint {
     /// Dtype(s) the weights are stored in, e.g. `bf16` or `f32`.
     pub stored_dtype: String,
     pub files: Vec<PathBuf>,
+    /// The LoRA adapter merged into the weights at load, if any.
+    pub adapter: Option<PathBuf>,
 }
 
 /// Reads and checks `dir/config.json`.
@@ -67,7 +69,47 @@ pub fn read_config(dir: &Path) -> Result<(RawConfig, ModelConfig)> {
 
 impl Checkpoint {
     /// Loads the checkpoint in `dir` onto `device` in `dtype` (`None`: f32 on CPU, bf16 on CUDA).
+    /// A LoRA adapter folder (PEFT's `adapter_config.json`, e.g. a LoRA run's checkpoint) loads
+    /// as its base model (`base_model_name_or_path`) with the adapter merged.
     pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        Self::load_with_adapter(dir, dtype, device, None)
+    }
+
+    /// [`Checkpoint::load`] with the LoRA adapter in `adapter` (a PEFT folder) merged into the
+    /// weights as they load: W + s·B·A, rounded once to the run dtype; the model then runs at
+    /// the base model's speed.
+    pub fn load_with_adapter(
+        dir: &Path,
+        dtype: Option<DType>,
+        device: &Device,
+        adapter: Option<&Path>,
+    ) -> Result<Self> {
+        use crate::model::lora::{Adapter, AdaptedWeights, ADAPTER_CONFIG};
+        if !dir.join("config.json").exists() && dir.join(ADAPTER_CONFIG).is_file() {
+            if let Some(other) = adapter {
+                return Err(Error::setting(
+                    "adapter",
+                    other.display(),
+                    format!(
+                        "{} is itself an adapter: give its base model and --adapter {}, or it alone",
+                        dir.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+            let ad = Adapter::load(dir, &Device::Cpu)?;
+            let Some(base) = ad.base_model() else {
+                return Err(Error::Checkpoint {
+                    path: dir.join(ADAPTER_CONFIG),
+                    reason: "field base_model_name_or_path is absent: give the base model and --adapter".into(),
+                });
+            };
+            let base = crate::hub::resolve(Some(base)).map_err(|e| Error::Checkpoint {
+                path: dir.join(ADAPTER_CONFIG),
+                reason: format!("its base model (base_model_name_or_path) cannot be found: {e}"),
+            })?;
+            return Self::load_with_adapter(&base, dtype, device, Some(dir));
+        }
         let (raw, config) = read_config(dir)?;
         let files = SafetensorsFiles::open(dir)?;
         let dtype = dtype.unwrap_or(if device.is_cpu() {
@@ -76,15 +118,21 @@ impl Checkpoint {
             DType::BF16
         });
         let arch = Architecture::from_name(&raw.architecture()?)?;
-        let model = arch.load(
-            &config,
-            &FileWeights {
-                files: &files,
-                dtype,
-                device,
-            },
-            WeightLayout::PackedForInference,
-        )?;
+        let src = FileWeights {
+            files: &files,
+            dtype,
+            device,
+        };
+        let model = match adapter {
+            None => arch.load(&config, &src, WeightLayout::PackedForInference)?,
+            Some(a) => {
+                let ad = Adapter::load(a, device)?;
+                let adapted = AdaptedWeights::new(&src, &ad);
+                let m = arch.load(&config, &adapted, WeightLayout::PackedForInference)?;
+                adapted.finish()?;
+                m
+            }
+        };
         let mut stored: Vec<&str> = files
             .names()
             .filter_map(|n| files.stored_dtype(n))
@@ -110,6 +158,7 @@ impl Checkpoint {
             special,
             stored_dtype: stored.join("+"),
             files: files.paths().into_iter().map(Path::to_path_buf).collect(),
+            adapter: adapter.map(Path::to_path_buf),
         })
     }
 

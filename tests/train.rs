@@ -11,38 +11,6 @@ use llada::train::data::{self, DataKind, PrepareOptions};
 use llada::train::trainer::{latest_checkpoint, TrainConfig, Trainer};
 use llada::Tokenizer;
 
-const TEXT: &str = "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void; and darkness was upon the face of the deep.\nAnd the Spirit of God moved upon the face of the waters.\nAnd God said, Let there be light: and there was light.\nAnd God saw the light, that it was good: and God divided the light from the darkness.\nAnd God called the light Day, and the darkness he called Night.\n";
-
-fn dataset(dir: &Path, kind: DataKind) -> PathBuf {
-    let tok = Tokenizer::open(&golden_dir()).unwrap();
-    let f = dir.join(if kind == DataKind::Sft {
-        "chat.jsonl"
-    } else {
-        "text.txt"
-    });
-    match kind {
-        DataKind::Pretrain => std::fs::write(&f, TEXT.repeat(20)).unwrap(),
-        DataKind::Sft => {
-            let mut s = String::new();
-            for (i, line) in TEXT.lines().enumerate() {
-                s += &serde_json::json!({"messages": [{"role": "user", "content": format!("Verse {i}?")}, {"role": "assistant", "content": line}]}).to_string();
-                s.push('\n');
-            }
-            std::fs::write(&f, s.repeat(5)).unwrap();
-        }
-    }
-    let out = dir.join(format!("data-{kind:?}"));
-    let opts = PrepareOptions {
-        kind,
-        doc_per_line: true,
-        val_fraction: 0.2,
-        seed: 1,
-        max_len: None,
-    };
-    data::prepare(&[f], &tok, &out, &opts).unwrap();
-    out
-}
-
 /// A child process that stands for a running writer, killed however the test ends (a failed
 /// assertion left it running, holding the test's output pipes).
 struct Running(std::process::Child);

@@ -69,6 +69,9 @@ pub enum Command {
     Plot(train_cmds::PlotArgs),
     /// OpenAI-compatible HTTP server with streaming and a live denoising page.
     Serve(serve_cmd::ServeArgs),
+    /// LoRA adapter tools (merge an adapter into its model).
+    #[command(subcommand)]
+    Lora(model_cmds::LoraCmd),
     /// Reproducible experiments.
     #[command(subcommand)]
     Experiment(experiment_cmd::ExperimentCmd),
@@ -103,6 +106,11 @@ pub struct RuntimeArgs {
     /// CPU threads (default: all cores; at most 4 per available core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// A LoRA adapter folder (Hugging Face PEFT format: adapter_config.json and
+    /// adapter_model.safetensors, e.g. a `llada train --lora-rank` checkpoint) merged into the
+    /// model's weights as they load.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
@@ -120,8 +128,19 @@ impl RuntimeArgs {
 
     pub fn load(&self, dir: &std::path::Path) -> Result<Checkpoint> {
         let (device, dtype) = self.setup()?;
-        crate::while_loading(|| Checkpoint::load(dir, Some(dtype.dtype()), &device))
-            .with_context(|| format!("loading {}", dir.display()))
+        // a training run's folder stands for its last checkpoint
+        let adapter = self
+            .adapter
+            .as_ref()
+            .map(|a| llada::train::trainer::run_checkpoint(a).unwrap_or_else(|| a.clone()));
+        let adapter = adapter.as_deref();
+        crate::while_loading(|| {
+            Checkpoint::load_with_adapter(dir, Some(dtype.dtype()), &device, adapter)
+        })
+        .with_context(|| match adapter {
+            Some(a) => format!("loading {} with the adapter {}", dir.display(), a.display()),
+            None => format!("loading {}", dir.display()),
+        })
     }
 }
 
@@ -160,6 +179,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => train_cmds::data_cmd(c),
         Command::Plot(a) => train_cmds::plot(a),
         Command::Serve(a) => serve_cmd::serve(a),
+        Command::Lora(c) => model_cmds::lora(c),
         Command::Experiment(c) => experiment_cmd::run(c),
         Command::EvalReversal(a) => experiment_cmd::eval_reversal(a),
     }

@@ -360,3 +360,46 @@ pub fn export(a: ExportArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LoraCmd {
+    /// Merge a LoRA adapter into its model: W + (α/r)·B·A for every adapted weight, written as
+    /// a full checkpoint in the model's stored dtypes (tokenizer files included).
+    Merge(LoraMergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoraMergeArgs {
+    /// The base model: checkpoint folder or hub id.
+    pub model: String,
+    /// The adapter folder (PEFT format: adapter_config.json, adapter_model.safetensors), or a
+    /// LoRA training run (its last checkpoint).
+    pub adapter: PathBuf,
+    /// Output folder (new or empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn lora(c: LoraCmd) -> Result<()> {
+    match c {
+        LoraCmd::Merge(a) => {
+            let model = llada::hub::resolve(Some(&a.model))?;
+            let adapter = llada::train::trainer::run_checkpoint(&a.adapter)
+                .unwrap_or_else(|| a.adapter.clone());
+            let out = llada::model::lora::merge(&model, &adapter, &a.out).with_context(|| {
+                format!(
+                    "merging {} into {}",
+                    a.adapter.display(),
+                    model.display()
+                )
+            })?;
+            println!(
+                "wrote {} ({} with {} merged)",
+                out.display(),
+                model.display(),
+                a.adapter.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -78,6 +78,25 @@ pub struct TrainArgs {
     /// refused (continue it with --resume).
     #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+    /// LoRA: train a rank-R adapter over the frozen --init-from model instead of every weight
+    /// (checkpoints hold the adapter in Hugging Face PEFT's format; load it with --adapter).
+    #[arg(long, value_name = "R")]
+    pub lora_rank: Option<usize>,
+    /// LoRA scale α (the update is scaled by α/R) [default: 2·R].
+    #[arg(long, value_name = "A", requires = "lora_rank")]
+    pub lora_alpha: Option<f64>,
+    /// The linear maps of every block that get an adapter, comma-separated [default: all:
+    /// q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out].
+    #[arg(long, value_name = "LIST", requires = "lora_rank")]
+    pub lora_targets: Option<String>,
+    /// Recompute each block's activations in the backward pass instead of keeping them: the
+    /// same loss and gradients, less memory, about a third more time.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// f32, or bf16 mixed precision (bf16 matrix products, f32 master weights, norms and loss)
+    /// [default: f32].
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub precision: Option<String>,
     /// One JSON line per step on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -120,6 +139,30 @@ impl TrainArgs {
         if let Some(o) = &self.on_nonfinite {
             c.on_nonfinite = o.parse()?;
         }
+        if let Some(r) = self.lora_rank {
+            let targets = match &self.lora_targets {
+                Some(t) => t
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                None => llada::model::lora::TARGETS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            };
+            c.lora = Some(llada::model::lora::LoraSettings {
+                rank: r,
+                alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
+                targets,
+            });
+        }
+        if self.checkpoint_activations {
+            c.checkpoint_activations = true;
+        }
+        if let Some(p) = &self.precision {
+            c.precision = p.parse()?;
+        }
         // the warm-up: given, the run config's, or by default scaled to a short run
         if let Some(w) = self.warmup {
             c.schedule = c.schedule.with_warmup(w);
@@ -138,6 +181,20 @@ impl TrainArgs {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    if let Some(ad) = &a.rt.adapter {
+        bail!(
+            "--adapter {} does not apply to train: train an adapter with --init-from MODEL --lora-rank R, continue one with --resume RUN",
+            ad.display()
+        );
+    }
+    if let Some(d) = &a.rt.dtype {
+        bail!("--dtype {d} does not apply to train: the weights train in f32; --precision bf16 selects bf16 mixed precision");
+    }
+    if a.resume.is_some()
+        && (a.lora_rank.is_some() || a.precision.is_some() || a.checkpoint_activations)
+    {
+        bail!("--resume continues a run with its own settings: --lora-rank, --precision and --checkpoint-activations are set when it starts");
+    }
     let (device, _) = a.rt.setup()?;
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, a.steps, &device)
@@ -151,9 +208,26 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let steps = trainer.cfg.steps;
     let start = trainer.state.step;
+    let what = match &trainer.cfg.lora {
+        Some(l) => format!(
+            "a LoRA adapter (rank {}, α {}, {}) of {} parameters",
+            l.rank,
+            l.alpha,
+            l.targets.join(","),
+            trainer.trainable.parameter_count()
+        ),
+        None => format!("{} parameters", trainer.trainable.parameter_count()),
+    };
+    let mut extras = Vec::new();
+    if trainer.cfg.precision == llada::train::trainer::Precision::Bf16 {
+        extras.push(" · bf16 mixed precision");
+    }
+    if trainer.cfg.checkpoint_activations {
+        extras.push(" · activation checkpointing");
+    }
     eprintln!(
-        "training {} parameters · {:?} · {} → {} steps · batch {}×{}×{} tokens · run folder {}",
-        trainer.trainable.parameter_count(),
+        "training {what}{} · {:?} · {} → {} steps · batch {}×{}×{} tokens · run folder {}",
+        extras.concat(),
         trainer.cfg.mode,
         start,
         steps,

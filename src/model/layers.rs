@@ -43,6 +43,62 @@ pub trait LinearWeight: std::any::Any + std::fmt::Debug + Send + Sync {
     fn as_dense(&self) -> Option<&Tensor> {
         None
     }
+
+    /// y = x·Wᵀ made of differentiable ops (training), under the thread's [`autocast`] dtype.
+    fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.as_dense().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "this model's weights are packed for inference; load it dense to train".into(),
+            )
+        })?;
+        diff_matmul_t(x, w)
+    }
+}
+
+thread_local! {
+    /// The dtype the differentiable linear maps compute in on this thread (`None`: the
+    /// operands' own). See [`autocast`].
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Mixed precision as PyTorch's autocast does it: while the guard lives, the training forward's
+/// linear maps (projections, MLP, output head) multiply in `dtype` (bf16: the bf16 GEMM), with
+/// f32 master weights cast on the way in and the product cast back to the input's dtype; norms,
+/// softmax, the loss and every reduction stay in f32. The backward pass follows the recorded
+/// casts (gradients reach the f32 weights in f32).
+pub fn autocast(dtype: Option<DType>) -> AutocastGuard {
+    let prev = AUTOCAST.with(|c| c.replace(dtype));
+    AutocastGuard(prev)
+}
+
+/// Restores the previous autocast dtype when dropped.
+pub struct AutocastGuard(Option<DType>);
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        AUTOCAST.with(|c| c.set(self.0));
+    }
+}
+
+/// The thread's autocast dtype.
+pub fn autocast_dtype() -> Option<DType> {
+    AUTOCAST.with(|c| c.get())
+}
+
+/// x·Wᵀ for `w` [out, in], differentiable: in the autocast dtype when one is set (the result
+/// cast back to x's dtype), else in x's dtype (a weight of another dtype, e.g. a frozen bf16
+/// base under f32 training, is cast to it).
+pub fn diff_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match autocast_dtype() {
+        Some(dt) if dt != x.dtype() || dt != w.dtype() => {
+            let y = crate::kernels::matmul_op::matmul(&x.to_dtype(dt)?, &w.to_dtype(dt)?.t()?)?;
+            y.to_dtype(x.dtype())
+        }
+        _ if w.dtype() != x.dtype() => {
+            crate::kernels::matmul_op::matmul(x, &w.to_dtype(x.dtype())?.t()?)
+        }
+        _ => crate::kernels::matmul_op::matmul(x, &w.t()?),
+    }
 }
 
 /// A dense weight tensor (training, GPUs, CPUs without a kernel for the dtype).
@@ -195,9 +251,20 @@ impl Linear {
         self.0.forward_f32(x)
     }
 
-    /// y = x·Wᵀ made of differentiable ops (training).
+    /// y = x·Wᵀ made of differentiable ops (training; an adapter's update included).
     pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
-        crate::kernels::matmul_op::matmul(x, &self.dense_tensor()?.t()?)
+        self.0.forward_diff(x)
+    }
+
+    /// The weight with a low-rank update `s·B·A` (unmerged; A [r, in] and B [out, r] may be
+    /// trainable variables).
+    pub fn with_lora(self, a: Tensor, b: Tensor, scale: f64) -> Self {
+        Linear::from_weight(super::lora::Lora {
+            base: self,
+            a,
+            b,
+            scale,
+        })
     }
 }
 

@@ -43,6 +43,11 @@ mod names {
     }
 }
 
+/// The checkpoint name of part `part` (e.g. `q_proj`) of block `i`.
+pub fn block_weight_name(i: usize, part: &str) -> String {
+    names::block(i, part)
+}
+
 /// The parts of a block, in checkpoint order.
 const BLOCK_PARTS: [&str; 9] = [
     "attn_norm",
@@ -242,6 +247,22 @@ impl Block {
     ) -> CResult<Tensor> {
         let a = self.attn_norm.forward(x)?;
         cache.attend(layer, &self.attn, &a, x, b, n, start, rope)
+    }
+
+    /// The linear map `part` (q_proj, k_proj, v_proj, attn_out; ff_proj, up_proj, ff_out of a
+    /// dense feed-forward part), to replace it (e.g. with an adapted one).
+    pub fn linear_mut(&mut self, part: &str) -> Option<&mut Linear> {
+        let a = &mut self.attn;
+        match (part, &mut self.ffn) {
+            ("q_proj", _) => Some(&mut a.q_proj),
+            ("k_proj", _) => Some(&mut a.k_proj),
+            ("v_proj", _) => Some(&mut a.v_proj),
+            ("attn_out", _) => Some(&mut a.attn_out),
+            ("ff_proj", Ffn::Dense(m)) => Some(&mut m.ff_proj),
+            ("up_proj", Ffn::Dense(m)) => Some(&mut m.up_proj),
+            ("ff_out", Ffn::Dense(m)) => Some(&mut m.ff_out),
+            _ => None,
+        }
     }
 
     /// Training: h + attn(norm(h)), then + ffn(norm(·)), differentiable ops only. `x` is
@@ -650,6 +671,21 @@ impl Llada {
             h = next;
             routers.extend(router);
         }
+        let logits = self.train_head(&h, positions, l)?;
+        let aux = match (&self.cfg.moe, routers.is_empty()) {
+            // LLaDA2's grouped sigmoid router is balanced by its expert bias, not by this
+            // softmax loss (which it has no coefficient for)
+            (Some(m), false) if m.router == crate::config::Router::Softmax => {
+                Some(super::moe::load_balancing_loss(&routers, m.top_k)?)
+            }
+            _ => None,
+        };
+        Ok((logits, aux))
+    }
+
+    /// The training forward's top: the final norm and the output head on the rows `positions`
+    /// of `h` [B·L, D] (a shifted model's position p reads row p − 1) → f32 logits [N, V].
+    fn train_head(&self, h: &Tensor, positions: &Tensor, l: usize) -> Result<Tensor> {
         let h = if self.cfg.logits_shift {
             // position p's prediction is output p − 1's (a sequence's first, its own)
             let p: Vec<u32> = positions.to_dtype(DType::U32)?.to_vec1()?;
@@ -672,16 +708,82 @@ impl Llada {
         } else {
             self.head.dense_tensor()?
         };
-        let logits = crate::kernels::matmul_op::matmul(&self.ln_f.forward_diff(&h)?, &head.t()?)?; // [N, V]
-        let aux = match (&self.cfg.moe, routers.is_empty()) {
-            // LLaDA2's grouped sigmoid router is balanced by its expert bias, not by this
-            // softmax loss (which it has no coefficient for)
-            (Some(m), false) if m.router == crate::config::Router::Softmax => {
-                Some(super::moe::load_balancing_loss(&routers, m.top_k)?)
+        let logits = super::layers::diff_matmul_t(&self.ln_f.forward_diff(&h)?, head)?; // [N, V]
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Activation checkpointing: the loss `loss_of(logits)` of the training forward and the
+    /// gradients of `vars` (tensor ids of trainable variables), keeping only each block's input
+    /// between the forward and the backward pass. The backward pass goes from the top down,
+    /// recomputing one block at a time from its input and backpropagating the gradient that
+    /// reached its output (`Σ out ⊙ g`, whose gradient is exactly g); the same operations in
+    /// the same order as the plain backward, so the gradients are the same to the bit.
+    ///
+    /// Dense blocks only: a mixture-of-experts layer's load-balancing loss spans all layers.
+    pub fn train_checkpointed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        vars: &[candle_core::TensorId],
+        loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, HashMap<candle_core::TensorId, Tensor>)> {
+        if self.cfg.moe.is_some() {
+            return Err(Error::setting(
+                "checkpoint_activations",
+                true,
+                "is implemented for dense models (a mixture of experts' balancing loss spans every layer)",
+            ));
+        }
+        let (b, l) = self.check_ids(ids)?;
+        let bias = attention_bias(None, self.default_visibility(), 0, l, l, &self.device)?;
+        let mut grads: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+        let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+            for id in vars {
+                if let Some(g) = store.get_id(*id) {
+                    let g = match grads.remove(id) {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(*id, g);
+                }
             }
-            _ => None,
+            Ok(())
         };
-        Ok((logits.to_dtype(DType::F32)?, aux))
+        // forward: keep each block's input, detached (its graph is dropped at once)
+        let h0 = self.embed(ids)?;
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut h = h0.detach();
+        for block in &self.blocks {
+            let (next, _) = block.forward_train(&h, b, l, &self.rope, bias.as_ref())?;
+            inputs.push(h);
+            h = next.detach();
+        }
+        // the top: norm, head, loss
+        let top = candle_core::Var::from_tensor(&h)?;
+        drop(h);
+        let loss = loss_of(&self.train_head(top.as_tensor(), positions, l)?)?;
+        let store = loss.backward()?;
+        collect(&store)?;
+        let mut g = store
+            .get(top.as_tensor())
+            .cloned()
+            .unwrap_or(top.as_tensor().zeros_like()?);
+        drop(store);
+        // down the blocks, recomputing each from its input
+        for (block, x) in self.blocks.iter().zip(inputs).rev() {
+            let x = candle_core::Var::from_tensor(&x)?;
+            let (out, _) = block.forward_train(x.as_tensor(), b, l, &self.rope, bias.as_ref())?;
+            let store = (out * &g)?.sum_all()?.backward()?;
+            collect(&store)?;
+            g = store
+                .get(x.as_tensor())
+                .cloned()
+                .unwrap_or(x.as_tensor().zeros_like()?);
+        }
+        // the embedding
+        let store = (h0 * &g)?.sum_all()?.backward()?;
+        collect(&store)?;
+        Ok((loss.detach(), grads))
     }
 
     /// Builds a model with weights drawn from N(0, init_std²) (norm weights 1), seeded. On a GPU

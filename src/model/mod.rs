@@ -18,6 +18,7 @@ pub mod layers;
 pub mod llada;
 pub mod llada2;
 pub mod llada_moe;
+pub mod lora;
 pub mod moe;
 
 use std::collections::HashMap;

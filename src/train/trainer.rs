@@ -23,6 +23,7 @@ use crate::config::RawConfig;
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
 use crate::model::{FileWeights, Llada};
+use crate::model::lora::LoraSettings;
 use crate::rng::Rng;
 use crate::weights::{atomic_write, safetensors_bytes, save_safetensors, SafetensorsFiles};
 
@@ -75,6 +76,51 @@ pub struct TrainConfig {
     pub on_nonfinite: OnNonFinite,
     /// With `on_nonfinite = "skip"`: stop once this many steps in a row were skipped (0 = never).
     pub max_consecutive_skips: usize,
+    /// LoRA: train a low-rank adapter over the frozen `init_from` model instead of every weight
+    /// (checkpoints hold the adapter, in PEFT's format).
+    pub lora: Option<LoraSettings>,
+    /// Keep only each block's input during the forward pass and recompute the block in the
+    /// backward pass: the same loss and gradients, less memory, about one more forward's time.
+    pub checkpoint_activations: bool,
+    /// f32, or bf16 mixed precision: bf16 matrix products with f32 master weights, f32 norms,
+    /// softmax, reductions and loss (as PyTorch's autocast); with LoRA the frozen linear
+    /// weights are held in bf16.
+    pub precision: Precision,
+}
+
+/// The arithmetic of a training run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 matrix products, everything else f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The autocast dtype of the training forward.
+    pub fn autocast(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(DType::BF16),
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(Error::setting(
+                "precision",
+                other,
+                "must be f32 or bf16 (bf16 mixed precision)",
+            )),
+        }
+    }
 }
 
 /// What a training step with a non-finite loss or gradient norm does.
@@ -139,6 +185,9 @@ impl Default for TrainConfig {
             seed: 0,
             on_nonfinite: OnNonFinite::Stop,
             max_consecutive_skips: 10,
+            lora: None,
+            checkpoint_activations: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -188,7 +237,40 @@ impl TrainConfig {
                 "give exactly one starting point: a checkpoint (init_from) or a config.json (model_config)",
             ));
         }
+        if let Some(l) = &self.lora {
+            l.validate()?;
+            if self.init_from.is_none() {
+                return Err(Error::setting(
+                    "lora",
+                    format!("rank {}", l.rank),
+                    "adapts a trained model: give its checkpoint (init_from / --init-from)",
+                ));
+            }
+            if self.objective != ObjectiveKind::Diffusion {
+                return Err(Error::setting(
+                    "lora",
+                    format!("rank {}", l.rank),
+                    "is implemented for the diffusion objective",
+                ));
+            }
+        }
         self.schedule.validate()
+    }
+
+    /// The dtype the frozen linear weights of a LoRA run are held in.
+    fn base_dtype(&self) -> DType {
+        match (&self.lora, self.precision) {
+            (Some(_), Precision::Bf16) => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// The model a LoRA run adapts (`init_from`, a run folder standing for its last checkpoint),
+    /// as an absolute path.
+    fn base_model(&self) -> Option<PathBuf> {
+        let d = self.init_from.as_ref()?;
+        let d = run_checkpoint(d).unwrap_or_else(|| d.clone());
+        Some(std::fs::canonicalize(&d).unwrap_or(d))
     }
 }
 
@@ -313,7 +395,10 @@ pub fn run_checkpoint(p: &Path) -> Option<PathBuf> {
     let p = std::fs::canonicalize(p).ok()?;
     let run = if p.is_file() && p.file_name() == Some(LATEST.as_ref()) {
         p.parent()?.parent()?.to_path_buf()
-    } else if p.is_dir() && !p.join("config.json").exists() {
+    } else if p.is_dir()
+        && !p.join("config.json").exists()
+        && !p.join(crate::model::lora::ADAPTER_CONFIG).exists()
+    {
         if p.file_name() == Some(CHECKPOINTS.as_ref()) && !p.join(CHECKPOINTS).exists() {
             p.parent()?.to_path_buf()
         } else {
@@ -491,18 +576,26 @@ fn remove_earlier_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_dense(dir: &Path, device: &Device) -> Result<(RawConfig, Llada)> {
+fn load_dense(dir: &Path, dtype: DType, device: &Device) -> Result<(RawConfig, Llada)> {
     let (raw, cfg) = read_config(dir)?;
     let files = SafetensorsFiles::open(dir)?;
     let m = Llada::load(
         &cfg,
         &FileWeights {
             files: &files,
-            dtype: DType::F32,
+            dtype,
             device,
         },
     )?;
     Ok((raw, m))
+}
+
+/// The trainable form of `model` for the run `cfg`: every weight, or a LoRA adapter.
+fn trainable_for(cfg: &TrainConfig, model: &Llada) -> Result<Trainable> {
+    match &cfg.lora {
+        Some(l) => Trainable::with_lora(model, l, cfg.base_dtype(), cfg.seed),
+        None => Trainable::from_llada(model),
+    }
 }
 
 impl Trainer {
@@ -557,7 +650,7 @@ impl Trainer {
         }
         let data = Dataset::open(&cfg.data)?;
         let (raw, model, tokenizer_dir) = if let Some(dir) = &init_from {
-            let (raw, m) = load_dense(dir, device)?;
+            let (raw, m) = load_dense(dir, cfg.base_dtype(), device)?;
             (raw, m, cfg.tokenizer.clone().or(Some(dir.clone())))
         } else {
             // validate() guarantees a model_config when there is no init_from
@@ -585,7 +678,9 @@ impl Trainer {
             source: e,
         })?;
         atomic_write(&cfg.out.join(RUN_CONFIG), text.as_bytes())?;
-        let trainable = Trainable::from_llada(&model)?;
+        check_memory_settings(&cfg, &model)?;
+        let trainable = trainable_for(&cfg, &model)?;
+        drop(model);
         let opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
         let state = TrainerState {
             step: 0,
@@ -753,9 +848,29 @@ impl Trainer {
                 ),
             }
         })?;
-        let (raw, model) = load_dense(ck, device)?;
-        check_compat(&cfg, &data, &model)?;
-        let trainable = Trainable::from_llada(&model)?;
+        let (raw, model, trainable) = match &cfg.lora {
+            None => {
+                let (raw, model) = load_dense(ck, DType::F32, device)?;
+                check_compat(&cfg, &data, &model)?;
+                let t = Trainable::from_llada(&model)?;
+                (raw, model, t)
+            }
+            Some(_) => {
+                // the frozen base, then the adapter's factors from the checkpoint
+                let base = cfg.base_model().unwrap_or_default();
+                let (raw, model) = load_dense(&base, cfg.base_dtype(), device)?;
+                check_compat(&cfg, &data, &model)?;
+                let t = trainable_for(&cfg, &model)?;
+                let path = ck.join(crate::model::lora::ADAPTER_WEIGHTS);
+                let files = SafetensorsFiles::open_file(&path)?;
+                for (name, v) in &t.vars {
+                    v.set(&files.load(name, v.dims(), DType::F32, device)?)?;
+                }
+                (raw, model, t)
+            }
+        };
+        check_memory_settings(&cfg, &model)?;
+        drop(model);
         if let Some(name) = first_nonfinite(
             &trainable
                 .vars
@@ -827,12 +942,16 @@ impl Trainer {
     /// The loss of one (noised) batch: Σ w·CE over its masked positions; with `aux`, plus a
     /// mixture-of-experts model's load-balancing loss × `router_aux_loss_coef` (training steps;
     /// the held-out bound leaves it out).
+    ///
+    /// With `grads` (activation checkpointing: `(1/grad_accum, out)`), the loss returned is
+    /// already divided by grad_accum and its gradients are put in `out`.
     fn batch_loss(
         &self,
         x0: &[Vec<u32>],
         objective: &Objective,
         rng: &mut Rng,
         aux: bool,
+        grads: Option<(f64, &mut Option<Vec<Tensor>>)>,
     ) -> Result<(Tensor, usize, Option<f64>)> {
         let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
         let pl = match objective {
@@ -849,10 +968,27 @@ impl Trainer {
         };
         let (b, l) = (x0.len(), x0[0].len());
         if w.positions.is_empty() {
+            if let Some((_, out)) = grads {
+                *out = Some(
+                    self.trainable
+                        .gradients_from(&std::collections::HashMap::new())?,
+                );
+            }
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0, None));
         }
         let ids = Tensor::from_vec(input.concat(), (b, l), &self.device)?;
         let pos = Tensor::from_slice(&w.positions, w.positions.len(), &self.device)?;
+        if let Some((accum, grads)) = grads {
+            // activation checkpointing: the loss and its gradients in one go
+            let (loss, g) = self.trainable.model.train_checkpointed(
+                &ids,
+                &pos,
+                &self.trainable.var_ids(),
+                &|logits| Ok((diffusion::masked_diffusion_loss(logits, &w)? / accum)?),
+            )?;
+            *grads = Some(self.trainable.gradients_from(&g)?);
+            return Ok((loss, b * l, None));
+        }
         let (logits, balance) = self.trainable.model.forward_train_aux(&ids, &pos)?;
         let loss = diffusion::masked_diffusion_loss(&logits, &w)?;
         let coef = self.aux_coef();
@@ -887,11 +1023,12 @@ impl Trainer {
             Err(_) => return Ok(None),
         };
         let mut rng = Rng::new(0xE7A1_5EED);
+        let _autocast = crate::model::layers::autocast(self.cfg.precision.autocast());
         let mut total = 0.0;
         for _ in 0..self.cfg.eval_batches {
             let batch = reader.next_batch(self.cfg.batch_size);
             let obj = self.objective(&batch);
-            let (loss, _, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false)?;
+            let (loss, _, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false, None)?;
             total += loss.to_scalar::<f32>()? as f64;
         }
         Ok(Some(total / self.cfg.eval_batches as f64))
@@ -914,6 +1051,7 @@ impl Trainer {
         let mut aux_sum: Option<f64> = None;
         let coef = self.aux_coef();
         let mut tokens = 0u64;
+        let _autocast = crate::model::layers::autocast(self.cfg.precision.autocast());
         for _ in 0..self.cfg.grad_accum {
             let mut batch = reader.next_batch(self.cfg.batch_size);
             if batch.prompt_lengths.is_none() {
@@ -924,9 +1062,21 @@ impl Trainer {
                 }
             }
             let obj = self.objective(&batch);
-            let (loss, n, balance) = self.batch_loss(&batch.x0, &obj, &mut rng, true)?;
             let accum = self.cfg.grad_accum as f64;
-            let loss = (loss / accum)?;
+            let mut checkpointed = None;
+            let (loss, n, balance) = if self.cfg.checkpoint_activations {
+                let (loss, n, b) = self.batch_loss(
+                    &batch.x0,
+                    &obj,
+                    &mut rng,
+                    true,
+                    Some((accum, &mut checkpointed)),
+                )?;
+                (loss, n, b)
+            } else {
+                let (loss, n, b) = self.batch_loss(&batch.x0, &obj, &mut rng, true, None)?;
+                ((loss / accum)?, n, b)
+            };
             // the logged loss is the masked-diffusion part; the balance term is logged apart
             let total = loss.to_scalar::<f32>()? as f64;
             match balance {
@@ -937,7 +1087,10 @@ impl Trainer {
                 None => loss_sum += total,
             }
             tokens += n as u64;
-            let g = self.trainable.gradients(&loss)?;
+            let g = match checkpointed {
+                Some(g) => g,
+                None => self.trainable.gradients(&loss)?,
+            };
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc
@@ -1049,7 +1202,16 @@ impl Trainer {
             std::process::id()
         ));
         // never save a diverged state (step() refuses to make one; this guards every caller)
-        let named = self.trainable.model.named_tensors()?;
+        let lora = self.trainable.lora_updates();
+        let named = if lora.is_empty() {
+            self.trainable.model.named_tensors()?
+        } else {
+            self.trainable
+                .vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect()
+        };
         let mut all: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
         for (i, (name, _)) in self.trainable.vars.iter().enumerate() {
             all.push((format!("optimizer moment m.{name}"), &self.opt.m[i]));
@@ -1067,8 +1229,21 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         let write = || -> Result<()> {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            save_safetensors(&tmp, &named, u64::MAX)?;
-            write_config(&tmp, &self.raw_config)?;
+            match &self.cfg.lora {
+                // the adapter alone, in PEFT's format, naming its base model
+                Some(settings) => {
+                    let base = self.cfg.base_model().unwrap_or_default();
+                    let config = crate::model::lora::PeftConfig::for_training(
+                        settings,
+                        &base.to_string_lossy(),
+                    );
+                    crate::model::lora::save(&tmp, &config, &lora)?;
+                }
+                None => {
+                    save_safetensors(&tmp, &named, u64::MAX)?;
+                    write_config(&tmp, &self.raw_config)?;
+                }
+            }
             for (name, bytes) in &self.tokenizer_files {
                 atomic_write(&tmp.join(name), bytes)?;
             }
@@ -1227,6 +1402,18 @@ fn first_nonfinite<'a>(tensors: &[(&'a str, &Tensor)]) -> Result<Option<&'a str>
         }
     }
     Ok(None)
+}
+
+/// Settings the model must allow: activation checkpointing of dense blocks only.
+fn check_memory_settings(cfg: &TrainConfig, model: &Llada) -> Result<()> {
+    if cfg.checkpoint_activations && model.config().moe.is_some() {
+        return Err(Error::setting(
+            "checkpoint_activations",
+            true,
+            "is implemented for dense models (a mixture of experts' balancing loss spans every layer)",
+        ));
+    }
+    Ok(())
 }
 
 /// Data and model must agree: vocabulary, sequence length, mode.

@@ -319,3 +319,37 @@ pub fn max_diff(a: &llada::candle_core::Tensor, b: &llada::candle_core::Tensor) 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+pub const TEXT: &str = "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void; and darkness was upon the face of the deep.\nAnd the Spirit of God moved upon the face of the waters.\nAnd God said, Let there be light: and there was light.\nAnd God saw the light, that it was good: and God divided the light from the darkness.\nAnd God called the light Day, and the darkness he called Night.\n";
+
+/// A small prepared dataset of `kind` in `dir` (Genesis 1, tokenized with the golden tokenizer).
+pub fn dataset(dir: &Path, kind: llada::train::data::DataKind) -> PathBuf {
+    let tok = llada::Tokenizer::open(&golden_dir()).unwrap();
+    let f = dir.join(if kind == llada::train::data::DataKind::Sft {
+        "chat.jsonl"
+    } else {
+        "text.txt"
+    });
+    match kind {
+        llada::train::data::DataKind::Pretrain => std::fs::write(&f, TEXT.repeat(20)).unwrap(),
+        llada::train::data::DataKind::Sft => {
+            let mut s = String::new();
+            for (i, line) in TEXT.lines().enumerate() {
+                s += &serde_json::json!({"messages": [{"role": "user", "content": format!("Verse {i}?")}, {"role": "assistant", "content": line}]}).to_string();
+                s.push('\n');
+            }
+            std::fs::write(&f, s.repeat(5)).unwrap();
+        }
+    }
+    let out = dir.join(format!("data-{kind:?}"));
+    let opts = llada::train::data::PrepareOptions {
+        kind,
+        doc_per_line: true,
+        val_fraction: 0.2,
+        seed: 1,
+        max_len: None,
+    };
+    llada::train::data::prepare(&[f], &tok, &out, &opts).unwrap();
+    out
+}
+
