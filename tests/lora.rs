@@ -362,3 +362,172 @@ fn a_bf16_run_tracks_the_f32_run() {
         assert!(la != lb, "the bf16 run computed in f32");
     }
 }
+
+/// The user's path: train an adapter from the CLI, generate with the run folder, with
+/// `--adapter`, and with the merged checkpoint (the same answer three ways); clear errors.
+#[test]
+fn the_cli_trains_loads_and_merges_an_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path(), DataKind::Sft);
+    let run_dir = d.path().join("run");
+    let golden = golden_dir();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let r = llada_cmd(&[
+        "train",
+        "--mode",
+        "sft",
+        "--init-from",
+        &s(&golden),
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&run_dir),
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "0",
+        "--lr",
+        "0.05",
+        "--checkpoint-activations",
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("LoRA adapter (rank 4, α 8, q_proj,v_proj)")
+            && r.stderr.contains("activation checkpointing"),
+        "{}",
+        r.stderr
+    );
+    let ids = "5,6,7,8";
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--prompt-ids",
+            ids,
+            "--gen-length",
+            "8",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+            "--sampler",
+            "reference",
+            "--json",
+        ];
+        a.extend(extra);
+        let r = llada_cmd(&a).run();
+        assert!(r.ok(), "{a:?}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+        v["generated_ids"].clone()
+    };
+    let by_run = gen(&[run_dir.to_str().unwrap()]);
+    let by_flag = gen(&[golden.to_str().unwrap(), "--adapter", run_dir.to_str().unwrap()]);
+    assert_eq!(by_run, by_flag);
+    let merged = d.path().join("merged");
+    let r = llada_cmd(&[
+        "lora",
+        "merge",
+        golden.to_str().unwrap(),
+        run_dir.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ])
+    .run();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(merged.join("config.json").exists() && merged.join("tokenizer.json").exists());
+    if llada::Checkpoint::load(&merged, None, &Device::Cpu)
+        .unwrap()
+        .stored_dtype
+        == "f32"
+    {
+        assert_eq!(gen(&[merged.to_str().unwrap()]), by_flag);
+    }
+
+    // errors name the value and the rule
+    let bad = |args: &[&str], want: &str| {
+        let r = llada_cmd(args).run();
+        assert!(!r.ok() && r.stderr.contains(want), "{args:?}: {}", r.stderr);
+    };
+    bad(
+        &[
+            "generate",
+            golden.to_str().unwrap(),
+            "--prompt-ids",
+            ids,
+            "--adapter",
+            d.path().to_str().unwrap(),
+        ],
+        "adapter_config.json not found",
+    );
+    bad(
+        &[
+            "train",
+            "--mode",
+            "sft",
+            "--init-from",
+            golden.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            d.path().join("x").to_str().unwrap(),
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            "q_proj,wq",
+        ],
+        "wq",
+    );
+    bad(
+        &[
+            "train",
+            "--mode",
+            "sft",
+            "--init-from",
+            golden.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            d.path().join("x").to_str().unwrap(),
+            "--lora-rank",
+            "0",
+        ],
+        "lora rank",
+    );
+    // an adapter of other shapes: the error names the weight
+    let ck = llada::train::trainer::latest_checkpoint(&run_dir).unwrap();
+    let other = d.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(
+        ck.join("adapter_config.json"),
+        other.join("adapter_config.json"),
+    )
+    .unwrap();
+    let a = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = "model.transformer.blocks.0.q_proj.weight".to_string();
+    let bytes = llada::weights::safetensors_bytes(&[
+        (lora::peft_name(&w, "A"), a),
+        (lora::peft_name(&w, "B"), b),
+    ])
+    .unwrap();
+    std::fs::write(other.join("adapter_model.safetensors"), bytes).unwrap();
+    bad(
+        &[
+            "generate",
+            golden.to_str().unwrap(),
+            "--prompt-ids",
+            ids,
+            "--adapter",
+            other.to_str().unwrap(),
+        ],
+        "model.transformer.blocks.0.q_proj.weight",
+    );
+}
