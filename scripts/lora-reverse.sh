@@ -2,7 +2,7 @@
 # LoRA SFT of the shipped model on one synthetic task it fails (list reversal): held-out exact
 # match before and after, and the run's time. Usage (from the repository root):
 #
-#   scripts/lora-reverse.sh [WORK_DIR]        (env: STEPS, RANK, THREADS, PRECISION, EXTRA)
+#   scripts/lora-reverse.sh [WORK_DIR]        (env: STEPS, RANK, BATCH, LR, THREADS, PRECISION, EXTRA)
 #
 # Training and test examples come from different seeds of `llada data synth-sft`; test prompts
 # that also occur in the training set are dropped, so the test set is held out.
@@ -13,6 +13,8 @@ STEPS=${STEPS:-300}
 RANK=${RANK:-16}
 THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-f32}
+BATCH=${BATCH:-16}
+LR=${LR:-2e-3}
 MODEL=models/llada-tiny-kjv
 LLADA=${LLADA:-target/release/llada}
 mkdir -p "$WORK"
@@ -40,7 +42,7 @@ $LLADA eval-chat "$MODEL" "$WORK/test.jsonl" "${EVAL[@]}" | tee "$WORK/before.tx
 echo "== LoRA SFT: rank $RANK, all targets, $STEPS steps, precision $PRECISION"
 START=$(date +%s.%N)
 $LLADA train --mode sft --init-from "$MODEL" --data "$WORK/data" --out "$WORK/run" --force \
-  --lora-rank "$RANK" --steps "$STEPS" --seq-len 128 --batch-size 16 --lr 2e-3 \
+  --lora-rank "$RANK" --steps "$STEPS" --seq-len 128 --batch-size "$BATCH" --lr "$LR" \
   --eval-every 100 --save-every "$STEPS" --log-every 50 --precision "$PRECISION" \
   --threads "$THREADS" ${EXTRA:-}
 END=$(date +%s.%N)

@@ -535,10 +535,13 @@ pub fn bench_train(
     warmup: usize,
     steps: usize,
     seed: u64,
+    precision: crate::train::trainer::Precision,
 ) -> Result<TrainReport> {
     use crate::diffusion::{self, noise, LossWeights, Objective};
     use crate::train::optim::{AdamW, AdamWConfig};
     let tr = crate::train::Trainable::from_llada(model)?;
+    // bf16 mixed precision: bf16 products, f32 master weights (as `llada train --precision`)
+    let _autocast = crate::model::layers::autocast(precision.autocast());
     let mut opt = AdamW::new(AdamWConfig::default(), &tr.vars)?;
     let cfg = model.config();
     crate::sampler::prompt::check_length(seq_len, 0, cfg.max_sequence_length)?;

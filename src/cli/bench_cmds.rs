@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Score mode: samples per forward pass.
     #[arg(long, default_value_t = llada::score::DEFAULT_BATCH)]
     pub mc_batch: usize,
+    /// Train mode: f32, or bf16 mixed precision (bf16 products, f32 master weights).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub precision: String,
     #[command(flatten)]
     pub sampler: SamplerArgs,
     /// Print one JSON object.
@@ -245,7 +248,7 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         a.warmup,
         a.runs,
         a.sampler.seed,
-    )?;
+            )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
         let mut v = s.json("generate", &r)?;
@@ -414,10 +417,12 @@ fn run_train(a: &BenchArgs, s: &Subject) -> Result<()> {
         a.warmup,
         a.runs,
         a.sampler.seed,
+        a.precision.parse()?,
     )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
         let mut v = s.json("train", &r)?;
+        v["precision"] = a.precision.clone().into();
         v["tokens_per_s"] = r.tokens_per_s.mean.into();
         v["seconds"] = r.seconds_per_step.mean.into();
         s.rates(&mut v, r.gflops, peak_rss);
@@ -425,8 +430,8 @@ fn run_train(a: &BenchArgs, s: &Subject) -> Result<()> {
     }
     s.title("train");
     println!(
-        "settings        batch {} × {} tokens · {} timed steps after {} warm-up",
-        r.batch, r.seq_len, r.steps, a.warmup
+        "settings        batch {} × {} tokens · {} timed steps after {} warm-up · precision {}",
+        r.batch, r.seq_len, r.steps, a.warmup, a.precision
     );
     println!("tokens/s        {}", pm(r.tokens_per_s, 1));
     println!("s per step      {}", pm(r.seconds_per_step, 3));

@@ -497,12 +497,25 @@ pub fn data_cmd(cmd: DataCmd) -> Result<()> {
 pub struct PlotArgs {
     /// Run folder (with metrics.jsonl).
     pub run: PathBuf,
-    /// Output PNG (default: RUN/curves.png).
+    /// Output PNG (default: RUN/curves.png; with --compare, RUN/compare.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Another run to draw on the same chart (training loss EMA and held-out bound of each;
+    /// repeatable), e.g. an f32 and a bf16 run of the same data.
+    #[arg(long, value_name = "RUN")]
+    pub compare: Vec<PathBuf>,
 }
 
 pub fn plot(a: PlotArgs) -> Result<()> {
+    if !a.compare.is_empty() {
+        let out = a.out.unwrap_or_else(|| a.run.join("compare.png"));
+        let runs: Vec<&std::path::Path> = std::iter::once(a.run.as_path())
+            .chain(a.compare.iter().map(|p| p.as_path()))
+            .collect();
+        llada::train::plot::plot_compare(&runs, &out)?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
     let out = a.out.unwrap_or_else(|| a.run.join("curves.png"));
     llada::train::plot::plot_run(&a.run, &out)?;
     println!("wrote {}", out.display());

@@ -123,3 +123,83 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// Draws the training loss (EMA) and held-out bound of several runs on one chart (e.g. an f32
+/// and a bf16 run on the same data), each labelled with its folder name, into `out` (PNG).
+pub fn plot_compare(runs: &[&Path], out: &Path) -> Result<()> {
+    register_font();
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let mut curves = Vec::new();
+    for r in runs {
+        let (train, eval) = read_metrics(r)?;
+        if train.is_empty() {
+            return Err(Error::setting(
+                "run",
+                r.display(),
+                "metrics.jsonl has no training steps yet",
+            ));
+        }
+        let mut e = train[0].1;
+        let ema: Vec<(f64, f64)> = train
+            .iter()
+            .map(|&(s, l, _)| {
+                e = 0.9 * e + 0.1 * l;
+                (s, e)
+            })
+            .collect();
+        let name = r
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| r.display().to_string());
+        curves.push((name, ema, eval));
+    }
+    let pts = || {
+        curves
+            .iter()
+            .flat_map(|(_, t, e)| t.iter().chain(e.iter()).copied())
+    };
+    let max_step = pts().map(|p| p.0).fold(1.0, f64::max);
+    let lo = pts().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = pts().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let root = BitMapBackend::new(out, (1200, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("training loss (EMA) and held-out bound", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss (nats / token bound)")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, ema, eval)) in curves.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(ema.iter().copied(), c.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(format!("{name}: train loss (EMA)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        if !eval.is_empty() {
+            chart
+                .draw_series(eval.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .map_err(plot_err)?
+                .label(format!("{name}: held-out bound"))
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
