@@ -84,7 +84,7 @@ impl Checkpoint {
         device: &Device,
         adapter: Option<&Path>,
     ) -> Result<Self> {
-        use crate::model::lora::{Adapter, AdaptedWeights, ADAPTER_CONFIG};
+        use crate::model::lora::{AdaptedWeights, Adapter, ADAPTER_CONFIG};
         if !dir.join("config.json").exists() && dir.join(ADAPTER_CONFIG).is_file() {
             if let Some(other) = adapter {
                 return Err(Error::setting(
@@ -97,11 +97,14 @@ impl Checkpoint {
                     ),
                 ));
             }
-            let ad = Adapter::load(dir, &Device::Cpu)?;
-            let Some(base) = ad.base_model() else {
+            let peft: crate::model::lora::PeftConfig =
+                crate::error::read_json(&dir.join(ADAPTER_CONFIG))?;
+            let Some(base) = peft.base_model_name_or_path.as_deref() else {
                 return Err(Error::Checkpoint {
                     path: dir.join(ADAPTER_CONFIG),
-                    reason: "field base_model_name_or_path is absent: give the base model and --adapter".into(),
+                    reason:
+                        "field base_model_name_or_path is absent: give the base model and --adapter"
+                            .into(),
                 });
             };
             let base = crate::hub::resolve(Some(base)).map_err(|e| Error::Checkpoint {
@@ -127,7 +130,7 @@ impl Checkpoint {
             None => arch.load(&config, &src, WeightLayout::PackedForInference)?,
             Some(a) => {
                 let ad = Adapter::load(a, device)?;
-                let adapted = AdaptedWeights::new(&src, &ad);
+                let adapted = AdaptedWeights::new(&src, &ad, dtype);
                 let m = arch.load(&config, &adapted, WeightLayout::PackedForInference)?;
                 adapted.finish()?;
                 m
@@ -185,6 +188,7 @@ impl Checkpoint {
         let params = self.config.parameter_count();
         Info {
             path: self.dir.clone(),
+            adapter: self.adapter.clone(),
             architecture: self.raw.architecture().unwrap_or_default(),
             parameters: params,
             active_parameters: self.config.active_parameter_count(),
@@ -265,6 +269,9 @@ pub struct ExpertInfo {
 #[derive(Debug, Clone, Serialize)]
 pub struct Info {
     pub path: PathBuf,
+    /// The LoRA adapter merged into the weights at load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
     pub architecture: String,
     pub parameters: u64,
     /// Parameters one token's forward multiplies with (the routed experts only; no embedding).

@@ -123,8 +123,8 @@ fn merged_equals_unmerged_and_the_adapter_loads_three_ways() {
     let unmerged = lo.model.forward(&ids, None).unwrap();
     let base_logits = m.forward(&ids, None).unwrap();
     // merged at load
-    let ck = Checkpoint::load_with_adapter(&golden, Some(DType::F32), &Device::Cpu, Some(&ad))
-        .unwrap();
+    let ck =
+        Checkpoint::load_with_adapter(&golden, Some(DType::F32), &Device::Cpu, Some(&ad)).unwrap();
     let merged = ck.model.forward(&ids, None).unwrap();
     let scale = max_abs(&unmerged).max(1.0);
     let diff = max_diff(&merged, &unmerged);
@@ -148,6 +148,17 @@ fn merged_equals_unmerged_and_the_adapter_loads_three_ways() {
     } else {
         // a bf16 checkpoint is merged in f32 and rounded once to bf16
         assert!(max_diff(&w, &merged) <= 5e-2 * scale);
+    }
+    // in bf16 the adapter is merged into the stored values and rounded once, as the merged
+    // checkpoint loaded in bf16
+    if stored_f32 {
+        let a = Checkpoint::load_with_adapter(&golden, Some(DType::BF16), &Device::Cpu, Some(&ad))
+            .unwrap();
+        let b = Checkpoint::load(&out, Some(DType::BF16), &Device::Cpu).unwrap();
+        assert_eq!(
+            bits(&a.model.forward(&ids, None).unwrap()),
+            bits(&b.model.forward(&ids, None).unwrap())
+        );
     }
     // into a folder that is not empty: refused, nothing touched
     let e = lora::merge(&golden, &ad, &out).unwrap_err().to_string();
@@ -308,11 +319,14 @@ fn a_lora_run_resumes_exactly_and_saves_peft_format() {
     assert!(re.contains(r"\.blocks\.") && re.contains("q_proj") && re.contains("ff_out"));
     let files = SafetensorsFiles::open_file(&ck.join("adapter_model.safetensors")).unwrap();
     let names: Vec<&str> = files.names().collect();
-    assert_eq!(names.len(), 2 * TARGETS.len() * full.model().config().n_layers);
-    assert!(names
-        .iter()
-        .all(|n| n.starts_with("base_model.model.model.transformer.blocks.")
-            && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
+    assert_eq!(
+        names.len(),
+        2 * TARGETS.len() * full.model().config().n_layers
+    );
+    assert!(names.iter().all(
+        |n| n.starts_with("base_model.model.model.transformer.blocks.")
+            && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+    ));
     // A is [r, in], B is [out, r]
     let q_a = files
         .shape("base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight")
@@ -401,7 +415,8 @@ fn the_cli_trains_loads_and_merges_an_adapter() {
     .run();
     assert!(r.ok(), "{}", r.stderr);
     assert!(
-        r.stderr.contains("LoRA adapter (rank 4, α 8, q_proj,v_proj)")
+        r.stderr
+            .contains("LoRA adapter (rank 4, α 8, q_proj,v_proj)")
             && r.stderr.contains("activation checkpointing"),
         "{}",
         r.stderr
@@ -429,7 +444,11 @@ fn the_cli_trains_loads_and_merges_an_adapter() {
         v["generated_ids"].clone()
     };
     let by_run = gen(&[run_dir.to_str().unwrap()]);
-    let by_flag = gen(&[golden.to_str().unwrap(), "--adapter", run_dir.to_str().unwrap()]);
+    let by_flag = gen(&[
+        golden.to_str().unwrap(),
+        "--adapter",
+        run_dir.to_str().unwrap(),
+    ]);
     assert_eq!(by_run, by_flag);
     let merged = d.path().join("merged");
     let r = llada_cmd(&[
@@ -530,4 +549,69 @@ fn the_cli_trains_loads_and_merges_an_adapter() {
         ],
         "model.transformer.blocks.0.q_proj.weight",
     );
+}
+
+/// Settings a model refuses are refused before `--force` removes an earlier run; duplicate
+/// targets and other architectures' names are errors naming the value.
+#[test]
+fn refusals_name_the_value_and_leave_an_earlier_run_intact() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = run_config(d.path(), "run", 1, DataKind::Sft);
+    cfg.save_every = 1;
+    Trainer::new(cfg.clone(), &Device::Cpu)
+        .unwrap()
+        .run(&mut |_| {})
+        .unwrap();
+    let before = llada::train::trainer::latest_checkpoint(&cfg.out).unwrap();
+    let mut dup = cfg.clone();
+    dup.lora = Some(LoraSettings {
+        targets: vec!["q_proj".into(), "q_proj".into()],
+        ..settings(4)
+    });
+    let e = Trainer::start(dup, &Device::Cpu, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("q_proj") && e.contains("twice"), "{e}");
+    // a mixture-of-experts model: no activation checkpointing, no LoRA (other tensor names)
+    let moe = repo_path("tests/golden/llada-moe");
+    if moe.join("config.json").exists() {
+        // a copy whose config names a mask id (the golden one leaves it to the tokenizer)
+        let m = d.path().join("moe");
+        std::fs::create_dir_all(&m).unwrap();
+        for f in std::fs::read_dir(&moe).unwrap().flatten() {
+            if f.path().is_file() {
+                std::fs::copy(f.path(), m.join(f.file_name())).unwrap();
+            }
+        }
+        let mut conf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(m.join("config.json")).unwrap()).unwrap();
+        let v = conf["vocab_size"].as_u64().unwrap();
+        if conf.get("mask_token_id").is_none_or(|x| x.is_null()) {
+            conf["mask_token_id"] = (v - 1).into();
+        }
+        std::fs::write(m.join("config.json"), conf.to_string()).unwrap();
+        let mut c = cfg.clone();
+        c.init_from = Some(m);
+        c.checkpoint_activations = true;
+        let e = Trainer::start(c.clone(), &Device::Cpu, true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("checkpoint_activations"), "{e}");
+        c.checkpoint_activations = false;
+        c.lora = Some(settings(4));
+        let e = Trainer::start(c, &Device::Cpu, true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("LLaDA-8B's architecture"), "{e}");
+    }
+    // the earlier run is as it was
+    assert_eq!(
+        llada::train::trainer::latest_checkpoint(&cfg.out).unwrap(),
+        before
+    );
+    assert!(before.join("model.safetensors").exists());
+    assert!(cfg.out.join("metrics.jsonl").exists());
 }

@@ -201,6 +201,20 @@ impl Subject {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.precision != "f32" && a.mode != "train" {
+        bail!(
+            "--precision {} applies to --mode train only (inference runs in --dtype)",
+            a.precision
+        );
+    }
+    if a.random_weights.is_some() {
+        if let Some(ad) = &a.rt.adapter {
+            bail!(
+                "--adapter {} needs a model to adapt: give a checkpoint, not --random-weights",
+                ad.display()
+            );
+        }
+    }
     if a.runs == 0 {
         bail!("invalid setting runs=0: must be at least 1");
     }
@@ -248,7 +262,7 @@ fn run_generate(a: &BenchArgs, s: &Subject, cfg: &SamplerConfig) -> Result<()> {
         a.warmup,
         a.runs,
         a.sampler.seed,
-            )?;
+    )?;
     let peak_rss = bench::peak_rss_bytes();
     if a.json {
         let mut v = s.json("generate", &r)?;

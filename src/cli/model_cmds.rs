@@ -54,6 +54,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
         return print_json(&i);
     }
     println!("checkpoint      {}", i.path.display());
+    if let Some(a) = &i.adapter {
+        println!("adapter         {} (LoRA, merged at load)", a.display());
+    }
     println!(
         "architecture    {}{}",
         i.architecture,
@@ -387,11 +390,7 @@ pub fn lora(c: LoraCmd) -> Result<()> {
             let adapter = llada::train::trainer::run_checkpoint(&a.adapter)
                 .unwrap_or_else(|| a.adapter.clone());
             let out = llada::model::lora::merge(&model, &adapter, &a.out).with_context(|| {
-                format!(
-                    "merging {} into {}",
-                    a.adapter.display(),
-                    model.display()
-                )
+                format!("merging {} into {}", a.adapter.display(), model.display())
             })?;
             println!(
                 "wrote {} ({} with {} merged)",

@@ -83,11 +83,11 @@ pub struct TrainArgs {
     #[arg(long, value_name = "R")]
     pub lora_rank: Option<usize>,
     /// LoRA scale α (the update is scaled by α/R) [default: 2·R].
-    #[arg(long, value_name = "A", requires = "lora_rank")]
+    #[arg(long, value_name = "A")]
     pub lora_alpha: Option<f64>,
     /// The linear maps of every block that get an adapter, comma-separated [default: all:
     /// q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out].
-    #[arg(long, value_name = "LIST", requires = "lora_rank")]
+    #[arg(long, value_name = "LIST")]
     pub lora_targets: Option<String>,
     /// Recompute each block's activations in the backward pass instead of keeping them: the
     /// same loss and gradients, less memory, about a third more time.
@@ -139,21 +139,36 @@ impl TrainArgs {
         if let Some(o) = &self.on_nonfinite {
             c.on_nonfinite = o.parse()?;
         }
-        if let Some(r) = self.lora_rank {
+        // LoRA: the flags over the config's `[lora]` (if any) over the defaults
+        if self.lora_rank.is_some() || self.lora_alpha.is_some() || self.lora_targets.is_some() {
+            let from_config = c.lora.clone();
+            let Some(rank) = self.lora_rank.or(from_config.as_ref().map(|l| l.rank)) else {
+                bail!("--lora-alpha and --lora-targets set up a LoRA run: give its rank too (--lora-rank R)");
+            };
             let targets = match &self.lora_targets {
                 Some(t) => t
                     .split(',')
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect(),
-                None => llada::model::lora::TARGETS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
+                None => from_config.as_ref().map_or_else(
+                    || {
+                        llada::model::lora::TARGETS
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect()
+                    },
+                    |l| l.targets.clone(),
+                ),
             };
+            // α: given, the config's when the rank is the config's, else 2·R
+            let alpha = self.lora_alpha.unwrap_or_else(|| match &from_config {
+                Some(l) if l.rank == rank => l.alpha,
+                _ => 2.0 * rank as f64,
+            });
             c.lora = Some(llada::model::lora::LoraSettings {
-                rank: r,
-                alpha: self.lora_alpha.unwrap_or(2.0 * r as f64),
+                rank,
+                alpha,
                 targets,
             });
         }
@@ -191,7 +206,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         bail!("--dtype {d} does not apply to train: the weights train in f32; --precision bf16 selects bf16 mixed precision");
     }
     if a.resume.is_some()
-        && (a.lora_rank.is_some() || a.precision.is_some() || a.checkpoint_activations)
+        && (a.lora_rank.is_some()
+            || a.lora_alpha.is_some()
+            || a.lora_targets.is_some()
+            || a.precision.is_some()
+            || a.checkpoint_activations)
     {
         bail!("--resume continues a run with its own settings: --lora-rank, --precision and --checkpoint-activations are set when it starts");
     }

@@ -68,7 +68,14 @@ impl LoraSettings {
                 format!("name at least one of {}", TARGETS.join(",")),
             ));
         }
-        for t in &self.targets {
+        for (i, t) in self.targets.iter().enumerate() {
+            if self.targets[..i].contains(t) {
+                return Err(Error::setting(
+                    "lora targets",
+                    t,
+                    "is named twice: name each linear map once",
+                ));
+            }
             if !TARGETS.contains(&t.as_str()) {
                 return Err(Error::setting(
                     "lora targets",
@@ -135,19 +142,13 @@ impl PeftConfig {
         ] {
             other.insert(k.into(), v);
         }
-        other.insert(
-            "llada".into(),
-            serde_json::json!({"rank": s.rank, "alpha": s.alpha, "targets": s.targets}),
-        );
         PeftConfig {
             peft_type: "LORA".into(),
             r: s.rank,
             lora_alpha: s.alpha,
             // a regular expression (PEFT full-matches it): the block's maps only, never the
             // output head `model.transformer.ff_out`, which the name `ff_out` alone would match
-            target_modules: serde_json::Value::String(format!(
-                r".*\.blocks\.\d+\.({targets})"
-            )),
+            target_modules: serde_json::Value::String(format!(r".*\.blocks\.\d+\.({targets})")),
             lora_dropout: 0.0,
             bias: "none".into(),
             fan_in_fan_out: false,
@@ -193,7 +194,9 @@ impl PeftConfig {
             )));
         }
         if self.use_dora {
-            return Err(bad("field use_dora = true: DoRA adapters are not supported".into()));
+            return Err(bad(
+                "field use_dora = true: DoRA adapters are not supported".into(),
+            ));
         }
         if self.fan_in_fan_out {
             return Err(bad(
@@ -209,6 +212,16 @@ impl PeftConfig {
         if !self.alpha_pattern.is_empty() {
             return Err(bad(
                 "field alpha_pattern is not empty: per-module α is not supported".into(),
+            ));
+        }
+        if self
+            .other
+            .get("layer_replication")
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(bad(
+                "field layer_replication is set: adapters that replicate layers are not supported"
+                    .into(),
             ));
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -329,6 +342,15 @@ impl Adapter {
                     ),
                 });
             }
+            if config.rank_pattern.is_empty() && sa[0] != config.r {
+                return Err(Error::Checkpoint {
+                    path: wpath.clone(),
+                    reason: format!(
+                        "the update of {weight} has rank {} but adapter_config.json says r = {} (and no rank_pattern)",
+                        sa[0], config.r
+                    ),
+                });
+            }
             let a = files.load(&a, &sa, DType::F32, device)?;
             let b = files.load(&b, &sb, DType::F32, device)?;
             let scale = config.scale(sa[0]);
@@ -369,14 +391,17 @@ pub fn save(dir: &Path, config: &PeftConfig, updates: &[(String, Tensor, Tensor)
 pub struct AdaptedWeights<'a> {
     pub inner: &'a dyn WeightSource,
     pub adapter: &'a Adapter,
+    /// The dtype the merged weights are rounded to (the run dtype).
+    pub dtype: DType,
     used: RefCell<BTreeSet<String>>,
 }
 
 impl<'a> AdaptedWeights<'a> {
-    pub fn new(inner: &'a dyn WeightSource, adapter: &'a Adapter) -> Self {
+    pub fn new(inner: &'a dyn WeightSource, adapter: &'a Adapter, dtype: DType) -> Self {
         AdaptedWeights {
             inner,
             adapter,
+            dtype,
             used: RefCell::new(BTreeSet::new()),
         }
     }
@@ -398,11 +423,12 @@ impl<'a> AdaptedWeights<'a> {
 
 impl WeightSource for AdaptedWeights<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let w = self.inner.get(name, shape)?;
         let Some(u) = self.adapter.updates.get(name) else {
-            return Ok(w);
+            return self.inner.get(name, shape);
         };
-        let merged = merge_one(name, &w, u, &self.adapter.dir)?;
+        // the stored weight in f32, the update added, one rounding to the run dtype
+        let w = self.inner.get_in(name, shape, DType::F32)?;
+        let merged = merge_one(name, &w, u, &self.adapter.dir)?.to_dtype(self.dtype)?;
         self.used.borrow_mut().insert(name.to_string());
         Ok(merged)
     }
@@ -415,16 +441,18 @@ fn merge_one(name: &str, w: &Tensor, u: &Update, dir: &Path) -> Result<Tensor> {
         d => {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
-                reason: format!("the adapter updates {name}, a tensor of shape {d:?}, not a matrix"),
+                reason: format!(
+                    "the adapter updates {name}, a tensor of shape {d:?}, not a matrix"
+                ),
             })
         }
     };
-    let (a, b) = (u.a.dims(), u.b.dims());
-    if a[1] != inp || b[0] != out {
+    let (a, b) = (u.a.dims2()?, u.b.dims2()?);
+    if a.1 != inp || b.0 != out || a.0 != b.1 {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
             reason: format!(
-                "the update of {name} has A {a:?} and B {b:?}; the weight is [{out}, {inp}]: expected A [r, {inp}] and B [{out}, r]"
+                "the update of {name} has A [{}, {}] and B [{}, {}]; the weight is [{out}, {inp}]: expected A [r, {inp}] and B [{out}, r]", a.0, a.1, b.0, b.1
             ),
         });
     }

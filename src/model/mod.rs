@@ -179,6 +179,12 @@ impl std::fmt::Display for CacheMode {
 pub trait WeightSource {
     /// The tensor `name` with exactly `shape`.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// [`WeightSource::get`] in `dtype`, converted from what is stored where the source can
+    /// (an adapter is merged into the stored values, not into values already rounded).
+    fn get_in(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Ok(self.get(name, shape)?.to_dtype(dtype)?)
+    }
 }
 
 /// Tensors read from checkpoint files, converted to a dtype and placed on a device.
@@ -191,6 +197,9 @@ pub struct FileWeights<'a> {
 impl WeightSource for FileWeights<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.files.load(name, shape, self.dtype, self.device)
+    }
+    fn get_in(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.files.load(name, shape, dtype, self.device)
     }
 }
 

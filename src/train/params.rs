@@ -68,6 +68,7 @@ impl Trainable {
             };
             map.insert(name, t.to_device(m.device())?.to_dtype(dt)?);
         }
+        let names: std::collections::HashSet<String> = map.keys().cloned().collect();
         let mut model = Llada::load(m.config(), &map)?;
         drop(map);
         let mut rng = Rng::new(seed ^ 0x10_4A_5EED);
@@ -77,6 +78,13 @@ impl Trainable {
         for (i, block) in model.blocks.iter_mut().enumerate() {
             for part in &s.targets {
                 let weight = crate::model::llada::block_weight_name(i, part);
+                if !names.contains(&weight) {
+                    return Err(Error::setting(
+                        "lora",
+                        format!("{:?}", m.config().architecture),
+                        format!("LoRA is implemented for LLaDA-8B's architecture (LLaDAModelLM, weights named model.transformer.blocks.N.*); this model has no {weight}"),
+                    ));
+                }
                 let Some(lin) = block.linear_mut(part) else {
                     return Err(Error::setting(
                         "lora targets",
@@ -91,9 +99,9 @@ impl Trainable {
                     .collect();
                 let a = Var::from_tensor(&Tensor::from_vec(a, (s.rank, inp), &device)?)?;
                 let b = Var::from_tensor(&Tensor::zeros((out, s.rank), DType::F32, &device)?)?;
-                *lin = lin
-                    .clone()
-                    .with_lora(a.as_tensor().clone(), b.as_tensor().clone(), s.scale());
+                *lin =
+                    lin.clone()
+                        .with_lora(a.as_tensor().clone(), b.as_tensor().clone(), s.scale());
                 updates.push((weight.clone(), vars.len(), vars.len() + 1));
                 vars.push((peft_name(&weight, "A"), a));
                 vars.push((peft_name(&weight, "B"), b));

@@ -22,8 +22,8 @@ use crate::checkpoint::{other_process_running, read_config, read_tokenizer_files
 use crate::config::RawConfig;
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
-use crate::model::{FileWeights, Llada};
 use crate::model::lora::LoraSettings;
+use crate::model::Llada;
 use crate::rng::Rng;
 use crate::weights::{atomic_write, safetensors_bytes, save_safetensors, SafetensorsFiles};
 
@@ -268,9 +268,8 @@ impl TrainConfig {
     /// The model a LoRA run adapts (`init_from`, a run folder standing for its last checkpoint),
     /// as an absolute path.
     fn base_model(&self) -> Option<PathBuf> {
-        let d = self.init_from.as_ref()?;
-        let d = run_checkpoint(d).unwrap_or_else(|| d.clone());
-        Some(std::fs::canonicalize(&d).unwrap_or(d))
+        // resolved to an absolute checkpoint folder when the run started
+        self.init_from.clone()
     }
 }
 
@@ -576,18 +575,54 @@ fn remove_earlier_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_dense(dir: &Path, dtype: DType, device: &Device) -> Result<(RawConfig, Llada)> {
+fn load_dense(dir: &Path, linear: DType, device: &Device) -> Result<(RawConfig, Llada)> {
+    if !dir.join("config.json").exists() && dir.join(crate::model::lora::ADAPTER_CONFIG).exists() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "is a LoRA adapter, not a model: merge it into its base first (llada lora merge BASE ADAPTER --out DIR) and start from DIR, or continue its run with --resume".into(),
+        });
+    }
     let (raw, cfg) = read_config(dir)?;
     let files = SafetensorsFiles::open(dir)?;
     let m = Llada::load(
         &cfg,
-        &FileWeights {
+        &LoraBaseWeights {
             files: &files,
-            dtype,
+            linear,
             device,
         },
     )?;
     Ok((raw, m))
+}
+
+/// The checkpoint folder a run starts from: a run folder stands for its last checkpoint, a hub
+/// id for its snapshot in the local cache; absolute.
+fn resolve_init(d: &Path) -> Result<PathBuf> {
+    let p = if d.exists() {
+        run_checkpoint(d).unwrap_or_else(|| d.to_path_buf())
+    } else {
+        crate::hub::resolve(Some(&d.to_string_lossy()))?
+    };
+    Ok(std::fs::canonicalize(&p).unwrap_or(p))
+}
+
+/// A LoRA base's tensors: the linear maps (rank 2, the embedding excepted) in `linear`, the
+/// embedding and norms in f32 (the residual stream stays f32), each read straight in its dtype.
+struct LoraBaseWeights<'a> {
+    files: &'a SafetensorsFiles,
+    linear: DType,
+    device: &'a Device,
+}
+
+impl crate::model::WeightSource for LoraBaseWeights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let dt = if shape.len() == 2 && !name.ends_with(".wte.weight") {
+            self.linear
+        } else {
+            DType::F32
+        };
+        self.files.load(name, shape, dt, self.device)
+    }
 }
 
 /// The trainable form of `model` for the run `cfg`: every weight, or a LoRA adapter.
@@ -610,7 +645,7 @@ impl Trainer {
     /// checkpoints is accepted and those checkpoints (`step-*`, `latest`) and its `metrics.jsonl`
     /// are removed before the new run's first step (its other files are kept). Without it such a
     /// folder is an error naming it, `--resume` and `--force`.
-    pub fn start(cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
+    pub fn start(mut cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
         cfg.validate()?;
         if cfg.schedule.warmup() > cfg.steps {
             tracing::warn!(
@@ -626,11 +661,19 @@ impl Trainer {
                 reason: "holds an earlier run's checkpoints; continue it with --resume, or replace it with --force (its checkpoints and metrics.jsonl are removed)".into(),
             });
         }
-        // a run folder given as the starting point stands for its last checkpoint
+        // a run folder given as the starting point stands for its last checkpoint; a hub id for
+        // its snapshot in the local cache
         let init_from = cfg
             .init_from
             .as_ref()
-            .map(|d| run_checkpoint(d).unwrap_or_else(|| d.clone()));
+            .map(|d| resolve_init(d))
+            .transpose()?;
+        if cfg.lora.is_some() {
+            // an adapter is bound to one base: its absolute path, decided once (a run folder
+            // given as the base later gaining checkpoints, or another working folder at resume,
+            // must not change it)
+            cfg.init_from = init_from.clone();
+        }
         if replace_earlier_run && has_checkpoints(&cfg.out) {
             // --force removes the earlier run's checkpoints: never the one this run starts from
             if let Some(dir) = &init_from {
@@ -662,6 +705,11 @@ impl Trainer {
             (raw, m, cfg.tokenizer.clone())
         };
         check_compat(&cfg, &data, &model)?;
+        // everything that can refuse the model before the run folder is touched (--force
+        // removes an earlier run's checkpoints)
+        check_memory_settings(&cfg, &model)?;
+        let trainable = trainable_for(&cfg, &model)?;
+        drop(model);
         let tokenizer_files = read_tokenizer_files(
             &tokenizer_dir
                 .iter()
@@ -678,9 +726,6 @@ impl Trainer {
             source: e,
         })?;
         atomic_write(&cfg.out.join(RUN_CONFIG), text.as_bytes())?;
-        check_memory_settings(&cfg, &model)?;
-        let trainable = trainable_for(&cfg, &model)?;
-        drop(model);
         let opt = AdamW::new(cfg.optimizer, &trainable.vars)?;
         let state = TrainerState {
             step: 0,

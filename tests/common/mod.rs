@@ -352,4 +352,3 @@ pub fn dataset(dir: &Path, kind: llada::train::data::DataKind) -> PathBuf {
     llada::train::data::prepare(&[f], &tok, &out, &opts).unwrap();
     out
 }
-
