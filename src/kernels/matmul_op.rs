@@ -117,6 +117,72 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.matmul(b)
 }
 
+/// x·Wᵀ for a frozen W (a LoRA base, a frozen head): differentiable in x only. candle's matmul
+/// backward computes the gradient of both operands, so a frozen weight would cost a full weight
+/// gradient (memory and a third of the backward's products) that nothing reads.
+struct FrozenRight {
+    /// Wᵀ [in, out] (a view).
+    wt: Tensor,
+}
+
+/// The CPU tensor of a contiguous storage and layout (a copy).
+fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("llada-frozen-matmul: strided input".into()))?;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.dims(), &Device::Cpu),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.dims(), &Device::Cpu),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], l.dims(), &Device::Cpu),
+        _ => candle_core::bail!("llada-frozen-matmul: f32, bf16 or f16 only"),
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenRight {
+    fn name(&self) -> &'static str {
+        "llada-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_tensor(s, l)?;
+        let y = matmul(&x, &self.wt)?.contiguous()?;
+        let shape = y.shape().clone();
+        let (st, yl) = y.storage_and_layout();
+        let (start, end) = yl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("llada-frozen-matmul: output".into()))?;
+        let out = match &*st {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                CpuStorage::F32(v[start..end].to_vec())
+            }
+            candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
+                CpuStorage::BF16(v[start..end].to_vec())
+            }
+            candle_core::Storage::Cpu(CpuStorage::F16(v)) => {
+                CpuStorage::F16(v[start..end].to_vec())
+            }
+            _ => candle_core::bail!("llada-frozen-matmul: unexpected output storage"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let r = self.wt.rank();
+        Ok(Some(matmul(grad, &self.wt.transpose(r - 2, r - 1)?)?))
+    }
+}
+
+/// x·Wᵀ (`w` [out, in]) for training, differentiable in x; in W too unless W is frozen (neither
+/// a variable nor computed from one), whose gradient is then never computed (CPU; elsewhere
+/// candle's matmul, which computes it and drops it).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let wt = w.t()?;
+    if w.track_op() || !x.track_op() || !matches!(x.device(), Device::Cpu) || x.rank() != 2 {
+        return matmul(x, &wt);
+    }
+    x.contiguous()?.apply_op1(FrozenRight { wt })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +244,59 @@ mod tests {
                     .unwrap();
                 assert!(d < 1e-4, "gradient {d}");
             }
+        }
+    }
+
+    /// A frozen weight: the same product and input gradient as the plain product, and no
+    /// gradient computed for the weight.
+    #[test]
+    fn a_frozen_weight_gets_no_gradient() {
+        let dev = Device::Cpu;
+        for dt in [DType::F32, DType::BF16] {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (9, 20), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (13, 20), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let r = Tensor::randn(0f32, 1.0, (9, 13), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let y = matmul_t(x.as_tensor(), &w).unwrap();
+            let y0 = matmul(x.as_tensor(), &w.t().unwrap()).unwrap();
+            let bits = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(bits(&y), bits(&y0));
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g0 = (y0 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gx, gx0) = (
+                g.get(x.as_tensor()).unwrap(),
+                g0.get(x.as_tensor()).unwrap(),
+            );
+            let err = (gx.to_dtype(DType::F32).unwrap() - gx0.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err <= 1e-2, "{dt:?}: input gradient differs by {err}");
+            assert!(g.get(&w).is_none(), "a frozen weight got a gradient");
+            // candle's product computes one (for the transposed view): the waste avoided
+            assert!(g0.get_ids().count() > g.get_ids().count());
         }
     }
 }

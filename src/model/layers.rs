@@ -89,15 +89,14 @@ pub fn autocast_dtype() -> Option<DType> {
 /// cast back to x's dtype), else in x's dtype (a weight of another dtype, e.g. a frozen bf16
 /// base under f32 training, is cast to it).
 pub fn diff_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use crate::kernels::matmul_op::matmul_t;
     match autocast_dtype() {
         Some(dt) if dt != x.dtype() || dt != w.dtype() => {
-            let y = crate::kernels::matmul_op::matmul(&x.to_dtype(dt)?, &w.to_dtype(dt)?.t()?)?;
+            let y = matmul_t(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
             y.to_dtype(x.dtype())
         }
-        _ if w.dtype() != x.dtype() => {
-            crate::kernels::matmul_op::matmul(x, &w.to_dtype(x.dtype())?.t()?)
-        }
-        _ => crate::kernels::matmul_op::matmul(x, &w.t()?),
+        _ if w.dtype() != x.dtype() => matmul_t(x, &w.to_dtype(x.dtype())?),
+        _ => matmul_t(x, w),
     }
 }
 
