@@ -183,6 +183,84 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenRight { wt })
 }
 
+/// A linear map with a LoRA update, y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, as one differentiable op in x, A
+/// and B (W frozen): the graph keeps y alone, where the op-by-op form keeps x·Aᵀ, the update, its
+/// scaled copy and the sum as well (for a 135M model at 8×256 tokens, more activation memory
+/// than the weights' gradients and moments LoRA saves). The backward recomputes x·Aᵀ (rank r).
+struct LoraLinear {
+    /// Wᵀ [in, out] (a view).
+    wt: Tensor,
+    scale: f64,
+}
+
+impl LoraLinear {
+    /// The forward on tensors, in the op-by-op order (base, then B(A(x))·s, then the sum).
+    fn compute(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let y = matmul(x, &self.wt)?;
+        let xa = matmul(x, &a.t()?)?;
+        let d = (matmul(&xa, &b.t()?)? * self.scale)?;
+        y + d
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "llada-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (
+            cpu_tensor(s1, l1)?,
+            cpu_tensor(s2, l2)?,
+            cpu_tensor(s3, l3)?,
+        );
+        let y = self.compute(&x, &a, &b)?.contiguous()?;
+        let shape = y.shape().clone();
+        let (st, _) = y.storage_and_layout();
+        let out = match &*st {
+            candle_core::Storage::Cpu(c) => c.clone(),
+            _ => candle_core::bail!("llada-lora-linear: unexpected output storage"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let w = self.wt.t()?;
+        let xa = matmul(x, &a.t()?)?; // [N, r]
+        let g_xa = (matmul(grad, b)? * self.scale)?; // [N, r]
+        let db = (matmul(&grad.t()?, &xa)? * self.scale)?; // [out, r]
+        let da = matmul(&g_xa.t()?, x)?; // [r, in]
+        let dx = (matmul(grad, &w)? + matmul(&g_xa, a)?)?; // [N, in]
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// x·Wᵀ + s·(x·Aᵀ)·Bᵀ for training with W frozen ([`LoraLinear`] on the CPU; op by op
+/// elsewhere). All operands in one dtype.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = LoraLinear { wt: w.t()?, scale };
+    if w.track_op() || !matches!(x.device(), Device::Cpu) || x.rank() != 2 {
+        return op.compute(x, a, b);
+    }
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
