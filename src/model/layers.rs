@@ -226,11 +226,6 @@ impl Linear {
         self.0.to_tensor()
     }
 
-    /// The weight tensor when held dense.
-    pub fn as_dense(&self) -> Option<&Tensor> {
-        self.0.as_dense()
-    }
-
     /// The dense weight, for the differentiable path.
     pub fn dense_tensor(&self) -> Result<&Tensor> {
         self.0.as_dense().ok_or_else(|| {

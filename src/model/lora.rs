@@ -588,20 +588,8 @@ impl LinearWeight for Lora {
         let d = ((self.b.matmul(&self.a)? * self.scale)?).to_device(w.device())?;
         (w.to_dtype(DType::F32)? + d)?.to_dtype(w.dtype())
     }
-    /// PEFT's order: base(x) + B(A(x))·s; one fused op over a dense frozen base (the graph
-    /// then keeps one activation per adapted map), in the thread's autocast dtype.
+    /// PEFT's order: base(x) + B(A(x))·s.
     fn forward_diff(&self, x: &Tensor) -> CResult<Tensor> {
-        if let Some(w) = self.base.as_dense() {
-            let dt = super::layers::autocast_dtype().unwrap_or(x.dtype());
-            let y = crate::kernels::matmul_op::lora_linear(
-                &x.to_dtype(dt)?,
-                &w.to_dtype(dt)?,
-                &self.a.to_dtype(dt)?,
-                &self.b.to_dtype(dt)?,
-                self.scale,
-            )?;
-            return y.to_dtype(x.dtype());
-        }
         let y = self.base.forward_diff(x)?;
         let xa = diff_matmul_t(x, &self.a)?;
         let d = (diff_matmul_t(&xa, &self.b)? * self.scale)?;
