@@ -43,7 +43,7 @@ fn settings(rank: usize) -> LoraSettings {
 
 /// Token ids [2, 16] below the vocabulary, seeded.
 fn ids(m: &Llada) -> Tensor {
-    let v = m.config().vocab_size as usize;
+    let v = m.config().vocab_size;
     let mut rng = Rng::new(7);
     let x: Vec<u32> = (0..32).map(|_| rng.below(v) as u32).collect();
     Tensor::from_vec(x, (2, 16), &Device::Cpu).unwrap()
@@ -175,7 +175,7 @@ fn the_lora_gradient_is_the_full_gradient_projected() {
     let merged: HashMap<String, Tensor> = lo.model.named_tensors().unwrap().into_iter().collect();
     let dense = Trainable::from_llada(&Llada::load(m.config(), &merged).unwrap()).unwrap();
     let (ids, pos) = (ids(&m), all_positions());
-    let v = m.config().vocab_size as usize;
+    let v = m.config().vocab_size;
     let r = Tensor::randn(0f32, 1.0, (32, v), &Device::Cpu).unwrap();
     let loss = |t: &Trainable| {
         let logits = t.model.forward_train_positions(&ids, &pos).unwrap();

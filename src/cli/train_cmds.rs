@@ -162,7 +162,7 @@ impl TrainArgs {
                 ),
             };
             // α: given, the config's when the rank is the config's, else 2·R
-            let alpha = self.lora_alpha.unwrap_or_else(|| match &from_config {
+            let alpha = self.lora_alpha.unwrap_or(match &from_config {
                 Some(l) if l.rank == rank => l.alpha,
                 _ => 2.0 * rank as f64,
             });

@@ -20,8 +20,11 @@ pub struct Trainable {
     frozen_row: Option<(usize, usize)>,
     /// With LoRA: the settings and, per adapted weight, its checkpoint name and the indices of
     /// its A and B in `vars`.
-    pub lora: Option<(LoraSettings, Vec<(String, usize, usize)>)>,
+    pub lora: Option<(LoraSettings, Vec<LoraIndex>)>,
 }
+
+/// An adapted weight's checkpoint name and the indices of its A and B in [`Trainable::vars`].
+pub type LoraIndex = (String, usize, usize);
 
 impl Trainable {
     /// Variables (f32, on the model's device) initialised from `m`'s tensors (the trainer
@@ -71,7 +74,7 @@ impl Trainable {
         let names: std::collections::HashSet<String> = map.keys().cloned().collect();
         let mut model = Llada::load(m.config(), &map)?;
         drop(map);
-        let mut rng = Rng::new(seed ^ 0x10_4A_5EED);
+        let mut rng = Rng::new(seed ^ 0x104A_5EED);
         let mut vars = Vec::new();
         let mut updates = Vec::new();
         let device = m.device().clone();
