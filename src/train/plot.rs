@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::trainer::read_metrics;
@@ -20,6 +21,31 @@ pub fn register_font() {
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::setting("plot", "drawing", e.to_string())
+}
+
+/// The loss chart of `area`: step on x, the loss range padded by 5% on y, labelled axes.
+fn loss_chart<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    max_step: f64,
+    (lo, hi): (f64, f64),
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss (nats / token bound)")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
 }
 
 /// Draws the curves of the run in `run_dir` into `out` (PNG, 1200×800).
@@ -54,21 +80,12 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
         .map(|t| t.1)
         .chain(eval.iter().map(|t| t.1))
         .fold(f64::NEG_INFINITY, f64::max);
-    let pad = ((hi - lo) * 0.05).max(1e-3);
-    let mut chart = ChartBuilder::on(&top)
-        .caption(format!("{} — loss", run_dir.display()), ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss (nats / token bound)")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err)?;
+    let mut chart = loss_chart(
+        &top,
+        format!("{} — loss", run_dir.display()),
+        max_step,
+        (lo, hi),
+    )?;
     chart
         .draw_series(LineSeries::new(
             train.iter().map(|t| (t.0, t.1)),
@@ -161,23 +178,14 @@ pub fn plot_compare(runs: &[&Path], out: &Path) -> Result<()> {
     let max_step = pts().map(|p| p.0).fold(1.0, f64::max);
     let lo = pts().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = pts().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let pad = ((hi - lo) * 0.05).max(1e-3);
     let root = BitMapBackend::new(out, (1200, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("training loss (EMA) and held-out bound", ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss (nats / token bound)")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err)?;
+    let mut chart = loss_chart(
+        &root,
+        "training loss (EMA) and held-out bound".into(),
+        max_step,
+        (lo, hi),
+    )?;
     for (i, (name, ema, eval)) in curves.iter().enumerate() {
         let c = colors[i % colors.len()];
         chart
