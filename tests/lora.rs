@@ -203,19 +203,8 @@ fn the_lora_gradient_is_the_full_gradient_projected() {
 
 fn run_config(dir: &Path, out: &str, steps: usize, kind: DataKind) -> TrainConfig {
     TrainConfig {
-        mode: kind,
-        init_from: Some(golden_dir()),
-        data: dataset(dir, kind),
-        out: dir.join(out),
-        seq_len: 32,
-        batch_size: 4,
-        grad_accum: 2,
-        steps,
-        lr: 1e-3,
         eval_every: 0,
-        save_every: 0,
-        random_length_prob: 0.3,
-        ..Default::default()
+        ..small_run(dir, dataset(dir, kind), out, steps, kind)
     }
 }
 

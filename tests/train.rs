@@ -38,22 +38,7 @@ fn two_saved_steps(dir: &Path) -> (TrainConfig, PathBuf) {
 }
 
 fn config(dir: &Path, data: PathBuf, out: &str, steps: usize, kind: DataKind) -> TrainConfig {
-    TrainConfig {
-        mode: kind,
-        init_from: Some(golden_dir()),
-        data,
-        out: dir.join(out),
-        seq_len: 32,
-        batch_size: 4,
-        grad_accum: 2,
-        steps,
-        lr: 1e-3,
-        eval_every: 2,
-        eval_batches: 1,
-        save_every: 0,
-        random_length_prob: 0.3,
-        ..Default::default()
-    }
+    small_run(dir, data, out, steps, kind)
 }
 
 fn weights(t: &Trainer) -> Vec<Vec<u32>> {

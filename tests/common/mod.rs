@@ -352,3 +352,30 @@ pub fn dataset(dir: &Path, kind: llada::train::data::DataKind) -> PathBuf {
     llada::train::data::prepare(&[f], &tok, &out, &opts).unwrap();
     out
 }
+
+/// A short training run of the golden checkpoint on `data` (batch 4 × 32, 2 accumulated,
+/// evaluated every 2 steps) into `dir/out`.
+pub fn small_run(
+    dir: &Path,
+    data: PathBuf,
+    out: &str,
+    steps: usize,
+    kind: llada::train::data::DataKind,
+) -> llada::train::trainer::TrainConfig {
+    llada::train::trainer::TrainConfig {
+        mode: kind,
+        init_from: Some(golden_dir()),
+        data,
+        out: dir.join(out),
+        seq_len: 32,
+        batch_size: 4,
+        grad_accum: 2,
+        steps,
+        lr: 1e-3,
+        eval_every: 2,
+        eval_batches: 1,
+        save_every: 0,
+        random_length_prob: 0.3,
+        ..Default::default()
+    }
+}
