@@ -425,6 +425,20 @@ fn the_cli_trains_loads_and_merges_an_adapter() {
         let v: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
         v["generated_ids"].clone()
     };
+    // `info` names the adapter merged at load
+    let r = llada_cmd(&[
+        "info",
+        golden.to_str().unwrap(),
+        "--adapter",
+        run_dir.to_str().unwrap(),
+    ])
+    .run();
+    assert!(
+        r.ok() && r.stdout.contains("adapter") && r.stdout.contains("step-0000003"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
     let by_run = gen(&[run_dir.to_str().unwrap()]);
     let by_flag = gen(&[
         golden.to_str().unwrap(),
