@@ -188,6 +188,18 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    /// max |a − b| (in f32).
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn forward_and_gradients_match_candle() {
         let dev = Device::Cpu;
@@ -215,14 +227,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, a.matmul(&b).unwrap().shape(), &dev).unwrap();
             let ours = matmul(&a, &b).unwrap();
             let theirs = a.matmul(&b).unwrap();
-            let d = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&ours, &theirs);
             assert!(d < 1e-4, "forward {d}");
             let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &w)
@@ -234,14 +239,7 @@ mod tests {
             for v in [&a0, &b0] {
                 let x = g1.get(v.as_tensor()).unwrap();
                 let y = g2.get(v.as_tensor()).unwrap();
-                let d = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_abs_diff(x, y);
                 assert!(d < 1e-4, "gradient {d}");
             }
         }
@@ -285,14 +283,7 @@ mod tests {
                 g.get(x.as_tensor()).unwrap(),
                 g0.get(x.as_tensor()).unwrap(),
             );
-            let err = (gx.to_dtype(DType::F32).unwrap() - gx0.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(gx, gx0);
             assert!(err <= 1e-2, "{dt:?}: input gradient differs by {err}");
             assert!(g.get(&w).is_none(), "a frozen weight got a gradient");
             // candle's product computes one (for the transposed view): the waste avoided
