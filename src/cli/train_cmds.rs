@@ -21,7 +21,7 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its last checkpoint (exactly).
     #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
-    /// pretrain or sft.
+    /// pretrain, sft, or vrpo (preference optimisation on data prepared with --kind preference).
     #[arg(long)]
     pub mode: Option<String>,
     /// Start from this checkpoint folder.
@@ -97,6 +97,24 @@ pub struct TrainArgs {
     /// [default: f32].
     #[arg(long, value_parser = ["f32", "bf16"])]
     pub precision: Option<String>,
+    /// VRPO: DPO's β [default: 0.1].
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// VRPO: timesteps n_t per answer and step [default: 8]. The estimator's budget is
+    /// n = n_t × n_yt noised copies of every answer.
+    #[arg(long, value_name = "N_T")]
+    pub vrpo_timesteps: Option<usize>,
+    /// VRPO: masks n_yt per timestep [default: 1].
+    #[arg(long, value_name = "N_YT")]
+    pub vrpo_masks: Option<usize>,
+    /// VRPO: independent noise for the policy and the reference (off: LLaDA 1.5's antithetic
+    /// sampling shares it; for measuring what sharing gains).
+    #[arg(long)]
+    pub no_antithetic: bool,
+    /// VRPO: train every weight (the reference is then a frozen copy of the starting model)
+    /// instead of a LoRA adapter (rank 16 unless --lora-rank).
+    #[arg(long)]
+    pub full_weights: bool,
     /// One JSON line per step on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -118,7 +136,8 @@ impl TrainArgs {
             c.mode = match m.as_str() {
                 "pretrain" => DataKind::Pretrain,
                 "sft" => DataKind::Sft,
-                other => bail!("invalid setting mode={other}: must be pretrain or sft"),
+                "vrpo" | "preference" => DataKind::Preference,
+                other => bail!("invalid setting mode={other}: must be pretrain, sft or vrpo"),
             };
         }
         macro_rules! set {
@@ -175,6 +194,32 @@ impl TrainArgs {
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
+        if let Some(b) = self.beta {
+            c.vrpo.beta = b;
+        }
+        if let Some(n) = self.vrpo_timesteps {
+            c.vrpo.timesteps = n;
+        }
+        if let Some(n) = self.vrpo_masks {
+            c.vrpo.masks = n;
+        }
+        if self.no_antithetic {
+            c.vrpo.antithetic = false;
+        }
+        if self.full_weights {
+            c.vrpo.full_weights = true;
+        }
+        let vrpo_flags = self.beta.is_some()
+            || self.vrpo_timesteps.is_some()
+            || self.vrpo_masks.is_some()
+            || self.no_antithetic
+            || self.full_weights;
+        if vrpo_flags && c.mode != DataKind::Preference {
+            bail!(
+                "--beta, --vrpo-timesteps, --vrpo-masks, --no-antithetic and --full-weights set up preference optimisation: add --mode vrpo (this run's mode is {})",
+                c.mode.name()
+            );
+        }
         if let Some(p) = &self.precision {
             c.precision = p.parse()?;
         }
@@ -210,9 +255,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
             || a.lora_alpha.is_some()
             || a.lora_targets.is_some()
             || a.precision.is_some()
-            || a.checkpoint_activations)
+            || a.checkpoint_activations
+            || a.beta.is_some()
+            || a.vrpo_timesteps.is_some()
+            || a.vrpo_masks.is_some()
+            || a.no_antithetic
+            || a.full_weights)
     {
-        bail!("--resume continues a run with its own settings: --lora-rank, --precision and --checkpoint-activations are set when it starts");
+        bail!("--resume continues a run with its own settings: --lora-rank, --precision, --checkpoint-activations and the VRPO settings are set when it starts");
     }
     let (device, _) = a.rt.setup()?;
     let mut trainer = match &a.resume {
@@ -239,15 +289,29 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let mut extras = Vec::new();
     if trainer.cfg.precision == llada::train::trainer::Precision::Bf16 {
-        extras.push(" · bf16 mixed precision");
+        extras.push(" · bf16 mixed precision".to_string());
     }
     if trainer.cfg.checkpoint_activations {
-        extras.push(" · activation checkpointing");
+        extras.push(" · activation checkpointing".to_string());
+    }
+    if trainer.cfg.mode == DataKind::Preference {
+        let v = &trainer.cfg.vrpo;
+        extras.push(format!(
+            " · VRPO β {} · budget {}×{}{}",
+            v.beta,
+            v.timesteps,
+            v.masks,
+            if v.antithetic {
+                " antithetic"
+            } else {
+                " independent noise"
+            }
+        ));
     }
     eprintln!(
-        "training {what}{} · {:?} · {} → {} steps · batch {}×{}×{} tokens · run folder {}",
+        "training {what}{} · {} · {} → {} steps · batch {}×{}×{} tokens · run folder {}",
         extras.concat(),
-        trainer.cfg.mode,
+        trainer.cfg.mode.name(),
         start,
         steps,
         trainer.cfg.batch_size,
@@ -282,9 +346,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
             return;
         }
         let eta = eta_seconds(r.step - start, steps - r.step, t0.elapsed().as_secs_f64());
+        let rewards = r.rewards.map_or_else(String::new, |w| {
+            format!(
+                " · margin {:.3} · reward acc {:.2}",
+                w.reward_margin, w.reward_accuracy
+            )
+        });
         let msg = format!(
-            "loss {:.3} · bound {} · {:.0} tok/s · lr {:.2e} · ETA {}",
+            "loss {:.3}{rewards} · {} {} · {:.0} tok/s · lr {:.2e} · ETA {}",
             r.loss,
+            if r.rewards.is_some() {
+                "held-out"
+            } else {
+                "bound"
+            },
             last_eval
                 .map(|e| format!("{e:.3}"))
                 .unwrap_or_else(|| "-".into()),
@@ -416,7 +491,8 @@ pub struct PrepareArgs {
     /// Tokenizer (a checkpoint or tokenizer folder).
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// pretrain (plain text or {"text"} JSONL) or sft (chat JSONL: {"messages": [...]}).
+    /// pretrain (plain text or {"text"} JSONL), sft (chat JSONL: {"messages": [...]}) or
+    /// preference (JSONL: {"prompt" | "messages", "chosen", "rejected"}; for --mode vrpo).
     #[arg(long, default_value = "pretrain")]
     pub kind: String,
     /// Output folder.
@@ -485,7 +561,10 @@ pub fn data_cmd(cmd: DataCmd) -> Result<()> {
             let kind = match a.kind.as_str() {
                 "pretrain" => DataKind::Pretrain,
                 "sft" => DataKind::Sft,
-                other => bail!("invalid setting kind={other}: must be pretrain or sft"),
+                "preference" => DataKind::Preference,
+                other => {
+                    bail!("invalid setting kind={other}: must be pretrain, sft or preference")
+                }
             };
             let h = data::prepare(
                 &a.files,

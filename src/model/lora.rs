@@ -48,6 +48,17 @@ pub struct LoraSettings {
     pub targets: Vec<String>,
 }
 
+impl Default for LoraSettings {
+    /// Rank 16, α = 32, every target.
+    fn default() -> Self {
+        LoraSettings {
+            rank: 16,
+            alpha: 32.0,
+            targets: TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 impl LoraSettings {
     /// Checks the rank, α and the target names.
     pub fn validate(&self) -> Result<()> {
@@ -544,6 +555,30 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<PathBuf> {
     Ok(out.to_path_buf())
 }
 
+thread_local! {
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, every unmerged [`Lora`] weight on this thread computes with its frozen
+/// base alone: the model being trained *is* its reference model (VRPO's reference terms need
+/// no second copy of the weights).
+pub fn without_adapters() -> AdaptersOffGuard {
+    AdaptersOffGuard(ADAPTERS_OFF.with(|c| c.replace(true)))
+}
+
+/// Restores the previous state when dropped.
+pub struct AdaptersOffGuard(bool);
+
+impl Drop for AdaptersOffGuard {
+    fn drop(&mut self) {
+        ADAPTERS_OFF.with(|c| c.set(self.0));
+    }
+}
+
+fn adapters_off() -> bool {
+    ADAPTERS_OFF.with(|c| c.get())
+}
+
 /// A weight with an unmerged low-rank update: `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`. W is frozen; A and B may be
 /// trainable variables (their products are differentiable).
 #[derive(Debug)]
@@ -571,16 +606,25 @@ impl LinearWeight for Lora {
     }
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let y = self.base.forward(x)?;
+        if adapters_off() {
+            return Ok(y);
+        }
         let d = self.update(x, y.dtype())?;
         y + d
     }
     fn forward_add(&self, x: &Tensor, res: &Tensor) -> CResult<Tensor> {
         let y = self.base.forward_add(x, res)?;
+        if adapters_off() {
+            return Ok(y);
+        }
         let d = self.update(x, y.dtype())?;
         y + d
     }
     fn forward_f32(&self, x: &Tensor) -> CResult<Tensor> {
         let y = self.base.forward_f32(x)?;
+        if adapters_off() {
+            return Ok(y);
+        }
         y + self.update(x, DType::F32)?
     }
     fn to_tensor(&self) -> CResult<Tensor> {
@@ -591,6 +635,9 @@ impl LinearWeight for Lora {
     /// PEFT's order: base(x) + B(A(x))·s.
     fn forward_diff(&self, x: &Tensor) -> CResult<Tensor> {
         let y = self.base.forward_diff(x)?;
+        if adapters_off() {
+            return Ok(y);
+        }
         let xa = diff_matmul_t(x, &self.a)?;
         let d = (diff_matmul_t(&xa, &self.b)? * self.scale)?;
         let d = d.to_dtype(y.dtype())?;

@@ -25,6 +25,27 @@ pub enum DataKind {
     Pretrain,
     /// Chat examples: prompt (template up to the assistant header) + answer + EOT.
     Sft,
+    /// Preference pairs for VRPO: the same prompt with a chosen and a rejected answer, each
+    /// stored as an SFT example (example 2k chosen, 2k+1 rejected). `vrpo` is the training
+    /// mode's name for it.
+    #[serde(alias = "vrpo")]
+    Preference,
+}
+
+impl DataKind {
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataKind::Pretrain => "pretrain",
+            DataKind::Sft => "sft",
+            DataKind::Preference => "preference",
+        }
+    }
+
+    /// Data made of examples (prompt + answer).
+    pub fn has_examples(self) -> bool {
+        matches!(self, DataKind::Sft | DataKind::Preference)
+    }
 }
 
 /// Counts of one split.
@@ -171,7 +192,7 @@ impl Dataset {
                     &dir.join(format!("{name}.tokens")),
                     bytes(info.tokens, 4, &format!("{name}.tokens"))?,
                 )?,
-                examples: if header.kind == DataKind::Sft {
+                examples: if header.kind.has_examples() {
                     map(
                         &dir.join(format!("{name}.examples")),
                         bytes(info.examples, 16, &format!("{name}.examples"))?,
@@ -183,6 +204,15 @@ impl Dataset {
                 n_examples: info.examples as usize,
             };
             split.check_examples(&dir.join(format!("{name}.examples")))?;
+            if header.kind == DataKind::Preference && !split.n_examples.is_multiple_of(2) {
+                return Err(Error::Checkpoint {
+                    path: dir.join(format!("{name}.examples")),
+                    reason: format!(
+                        "{} examples: preference data holds pairs (an even count): corrupt",
+                        split.n_examples
+                    ),
+                });
+            }
             Ok(split)
         };
         Ok(Dataset {
@@ -266,6 +296,88 @@ fn read_chats(path: &Path, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// One record of a preference file: the prompt (rendered with the chat template), the chosen
+/// answer and the rejected one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// The pairs of a preference JSONL file: `{"prompt": str | "messages": [...], "chosen": str,
+/// "rejected": str}`. A `prompt` is one user message; `messages` is a conversation ending with a
+/// user message. Both are rendered with the chat template, as SFT prompts are.
+pub fn read_preferences(path: &Path, tok: &Tokenizer) -> Result<Vec<PreferencePair>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Record {
+        prompt: Option<String>,
+        messages: Option<Vec<Message>>,
+        chosen: String,
+        rejected: String,
+        /// Free-form provenance (e.g. the task); ignored.
+        #[allow(dead_code)]
+        task: Option<serde_json::Value>,
+    }
+    let expected = "{\"prompt\": string | \"messages\": [{\"role\", \"content\"}, …], \"chosen\": string, \"rejected\": string}";
+    let rows: Vec<(usize, Record)> = crate::error::read_jsonl(path, expected)?;
+    let bad = |line: usize, reason: String| Error::DataLine {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for (line, r) in rows {
+        let messages = match (r.prompt, r.messages) {
+            (Some(p), None) => vec![Message {
+                role: "user".into(),
+                content: p,
+            }],
+            (None, Some(m)) => m,
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    line,
+                    "give \"prompt\" or \"messages\", not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(bad(line, format!("no prompt: expected {expected}")));
+            }
+        };
+        match messages.last() {
+            Some(m) if m.role == "user" => {}
+            Some(m) => return Err(bad(
+                line,
+                format!(
+                    "\"messages\" must end with a user message (the answers follow it), not {:?}",
+                    m.role
+                ),
+            )),
+            None => return Err(bad(line, "\"messages\" is empty".into())),
+        }
+        let (chosen, rejected) = (r.chosen.trim().to_string(), r.rejected.trim().to_string());
+        if chosen.is_empty() || rejected.is_empty() {
+            return Err(bad(
+                line,
+                "\"chosen\" and \"rejected\" must be non-empty answers".into(),
+            ));
+        }
+        if chosen == rejected {
+            return Err(bad(
+                line,
+                format!("\"chosen\" and \"rejected\" are the same answer ({chosen:?}): a pair needs two different answers"),
+            ));
+        }
+        out.push(PreferencePair {
+            prompt: tok.apply_chat_template(&messages)?,
+            chosen,
+            rejected,
+        });
+    }
+    Ok(out)
+}
+
 /// Tokenises `files` into a dataset folder `out`. Returns the header.
 pub fn prepare(
     files: &[PathBuf],
@@ -291,6 +403,7 @@ pub fn prepare(
     // (tokens, prompt length) per item
     let mut items: Vec<(Vec<u32>, usize)> = Vec::new();
     let mut dropped = 0usize;
+    let mut pair_items: Vec<[(Vec<u32>, usize); 2]> = Vec::new();
     for f in files {
         match opts.kind {
             DataKind::Pretrain => {
@@ -328,11 +441,51 @@ pub fn prepare(
                     items.push((ids, p.len()));
                 }
             }
+            DataKind::Preference => {
+                let eot = sp.eot.ok_or_else(|| {
+                    Error::Tokenizer(
+                        "preference data needs an end-of-turn token (<|eot_id|>) in the vocabulary"
+                            .into(),
+                    )
+                })?;
+                let pairs = read_preferences(f, tok)?;
+                let enc: Vec<Result<[Vec<u32>; 3]>> = pairs
+                    .par_iter()
+                    .map(|p| {
+                        Ok([
+                            tok.encode(&p.prompt)?,
+                            tok.encode(&p.chosen)?,
+                            tok.encode(&p.rejected)?,
+                        ])
+                    })
+                    .collect();
+                for e in enc {
+                    let [p, c, r] = e?;
+                    let seq = |a: Vec<u32>| {
+                        let mut ids = p.clone();
+                        ids.extend(a);
+                        ids.push(eot);
+                        ids
+                    };
+                    let (c, r) = (seq(c), seq(r));
+                    if opts.max_len.is_some_and(|m| c.len().max(r.len()) > m) {
+                        dropped += 1;
+                        continue;
+                    }
+                    // a pair is one unit: both go to the same split, chosen first
+                    pair_items.push([(c, p.len()), (r, p.len())]);
+                }
+            }
         }
+    }
+    for [c, r] in pair_items {
+        items.push(c);
+        items.push(r);
     }
     if dropped > 0 {
         tracing::warn!(
-            "dropped {dropped} SFT examples longer than {:?} tokens",
+            "dropped {dropped} {} examples longer than {:?} tokens",
+            opts.kind.name(),
             opts.max_len
         );
     }
@@ -349,8 +502,16 @@ pub fn prepare(
     }
     let mut rng = Rng::new(opts.seed);
     let mut split: [(Vec<u8>, Vec<u8>, SplitInfo); 2] = Default::default();
-    for (ids, pl) in &items {
-        let s = usize::from(opts.val_fraction > 0.0 && rng.uniform() < opts.val_fraction);
+    let per_unit = if opts.kind == DataKind::Preference {
+        2
+    } else {
+        1
+    };
+    let mut s = 0;
+    for (k, (ids, pl)) in items.iter().enumerate() {
+        if k % per_unit == 0 {
+            s = usize::from(opts.val_fraction > 0.0 && rng.uniform() < opts.val_fraction);
+        }
         let (tokens, examples, info) = &mut split[s];
         let offset = info.tokens;
         for &t in ids {
@@ -365,7 +526,7 @@ pub fn prepare(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for (name, (tokens, examples, _)) in ["train", "val"].iter().zip(&split) {
         atomic_write(&out.join(format!("{name}.tokens")), tokens)?;
-        if opts.kind == DataKind::Sft {
+        if opts.kind.has_examples() {
             atomic_write(&out.join(format!("{name}.examples")), examples)?;
         }
     }
@@ -430,6 +591,7 @@ impl<'a> Reader<'a> {
         let units = match ds.header.kind {
             DataKind::Pretrain => split.n_tokens / seq_len,
             DataKind::Sft => split.n_examples,
+            DataKind::Preference => split.n_examples / 2,
         };
         if units == 0 {
             return Err(Error::setting(
@@ -440,7 +602,7 @@ impl<'a> Reader<'a> {
                         "this split has {} tokens, fewer than one sequence of seq_len={seq_len}",
                         split.n_tokens
                     ),
-                    DataKind::Sft => "this split has no examples".into(),
+                    DataKind::Sft | DataKind::Preference => "this split has no examples".into(),
                 },
             ));
         }
@@ -470,6 +632,7 @@ impl<'a> Reader<'a> {
         match self.kind {
             DataKind::Pretrain => self.split.n_tokens / self.seq_len,
             DataKind::Sft => self.split.n_examples,
+            DataKind::Preference => self.split.n_examples / 2,
         }
     }
 
@@ -510,6 +673,15 @@ impl<'a> Reader<'a> {
                     pls.push(pl.min(ids.len().saturating_sub(1)));
                     x0.push(ids);
                 }
+                DataKind::Preference => {
+                    // chosen then rejected: rows 2k and 2k+1 of the batch
+                    for e in [2 * unit, 2 * unit + 1] {
+                        let (mut ids, pl) = self.split.example(e);
+                        ids.truncate(self.seq_len);
+                        pls.push(pl.min(ids.len().saturating_sub(1)));
+                        x0.push(ids);
+                    }
+                }
             }
             self.cursor.index += 1;
             if self.cursor.index as usize >= self.units() {
@@ -517,7 +689,7 @@ impl<'a> Reader<'a> {
                 self.cursor.epoch = self.cursor.epoch.saturating_add(1);
             }
         }
-        if self.kind == DataKind::Sft {
+        if self.kind.has_examples() {
             // EOS padding to the longest example of the batch: part of the answer (§3.3)
             let len = x0.iter().map(Vec::len).max().unwrap_or(0);
             for row in &mut x0 {

@@ -59,9 +59,22 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
             "metrics.jsonl has no training steps yet",
         ));
     }
-    let root = BitMapBackend::new(out, (1200, 800)).into_drawing_area();
+    let rewards = super::trainer::read_rewards(run_dir)?;
+    let vrpo = !rewards.0.is_empty();
+    let root = BitMapBackend::new(out, (1200, if vrpo { 1200 } else { 800 })).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (top, bottom) = root.split_vertically(520);
+    let bottom = if vrpo {
+        let (middle, bottom) = bottom.split_vertically(420);
+        reward_chart(
+            &middle,
+            &rewards,
+            train.last().map(|t| t.0).unwrap_or(1.0).max(1.0),
+        )?;
+        bottom
+    } else {
+        bottom
+    };
     let max_step = train.last().map(|t| t.0).unwrap_or(1.0).max(1.0);
     // smoothed training loss (EMA) next to the raw one
     let mut ema = Vec::with_capacity(train.len());
@@ -138,6 +151,81 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
         ))
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// VRPO's reward margin (training EMA and held-out; left axis) and held-out reward accuracy
+/// (right axis, 0 to 1) on `area`.
+fn reward_chart(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    (train, eval): &super::trainer::RewardCurves,
+    max_step: f64,
+) -> Result<()> {
+    let mut ema = Vec::with_capacity(train.len());
+    let mut e = train.first().map_or(0.0, |t| t.1);
+    for &(s, m, _) in train {
+        e = 0.9 * e + 0.1 * m;
+        ema.push((s, e));
+    }
+    let values = ema.iter().map(|t| t.1).chain(eval.iter().map(|t| t.1));
+    let (lo, hi) = values.fold((0f64, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "VRPO: reward margin β·Δ(log-ratio) and held-out reward accuracy",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
+        .map_err(plot_err)?
+        .set_secondary_coord(0f64..max_step, 0f64..1.0);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("reward margin")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("reward accuracy")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(ema, BLUE.stroke_width(2)))
+        .map_err(plot_err)?
+        .label("train margin (EMA)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    if !eval.is_empty() {
+        chart
+            .draw_series(LineSeries::new(
+                eval.iter().map(|t| (t.0, t.1)),
+                RED.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label("held-out margin")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .draw_secondary_series(LineSeries::new(
+                eval.iter().map(|t| (t.0, t.2)),
+                GREEN.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label("held-out reward accuracy (right axis)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(plot_err)?;
     Ok(())
 }
 

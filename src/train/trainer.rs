@@ -20,6 +20,7 @@ use super::optim::{all_finite, clip_grad_norm, AdamW, AdamWConfig, Schedule};
 use super::params::Trainable;
 use crate::checkpoint::{other_process_running, read_config, read_tokenizer_files, write_config};
 use crate::config::RawConfig;
+use crate::diffusion::vrpo::{self, PreferenceStats, VrpoSettings};
 use crate::diffusion::{self, noise, LossWeights, Objective};
 use crate::error::{read_json, Error, Result};
 use crate::model::lora::LoraSettings;
@@ -31,7 +32,7 @@ use crate::weights::{atomic_write, safetensors_bytes, save_safetensors, Safetens
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// pretrain or sft (must match the dataset).
+    /// pretrain, sft or preference (`vrpo`: preference optimisation); must match the dataset.
     pub mode: DataKind,
     /// diffusion (the masked-diffusion bound) or autoregressive (next-token loss; the model's
     /// config must say `causal_attention: true`), for the autoregressive twin.
@@ -86,6 +87,8 @@ pub struct TrainConfig {
     /// softmax, reductions and loss (as PyTorch's autocast); with LoRA the frozen linear
     /// weights are held in bf16.
     pub precision: Precision,
+    /// VRPO's settings (mode `preference`): β, the estimator's budget, antithetic sampling.
+    pub vrpo: VrpoSettings,
 }
 
 /// The arithmetic of a training run.
@@ -188,6 +191,7 @@ impl Default for TrainConfig {
             lora: None,
             checkpoint_activations: false,
             precision: Precision::F32,
+            vrpo: VrpoSettings::default(),
         }
     }
 }
@@ -254,7 +258,40 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.mode == DataKind::Preference {
+            self.vrpo.validate()?;
+            if self.init_from.is_none() {
+                return Err(Error::setting(
+                    "mode",
+                    "vrpo",
+                    "aligns a trained model: give its checkpoint (init_from / --init-from)",
+                ));
+            }
+            if self.objective != ObjectiveKind::Diffusion {
+                return Err(Error::setting(
+                    "objective",
+                    "autoregressive",
+                    "VRPO estimates the diffusion bound: use the diffusion objective",
+                ));
+            }
+            if self.lora.is_some() && self.vrpo.full_weights {
+                return Err(Error::setting(
+                    "vrpo full_weights",
+                    true,
+                    "trains every weight: leave out the LoRA settings (--lora-rank), or full_weights",
+                ));
+            }
+        }
         self.schedule.validate()
+    }
+
+    /// Rows the model processes per sequence of a batch: 2·budget per pair for VRPO.
+    fn rows_per_unit(&self) -> usize {
+        if self.mode == DataKind::Preference {
+            2 * self.vrpo.budget()
+        } else {
+            1
+        }
     }
 
     /// The dtype the frozen linear weights of a LoRA run are held in.
@@ -311,6 +348,12 @@ pub struct StepReport {
     /// comparable with `eval_loss`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aux_loss: Option<f64>,
+    /// VRPO: the implicit rewards of the step's pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<PreferenceStats>,
+    /// VRPO: the implicit rewards of the held-out pairs, when evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_rewards: Option<PreferenceStats>,
 }
 
 /// What one optimizer step did.
@@ -325,6 +368,8 @@ pub struct StepStats {
     pub tokens: u64,
     /// Skipped for a non-finite loss or gradient norm (no update).
     pub skipped: bool,
+    /// VRPO: the implicit rewards of the step's pairs.
+    pub rewards: Option<PreferenceStats>,
 }
 
 /// A training run.
@@ -342,6 +387,9 @@ pub struct Trainer {
     pub resumed_from: Option<PathBuf>,
     consecutive_skips: usize,
     device: Device,
+    /// VRPO with every weight trained: the frozen reference model (with LoRA the reference is
+    /// the adapted model with its adapters off).
+    reference: Option<Llada>,
 }
 
 const CHECKPOINTS: &str = "checkpoints";
@@ -626,6 +674,15 @@ impl crate::model::WeightSource for LoraBaseWeights<'_> {
 }
 
 /// The trainable form of `model` for the run `cfg`: every weight, or a LoRA adapter.
+/// VRPO training every weight: the frozen reference, loaded from the run's starting model.
+fn reference_model(cfg: &TrainConfig, device: &Device) -> Result<Option<Llada>> {
+    if cfg.mode != DataKind::Preference || cfg.lora.is_some() {
+        return Ok(None);
+    }
+    let base = cfg.base_model().unwrap_or_default();
+    Ok(Some(load_dense(&base, DType::F32, device)?.1))
+}
+
 fn trainable_for(cfg: &TrainConfig, model: &Llada) -> Result<Trainable> {
     match &cfg.lora {
         Some(l) => Trainable::with_lora(model, l, cfg.base_dtype(), cfg.seed),
@@ -646,6 +703,14 @@ impl Trainer {
     /// are removed before the new run's first step (its other files are kept). Without it such a
     /// folder is an error naming it, `--resume` and `--force`.
     pub fn start(mut cfg: TrainConfig, device: &Device, replace_earlier_run: bool) -> Result<Self> {
+        if cfg.mode == DataKind::Preference && cfg.lora.is_none() && !cfg.vrpo.full_weights {
+            // VRPO trains an adapter unless told otherwise: the reference is then the base
+            cfg.lora = Some(LoraSettings::default());
+            tracing::info!(
+                "vrpo: training a LoRA adapter (rank {}; set --lora-rank, or vrpo.full_weights / --full-weights to train every weight)",
+                LoraSettings::default().rank
+            );
+        }
         cfg.validate()?;
         if cfg.schedule.warmup() > cfg.steps {
             tracing::warn!(
@@ -668,8 +733,8 @@ impl Trainer {
             .as_ref()
             .map(|d| resolve_init(d))
             .transpose()?;
-        if cfg.lora.is_some() {
-            // an adapter is bound to one base: its absolute path, decided once (a run folder
+        if cfg.lora.is_some() || cfg.mode == DataKind::Preference {
+            // an adapter (and VRPO's reference) is bound to one base: its absolute path, decided once (a run folder
             // given as the base later gaining checkpoints, or another working folder at resume,
             // must not change it)
             cfg.init_from = init_from.clone();
@@ -710,6 +775,7 @@ impl Trainer {
         check_memory_settings(&cfg, &model)?;
         let trainable = trainable_for(&cfg, &model)?;
         drop(model);
+        let reference = reference_model(&cfg, device)?;
         let tokenizer_files = read_tokenizer_files(
             &tokenizer_dir
                 .iter()
@@ -748,6 +814,7 @@ impl Trainer {
             resumed_from: None,
             consecutive_skips: 0,
             device: device.clone(),
+            reference,
         })
     }
 
@@ -860,7 +927,9 @@ impl Trainer {
         let sequences = (state.step as u128)
             .checked_mul(cfg.batch_size as u128)
             .and_then(|n| n.checked_mul(cfg.grad_accum as u128));
-        let tokens = sequences.and_then(|n| n.checked_mul(cfg.seq_len as u128));
+        let tokens = sequences
+            .and_then(|n| n.checked_mul(cfg.seq_len as u128))
+            .and_then(|n| n.checked_mul(cfg.rows_per_unit() as u128));
         let (Some(sequences), Some(tokens)) = (sequences, tokens) else {
             return Err(bad_state(format!(
                 "field step = {} is not a step count any run can reach (corrupt)",
@@ -869,8 +938,8 @@ impl Trainer {
         };
         if state.tokens_seen as u128 > tokens {
             return Err(bad_state(format!(
-                "field tokens_seen = {} exceeds what {} steps of {}×{}×{} tokens can have seen (corrupt)",
-                state.tokens_seen, state.step, cfg.batch_size, cfg.grad_accum, cfg.seq_len
+                "field tokens_seen = {} exceeds what {} steps of {}×{}×{}×{} tokens can have seen (corrupt)",
+                state.tokens_seen, state.step, cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.rows_per_unit()
             )));
         }
         if state.cursor.epoch as u128 > sequences {
@@ -916,6 +985,7 @@ impl Trainer {
         };
         check_memory_settings(&cfg, &model)?;
         drop(model);
+        let reference = reference_model(&cfg, device)?;
         if let Some(name) = first_nonfinite(
             &trainable
                 .vars
@@ -962,6 +1032,7 @@ impl Trainer {
             resumed_from: Some(ck.to_path_buf()),
             consecutive_skips: 0,
             device: device.clone(),
+            reference,
         })
     }
 
@@ -1051,9 +1122,149 @@ impl Trainer {
         }
     }
 
+    /// The reference's ELBO estimates of the answers of `samples` (no gradient): the frozen
+    /// copy, or the adapted model with its adapters off.
+    fn reference_elbo(&self, samples: &vrpo::ElboSamples) -> Result<Vec<f32>> {
+        if samples.positions.is_empty() {
+            return Ok(vec![0.0; samples.answers]);
+        }
+        let (b, l) = (samples.noisy.len(), samples.noisy[0].len());
+        let ids = Tensor::from_vec(samples.noisy.concat(), (b, l), &self.device)?;
+        let pos = Tensor::from_slice(&samples.positions, samples.positions.len(), &self.device)?;
+        let logits = match &self.reference {
+            Some(m) => m.forward_train_positions(&ids, &pos)?,
+            None => {
+                let _off = crate::model::lora::without_adapters();
+                self.trainable.model.forward_train_positions(&ids, &pos)?
+            }
+        };
+        vrpo::elbo_values(&logits, samples)
+    }
+
+    /// VRPO's loss on a batch of pairs (rows 2k chosen, 2k+1 rejected): the ELBO samples of every
+    /// answer, the reference's estimates on the same samples (antithetic) or on their own, the
+    /// policy's, and DPO's loss on them. `grads` as in [`Trainer::batch_loss`]. Returns the loss,
+    /// the tokens the policy processed and the rewards.
+    fn preference_loss(
+        &self,
+        x0: &[Vec<u32>],
+        prompt_lengths: &[usize],
+        rng: &mut Rng,
+        grads: Option<(f64, &mut Option<Vec<Tensor>>)>,
+    ) -> Result<(Tensor, usize, PreferenceStats)> {
+        let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
+        let set = &self.cfg.vrpo;
+        let samples =
+            vrpo::elbo_samples(x0, prompt_lengths, set, mask_id, self.cfg.t_sampling, rng)?;
+        let reference = if set.antithetic {
+            self.reference_elbo(&samples)?
+        } else {
+            let own =
+                vrpo::elbo_samples(x0, prompt_lengths, set, mask_id, self.cfg.t_sampling, rng)?;
+            self.reference_elbo(&own)?
+        };
+        let (b, l) = (samples.noisy.len(), samples.noisy[0].len());
+        let ids = Tensor::from_vec(samples.noisy.concat(), (b, l), &self.device)?;
+        let stats = std::cell::Cell::new(PreferenceStats::default());
+        let loss_of = |logits: &Tensor, accum: f64| -> Result<Tensor> {
+            let policy = vrpo::elbo_per_answer(logits, &samples)?;
+            let (loss, st) = vrpo::dpo_loss(&policy, &reference, set.beta)?;
+            stats.set(st);
+            Ok((loss / accum)?)
+        };
+        if samples.positions.is_empty() {
+            // nothing masked anywhere: every estimate is 0, the loss log 2, no gradient
+            let zeros = Tensor::zeros(samples.answers, DType::F32, &self.device)?;
+            let (loss, st) = vrpo::dpo_loss(&zeros, &reference, set.beta)?;
+            if let Some((accum, out)) = grads {
+                *out = Some(
+                    self.trainable
+                        .gradients_from(&std::collections::HashMap::new())?,
+                );
+                return Ok(((loss / accum)?, b * l, st));
+            }
+            return Ok((loss, b * l, st));
+        }
+        let pos = Tensor::from_slice(&samples.positions, samples.positions.len(), &self.device)?;
+        if let Some((accum, out)) = grads {
+            let (loss, g) = self.trainable.model.train_checkpointed(
+                &ids,
+                &pos,
+                &self.trainable.var_ids(),
+                &|logits| loss_of(logits, accum),
+            )?;
+            *out = Some(self.trainable.gradients_from(&g)?);
+            return Ok((loss, b * l, stats.get()));
+        }
+        let logits = self.trainable.model.forward_train_positions(&ids, &pos)?;
+        let loss = loss_of(&logits, 1.0)?;
+        Ok((loss, b * l, stats.get()))
+    }
+
+    /// One estimate of VRPO's loss and rewards on a batch of pairs (rows 2k chosen, 2k+1
+    /// rejected; no update), with the noise drawn from `rng`: for measuring the estimator (its
+    /// variance over seeds, with and without antithetic sampling).
+    pub fn vrpo_estimate(
+        &self,
+        x0: &[Vec<u32>],
+        prompt_lengths: &[usize],
+        rng: &mut Rng,
+    ) -> Result<(f64, PreferenceStats)> {
+        let _autocast = crate::model::layers::autocast(self.cfg.precision.autocast());
+        let (loss, _, stats) = self.preference_loss(x0, prompt_lengths, rng, None)?;
+        Ok((loss.to_scalar::<f32>()? as f64, stats))
+    }
+
+    /// The first `pairs` pairs of the validation split (or of the training split without one),
+    /// as a batch: rows 2k chosen, 2k+1 rejected, and their prompt lengths.
+    pub fn preference_pairs(&self, pairs: usize) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+        if self.cfg.mode != DataKind::Preference {
+            return Err(Error::setting(
+                "mode",
+                self.cfg.mode.name(),
+                "holds no preference pairs (mode vrpo)",
+            ));
+        }
+        let split = if self.data.val.n_examples > 0 {
+            &self.data.val
+        } else {
+            &self.data.train
+        };
+        let mut reader = Reader::new(
+            &self.data,
+            split,
+            self.cfg.seq_len,
+            0xE7A1,
+            Cursor::default(),
+        )?;
+        let b = reader.next_batch(pairs);
+        Ok((b.x0, b.prompt_lengths.unwrap_or_default()))
+    }
+
+    /// VRPO's held-out loss and rewards on `eval_batches` batches of validation pairs, with fixed
+    /// noise.
+    fn evaluate_preferences(&self, reader: &mut Reader) -> Result<(f64, PreferenceStats)> {
+        let mut rng = Rng::new(0xE7A1_5EED);
+        let mut total = 0.0;
+        let mut stats = PreferenceStats::default();
+        for _ in 0..self.cfg.eval_batches {
+            let batch = reader.next_batch(self.cfg.batch_size);
+            let pl = batch.prompt_lengths.clone().unwrap_or_default();
+            let (loss, _, st) = self.preference_loss(&batch.x0, &pl, &mut rng, None)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            stats = stats.merge(st);
+        }
+        Ok((total / self.cfg.eval_batches as f64, stats))
+    }
+
     /// The held-out bound: the objective on `eval_batches` batches of the validation split, with
     /// fixed data and noise (the same at every evaluation). `None` without validation data.
     pub fn evaluate(&self) -> Result<Option<f64>> {
+        Ok(self.evaluate_with_rewards()?.map(|e| e.0))
+    }
+
+    /// [`Trainer::evaluate`], with VRPO's held-out rewards.
+    pub fn evaluate_with_rewards(&self) -> Result<Option<(f64, Option<PreferenceStats>)>> {
         if self.cfg.eval_batches == 0 {
             return Ok(None);
         }
@@ -1069,6 +1280,10 @@ impl Trainer {
         };
         let mut rng = Rng::new(0xE7A1_5EED);
         let _autocast = crate::model::layers::autocast(self.cfg.precision.autocast());
+        if self.cfg.mode == DataKind::Preference {
+            let (loss, stats) = self.evaluate_preferences(&mut reader)?;
+            return Ok(Some((loss, Some(stats))));
+        }
         let mut total = 0.0;
         for _ in 0..self.cfg.eval_batches {
             let batch = reader.next_batch(self.cfg.batch_size);
@@ -1076,7 +1291,7 @@ impl Trainer {
             let (loss, _, _) = self.batch_loss(&batch.x0, &obj, &mut rng, false, None)?;
             total += loss.to_scalar::<f32>()? as f64;
         }
-        Ok(Some(total / self.cfg.eval_batches as f64))
+        Ok(Some((total / self.cfg.eval_batches as f64, None)))
     }
 
     /// One optimizer step (with gradient accumulation). A non-finite loss or gradient norm stops
@@ -1096,9 +1311,42 @@ impl Trainer {
         let mut aux_sum: Option<f64> = None;
         let coef = self.aux_coef();
         let mut tokens = 0u64;
+        let mut rewards: Option<PreferenceStats> = None;
         let _autocast = crate::model::layers::autocast(self.cfg.precision.autocast());
         for _ in 0..self.cfg.grad_accum {
             let mut batch = reader.next_batch(self.cfg.batch_size);
+            if self.cfg.mode == DataKind::Preference {
+                let accum = self.cfg.grad_accum as f64;
+                let pl = batch.prompt_lengths.clone().unwrap_or_default();
+                let mut checkpointed = None;
+                let (loss, n, st) = if self.cfg.checkpoint_activations {
+                    self.preference_loss(
+                        &batch.x0,
+                        &pl,
+                        &mut rng,
+                        Some((accum, &mut checkpointed)),
+                    )?
+                } else {
+                    let (loss, n, st) = self.preference_loss(&batch.x0, &pl, &mut rng, None)?;
+                    ((loss / accum)?, n, st)
+                };
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                tokens += n as u64;
+                rewards = Some(rewards.map_or(st, |r| r.merge(st)));
+                let g = match checkpointed {
+                    Some(g) => g,
+                    None => self.trainable.gradients(&loss)?,
+                };
+                grads = Some(match grads {
+                    None => g,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&g)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+                continue;
+            }
             if batch.prompt_lengths.is_none() {
                 let len =
                     noise::random_length(self.cfg.seq_len, self.cfg.random_length_prob, &mut rng);
@@ -1199,6 +1447,7 @@ impl Trainer {
             lr,
             tokens,
             skipped,
+            rewards,
         })
     }
 
@@ -1355,8 +1604,12 @@ impl Trainer {
         let t0 = Instant::now();
         let base_elapsed = self.state.elapsed_seconds;
         if self.state.step == 0 && self.cfg.eval_every > 0 {
-            if let Some(e) = self.evaluate()? {
-                self.append_metrics(&serde_json::json!({"step": 0, "eval_loss": e}))?;
+            if let Some((e, rewards)) = self.evaluate_with_rewards()? {
+                let mut line = serde_json::json!({"step": 0, "eval_loss": e});
+                if let Some(r) = rewards {
+                    line["eval_rewards"] = serde_json::to_value(r).unwrap_or_default();
+                }
+                self.append_metrics(&line)?;
             }
         }
         let mut last = None;
@@ -1369,16 +1622,21 @@ impl Trainer {
                 lr,
                 tokens,
                 skipped,
+                rewards,
             } = self.step()?;
             let dt = ts.elapsed().as_secs_f64();
             let step = self.state.step;
             self.state.elapsed_seconds = base_elapsed + t0.elapsed().as_secs_f64();
-            let eval_loss = if self.cfg.eval_every > 0
+            let evaluated = if self.cfg.eval_every > 0
                 && (step.is_multiple_of(self.cfg.eval_every) || step == self.cfg.steps)
             {
-                self.evaluate()?
+                self.evaluate_with_rewards()?
             } else {
                 None
+            };
+            let (eval_loss, eval_rewards) = match evaluated {
+                Some((l, r)) => (Some(l), r),
+                None => (None, None),
             };
             let checkpoint = if (self.cfg.save_every > 0
                 && step.is_multiple_of(self.cfg.save_every))
@@ -1403,6 +1661,8 @@ impl Trainer {
                 checkpoint,
                 skipped,
                 aux_loss,
+                rewards,
+                eval_rewards,
             };
             self.append_metrics(&serde_json::to_value(&report).map_err(|e| Error::Json {
                 path: self.cfg.out.join("metrics.jsonl"),
@@ -1514,6 +1774,30 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
         ));
     }
     Ok(())
+}
+
+/// A VRPO run's rewards: (step, reward margin, reward accuracy) of training steps and of
+/// held-out evaluations.
+pub type RewardCurves = (Vec<(f64, f64, f64)>, Vec<(f64, f64, f64)>);
+
+/// The reward curves of a VRPO run folder (empty for other runs).
+pub fn read_rewards(out: &Path) -> Result<RewardCurves> {
+    let path = out.join("metrics.jsonl");
+    let rows: Vec<(usize, serde_json::Value)> =
+        crate::error::read_jsonl(&path, "one JSON object per line")?;
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for (_, v) in rows {
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        for (key, to) in [("rewards", &mut train), ("eval_rewards", &mut eval)] {
+            let r = &v[key];
+            if let (Some(m), Some(a)) = (r["reward_margin"].as_f64(), r["reward_accuracy"].as_f64())
+            {
+                to.push((step, m, a));
+            }
+        }
+    }
+    Ok((train, eval))
 }
 
 /// Reads `metrics.jsonl` of a run: (step, loss, lr) of training steps and (step, eval_loss).

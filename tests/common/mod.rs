@@ -325,12 +325,23 @@ pub const TEXT: &str = "In the beginning God created the heaven and the earth.\n
 /// A small prepared dataset of `kind` in `dir` (Genesis 1, tokenized with the golden tokenizer).
 pub fn dataset(dir: &Path, kind: llada::train::data::DataKind) -> PathBuf {
     let tok = llada::Tokenizer::open(&golden_dir()).unwrap();
-    let f = dir.join(if kind == llada::train::data::DataKind::Sft {
-        "chat.jsonl"
-    } else {
-        "text.txt"
+    let f = dir.join(match kind {
+        llada::train::data::DataKind::Sft => "chat.jsonl",
+        llada::train::data::DataKind::Preference => "pairs.jsonl",
+        llada::train::data::DataKind::Pretrain => "text.txt",
     });
     match kind {
+        llada::train::data::DataKind::Preference => {
+            // chosen: the verse; rejected: the next verse (a fluent but wrong answer)
+            let lines: Vec<&str> = TEXT.lines().collect();
+            let mut s = String::new();
+            for (i, line) in lines.iter().enumerate() {
+                let other = lines[(i + 1) % lines.len()];
+                s += &serde_json::json!({"prompt": format!("Verse {i}?"), "chosen": line, "rejected": other}).to_string();
+                s.push('\n');
+            }
+            std::fs::write(&f, s.repeat(5)).unwrap();
+        }
         llada::train::data::DataKind::Pretrain => std::fs::write(&f, TEXT.repeat(20)).unwrap(),
         llada::train::data::DataKind::Sft => {
             let mut s = String::new();
