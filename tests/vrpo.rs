@@ -310,6 +310,30 @@ fn malformed_preference_records_name_their_line() {
 }
 
 #[test]
+fn a_seq_len_that_leaves_no_answer_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = vrpo_config(d.path(), "short", 1);
+    cfg.seq_len = 8;
+    let e = Trainer::new(cfg, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("seq_len=8") && e.contains("pair "), "{e}");
+    assert!(
+        !d.path().join("short").exists(),
+        "refused before the run folder is made"
+    );
+    // a preference dataset must hold pairs: an odd example count is corrupt
+    let data = d.path().join("data-Preference");
+    let mut h: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("header.json")).unwrap()).unwrap();
+    let n = h["train"]["examples"].as_u64().unwrap();
+    let ex = std::fs::read(data.join("train.examples")).unwrap();
+    std::fs::write(data.join("train.examples"), &ex[..ex.len() - 16]).unwrap();
+    h["train"]["examples"] = (n - 1).into();
+    std::fs::write(data.join("header.json"), h.to_string()).unwrap();
+    let e = data::Dataset::open(&data).err().unwrap().to_string();
+    assert!(e.contains("pairs") && e.contains("even"), "{e}");
+}
+
+#[test]
 fn the_cli_trains_logs_and_plots_vrpo() {
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path(), DataKind::Preference);

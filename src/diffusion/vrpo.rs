@@ -66,9 +66,16 @@ impl VrpoSettings {
             ("vrpo timesteps", self.timesteps),
             ("vrpo masks", self.masks),
         ] {
-            if !(1..=256).contains(&v) {
-                return Err(Error::setting(name, v, "must be in 1..=256"));
+            if v == 0 {
+                return Err(Error::setting(name, v, "must be at least 1"));
             }
+        }
+        if self.timesteps.saturating_mul(self.masks) > 256 {
+            return Err(Error::setting(
+                "vrpo budget",
+                format!("{}×{}", self.timesteps, self.masks),
+                "timesteps × masks must be at most 256 (each is one forward and backward pass of every answer)",
+            ));
         }
         Ok(())
     }
@@ -76,6 +83,11 @@ impl VrpoSettings {
     /// The budget n = n_t × n_yt.
     pub fn budget(&self) -> usize {
         self.timesteps * self.masks
+    }
+
+    /// The defaults (a run config leaves the section out then).
+    pub fn is_default(&self) -> bool {
+        *self == VrpoSettings::default()
     }
 }
 
@@ -397,5 +409,23 @@ mod tests {
         }
         .validate()
         .is_err());
+        assert!(VrpoSettings {
+            timesteps: 64,
+            masks: 8,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        // the weights are exactly 1/p_mask(t)/n for the times drawn first for each answer
+        let mut rng = Rng::new(1);
+        let times = noise::draw_times(3, TimeSampling::Iid, &mut rng.clone());
+        let s = elbo_samples(&x0, &[100, 50], &set, 9, TimeSampling::Iid, &mut rng).unwrap();
+        for (k, &p) in s.positions.iter().enumerate() {
+            let r = p as usize / 400;
+            if r < 6 {
+                let want = 1.0 / noise::p_mask(times[r / 2], noise::EPS) / 6.0;
+                assert_eq!(s.weights[k].to_bits(), want.to_bits(), "row {r}");
+            }
+        }
     }
 }

@@ -561,12 +561,14 @@ thread_local! {
 
 /// While the guard lives, every unmerged [`Lora`] weight on this thread computes with its frozen
 /// base alone: the model being trained *is* its reference model (VRPO's reference terms need
-/// no second copy of the weights).
+/// no second copy of the weights). Forward passes only: [`LinearWeight::to_tensor`] still gives
+/// the merged weight.
 pub fn without_adapters() -> AdaptersOffGuard {
     AdaptersOffGuard(ADAPTERS_OFF.with(|c| c.replace(true)))
 }
 
 /// Restores the previous state when dropped.
+#[must_use = "the adapters are off only while the guard lives"]
 pub struct AdaptersOffGuard(bool);
 
 impl Drop for AdaptersOffGuard {

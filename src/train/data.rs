@@ -142,6 +142,17 @@ impl Split {
         Ok(())
     }
 
+    /// Example i's (length, prompt length), without reading its tokens.
+    pub fn example_lengths(&self, i: usize) -> (usize, usize) {
+        let Some(m) = &self.examples else {
+            return (0, 0);
+        };
+        let r = &m[i * 16..i * 16 + 16];
+        let len = u32::from_le_bytes(r[8..12].try_into().unwrap_or([0; 4])) as usize;
+        let pl = u32::from_le_bytes(r[12..16].try_into().unwrap_or([0; 4])) as usize;
+        (len, pl)
+    }
+
     /// Example i: (tokens, prompt length).
     pub fn example(&self, i: usize) -> (Vec<u32>, usize) {
         let Some(m) = &self.examples else {
@@ -347,13 +358,15 @@ pub fn read_preferences(path: &Path, tok: &Tokenizer) -> Result<Vec<PreferencePa
         };
         match messages.last() {
             Some(m) if m.role == "user" => {}
-            Some(m) => return Err(bad(
-                line,
-                format!(
+            Some(m) => {
+                return Err(bad(
+                    line,
+                    format!(
                     "\"messages\" must end with a user message (the answers follow it), not {:?}",
                     m.role
                 ),
-            )),
+                ))
+            }
             None => return Err(bad(line, "\"messages\" is empty".into())),
         }
         let (chosen, rejected) = (r.chosen.trim().to_string(), r.rejected.trim().to_string());
@@ -369,8 +382,11 @@ pub fn read_preferences(path: &Path, tok: &Tokenizer) -> Result<Vec<PreferencePa
                 format!("\"chosen\" and \"rejected\" are the same answer ({chosen:?}): a pair needs two different answers"),
             ));
         }
+        let prompt = tok
+            .apply_chat_template(&messages)
+            .map_err(|e| bad(line, format!("the chat template refused the prompt: {e}")))?;
         out.push(PreferencePair {
-            prompt: tok.apply_chat_template(&messages)?,
+            prompt,
             chosen,
             rejected,
         });
@@ -555,11 +571,12 @@ pub struct Cursor {
     pub index: u64,
 }
 
-/// A batch of training sequences of equal length.
+/// A batch of training sequences of equal length (preference data: two rows per pair, the
+/// chosen answer at 2k and the rejected one at 2k+1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub x0: Vec<Vec<u32>>,
-    /// SFT: prompt lengths.
+    /// SFT and preference data: prompt lengths.
     pub prompt_lengths: Option<Vec<usize>>,
 }
 
@@ -655,7 +672,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// The next `batch` sequences.
+    /// The next `batch` sequences (preference data: `batch` pairs, 2·`batch` rows).
     pub fn next_batch(&mut self, batch: usize) -> Batch {
         let mut x0 = Vec::with_capacity(batch);
         let mut pls = Vec::with_capacity(batch);

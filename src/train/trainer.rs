@@ -88,6 +88,7 @@ pub struct TrainConfig {
     /// weights are held in bf16.
     pub precision: Precision,
     /// VRPO's settings (mode `preference`): β, the estimator's budget, antithetic sampling.
+    #[serde(skip_serializing_if = "VrpoSettings::is_default")]
     pub vrpo: VrpoSettings,
 }
 
@@ -673,7 +674,6 @@ impl crate::model::WeightSource for LoraBaseWeights<'_> {
     }
 }
 
-/// The trainable form of `model` for the run `cfg`: every weight, or a LoRA adapter.
 /// VRPO training every weight: the frozen reference, loaded from the run's starting model.
 fn reference_model(cfg: &TrainConfig, device: &Device) -> Result<Option<Llada>> {
     if cfg.mode != DataKind::Preference || cfg.lora.is_some() {
@@ -683,6 +683,7 @@ fn reference_model(cfg: &TrainConfig, device: &Device) -> Result<Option<Llada>> 
     Ok(Some(load_dense(&base, DType::F32, device)?.1))
 }
 
+/// The trainable form of `model` for the run `cfg`: every weight, or a LoRA adapter.
 fn trainable_for(cfg: &TrainConfig, model: &Llada) -> Result<Trainable> {
     match &cfg.lora {
         Some(l) => Trainable::with_lora(model, l, cfg.base_dtype(), cfg.seed),
@@ -1152,6 +1153,9 @@ impl Trainer {
         rng: &mut Rng,
         grads: Option<(f64, &mut Option<Vec<Tensor>>)>,
     ) -> Result<(Tensor, usize, PreferenceStats)> {
+        if x0.is_empty() {
+            return Err(Error::setting("pairs", 0, "needs at least one pair"));
+        }
         let mask_id = self.trainable.model.config().mask_token_id.unwrap_or(0);
         let set = &self.cfg.vrpo;
         let samples =
@@ -1721,20 +1725,66 @@ fn check_memory_settings(cfg: &TrainConfig, model: &Llada) -> Result<()> {
     Ok(())
 }
 
+/// Examples must keep an answer within `seq_len`: a prompt as long as `seq_len` is an error for
+/// preference pairs (nothing of either answer would remain: chosen and rejected would be the same
+/// row); answers cut short are counted and warned about (SFT and preference data).
+fn check_answers_fit(cfg: &TrainConfig, data: &Dataset) -> Result<()> {
+    if !cfg.mode.has_examples() {
+        return Ok(());
+    }
+    let mut cut = 0usize;
+    for split in [&data.train, &data.val] {
+        for i in 0..split.n_examples {
+            let (len, pl) = split.example_lengths(i);
+            if cfg.mode == DataKind::Preference && pl >= cfg.seq_len {
+                return Err(Error::setting(
+                    "seq_len",
+                    cfg.seq_len,
+                    format!(
+                        "pair {} of {} has a prompt of {pl} tokens: seq_len must exceed every prompt so that the answers remain (raise --seq-len, or leave such pairs out with `llada data prepare --max-len`)",
+                        i / 2,
+                        data.dir.display()
+                    ),
+                ));
+            }
+            if len > cfg.seq_len {
+                cut += 1;
+            }
+        }
+    }
+    if cut > 0 {
+        tracing::warn!(
+            "{cut} examples of {} are longer than seq_len={}: their answers are cut short (and lose their end-of-turn token); raise --seq-len or prepare the data with --max-len",
+            data.dir.display(),
+            cfg.seq_len
+        );
+    }
+    Ok(())
+}
+
 /// Data and model must agree: vocabulary, sequence length, mode.
 fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> {
     let mc = model.config();
     if data.header.kind != cfg.mode {
         return Err(Error::setting(
             "mode",
-            format!("{:?}", cfg.mode).to_lowercase(),
+            cfg.mode.name(),
             format!(
-                "the dataset {} holds {:?} data",
+                "the dataset {} holds {} data (prepare it with `llada data prepare --kind {}`)",
                 data.dir.display(),
-                data.header.kind
+                data.header.kind.name(),
+                cfg.mode.name()
             ),
         ));
     }
+    if cfg.mode == DataKind::Preference && mc.moe.is_some() {
+        return Err(Error::setting(
+            "mode",
+            "vrpo",
+            "is implemented for dense models (a mixture of experts' balancing loss is not part of VRPO's objective yet)",
+        ));
+    }
+    check_answers_fit(cfg, data)?;
     if data.header.vocab_size > mc.embedding_size {
         return Err(Error::setting(
             "data",
