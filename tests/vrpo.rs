@@ -275,7 +275,7 @@ fn malformed_preference_records_name_their_line() {
     ] {
         let f = d.path().join("p.jsonl");
         std::fs::write(&f, format!("{good}\n\n{bad}\n")).unwrap();
-        let e = data::prepare(&[f.clone()], &tok, &d.path().join("out"), &opts)
+        let e = data::prepare(std::slice::from_ref(&f), &tok, &d.path().join("out"), &opts)
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.jsonl:3:"), "{bad}: {e}");

@@ -111,6 +111,10 @@ pub struct TrainArgs {
     /// sampling shares it; for measuring what sharing gains).
     #[arg(long)]
     pub no_antithetic: bool,
+    /// VRPO: weight λ of an added SFT loss on the chosen answers [default: 0, LLaDA 1.5's
+    /// objective]; holds their likelihood up when chosen and rejected answers share most tokens.
+    #[arg(long, value_name = "λ")]
+    pub vrpo_sft_weight: Option<f64>,
     /// VRPO: train every weight (the reference is then a frozen copy of the starting model)
     /// instead of a LoRA adapter (rank 16 unless --lora-rank).
     #[arg(long)]
@@ -206,12 +210,16 @@ impl TrainArgs {
         if self.no_antithetic {
             c.vrpo.antithetic = false;
         }
+        if let Some(w) = self.vrpo_sft_weight {
+            c.vrpo.sft_weight = w;
+        }
         if self.full_weights {
             c.vrpo.full_weights = true;
         }
         let vrpo_flags = self.beta.is_some()
             || self.vrpo_timesteps.is_some()
             || self.vrpo_masks.is_some()
+            || self.vrpo_sft_weight.is_some()
             || self.no_antithetic
             || self.full_weights;
         if vrpo_flags && c.mode != DataKind::Preference {
@@ -259,6 +267,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             || a.beta.is_some()
             || a.vrpo_timesteps.is_some()
             || a.vrpo_masks.is_some()
+            || a.vrpo_sft_weight.is_some()
             || a.no_antithetic
             || a.full_weights)
     {
@@ -297,7 +306,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if trainer.cfg.mode == DataKind::Preference {
         let v = &trainer.cfg.vrpo;
         extras.push(format!(
-            " · VRPO β {} · budget {}×{}{}",
+            " · VRPO β {} · budget {}×{}{}{}",
             v.beta,
             v.timesteps,
             v.masks,
@@ -305,6 +314,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 " antithetic"
             } else {
                 " independent noise"
+            },
+            if v.sft_weight > 0.0 {
+                format!(" · SFT term λ {}", v.sft_weight)
+            } else {
+                String::new()
             }
         ));
     }

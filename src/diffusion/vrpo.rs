@@ -39,6 +39,11 @@ pub struct VrpoSettings {
     /// Train every weight (the reference is then a frozen copy of the starting model: twice the
     /// weights in memory). By default VRPO trains a LoRA adapter and the reference is the base.
     pub full_weights: bool,
+    /// λ of an added SFT term on the chosen answers, λ·mean over pairs of −B_π(y_w)/|y_w| (the
+    /// SFT loss of the chosen answer, from the same samples). 0, LLaDA 1.5's objective, by
+    /// default; DPO alone lowers the likelihood of chosen answers that share most tokens with
+    /// the rejected ones, which this term holds up (as RPO does for autoregressive models).
+    pub sft_weight: f64,
 }
 
 impl Default for VrpoSettings {
@@ -49,6 +54,7 @@ impl Default for VrpoSettings {
             masks: 1,
             antithetic: true,
             full_weights: false,
+            sft_weight: 0.0,
         }
     }
 }
@@ -69,6 +75,13 @@ impl VrpoSettings {
             if v == 0 {
                 return Err(Error::setting(name, v, "must be at least 1"));
             }
+        }
+        if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
+            return Err(Error::setting(
+                "vrpo sft_weight",
+                self.sft_weight,
+                "must be a number ≥ 0",
+            ));
         }
         if self.timesteps.saturating_mul(self.masks) > 256 {
             return Err(Error::setting(
@@ -272,6 +285,19 @@ pub fn dpo_loss(
     Ok((loss, stats))
 }
 
+/// The SFT loss of the chosen answers from the policy's ELBO estimates [2·pairs] (chosen at even
+/// indices): mean over pairs of −B_π(y_w)/`answer_lengths[k]` (differentiable).
+pub fn chosen_nll(policy: &Tensor, answer_lengths: &[usize]) -> Result<Tensor> {
+    let pairs = answer_lengths.len();
+    let chosen = policy.reshape((pairs, 2))?.narrow(1, 0, 1)?.squeeze(1)?;
+    let inv: Vec<f32> = answer_lengths
+        .iter()
+        .map(|&n| -1.0 / (n.max(1) * pairs) as f32)
+        .collect();
+    let inv = Tensor::from_slice(&inv, pairs, policy.device())?;
+    Ok((chosen * inv)?.sum_all()?)
+}
+
 /// The reference's ELBO estimates of every answer of `s` from its logits (no gradient).
 pub fn elbo_values(logits: &Tensor, s: &ElboSamples) -> Result<Vec<f32>> {
     Ok(elbo_per_answer(&logits.detach(), s)?
@@ -357,6 +383,19 @@ mod tests {
         let s = 1.0 / (1.0 + z.exp());
         assert!((g[0] as f64 + 0.3 * s).abs() < 1e-6, "{g:?}");
         assert!((g[1] as f64 - 0.3 * s).abs() < 1e-6, "{g:?}");
+    }
+
+    #[test]
+    fn the_sft_term_is_the_chosen_answers_mean_loss() {
+        let p = Tensor::new(&[-6f32, -1.0, -2.0, -9.0][..], &Device::Cpu).unwrap();
+        let v = chosen_nll(&p, &[3, 4]).unwrap().to_scalar::<f32>().unwrap();
+        assert!((v - (6.0 / 3.0 + 2.0 / 4.0) / 2.0).abs() < 1e-6, "{v}");
+        assert!(VrpoSettings {
+            sft_weight: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 fn loss_chart<'a, 'b>(
     area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
     caption: String,
+    y_desc: &str,
     max_step: f64,
     (lo, hi): (f64, f64),
 ) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
@@ -41,7 +42,7 @@ fn loss_chart<'a, 'b>(
     chart
         .configure_mesh()
         .x_desc("step")
-        .y_desc("loss (nats / token bound)")
+        .y_desc(y_desc)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
@@ -95,7 +96,16 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
         .fold(f64::NEG_INFINITY, f64::max);
     let mut chart = loss_chart(
         &top,
-        format!("{} — loss", run_dir.display()),
+        format!(
+            "{} — {}",
+            run_dir.display(),
+            if vrpo { "VRPO loss" } else { "loss" }
+        ),
+        if vrpo {
+            "−log σ(margin)"
+        } else {
+            "loss (nats / token bound)"
+        },
         max_step,
         (lo, hi),
     )?;
@@ -116,7 +126,11 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
         chart
             .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))
             .map_err(plot_err)?
-            .label("held-out bound")
+            .label(if vrpo {
+                "held-out loss"
+            } else {
+                "held-out bound"
+            })
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         chart
             .draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))
@@ -271,6 +285,7 @@ pub fn plot_compare(runs: &[&Path], out: &Path) -> Result<()> {
     let mut chart = loss_chart(
         &root,
         "training loss (EMA) and held-out bound".into(),
+        "loss (nats / token bound)",
         max_step,
         (lo, hi),
     )?;

@@ -1170,10 +1170,17 @@ impl Trainer {
         let (b, l) = (samples.noisy.len(), samples.noisy[0].len());
         let ids = Tensor::from_vec(samples.noisy.concat(), (b, l), &self.device)?;
         let stats = std::cell::Cell::new(PreferenceStats::default());
+        let (l, lengths) = (x0[0].len(), prompt_lengths);
+        let chosen_lengths: Vec<usize> = lengths.iter().step_by(2).map(|&p| l - p).collect();
         let loss_of = |logits: &Tensor, accum: f64| -> Result<Tensor> {
             let policy = vrpo::elbo_per_answer(logits, &samples)?;
             let (loss, st) = vrpo::dpo_loss(&policy, &reference, set.beta)?;
             stats.set(st);
+            let loss = if set.sft_weight > 0.0 {
+                (loss + (vrpo::chosen_nll(&policy, &chosen_lengths)? * set.sft_weight)?)?
+            } else {
+                loss
+            };
             Ok((loss / accum)?)
         };
         if samples.positions.is_empty() {
