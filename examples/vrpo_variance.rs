@@ -1,4 +1,4 @@
-//! The variance of VRPO's loss estimate over noise draws, for a trained policy against its
+//! The variance of VRPO's loss estimate (DPO's part) over noise draws, for a trained policy against its
 //! reference: antithetic sampling on and off, and the budget n split as n_t × n_yt in several
 //! ways (LLaDA 1.5: for a fixed n, all of it on timesteps is best).
 //!
@@ -51,6 +51,8 @@ fn main() -> anyhow::Result<()> {
                 timesteps: nt,
                 masks: nyt,
                 antithetic,
+                // DPO's loss alone (an SFT term's noise is the same with or without sharing)
+                sft_weight: 0.0,
                 ..base.clone()
             };
             let mut v = Vec::new();

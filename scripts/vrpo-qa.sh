@@ -2,7 +2,11 @@
 # VRPO on the shipped model against SFT on the chosen answers, on its QA task. Usage (from the
 # repository root):
 #
-#   scripts/vrpo-qa.sh [WORK_DIR]   (env: PROMPTS, STEPS, BATCH, LR, BETA, NT, NYT, RANK, THREADS)
+#   scripts/vrpo-qa.sh [WORK_DIR]   (env: PROMPTS, STEPS, BATCH, LR, BETA, NT, NYT, SFT_WEIGHT,
+#                                    RANK, SAVE_EVERY, THREADS)
+#
+# The README's rows: BETA=0.1 SFT_WEIGHT=0; BETA=0.5 LR=5e-4 SFT_WEIGHT=0 SAVE_EVERY=75 (step 75
+# evaluated with `llada eval-chat … --adapter RUN/checkpoints/step-0000075`); the defaults.
 #
 # 1. QA prompts from `llada data synth-sft` (training seed 31, test seed 32; test prompts that
 #    also occur in training are dropped).
@@ -18,10 +22,12 @@ PROMPTS=${PROMPTS:-800}
 STEPS=${STEPS:-150}
 BATCH=${BATCH:-8}
 LR=${LR:-2e-3}
-BETA=${BETA:-0.1}
+BETA=${BETA:-0.5}
+SFT_WEIGHT=${SFT_WEIGHT:-1}
 NT=${NT:-4}
 NYT=${NYT:-1}
 RANK=${RANK:-16}
+SAVE_EVERY=${SAVE_EVERY:-$STEPS}
 THREADS=${THREADS:-2}
 MODEL=models/llada-tiny-kjv
 LLADA=${LLADA:-target/release/llada}
@@ -83,14 +89,15 @@ if [ ! -f "$WORK/before.txt" ]; then
 fi
 
 COMMON=(--init-from "$MODEL" --lora-rank "$RANK" --steps "$STEPS" --seq-len 128
-  --batch-size "$BATCH" --lr "$LR" --eval-every 15 --save-every "$STEPS" --log-every 10
+  --batch-size "$BATCH" --lr "$LR" --eval-every 15 --save-every "$SAVE_EVERY" --log-every 10
   --threads "$THREADS" --force)
 
-echo "== VRPO: β $BETA, budget ${NT}×${NYT}, LoRA rank $RANK, $STEPS steps of $BATCH pairs"
+VRPO_RUN="$WORK/run-vrpo-b$BETA-lr$LR-sft$SFT_WEIGHT"
+echo "== VRPO: β $BETA, budget ${NT}×${NYT}, SFT term λ $SFT_WEIGHT, LoRA rank $RANK, $STEPS steps of $BATCH pairs"
 START=$(date +%s.%N)
 /usr/bin/time -f '%M' -o "$WORK/rss-vrpo.txt" \
-  $LLADA train --mode vrpo --data "$WORK/data-pairs" --out "$WORK/run-vrpo" "${COMMON[@]}" \
-  --beta "$BETA" --vrpo-timesteps "$NT" --vrpo-masks "$NYT"
+  $LLADA train --mode vrpo --data "$WORK/data-pairs" --out "$VRPO_RUN" "${COMMON[@]}" \
+  --beta "$BETA" --vrpo-timesteps "$NT" --vrpo-masks "$NYT" --vrpo-sft-weight "$SFT_WEIGHT"
 END=$(date +%s.%N)
 echo "VRPO training time $(python3 -c "print(round($END - $START, 1))") s, peak RSS $(tail -1 "$WORK/rss-vrpo.txt") KB" | tee "$WORK/time-vrpo.txt"
 
@@ -101,8 +108,8 @@ START=$(date +%s.%N)
 END=$(date +%s.%N)
 echo "SFT training time $(python3 -c "print(round($END - $START, 1))") s, peak RSS $(tail -1 "$WORK/rss-sft.txt") KB" | tee "$WORK/time-sft.txt"
 
-$LLADA plot "$WORK/run-vrpo"
-for r in vrpo sft; do
+$LLADA plot "$VRPO_RUN"
+for r in "$VRPO_RUN" "$WORK/run-sft"; do
   echo "== after $r"
-  $LLADA eval-chat "$MODEL" "$WORK/test.jsonl" --adapter "$WORK/run-$r" "${EVAL[@]}" | tee "$WORK/after-$r.txt"
+  $LLADA eval-chat "$MODEL" "$WORK/test.jsonl" --adapter "$r" "${EVAL[@]}" | tee "$r.after.txt"
 done

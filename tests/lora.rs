@@ -208,15 +208,6 @@ fn run_config(dir: &Path, out: &str, steps: usize, kind: DataKind) -> TrainConfi
     }
 }
 
-/// The bits of the trainable variables.
-fn var_bits(t: &Trainer) -> Vec<Vec<u32>> {
-    t.trainable
-        .vars
-        .iter()
-        .map(|(_, v)| bits(v.as_tensor()))
-        .collect()
-}
-
 /// Runs a trainer, returning the (loss, gradient norm) of every step.
 fn run(t: &mut Trainer) -> Vec<(f64, f64)> {
     let mut v = Vec::new();

@@ -40,23 +40,6 @@ fn vrpo_config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
     }
 }
 
-fn var_bits(t: &Trainer) -> Vec<Vec<u32>> {
-    t.trainable
-        .vars
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
-        .collect()
-}
-
 /// Sets every B of the adapter to small seeded values: a policy that differs from its reference
 /// as a trained one does.
 fn perturb(t: &Trainer, scale: f32) {

@@ -102,7 +102,7 @@ pub fn plot_run(run_dir: &Path, out: &Path) -> Result<()> {
             if vrpo { "VRPO loss" } else { "loss" }
         ),
         if vrpo {
-            "−log σ(margin)"
+            "loss"
         } else {
             "loss (nats / token bound)"
         },

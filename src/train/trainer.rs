@@ -1348,14 +1348,7 @@ impl Trainer {
                     Some(g) => g,
                     None => self.trainable.gradients(&loss)?,
                 };
-                grads = Some(match grads {
-                    None => g,
-                    Some(acc) => acc
-                        .iter()
-                        .zip(&g)
-                        .map(|(a, b)| a + b)
-                        .collect::<candle_core::Result<_>>()?,
-                });
+                grads = Some(accumulate(grads, g)?);
                 continue;
             }
             if batch.prompt_lengths.is_none() {
@@ -1395,14 +1388,7 @@ impl Trainer {
                 Some(g) => g,
                 None => self.trainable.gradients(&loss)?,
             };
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&g)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<_>>()?,
-            });
+            grads = Some(accumulate(grads, g)?);
         }
         let cursor = reader.cursor;
         drop(reader);
@@ -1708,6 +1694,18 @@ fn install_step(tmp: &Path, final_dir: &Path) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// `g` added to the gradients accumulated so far (gradient accumulation).
+fn accumulate(acc: Option<Vec<Tensor>>, g: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    Ok(match acc {
+        None => g,
+        Some(acc) => acc
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| a + b)
+            .collect::<candle_core::Result<_>>()?,
+    })
 }
 
 /// The first of `tensors` holding a non-finite value, with its name.

@@ -300,6 +300,24 @@ pub fn weight_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The bits of a run's trainable variables (every weight, or a LoRA adapter's factors).
+pub fn var_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
+    t.trainable
+        .vars
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
+        })
+        .collect()
+}
+
 /// max |a − b| over two tensors of one shape (f32).
 pub fn max_diff(a: &llada::candle_core::Tensor, b: &llada::candle_core::Tensor) -> f32 {
     (a - b)
