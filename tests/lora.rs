@@ -53,18 +53,6 @@ fn all_positions() -> Tensor {
     Tensor::arange(0u32, 32, &Device::Cpu).unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
-
 /// Sets every B of the adapter to small seeded values (a trained-looking, non-zero update).
 fn randomise_b(t: &Trainable) {
     for (i, (name, v)) in t.vars.iter().enumerate() {
@@ -90,10 +78,10 @@ fn a_zero_update_is_the_base_model_to_the_bit() {
     let (ids, pos) = (ids(&m), all_positions());
     let a = full.model.forward_train_positions(&ids, &pos).unwrap();
     let b = lo.model.forward_train_positions(&ids, &pos).unwrap();
-    assert_eq!(bits(&a), bits(&b), "training forward");
+    assert_eq!(tensor_bits(&a), tensor_bits(&b), "training forward");
     let a = full.model.forward(&ids, None).unwrap();
     let b = lo.model.forward(&ids, None).unwrap();
-    assert_eq!(bits(&a), bits(&b), "inference forward");
+    assert_eq!(tensor_bits(&a), tensor_bits(&b), "inference forward");
 }
 
 #[test]
@@ -127,8 +115,8 @@ fn merged_equals_unmerged_and_the_adapter_loads_three_ways() {
     // the adapter folder alone loads its base model (base_model_name_or_path)
     let alone = Checkpoint::load(&ad, Some(DType::F32), &Device::Cpu).unwrap();
     assert_eq!(
-        bits(&alone.model.forward(&ids, None).unwrap()),
-        bits(&merged)
+        tensor_bits(&alone.model.forward(&ids, None).unwrap()),
+        tensor_bits(&merged)
     );
     // `llada lora merge` writes the same weights
     let out = d.path().join("merged");
@@ -137,7 +125,7 @@ fn merged_equals_unmerged_and_the_adapter_loads_three_ways() {
     let stored_f32 = written.stored_dtype == "f32";
     let w = written.model.forward(&ids, None).unwrap();
     if stored_f32 {
-        assert_eq!(bits(&w), bits(&merged));
+        assert_eq!(tensor_bits(&w), tensor_bits(&merged));
     } else {
         // a bf16 checkpoint is merged in f32 and rounded once to bf16
         assert!(max_diff(&w, &merged) <= 5e-2 * scale);
@@ -149,8 +137,8 @@ fn merged_equals_unmerged_and_the_adapter_loads_three_ways() {
             .unwrap();
         let b = Checkpoint::load(&out, Some(DType::BF16), &Device::Cpu).unwrap();
         assert_eq!(
-            bits(&a.model.forward(&ids, None).unwrap()),
-            bits(&b.model.forward(&ids, None).unwrap())
+            tensor_bits(&a.model.forward(&ids, None).unwrap()),
+            tensor_bits(&b.model.forward(&ids, None).unwrap())
         );
     }
     // into a folder that is not empty: refused, nothing touched

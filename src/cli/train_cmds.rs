@@ -107,8 +107,8 @@ pub struct TrainArgs {
     /// VRPO: masks n_yt per timestep [default: 1].
     #[arg(long, value_name = "N_YT")]
     pub vrpo_masks: Option<usize>,
-    /// VRPO: independent noise for the policy and the reference (off: LLaDA 1.5's antithetic
-    /// sampling shares it; for measuring what sharing gains).
+    /// VRPO: draw the reference's noise apart from the policy's (by default they share it:
+    /// LLaDA 1.5's antithetic sampling); for measuring what sharing gains.
     #[arg(long)]
     pub no_antithetic: bool,
     /// VRPO: weight λ of an added SFT loss on the chosen answers [default: 0, LLaDA 1.5's

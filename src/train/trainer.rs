@@ -1835,14 +1835,18 @@ fn check_compat(cfg: &TrainConfig, data: &Dataset, model: &Llada) -> Result<()> 
 /// held-out evaluations.
 pub type RewardCurves = (Vec<(f64, f64, f64)>, Vec<(f64, f64, f64)>);
 
+/// The lines of a run folder's `metrics.jsonl`.
+fn metrics_lines(out: &Path) -> Result<Vec<serde_json::Value>> {
+    let rows: Vec<(usize, serde_json::Value)> =
+        crate::error::read_jsonl(&out.join("metrics.jsonl"), "one JSON object per line")?;
+    Ok(rows.into_iter().map(|(_, v)| v).collect())
+}
+
 /// The reward curves of a VRPO run folder (empty for other runs).
 pub fn read_rewards(out: &Path) -> Result<RewardCurves> {
-    let path = out.join("metrics.jsonl");
-    let rows: Vec<(usize, serde_json::Value)> =
-        crate::error::read_jsonl(&path, "one JSON object per line")?;
     let mut train = Vec::new();
     let mut eval = Vec::new();
-    for (_, v) in rows {
+    for v in metrics_lines(out)? {
         let step = v["step"].as_f64().unwrap_or(0.0);
         for (key, to) in [("rewards", &mut train), ("eval_rewards", &mut eval)] {
             let r = &v[key];
@@ -1860,12 +1864,9 @@ pub type Curves = (Vec<(f64, f64, f64)>, Vec<(f64, f64)>);
 
 /// The training and evaluation curves of a run folder.
 pub fn read_metrics(out: &Path) -> Result<Curves> {
-    let path = out.join("metrics.jsonl");
-    let rows: Vec<(usize, serde_json::Value)> =
-        crate::error::read_jsonl(&path, "one JSON object per line")?;
     let mut train = Vec::new();
     let mut eval = Vec::new();
-    for (_, v) in rows {
+    for v in metrics_lines(out)? {
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let (Some(l), Some(lr)) = (v["loss"].as_f64(), v["lr"].as_f64()) {
             train.push((step, l, lr));

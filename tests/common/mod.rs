@@ -288,15 +288,20 @@ pub fn weight_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
         .named_tensors()
         .unwrap()
         .into_iter()
-        .map(|(_, w)| {
-            w.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
+        .map(|(_, w)| tensor_bits(&w))
+        .collect()
+}
+
+/// The bits of a tensor's values, as f32 (any dtype, any shape).
+pub fn tensor_bits(t: &llada::candle_core::Tensor) -> Vec<u32> {
+    t.to_dtype(llada::candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
         .collect()
 }
 
@@ -305,16 +310,7 @@ pub fn var_bits(t: &llada::train::trainer::Trainer) -> Vec<Vec<u32>> {
     t.trainable
         .vars
         .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
+        .map(|(_, v)| tensor_bits(v.as_tensor()))
         .collect()
 }
 
