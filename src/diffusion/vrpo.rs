@@ -121,6 +121,16 @@ pub struct ElboSamples {
     pub answers: usize,
 }
 
+impl ElboSamples {
+    /// The model inputs [rows, L] and the flat masked positions, on `device`.
+    pub fn inputs(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let (b, l) = (self.noisy.len(), self.noisy.first().map_or(0, Vec::len));
+        let ids = Tensor::from_vec(self.noisy.concat(), (b, l), device)?;
+        let pos = Tensor::from_slice(&self.positions, self.positions.len(), device)?;
+        Ok((ids, pos))
+    }
+}
+
 /// Draws the noised copies of every row of `x0` (all of length L): `n_t` timesteps per answer
 /// (drawn as `sampling` says), `n_yt` masks per timestep, each answer position (from
 /// `prompt_lengths[a]` on) masked with probability p_mask(t). The prompt is never masked.

@@ -1125,18 +1125,21 @@ impl Trainer {
 
     /// The reference's ELBO estimates of the answers of `samples` (no gradient): the frozen
     /// copy, or the adapted model with its adapters off.
-    fn reference_elbo(&self, samples: &vrpo::ElboSamples) -> Result<Vec<f32>> {
+    /// `ids`, `pos`: the samples' inputs ([`vrpo::ElboSamples::inputs`]).
+    fn reference_elbo(
+        &self,
+        samples: &vrpo::ElboSamples,
+        ids: &Tensor,
+        pos: &Tensor,
+    ) -> Result<Vec<f32>> {
         if samples.positions.is_empty() {
             return Ok(vec![0.0; samples.answers]);
         }
-        let (b, l) = (samples.noisy.len(), samples.noisy[0].len());
-        let ids = Tensor::from_vec(samples.noisy.concat(), (b, l), &self.device)?;
-        let pos = Tensor::from_slice(&samples.positions, samples.positions.len(), &self.device)?;
         let logits = match &self.reference {
-            Some(m) => m.forward_train_positions(&ids, &pos)?,
+            Some(m) => m.forward_train_positions(ids, pos)?,
             None => {
                 let _off = crate::model::lora::without_adapters();
-                self.trainable.model.forward_train_positions(&ids, &pos)?
+                self.trainable.model.forward_train_positions(ids, pos)?
             }
         };
         vrpo::elbo_values(&logits, samples)
@@ -1160,18 +1163,18 @@ impl Trainer {
         let set = &self.cfg.vrpo;
         let samples =
             vrpo::elbo_samples(x0, prompt_lengths, set, mask_id, self.cfg.t_sampling, rng)?;
+        let (ids, pos) = samples.inputs(&self.device)?;
         let reference = if set.antithetic {
-            self.reference_elbo(&samples)?
+            self.reference_elbo(&samples, &ids, &pos)?
         } else {
             let own =
                 vrpo::elbo_samples(x0, prompt_lengths, set, mask_id, self.cfg.t_sampling, rng)?;
-            self.reference_elbo(&own)?
+            let (own_ids, own_pos) = own.inputs(&self.device)?;
+            self.reference_elbo(&own, &own_ids, &own_pos)?
         };
-        let (b, l) = (samples.noisy.len(), samples.noisy[0].len());
-        let ids = Tensor::from_vec(samples.noisy.concat(), (b, l), &self.device)?;
+        let (b, l) = (samples.noisy.len(), x0[0].len());
         let stats = std::cell::Cell::new(PreferenceStats::default());
-        let (l, lengths) = (x0[0].len(), prompt_lengths);
-        let chosen_lengths: Vec<usize> = lengths.iter().step_by(2).map(|&p| l - p).collect();
+        let chosen_lengths: Vec<usize> = prompt_lengths.iter().step_by(2).map(|&p| l - p).collect();
         let loss_of = |logits: &Tensor, accum: f64| -> Result<Tensor> {
             let policy = vrpo::elbo_per_answer(logits, &samples)?;
             let (loss, st) = vrpo::dpo_loss(&policy, &reference, set.beta)?;
@@ -1184,7 +1187,7 @@ impl Trainer {
             Ok((loss / accum)?)
         };
         if samples.positions.is_empty() {
-            // nothing masked anywhere: every estimate is 0, the loss log 2, no gradient
+            // nothing masked anywhere: the policy's estimates are 0 and there is no gradient
             let zeros = Tensor::zeros(samples.answers, DType::F32, &self.device)?;
             let (loss, st) = vrpo::dpo_loss(&zeros, &reference, set.beta)?;
             if let Some((accum, out)) = grads {
@@ -1196,7 +1199,6 @@ impl Trainer {
             }
             return Ok((loss, b * l, st));
         }
-        let pos = Tensor::from_slice(&samples.positions, samples.positions.len(), &self.device)?;
         if let Some((accum, out)) = grads {
             let (loss, g) = self.trainable.model.train_checkpointed(
                 &ids,
